@@ -1,0 +1,303 @@
+"""AP-loss (Chen et al., CVPR 2019 / TPAMI 2020) trained by its error-driven update.
+
+Notation (DEVELOPERS.md): positives P and negatives N among the ranked pairs,
+H(x) = clamp(x / (2 delta) + 1/2, 0, 1) (the hard step with H(0) = 1/2 when delta = 0),
+rank+(i) = 1 + sum_{k in P, k != i} H(s_k - s_i),  FP(i) = sum_{j in N} H(s_j - s_i),
+p_i = rank+(i) / (rank+(i) + FP(i)),  q_i = max{p_k : s_k <= s_i},  loss = 1 - mean q.
+
+Backward differentiates nothing: it hands autograd the paper's update, -(1 - q_i) / |P|
+for positive i and (1/|P|) sum_i w_i H(s_j - s_i) / rank(i) for negative j.
+
+How this gets to O(N log P) time and O(N + P) memory without a P x N matrix: as a function
+of a negative's score, H(s_j - s_i) is piecewise linear with kinks only at the 2P points
+s_i -/+ delta. Cut the line at those points into bins. Inside one bin the positives below
+the window (H = 1) and those inside it (H linear) are the same for every score, so
+  * the forward needs, per bin, only the count and the sum of the negatives' scores,
+    which difference arrays over the sorted positives turn into FP(i) for every i at once;
+  * the update of every negative of a bin is one linear function of its score.
+Each negative is placed in its bin once (`BinLocator`) and the placement is kept (int16
+where the bins allow) so that backward only evaluates the linear functions. Past the
+placement everything runs in float64 on per-bin and per-positive arrays, with scores taken
+relative to the lowest positive of their cluster (positives chained by gaps of at most
+2 delta), so that no sum cancels large magnitudes, whatever the logits' scale.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from aploss.bin_locator import BinLocator
+
+# Pairs handled per step: bounds the float64 temporaries to a few times this many.
+_CHUNK_PAIRS = {"cpu": 1 << 20, "cuda": 1 << 24}
+
+
+class LocalExchange:
+    """Single-process ranking: this process holds the whole batch."""
+
+    world_size = 1
+
+    def gather_positives(self, scores: Tensor) -> tuple[Tensor, int]:
+        """Every positive score of the batch, and where this process's own begin."""
+        return scores, 0
+
+    def sum_over_processes(self, partial: Tensor) -> Tensor:
+        return partial
+
+
+@dataclass
+class _Ranking:
+    """The positives of the batch in ascending score order, and the bins their kinks cut."""
+
+    scores: Tensor          # float64 [P], sorted
+    order: Tensor           # sorted position -> position in the gathered positive list
+    cluster_start: Tensor   # float64 [P]: lowest score of each positive's cluster
+    locator: BinLocator
+    below: Tensor           # bin m: positives [0, below[m]) have H = 1
+    window: Tensor          # bin m: positives [below[m], window[m]) have H linear
+    center: Tensor          # bin m: its scores are summed relative to this
+    delta: float
+
+    @property
+    def unscored_bin(self) -> int:
+        """The extra bin that collects positives, ignored pairs and pruned negatives."""
+        return self.locator.num_bins
+
+
+def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
+    scores, order = torch.sort(positive_scores, stable=True)
+    # A window [s - delta, s + delta] never spans a gap wider than 2 delta, so all the
+    # positives in it share one cluster and one reference score.
+    gap = scores.diff() > 2 * delta
+    starts = torch.cat([gap.new_ones(1), gap]).nonzero().squeeze(1)
+    cluster = torch.cat([gap.new_zeros(1), gap]).long().cumsum(0)
+    cluster_start = scores[starts][cluster]
+    raised, lowered = scores + delta, scores - delta
+    locator = BinLocator(torch.unique(torch.cat([lowered, raised])))
+    # Bins are constant in (below, window); evaluate both at one score inside each bin.
+    cuts = locator.breakpoints
+    inside = cuts.new_empty(locator.num_bins)
+    inside[1::2] = cuts
+    inside[0], inside[-1] = float("-inf"), float("inf")
+    inside[2:-1:2] = cuts[:-1] / 2 + cuts[1:] / 2
+    below = torch.searchsorted(raised, inside)                 # s_i + delta < s
+    window = torch.searchsorted(lowered, inside, right=True)   # s_i - delta <= s
+    first_in_window = below.clamp(max=scores.numel() - 1)
+    center = torch.where(window > below, cluster_start[first_in_window], 0.0)
+    return _Ranking(scores, order, cluster_start, locator, below, window, center, delta)
+
+
+def _bin_sums(ranking: _Ranking, scores: Tensor, bins: Tensor) -> tuple[Tensor, Tensor]:
+    """Per bin (the unscored bin last): how many scores, and their sum relative to the centre."""
+    size = ranking.unscored_bin + 1
+    center = torch.cat([ranking.center, ranking.center.new_zeros(1)])
+    count = torch.bincount(bins, minlength=size).double()
+    offset = torch.bincount(bins, weights=scores - center[bins], minlength=size)
+    return count, offset
+
+
+def _step_sums(ranking: _Ranking, count: Tensor, offset: Tensor) -> Tensor:
+    """sum_j H(s_j - s_i) for every positive i, from per-bin counts and centred sums."""
+    num_pos = ranking.scores.numel()
+    count, offset = count[:-1], offset[:-1]
+    offset = torch.where(ranking.window > ranking.below, offset, 0.0)
+
+    def spread(values: Tensor) -> Tensor:
+        """Difference array over the positives: +values from below[m], -values from window[m]."""
+        total = values.new_zeros(num_pos + 1)
+        total.index_add_(0, ranking.below, values).index_add_(0, ranking.window, -values)
+        return total.cumsum(0)[:num_pos]
+
+    starts_at = count.new_zeros(num_pos + 1).index_add_(0, ranking.below, count)
+    fully_above = starts_at.flip(0).cumsum(0).flip(0)[1:]
+    in_window = spread(count)
+    steps = fully_above + 0.5 * in_window
+    if ranking.delta > 0:
+        slope = spread(offset) + in_window * (ranking.cluster_start - ranking.scores)
+        # Each pair in a window adds a value in [0, 1]; the clamp removes only rounding.
+        steps += (slope / (2 * ranking.delta)).clamp(-0.5 * in_window, 0.5 * in_window)
+    return steps
+
+
+def _chunk_size(device: torch.device) -> int:
+    return _CHUNK_PAIRS.get(device.type, _CHUNK_PAIRS["cuda"])
+
+
+def _clamp_range(ranking: _Ranking) -> tuple[float, float]:
+    """Scores beyond these have the same H against every positive as the bounds themselves."""
+    margin = 2 * ranking.delta + 1.0
+    return ranking.scores[0].item() - margin, ranking.scores[-1].item() + margin
+
+
+def _place_negatives(logits: Tensor, labels: Tensor, ranking: _Ranking, keep: bool
+                     ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """Per-bin count and centred sum of the negatives; their bins if `keep`; whether any NaN."""
+    unscored = ranking.unscored_bin
+    lowest, highest = _clamp_range(ranking)
+    # Negatives below every window have H = 0 against every positive: leave them unscored.
+    prune_below = ranking.scores[0].item() - ranking.delta
+    count = torch.zeros(unscored + 1, dtype=torch.float64, device=logits.device)
+    offset = torch.zeros_like(count)
+    bin_dtype = torch.int16 if unscored <= torch.iinfo(torch.int16).max else torch.int32
+    placed = torch.empty(logits.shape, dtype=bin_dtype, device=logits.device) if keep else None
+    has_nan = torch.zeros((), dtype=torch.bool, device=logits.device)
+    size = _chunk_size(logits.device)
+    for start in range(0, logits.numel(), size):
+        scores = logits[start:start + size].double()
+        unscored_pairs = (labels[start:start + size] != 0) | (scores < prune_below)
+        has_nan |= scores.isnan().any()
+        scores.clamp_(lowest, highest)
+        bins = ranking.locator.locate(scores).masked_fill_(unscored_pairs, unscored)
+        chunk_count, chunk_offset = _bin_sums(ranking, scores, bins)
+        count += chunk_count
+        offset += chunk_offset
+        if placed is not None:
+            placed[start:start + size] = bins
+    return count, offset, placed, bool(has_nan)
+
+
+@dataclass
+class _Update:
+    """What backward needs: per bin, the negatives' update as a linear function of the score."""
+
+    placed: Tensor          # bin of every pair
+    intercept: Tensor       # per bin, the unscored bin last (zero)
+    slope: Tensor
+    center: Tensor
+    lowest: float
+    highest: float
+    positive_index: Tensor  # where this process's positives are among the pairs
+    positive_update: Tensor
+
+
+def _negative_update(ranking: _Ranking, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per bin: sum_i weight_i H(s - s_i) = intercept + slope * (s - center)."""
+    cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
+    in_window = cumulative[ranking.window] - cumulative[ranking.below]
+    intercept = cumulative[ranking.below] + 0.5 * in_window
+    slope = torch.zeros_like(intercept)
+    if ranking.delta > 0:
+        relative = weight * (ranking.scores - ranking.cluster_start)
+        cumulative_relative = torch.cat([weight.new_zeros(1), relative.cumsum(0)])
+        window_relative = cumulative_relative[ranking.window] - cumulative_relative[ranking.below]
+        intercept -= window_relative / (2 * ranking.delta)
+        slope = in_window / (2 * ranking.delta)
+    zero = intercept.new_zeros(1)
+    return torch.cat([intercept, zero]), torch.cat([slope, zero])
+
+
+class _APLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
+                exchange: LocalExchange, grad_scale: float) -> Tensor:
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+        flat_logits, flat_labels = logits.reshape(-1), labels.reshape(-1)
+        positive_index = (flat_labels == 1).nonzero().squeeze(1)
+        local_positives = flat_logits[positive_index].double()
+        positives, offset = exchange.gather_positives(local_positives)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        ctx.update = None
+        if positives.numel() == 0:
+            return logits.new_zeros((), dtype=loss_dtype)
+        if positives.isnan().any():
+            return logits.new_full((), float("nan"), dtype=loss_dtype)
+        ranking = _rank_positives(positives, delta)
+        keep = ctx.needs_input_grad[0]
+        count, offset_sum, placed, has_nan = _place_negatives(flat_logits, flat_labels, ranking, keep)
+        false_positives = exchange.sum_over_processes(_step_sums(ranking, count, offset_sum))
+        if has_nan:  # NaN in, NaN out, on every process alike
+            false_positives = torch.full_like(false_positives, float("nan"))
+        positive_bins = ranking.locator.locate(ranking.scores)
+        rank_plus = 0.5 + _step_sums(ranking, *_bin_sums(ranking, ranking.scores, positive_bins))
+        rank = rank_plus + false_positives
+        precision = rank_plus / rank
+        interpolated = precision.cummax(0).values if interpolate else precision
+        loss = 1.0 - interpolated.mean()
+        if keep:
+            num_pos = ranking.scores.numel()
+            # Rescaling keeps each positive's total push on the negatives at 1 - q_i.
+            weight = torch.where(interpolated > precision,
+                                 (1 - interpolated) / (1 - precision), 1.0)
+            intercept, slope = _negative_update(ranking, weight / rank / num_pos)
+            sorted_update = -(1 - interpolated) / num_pos
+            gathered_update = torch.empty_like(sorted_update)
+            gathered_update[ranking.order] = sorted_update
+            local_update = gathered_update[offset:offset + positive_index.numel()]
+            center = torch.cat([ranking.center, ranking.center.new_zeros(1)])
+            lowest, highest = _clamp_range(ranking)
+            ctx.update = _Update(placed, intercept * grad_scale, slope * grad_scale, center,
+                                 lowest, highest, positive_index, local_update * grad_scale)
+            ctx.save_for_backward(logits)
+        return loss.to(loss_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        update: _Update | None = ctx.update
+        grad = None
+        if ctx.needs_input_grad[0]:
+            if update is None:
+                grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
+            else:
+                grad = _evaluate_update(update, ctx.saved_tensors[0].reshape(-1), grad_output.double())
+                grad = grad.to(ctx.dtype).view(ctx.shape)
+        return grad, None, None, None, None, None
+
+
+def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) -> Tensor:
+    intercept = update.intercept * grad_output
+    slope = update.slope * grad_output
+    grad = torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
+    size = _chunk_size(flat_logits.device)
+    for start in range(0, flat_logits.numel(), size):
+        bins = update.placed[start:start + size].long()
+        scores = flat_logits[start:start + size].double().clamp_(update.lowest, update.highest)
+        grad[start:start + size] = intercept[bins] + slope[bins] * (scores - update.center[bins])
+    grad[update.positive_index] = (update.positive_update * grad_output).to(grad.dtype)
+    return grad
+
+
+def _check_inputs(logits: Tensor, labels: Tensor, delta: float) -> None:
+    if not logits.is_floating_point():
+        raise TypeError(f"ap_loss: logits must be a floating-point tensor, got {logits.dtype}")
+    if logits.shape != labels.shape:
+        raise ValueError(f"ap_loss: labels shape {tuple(labels.shape)} does not match "
+                         f"logits shape {tuple(logits.shape)}")
+    if not (delta >= 0 and delta < float("inf")):
+        raise ValueError(f"ap_loss: delta must be a finite number >= 0, got {delta}")
+    if labels.numel():
+        low, high = torch.aminmax(labels)
+        if low < -1 or high > 1:
+            raise ValueError("ap_loss: labels must be 1 (positive), 0 (negative) or -1 (ignored); "
+                             f"found values in [{low.item()}, {high.item()}]")
+
+
+def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True) -> Tensor:
+    """AP-loss over every pair of `logits` ranked together, trained by the error-driven update.
+
+    Args:
+        logits: raw scores of any shape; all of them form one ranking (the whole batch).
+        labels: same shape; 1 positive, 0 negative, -1 ignored.
+        delta: half-width of the linear part of the step H (0 gives the hard step).
+        interpolate: use interpolated precision q_i (the released code) rather than p_i.
+
+    Returns:
+        1 - mean precision over the positives (0 without positives), as a scalar whose
+        backward hands autograd the paper's update times the incoming gradient.
+    """
+    _check_inputs(logits, labels, delta)
+    return _APLossFunction.apply(logits, labels, float(delta), interpolate, LocalExchange(), 1.0)
+
+
+class APLoss(nn.Module):
+    """`ap_loss` as a module; `delta` may be changed between steps (see `aploss.schedules`)."""
+
+    def __init__(self, delta: float = 1.0, interpolate: bool = True) -> None:
+        super().__init__()
+        self.delta = delta
+        self.interpolate = interpolate
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return ap_loss(logits, labels, self.delta, self.interpolate)
+
+    def extra_repr(self) -> str:
+        return f"delta={self.delta}, interpolate={self.interpolate}"

@@ -1,0 +1,1 @@
+"""The stages of the aploss pipeline: data-prep, train, evaluate, tune."""
