@@ -1,4 +1,4 @@
 """AP-loss for one-stage detectors, trained by the paper's error-driven update."""
-from aploss.ap_loss import APLoss, ap_loss
+from aploss.engine import APLoss, ap_loss
 
 __all__ = ["APLoss", "ap_loss"]

@@ -73,13 +73,18 @@ def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
     cluster = torch.cat([gap.new_zeros(1), gap]).long().cumsum(0)
     cluster_start = scores[starts][cluster]
     raised, lowered = scores + delta, scores - delta
-    locator = BinLocator(torch.unique(torch.cat([lowered, raised])))
-    # Bins are constant in (below, window); evaluate both at one score inside each bin.
-    cuts = locator.breakpoints
-    inside = cuts.new_empty(locator.num_bins)
-    inside[1::2] = cuts
-    inside[0], inside[-1] = float("-inf"), float("inf")
-    inside[2:-1:2] = cuts[:-1] / 2 + cuts[1:] / 2
+    if delta > 0:
+        # H is continuous: which side a kink's own point falls on does not matter, so the
+        # bins are classified at a point inside them.
+        cuts = torch.unique(torch.cat([lowered, raised]))
+        inside = torch.cat([cuts.new_tensor([float("-inf")]), cuts[:-1] / 2 + cuts[1:] / 2,
+                            cuts.new_tensor([float("inf")])])
+    else:
+        # The hard step has H(0) = 1/2: a tie with a positive gets a bin of its own, the
+        # single float [s, nextafter(s)), classified at that point.
+        cuts = torch.unique(torch.cat([scores, torch.nextafter(scores, scores.new_tensor(float("inf")))]))
+        inside = torch.cat([cuts.new_tensor([float("-inf")]), cuts])
+    locator = BinLocator(cuts)
     below = torch.searchsorted(raised, inside)                 # s_i + delta < s
     window = torch.searchsorted(lowered, inside, right=True)   # s_i - delta <= s
     first_in_window = below.clamp(max=scores.numel() - 1)
@@ -92,7 +97,7 @@ def _bin_sums(ranking: _Ranking, scores: Tensor, bins: Tensor) -> tuple[Tensor, 
     size = ranking.unscored_bin + 1
     center = torch.cat([ranking.center, ranking.center.new_zeros(1)])
     count = torch.bincount(bins, minlength=size).double()
-    offset = torch.bincount(bins, weights=scores - center[bins], minlength=size)
+    offset = torch.bincount(bins, weights=scores - center.index_select(0, bins), minlength=size)
     return count, offset
 
 
@@ -249,9 +254,10 @@ def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) 
     grad = torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
     size = _chunk_size(flat_logits.device)
     for start in range(0, flat_logits.numel(), size):
-        bins = update.placed[start:start + size].long()
+        bins = update.placed[start:start + size].int()
         scores = flat_logits[start:start + size].double().clamp_(update.lowest, update.highest)
-        grad[start:start + size] = intercept[bins] + slope[bins] * (scores - update.center[bins])
+        scores -= update.center.index_select(0, bins)
+        grad[start:start + size] = scores.mul_(slope.index_select(0, bins)).add_(intercept.index_select(0, bins))
     grad[update.positive_index] = (update.positive_update * grad_output).to(grad.dtype)
     return grad
 
