@@ -21,16 +21,17 @@ _MAX_CELL_DEPTH = 8
 
 
 class BinLocator:
-    """Bins [u_{m-1}, u_m) of the real line cut at sorted unique u_0 < ... < u_{U-1}.
+    """Bins of the real line cut at sorted unique u_0 < ... < u_{U-1}.
 
-    A value's bin is #{u <= x}, in [0, U]: bin 0 is (-inf, u_0), bin U is [u_{U-1}, inf).
+    Bin 2k+1 is the single point u_k; bin 2k is the open interval (u_{k-1}, u_k), with
+    u_{-1} = -inf and u_U = +inf. So a value's bin is #{u < x} + #{u <= x}, in [0, 2U].
     """
 
     def __init__(self, cuts: Tensor) -> None:
         if cuts.ndim != 1 or cuts.numel() == 0:
             raise ValueError("BinLocator needs a non-empty 1-D tensor of sorted unique cuts")
         self.cuts = cuts
-        self.num_bins = cuts.numel() + 1
+        self.num_bins = 2 * cuts.numel() + 1
         low, high = cuts[0].item(), cuts[-1].item()
         cells = min(_MAX_CELLS, _CELLS_PER_CUT * cuts.numel())
         span = high - low
@@ -41,15 +42,16 @@ class BinLocator:
         cell_of_cut = self._cell(cuts)
         occupancy = torch.bincount(cell_of_cut, minlength=cells)
         cuts_before = occupancy.cumsum(0) - occupancy
-        # One int32 per cell: the number of cuts before it, stored as -1 - that number when
-        # the cell itself holds cuts and its values need comparing.
-        self._cell_code = torch.where(occupancy > 0, -1 - cuts_before, cuts_before).int()
+        # One int32 per cell: the bin of a value in it (the interval after the cells' earlier
+        # cuts), stored as -1 - that bin when the cell itself holds cuts to compare with.
+        first_bin = 2 * cuts_before
+        self._cell_code = torch.where(occupancy > 0, -1 - first_bin, first_bin).int()
         depth = int(occupancy.max())
         self._use_binary_search = depth > _MAX_CELL_DEPTH
         if not self._use_binary_search:
-            # Column t, row c: the t-th cut inside cell c, or +inf (never <= a finite value).
+            # Column t, row c: the t-th cut inside cell c, or NaN (compares false with anything).
             rank_in_cell = torch.arange(cuts.numel(), device=cuts.device) - cuts_before[cell_of_cut]
-            self._cell_cuts = cuts.new_full((depth, cells), float("inf"))
+            self._cell_cuts = cuts.new_full((depth, cells), float("nan"))
             self._cell_cuts[rank_in_cell, cell_of_cut] = cuts
 
     def _cell(self, values: Tensor) -> Tensor:
@@ -61,7 +63,8 @@ class BinLocator:
     def locate(self, values: Tensor) -> Tensor:
         """Bin index (int32) of every value; `values` must have the cuts' dtype."""
         if self._use_binary_search:
-            return torch.searchsorted(self.cuts, values, right=True, out_int32=True)
+            return (torch.searchsorted(self.cuts, values, out_int32=True)
+                    + torch.searchsorted(self.cuts, values, right=True, out_int32=True))
         cell = self._cell(values)
         bins = self._cell_code.index_select(0, cell)
         to_compare = (bins < 0).nonzero().squeeze(1)
@@ -69,6 +72,8 @@ class BinLocator:
             cell, values = cell[to_compare], values[to_compare]
             found = -1 - bins[to_compare]
             for column in self._cell_cuts:
-                found += column.index_select(0, cell) <= values
+                cut = column.index_select(0, cell)
+                found += cut < values
+                found += cut <= values
             bins[to_compare] = found
         return bins

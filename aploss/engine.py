@@ -73,18 +73,14 @@ def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
     cluster = torch.cat([gap.new_zeros(1), gap]).long().cumsum(0)
     cluster_start = scores[starts][cluster]
     raised, lowered = scores + delta, scores - delta
-    if delta > 0:
-        # H is continuous: which side a kink's own point falls on does not matter, so the
-        # bins are classified at a point inside them.
-        cuts = torch.unique(torch.cat([lowered, raised]))
-        inside = torch.cat([cuts.new_tensor([float("-inf")]), cuts[:-1] / 2 + cuts[1:] / 2,
-                            cuts.new_tensor([float("inf")])])
-    else:
-        # The hard step has H(0) = 1/2: a tie with a positive gets a bin of its own, the
-        # single float [s, nextafter(s)), classified at that point.
-        cuts = torch.unique(torch.cat([scores, torch.nextafter(scores, scores.new_tensor(float("inf")))]))
-        inside = torch.cat([cuts.new_tensor([float("-inf")]), cuts])
-    locator = BinLocator(cuts)
+    locator = BinLocator(torch.unique(torch.cat([lowered, raised])))
+    # Which positives are below (H = 1) or in the window is constant on each bin: read it
+    # at the bin's point, or at the middle of its open interval.
+    cuts = locator.cuts
+    inside = cuts.new_empty(locator.num_bins)
+    inside[1::2] = cuts
+    inside[0], inside[-1] = float("-inf"), float("inf")
+    inside[2:-1:2] = cuts[:-1] / 2 + cuts[1:] / 2
     below = torch.searchsorted(raised, inside)                 # s_i + delta < s
     window = torch.searchsorted(lowered, inside, right=True)   # s_i - delta <= s
     first_in_window = below.clamp(max=scores.numel() - 1)
@@ -148,7 +144,7 @@ def _place_negatives(logits: Tensor, labels: Tensor, ranking: _Ranking, keep: bo
     has_nan = torch.zeros((), dtype=torch.bool, device=logits.device)
     size = _chunk_size(logits.device)
     for start in range(0, logits.numel(), size):
-        scores = logits[start:start + size].double()
+        scores = logits[start:start + size].to(torch.float64, copy=True)  # modified in place below
         unscored_pairs = (labels[start:start + size] != 0) | (scores < prune_below)
         has_nan |= scores.isnan().any()
         scores.clamp_(lowest, highest)
@@ -209,9 +205,10 @@ class _APLossFunction(torch.autograd.Function):
         ranking = _rank_positives(positives, delta)
         keep = ctx.needs_input_grad[0]
         count, offset_sum, placed, has_nan = _place_negatives(flat_logits, flat_labels, ranking, keep)
-        false_positives = exchange.sum_over_processes(_step_sums(ranking, count, offset_sum))
-        if has_nan:  # NaN in, NaN out, on every process alike
-            false_positives = torch.full_like(false_positives, float("nan"))
+        partial_false_positives = _step_sums(ranking, count, offset_sum)
+        if has_nan:  # NaN in, NaN out; summing spreads it to every process
+            partial_false_positives.fill_(float("nan"))
+        false_positives = exchange.sum_over_processes(partial_false_positives)
         positive_bins = ranking.locator.locate(ranking.scores)
         rank_plus = 0.5 + _step_sums(ranking, *_bin_sums(ranking, ranking.scores, positive_bins))
         rank = rank_plus + false_positives
@@ -255,7 +252,8 @@ def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) 
     size = _chunk_size(flat_logits.device)
     for start in range(0, flat_logits.numel(), size):
         bins = update.placed[start:start + size].int()
-        scores = flat_logits[start:start + size].double().clamp_(update.lowest, update.highest)
+        scores = flat_logits[start:start + size].to(torch.float64, copy=True)
+        scores.clamp_(update.lowest, update.highest)
         scores -= update.center.index_select(0, bins)
         grad[start:start + size] = scores.mul_(slope.index_select(0, bins)).add_(intercept.index_select(0, bins))
     grad[update.positive_index] = (update.positive_update * grad_output).to(grad.dtype)
@@ -277,6 +275,14 @@ def _check_inputs(logits: Tensor, labels: Tensor, delta: float) -> None:
                              f"found values in [{low.item()}, {high.item()}]")
 
 
+def ranked_ap_loss(logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
+                   exchange: LocalExchange, grad_scale: float) -> Tensor:
+    """`ap_loss` over a batch whose positives are shared through `exchange`; backward's
+    update is multiplied by `grad_scale`."""
+    _check_inputs(logits, labels, delta)
+    return _APLossFunction.apply(logits, labels, float(delta), interpolate, exchange, grad_scale)
+
+
 def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True) -> Tensor:
     """AP-loss over every pair of `logits` ranked together, trained by the error-driven update.
 
@@ -290,8 +296,7 @@ def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: boo
         1 - mean precision over the positives (0 without positives), as a scalar whose
         backward hands autograd the paper's update times the incoming gradient.
     """
-    _check_inputs(logits, labels, delta)
-    return _APLossFunction.apply(logits, labels, float(delta), interpolate, LocalExchange(), 1.0)
+    return ranked_ap_loss(logits, labels, delta, interpolate, LocalExchange(), 1.0)
 
 
 class APLoss(nn.Module):

@@ -1,0 +1,72 @@
+"""The AP-loss over the global batch of all processes, as if one process held it all.
+
+The ranking couples every positive with every negative of the batch, but a negative only
+needs the positives' scores, and a positive only needs sums over the negatives. So each
+process gathers the positives' scores (a few thousand numbers, in varying counts per
+process), places its own negatives locally, and one all-reduce sums the per-positive
+false-positive counts. Everything after that (precisions, weights, every pair's update) is
+computed identically on every process, and backward is local: no collective in it.
+Traffic per step is O(P): 8 bytes per positive gathered (padded to the largest process's
+count) and 8 bytes per positive all-reduced, whatever the number of negatives.
+
+Gradient scale: DistributedDataParallel averages gradients over processes, which would
+divide the single-process update by the world size. Backward therefore hands autograd
+`world_size` times the update of this process's pairs, so that after DDP's averaging the
+parameter update equals that of one process holding the concatenated batch. Loss terms
+normalised per process (the box regression) need their own account of the same factor.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from aploss.engine import LocalExchange, ap_loss, ranked_ap_loss
+
+
+@dataclass
+class ProcessGroupExchange(LocalExchange):
+    """Shares positives and sums partial counts over a torch.distributed process group."""
+
+    group: dist.ProcessGroup | None = None
+    bytes_sent: int = 0  # payload this process has contributed to collectives, for benchmarks
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def gather_positives(self, scores: Tensor) -> tuple[Tensor, int]:
+        count = torch.tensor([scores.numel()], dtype=torch.int64, device=scores.device)
+        counts = [torch.empty_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count, group=self.group)
+        counts = [int(c) for c in counts]
+        # all_gather needs equal sizes (gloo rejects ragged ones): pad to the largest count.
+        padded = scores.new_zeros(max(counts))
+        padded[:scores.numel()] = scores
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        self.bytes_sent += count.element_size() + padded.numel() * padded.element_size()
+        offset = sum(counts[:dist.get_rank(self.group)])
+        return torch.cat([chunk[:n] for chunk, n in zip(gathered, counts)]), offset
+
+    def sum_over_processes(self, partial: Tensor) -> Tensor:
+        dist.all_reduce(partial, group=self.group)
+        self.bytes_sent += partial.numel() * partial.element_size()
+        return partial
+
+
+def global_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True,
+                   group: dist.ProcessGroup | None = None, grad_scale: float | None = None,
+                   exchange: ProcessGroupExchange | None = None) -> Tensor:
+    """`ap_loss` ranked over the pairs of every process of `group` as one batch.
+
+    Every process must call it in the same step. The returned loss is the global one (equal
+    on every process). `grad_scale` multiplies backward's update and defaults to the world
+    size, which undoes DDP's gradient averaging (module docstring). Without an initialised
+    process group this is `ap_loss`. Pass `exchange` to read its `bytes_sent` afterwards.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return ap_loss(logits, labels, delta, interpolate)
+    exchange = exchange or ProcessGroupExchange(group)
+    scale = float(exchange.world_size) if grad_scale is None else float(grad_scale)
+    return ranked_ap_loss(logits, labels, delta, interpolate, exchange, scale)

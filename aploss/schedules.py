@@ -1,0 +1,136 @@
+"""Schedules of the step half-width delta over training progress in [0, 1].
+
+A wide delta ("training wheels") gives every near-miss pair a share of the update early on;
+narrowing it makes the loss approach the true, hard-step AP as training matures. Each
+schedule is a small frozen dataclass that round-trips through a plain dict, which is what
+configs, checkpoints and Ray Tune search spaces carry.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+def _check_delta(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+        raise ValueError(f"delta schedule: {name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise ValueError(f"delta schedule: {name} must be a training fraction in [0, 1], got {value!r}")
+
+
+def _check_progress(progress: float) -> None:
+    if not 0 <= progress <= 1:
+        raise ValueError(f"delta schedule: progress must be in [0, 1], got {progress!r}")
+
+
+@dataclass(frozen=True)
+class ConstantDelta:
+    """delta = value throughout (the released implementation: value = 1)."""
+
+    value: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_delta("value", self.value)
+
+    def __call__(self, progress: float) -> float:
+        _check_progress(progress)
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class _Narrowing:
+    """start until `narrow_from`, end from `narrow_until`, a shape-defined path between."""
+
+    start: float = 1.0
+    end: float = 0.1
+    narrow_from: float = 0.0
+    narrow_until: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_delta("start", self.start)
+        _check_delta("end", self.end)
+        _check_fraction("narrow_from", self.narrow_from)
+        _check_fraction("narrow_until", self.narrow_until)
+        if self.narrow_from > self.narrow_until:
+            raise ValueError(f"delta schedule: narrow_from ({self.narrow_from}) is after "
+                             f"narrow_until ({self.narrow_until})")
+
+    def _fraction_narrowed(self, progress: float) -> float:
+        _check_progress(progress)
+        if progress <= self.narrow_from:
+            return 0.0
+        if progress >= self.narrow_until:
+            return 1.0
+        return (progress - self.narrow_from) / (self.narrow_until - self.narrow_from)
+
+
+@dataclass(frozen=True)
+class LinearDelta(_Narrowing):
+    """Straight line from start to end."""
+
+    def __call__(self, progress: float) -> float:
+        return self.start + (self.end - self.start) * self._fraction_narrowed(progress)
+
+
+@dataclass(frozen=True)
+class CosineDelta(_Narrowing):
+    """Half cosine from start to end: slow at both ends of the narrowing."""
+
+    def __call__(self, progress: float) -> float:
+        done = self._fraction_narrowed(progress)
+        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """Drops from start to end in equal steps, one at each milestone (training fractions)."""
+
+    start: float = 1.0
+    end: float = 0.1
+    milestones: tuple[float, ...] = (0.5, 0.75)
+
+    def __post_init__(self) -> None:
+        _check_delta("start", self.start)
+        _check_delta("end", self.end)
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        if not self.milestones:
+            raise ValueError("delta schedule: step needs at least one milestone")
+        for milestone in self.milestones:
+            _check_fraction("milestones", milestone)
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"delta schedule: milestones must be increasing, got {self.milestones}")
+
+    def __call__(self, progress: float) -> float:
+        _check_progress(progress)
+        passed = sum(progress >= milestone for milestone in self.milestones)
+        return self.start + (self.end - self.start) * passed / len(self.milestones)
+
+
+DeltaSchedule = ConstantDelta | LinearDelta | CosineDelta | StepDelta
+_KINDS: dict[str, type] = {"constant": ConstantDelta, "linear": LinearDelta,
+                           "cosine": CosineDelta, "step": StepDelta}
+
+
+def schedule_to_dict(schedule: DeltaSchedule) -> dict:
+    kind = next(name for name, cls in _KINDS.items() if type(schedule) is cls)
+    values = asdict(schedule)
+    if "milestones" in values:
+        values["milestones"] = list(values["milestones"])
+    return {"kind": kind, **values}
+
+
+def schedule_from_dict(spec: dict) -> DeltaSchedule:
+    """The schedule a dict such as {"kind": "cosine", "start": 1.0, "end": 0.1} describes."""
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise ValueError(f"delta schedule: expected a dict with a 'kind' key, got {spec!r}")
+    kind = spec["kind"]
+    if kind not in _KINDS:
+        raise ValueError(f"delta schedule: unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
+    cls = _KINDS[kind]
+    allowed = {field.name for field in fields(cls)}
+    unknown = set(spec) - allowed - {"kind"}
+    if unknown:
+        raise ValueError(f"delta schedule: unknown key(s) {sorted(unknown)} for kind {kind!r}; "
+                         f"allowed: {sorted(allowed)}")
+    return cls(**{key: value for key, value in spec.items() if key != "kind"})
