@@ -1,0 +1,66 @@
+"""Runs in each spawned process of tests/test_distributed.py."""
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from aploss.distributed import ProcessGroupExchange, global_ap_loss
+
+DELTAS = (0.0, 0.5, 1.0)
+
+
+def global_batch(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same batch in every process; rank 1's slice has no positives."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    logits = -2 + torch.randn(total, generator=g, dtype=torch.float64)
+    u = torch.rand(total, generator=g)
+    labels = torch.where(u < 0.05, 1, torch.where(u < 0.15, -1, 0))
+    if len(sizes) > 1:
+        start = sizes[0]
+        labels[start:start + sizes[1]].clamp_(max=0)
+    return logits, labels
+
+
+def features_batch(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    total = sum(sizes)
+    features = torch.randn(total, 8, generator=g, dtype=torch.float64)
+    labels = (torch.rand(total, generator=g) < 0.1).long()
+    return features, labels
+
+
+def ddp_model() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Linear(8, 1).double()
+
+
+def run(rank: int, world_size: int, sizes: list[int], init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    results = {}
+
+    logits, labels = global_batch(sizes)
+    for delta in DELTAS:
+        local = logits[start:stop].clone().requires_grad_()
+        exchange = ProcessGroupExchange()
+        loss = global_ap_loss(local, labels[start:stop], delta, grad_scale=1.0, exchange=exchange)
+        loss.backward()
+        results[delta] = (loss.item(), local.grad.clone(), exchange.bytes_sent)
+
+    local = logits[start:stop].clone().requires_grad_()
+    loss = global_ap_loss(local, torch.zeros_like(labels[start:stop]))
+    loss.backward()
+    results["no_positives"] = (loss.item(), local.grad.clone())
+
+    features, feature_labels = features_batch(sizes)
+    model = DistributedDataParallel(ddp_model())
+    scores = model(features[start:stop]).squeeze(1)
+    global_ap_loss(scores, feature_labels[start:stop], 0.5).backward()
+    results["ddp"] = [p.grad.clone() for p in model.parameters()]
+
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # without it, some runs hang in destroy_process_group
+    dist.destroy_process_group()

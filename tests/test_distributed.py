@@ -1,0 +1,57 @@
+"""The global-batch AP-loss in 2 and 3 gloo processes equals one process on the whole batch."""
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from aploss import ap_loss
+from tests.distributed_worker import DELTAS, ddp_model, features_batch, global_batch, run
+
+SPAWN_TIMEOUT_S = 120
+
+
+def spawn(world_size: int, sizes: list[int], tmp_path) -> list[dict]:
+    context = mp.start_processes(run, args=(world_size, sizes, str(tmp_path / "init"), str(tmp_path)),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    # join() returns as soon as any one process ends; a worker's exception is raised here.
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} processes did not finish within {SPAWN_TIMEOUT_S} s")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+# Rank 1 never has positives; with three processes rank 1 also has no pairs at all.
+@pytest.mark.parametrize("sizes", [[3000, 2000], [2500, 0, 3500]], ids=["2-processes", "3-processes"])
+def test_global_batch_equals_single_process(sizes, tmp_path):
+    results = spawn(len(sizes), sizes, tmp_path)
+    logits, labels = global_batch(sizes)
+    bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+    num_pos = int((labels == 1).sum())
+    for delta in DELTAS:
+        whole = logits.clone().requires_grad_()
+        expected_loss = ap_loss(whole, labels, delta)
+        expected_loss.backward()
+        for rank, result in enumerate(results):
+            loss, update, bytes_sent = result[delta]
+            assert loss == pytest.approx(expected_loss.item(), abs=1e-12)
+            torch.testing.assert_close(update, whole.grad[bounds[rank]:bounds[rank + 1]],
+                                       rtol=1e-9, atol=1e-12)
+            assert bytes_sent <= 64 * num_pos, "AP-loss traffic must stay O(P)"
+    for result in results:
+        loss, update = result["no_positives"]
+        assert loss == 0.0 and (update == 0).all()
+
+
+def test_ddp_parameter_update_equals_single_process(tmp_path):
+    sizes = [1500, 2500]
+    results = spawn(2, sizes, tmp_path)
+    features, labels = features_batch(sizes)
+    model = ddp_model()
+    ap_loss(model(features).squeeze(1), labels, 0.5).backward()
+    for result in results:
+        for got, expected in zip(result["ddp"], model.parameters()):
+            torch.testing.assert_close(got, expected.grad, rtol=1e-9, atol=1e-12)
