@@ -55,7 +55,7 @@ class _Ranking:
     locator: BinLocator
     below: Tensor           # bin m: positives [0, below[m]) have H = 1
     window: Tensor          # bin m: positives [below[m], window[m]) have H linear
-    center: Tensor          # bin m: its scores are summed relative to this
+    center: Tensor          # bin m: its scores are summed relative to this (unscored bin: 0)
     delta: float
 
     @property
@@ -85,15 +85,15 @@ def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
     window = torch.searchsorted(lowered, inside, right=True)   # s_i - delta <= s
     first_in_window = below.clamp(max=scores.numel() - 1)
     center = torch.where(window > below, cluster_start[first_in_window], 0.0)
+    center = torch.cat([center, center.new_zeros(1)])
     return _Ranking(scores, order, cluster_start, locator, below, window, center, delta)
 
 
 def _bin_sums(ranking: _Ranking, scores: Tensor, bins: Tensor) -> tuple[Tensor, Tensor]:
     """Per bin (the unscored bin last): how many scores, and their sum relative to the centre."""
     size = ranking.unscored_bin + 1
-    center = torch.cat([ranking.center, ranking.center.new_zeros(1)])
     count = torch.bincount(bins, minlength=size).double()
-    offset = torch.bincount(bins, weights=scores - center.index_select(0, bins), minlength=size)
+    offset = torch.bincount(bins, weights=scores - ranking.center.index_select(0, bins), minlength=size)
     return count, offset
 
 
@@ -225,9 +225,8 @@ class _APLossFunction(torch.autograd.Function):
             gathered_update = torch.empty_like(sorted_update)
             gathered_update[ranking.order] = sorted_update
             local_update = gathered_update[offset:offset + positive_index.numel()]
-            center = torch.cat([ranking.center, ranking.center.new_zeros(1)])
             lowest, highest = _clamp_range(ranking)
-            ctx.update = _Update(placed, intercept * grad_scale, slope * grad_scale, center,
+            ctx.update = _Update(placed, intercept * grad_scale, slope * grad_scale, ranking.center,
                                  lowest, highest, positive_index, local_update * grad_scale)
             ctx.save_for_backward(logits)
         return loss.to(loss_dtype)
@@ -240,8 +239,8 @@ class _APLossFunction(torch.autograd.Function):
             if update is None:
                 grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
             else:
-                grad = _evaluate_update(update, ctx.saved_tensors[0].reshape(-1), grad_output.double())
-                grad = grad.to(ctx.dtype).view(ctx.shape)
+                flat_logits = ctx.saved_tensors[0].reshape(-1)
+                grad = _evaluate_update(update, flat_logits, grad_output.double()).view(ctx.shape)
         return grad, None, None, None, None, None
 
 

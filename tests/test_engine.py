@@ -53,14 +53,11 @@ def test_heavy_ties_including_ties_at_the_kinks(delta):
 def test_interpolation_heavy_ranking():
     # Alternating runs of positives and negatives: precision dips and recovers, so many
     # positives have q_i > p_i and their negatives' updates are rescaled.
-    g = torch.Generator().manual_seed(3)
     logits = torch.linspace(-3, 3, 2000, dtype=torch.float64)
     labels = ((torch.arange(2000) // 37) % 3 == 0).long()
-    loss, _ = assert_matches_reference(logits, labels, delta=0.3)
-    _, ref_update = reference_ap_loss(logits, labels, 0.3, interpolate=False)
-    interp_loss, interp_update = reference_ap_loss(logits, labels, 0.3, interpolate=True)
-    assert not torch.allclose(ref_update, interp_update)  # the case exercises interpolation
-    assert loss.item() == pytest.approx(interp_loss.item(), abs=1e-12)
+    _, interpolated_update = assert_matches_reference(logits, labels, delta=0.3)
+    _, plain_update = assert_matches_reference(logits, labels, delta=0.3, interpolate=False)
+    assert not torch.allclose(plain_update, interpolated_update)  # interpolation is exercised
 
 
 def test_detection_shaped_batch():
