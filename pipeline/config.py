@@ -1,0 +1,356 @@
+"""The one typed configuration of every stage: YAML file, command-line overrides, Ray job
+payload and Tune search space all go through `Config`.
+
+A config is a tree of frozen-free dataclasses. `load_config` reads a YAML mapping, applies
+`section.key=value` overrides, and validates everything: unknown keys, wrong types and bad
+values raise `ConfigError` naming the dotted key (and the file). `config_to_dict` and
+`config_from_dict` round-trip it through plain data (what MLflow params, Ray payloads and Tune
+trials carry).
+"""
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type or an invalid value."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "bccd"  # bccd | voc2007 | voc2012 | coco2017 | coco (instances json by path)
+    root: str = ""  # data root; empty means $APLOSS_DATA_ROOT, else ./data
+    annotations: dict[str, str] = field(default_factory=dict)  # coco: split -> instances json
+    images: dict[str, str] = field(default_factory=dict)  # coco: split -> image folder
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    skip_bad: bool = False  # skip (and report) unreadable images and malformed annotations
+    download: bool = True  # fetch a named dataset missing from the data root
+    shard_images: int = 256  # images per Parquet shard
+    min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels, after clipping) are dropped
+
+    def validate(self) -> None:
+        named = ("bccd", "voc2007", "voc2012", "coco2017", "coco")
+        _require(self.dataset in named, "data.dataset", f"must be one of {list(named)}, got {self.dataset!r}")
+        if self.dataset == "coco":
+            _require(bool(self.annotations), "data.annotations",
+                     "dataset 'coco' needs a split -> instances json mapping")
+        _require(self.shard_images >= 1, "data.shard_images", f"must be >= 1, got {self.shard_images}")
+        _require(self.min_box_size >= 0, "data.min_box_size", f"must be >= 0, got {self.min_box_size}")
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys([self.train_split, self.val_split, self.test_split]))
+
+    def resolved_root(self) -> Path:
+        return Path(self.root or os.environ.get("APLOSS_DATA_ROOT") or "data").expanduser().resolve()
+
+
+ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "ssd300_vgg16", "ssdlite_mobilenet_v3")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal[ARCHITECTURES] = "retinanet_r18"
+    norm: Literal["group", "frozen_bn", "batch"] = "group"
+    min_size: int = 320  # shorter side at training and test (RetinaNet); SSD uses its fixed size
+    max_size: int = 512
+    anchor_scales: int = 2  # anchor sizes per octave: 2 gives the paper's 6 anchors per location
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+    candidates_per_level: int = 1000
+
+    def validate(self) -> None:
+        _require(self.min_size >= 32, "model.min_size", f"must be >= 32, got {self.min_size}")
+        _require(self.max_size >= self.min_size, "model.max_size",
+                 f"must be >= model.min_size ({self.min_size}), got {self.max_size}")
+        _require(self.anchor_scales >= 1, "model.anchor_scales", f"must be >= 1, got {self.anchor_scales}")
+        _require(0 < self.bg_iou <= self.fg_iou <= 1, "model.fg_iou",
+                 f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={self.bg_iou}, fg_iou={self.fg_iou}")
+        _require(0 <= self.score_thresh < 1, "model.score_thresh", f"must be in [0, 1), got {self.score_thresh}")
+        _require(0 < self.nms_thresh <= 1, "model.nms_thresh", f"must be in (0, 1], got {self.nms_thresh}")
+        _require(self.detections_per_image >= 1, "model.detections_per_image", "must be >= 1")
+        _require(self.candidates_per_level >= 1, "model.candidates_per_level", "must be >= 1")
+
+
+@dataclass
+class DeltaConfig:
+    """The step half-width schedule (aploss.schedules); `start` is the constant's value."""
+
+    kind: Literal["constant", "linear", "cosine", "step"] = "constant"
+    start: float = 1.0
+    end: float = 1.0
+    narrow_from: float = 0.0
+    narrow_until: float = 1.0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+
+    def build(self) -> DeltaSchedule:
+        try:
+            if self.kind == "constant":
+                return ConstantDelta(self.start)
+            if self.kind == "step":
+                return StepDelta(self.start, self.end, tuple(self.milestones))
+            shape = LinearDelta if self.kind == "linear" else CosineDelta
+            return shape(self.start, self.end, self.narrow_from, self.narrow_until)
+        except ValueError as error:
+            raise ConfigError(f"loss.delta: {error}") from None
+
+    def validate(self) -> None:
+        self.build()
+
+
+@dataclass
+class LossConfig:
+    classification: Literal["ap", "focal"] = "ap"
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
+    interpolate: bool = True
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_beta: float = 1.0  # smooth-L1 transition on encoded deltas (1 in the released code)
+    box_weight: float = 1.0
+
+    def validate(self) -> None:
+        self.delta.validate()
+        _require(0 <= self.focal_alpha <= 1, "loss.focal_alpha", f"must be in [0, 1], got {self.focal_alpha}")
+        _require(self.focal_gamma >= 0, "loss.focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        _require(self.box_beta >= 0, "loss.box_beta", f"must be >= 0, got {self.box_beta}")
+        _require(self.box_weight >= 0, "loss.box_weight", f"must be >= 0, got {self.box_weight}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # for the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 1 / 3
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # training fractions
+    gamma: float = 0.1
+    grad_clip: float = 10.0  # max gradient norm; 0 disables clipping
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 < self.warmup_factor <= 1, "optim.warmup_factor",
+                 f"must be in (0, 1], got {self.warmup_factor}")
+        _require(all(0 < m < 1 for m in self.milestones) and self.milestones == sorted(self.milestones),
+                 "optim.milestones", f"must be increasing training fractions in (0, 1), got {self.milestones}")
+        _require(0 < self.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # global: all workers together
+    epochs: int = 12
+    max_steps: int = 0  # stop after this many steps if > 0 (a budget shorter than the epochs)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # mixed precision, on CUDA only
+    hflip: float = 0.5  # horizontal-flip probability
+    loader_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 means once per epoch
+    eval_every: int = 0  # steps between validation AP; 0 means once per epoch
+    keep_checkpoints: int = 2  # best K by validation AP
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
+        _require(0 <= self.hflip <= 1, "train.hflip", f"must be in [0, 1], got {self.hflip}")
+        _require(self.loader_workers >= 0, "train.loader_workers", "must be >= 0")
+        _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 8
+    sample_images: int = 4  # test images drawn with their detections
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.sample_images >= 0, "eval.sample_images", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"  # prepared data, checkpoints, evaluation outputs, the MLflow store
+    name: str = "default"
+
+    def validate(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name",
+                 f"must be a non-empty name without '/', got {self.name!r}")
+
+    def directory(self) -> Path:
+        """Where this run's checkpoints and evaluation outputs go."""
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    def prepared_data(self, dataset: str) -> Path:
+        """Where data-prep writes `dataset`: shared by every run under the same output_dir."""
+        return Path(self.output_dir).expanduser().resolve() / "data" / dataset
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint`, or ConfigError naming `key`."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if len(choices) == 1 and isinstance(choices[0], tuple):
+            choices = choices[0]
+        _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"config schema: unions are not supported ({key})")
+    if hint is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config schema: unsupported type {hint!r} ({key})")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    _require(isinstance(data, dict), where, f"must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        dotted = [f"{prefix}.{k}" if prefix else str(k) for k in unknown]
+        raise ConfigError(f"unknown key(s) {dotted}; {where} accepts {sorted(names)}")
+    values = {name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
+              for name, value in data.items()}
+    return cls(**values)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from plain data (missing keys take their defaults)."""
+    config = _build(Config, data, "")
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Config -> {"optim.lr": 0.01, ...}: the dotted keys MLflow params and Tune use."""
+    flat = {}
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(flatten(value, f"{prefix}{section.name}."))
+        else:
+            flat[f"{prefix}{section.name}"] = value
+    return flat
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set `section.key[.key]` in nested plain data; unknown paths are caught by validation."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        _require(isinstance(child, dict), dotted, f"{part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=0.02' -> ('optim.lr', 0.02); the value is read as YAML (numbers, lists, bools)."""
+    key, sep, raw = text.partition("=")
+    _require(bool(sep) and bool(key.strip()), text, "an override must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {error}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The config in YAML file `path` (or the defaults) with `key=value` overrides applied."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as handle:
+                data = yaml.safe_load(handle) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}" if path else str(error)) from None
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write `config` as YAML atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    os.replace(temporary, path)
