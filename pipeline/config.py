@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from aploss.architectures import ARCHITECTURES
 from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
 
 
@@ -58,9 +59,6 @@ class DataConfig:
 
     def resolved_root(self) -> Path:
         return Path(self.root or os.environ.get("APLOSS_DATA_ROOT") or "data").expanduser().resolve()
-
-
-ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "ssd300_vgg16", "ssdlite_mobilenet_v3")
 
 
 @dataclass

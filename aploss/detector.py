@@ -1,0 +1,79 @@
+"""A one-stage detector (RetinaNet, SSD) whose classification loss ranks the whole batch.
+
+torchvision's RetinaNet and SSD compute their classification loss per image (and SSD with a
+softmax over a background class). Here the parts torchvision builds (input transform,
+backbone, head, anchors, box coder) are kept and the loss and post-processing are replaced:
+every anchor-class pair is a sigmoid score, training hands all pairs of the batch to one
+`DetectionLoss`, and inference keeps the top-scoring pairs per feature level, then NMS per class.
+"""
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from aploss.detection_loss import DetectionLoss
+
+
+class OneStageDetector(nn.Module):
+    """images (list of [3, H, W] floats in [0, 1]) -> losses in training, detections in eval.
+
+    Detections are dicts of "boxes" [D, 4] (x1, y1, x2, y2 in input-image pixels), "scores"
+    (sigmoid) and "labels" (0-based classes), best first.
+    """
+
+    def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, head: nn.Module,
+                 anchor_generator: nn.Module, criterion: DetectionLoss, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.5, detections_per_image: int = 100,
+                 candidates_per_level: int = 1000) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.criterion = criterion
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+        self.candidates_per_level = candidates_per_level
+
+    @property
+    def box_coder(self) -> BoxCoder:
+        return self.criterion.box_coder
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("OneStageDetector: training needs targets (boxes and labels per image)")
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, targets = self.transform(images, targets if self.training else None)
+        features = list(self.backbone(batch.tensors).values())
+        outputs = self.head(features)
+        anchors = self.anchor_generator(batch, features)
+        if self.training:
+            return self.criterion(outputs["cls_logits"], outputs["bbox_regression"], anchors, targets)
+        level_sizes = [f.shape[-2] * f.shape[-1] * n for f, n in
+                       zip(features, self.anchor_generator.num_anchors_per_location())]
+        detections = [self._detect(logits.split(level_sizes), deltas.split(level_sizes),
+                                   image_anchors.split(level_sizes), size)
+                      for logits, deltas, image_anchors, size in
+                      zip(outputs["cls_logits"], outputs["bbox_regression"], anchors, batch.image_sizes)]
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    def _detect(self, logits: tuple[Tensor, ...], deltas: tuple[Tensor, ...], anchors: tuple[Tensor, ...],
+                image_size: tuple[int, int]) -> dict[str, Tensor]:
+        boxes, scores, labels = [], [], []
+        for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
+            num_classes = level_logits.shape[-1]
+            level_scores = torch.sigmoid(level_logits.float()).flatten()
+            candidates = torch.nonzero(level_scores > self.score_thresh).squeeze(1)
+            top = level_scores[candidates].topk(min(self.candidates_per_level, candidates.numel()))
+            candidates = candidates[top.indices]
+            anchor_index = torch.div(candidates, num_classes, rounding_mode="floor")
+            decoded = self.box_coder.decode_single(level_deltas[anchor_index].float(), level_anchors[anchor_index])
+            boxes.append(clip_boxes_to_image(decoded, image_size))
+            scores.append(top.values)
+            labels.append(candidates % num_classes)
+        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_image]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import sigmoid_focal_loss
+
+from aploss import ap_loss
+from aploss.anchor_assignment import IGNORED, NEGATIVE, assign_anchors, pair_labels
+from aploss.architectures import ARCHITECTURES, build_detector
+from aploss.detection_loss import DetectionLoss
+from aploss.reference import reference_ap_loss
+
+
+def box(x, y, w, h):
+    return [x, y, x + w, y + h]
+
+
+def test_assignment_thresholds_and_forced_best():
+    gt = torch.tensor([box(0, 0, 10, 10)], dtype=torch.float32)
+    anchors = torch.tensor([
+        box(0, 0, 10, 10),   # IoU 1     -> positive
+        box(0, 0, 10, 18),   # IoU 0.556 -> positive
+        box(0, 0, 10, 22),   # IoU 0.455 -> ignored
+        box(0, 0, 10, 30),   # IoU 0.333 -> negative
+        box(50, 50, 10, 10),  # IoU 0    -> negative
+    ], dtype=torch.float32)
+    matched = assign_anchors(anchors, gt)
+    assert matched.tolist() == [0, 0, IGNORED, NEGATIVE, NEGATIVE]
+
+
+def test_each_ground_truth_claims_its_best_anchors_even_below_threshold():
+    gt = torch.tensor([box(0, 0, 10, 10), box(100, 100, 10, 10)], dtype=torch.float32)
+    anchors = torch.tensor([box(0, 0, 10, 30), box(0, 0, 10, 40), box(100, 100, 10, 30),
+                            box(100, 100, 30, 10)], dtype=torch.float32)
+    matched = assign_anchors(anchors, gt)
+    # gt 0's best (IoU 1/3) becomes positive; gt 1 has two anchors tied at 1/3: both claimed.
+    assert matched.tolist() == [0, NEGATIVE, 1, 1]
+
+
+def test_ground_truth_overlapping_no_anchor_claims_nothing():
+    gt = torch.tensor([box(0, 0, 10, 10), box(500, 500, 4, 4)], dtype=torch.float32)
+    anchors = torch.tensor([box(0, 0, 10, 10), box(200, 200, 10, 10), box(300, 0, 10, 10)], dtype=torch.float32)
+    assert assign_anchors(anchors, gt).tolist() == [0, NEGATIVE, NEGATIVE]
+
+
+def test_image_without_ground_truth_is_all_negative():
+    anchors = torch.tensor([box(0, 0, 10, 10)] * 3, dtype=torch.float32)
+    assert assign_anchors(anchors, torch.zeros(0, 4)).tolist() == [NEGATIVE] * 3
+
+
+def test_pair_labels():
+    matched = torch.tensor([1, NEGATIVE, IGNORED, 0])
+    labels = pair_labels(matched, torch.tensor([2, 0]), num_classes=3)
+    assert labels.tolist() == [[1, 0, 0], [0, 0, 0], [-1, -1, -1], [0, 0, 1]]
+
+
+def _batch(seed=0, num_images=3, num_anchors=60, num_classes=4):
+    generator = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num_images, num_anchors, 2, generator=generator) * 80
+    wh = 8 + torch.rand(num_images, num_anchors, 2, generator=generator) * 30
+    anchors = [torch.cat([p, p + s], 1) for p, s in zip(xy, wh)]
+    targets = []
+    for image in range(num_images):
+        chosen = anchors[image][torch.randperm(num_anchors, generator=generator)[:3]]
+        jitter = torch.randn(chosen.shape, generator=generator)
+        targets.append({"boxes": chosen + jitter,
+                        "labels": torch.randint(num_classes, (3,), generator=generator)})
+    logits = torch.randn(num_images, num_anchors, num_classes, generator=generator, requires_grad=True)
+    deltas = torch.randn(num_images, num_anchors, 4, generator=generator, requires_grad=True)
+    return logits, deltas, anchors, targets
+
+
+def _labels_and_box_targets(anchors, targets, num_classes, coder):
+    labels, positive_deltas = [], []
+    for a, t in zip(anchors, targets):
+        matched = assign_anchors(a, t["boxes"])
+        labels.append(pair_labels(matched, t["labels"], num_classes))
+        positive_deltas.append(coder.encode_single(t["boxes"][matched[matched >= 0]], a[matched >= 0]))
+    return torch.stack(labels), torch.cat(positive_deltas)
+
+
+def test_ap_classification_ranks_all_images_together():
+    logits, deltas, anchors, targets = _batch()
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    criterion = DetectionLoss(4, coder, "ap", delta=0.5)
+    losses = criterion(logits, deltas, anchors, targets)
+    labels, _ = _labels_and_box_targets(anchors, targets, 4, coder)
+    expected_loss, expected_update = reference_ap_loss(logits.detach().double(), labels, delta=0.5)
+    assert losses["positives"].item() == (labels == 1).sum().item()
+    assert losses["classification"].item() == pytest.approx(expected_loss.item(), abs=1e-6)
+    losses["classification"].backward()
+    torch.testing.assert_close(logits.grad.double(), expected_update, atol=1e-6, rtol=1e-5)
+    per_image = sum(ap_loss(logits[i].detach(), labels[i], 0.5).item() for i in range(3)) / 3
+    assert abs(per_image - expected_loss.item()) > 1e-3  # a batch ranking is not a mean of per-image ones
+
+
+def test_focal_and_box_terms_match_their_definitions():
+    logits, deltas, anchors, targets = _batch(seed=1)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    losses = DetectionLoss(4, coder, "focal", box_beta=0.5)(logits, deltas, anchors, targets)
+    labels, box_targets = _labels_and_box_targets(anchors, targets, 4, coder)
+    positives = (labels == 1).sum()
+    valid = labels >= 0
+    focal = sigmoid_focal_loss(logits[valid], labels[valid].float(), 0.25, 2.0, reduction="sum") / positives
+    positive_anchors = (labels == 1).any(2)
+    smooth = F.smooth_l1_loss(deltas[positive_anchors], box_targets, beta=0.5, reduction="sum") / (4 * positives)
+    assert losses["classification"].item() == pytest.approx(focal.item(), rel=1e-6)
+    assert losses["box_regression"].item() == pytest.approx(smooth.item(), rel=1e-6)
+
+
+def test_batch_without_positives_has_zero_losses():
+    logits, deltas, anchors, targets = _batch(seed=2)
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in targets]
+    losses = DetectionLoss(4, BoxCoder((10.0, 10.0, 5.0, 5.0)), "ap")(logits, deltas, anchors, empty)
+    assert losses["positives"].item() == 0
+    assert losses["classification"].item() == 0 and losses["box_regression"].item() == 0
+
+
+def test_unknown_classification_loss_is_rejected():
+    with pytest.raises(ValueError, match="'ap' or 'focal'"):
+        DetectionLoss(3, BoxCoder((1.0, 1.0, 1.0, 1.0)), "softmax")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_trains_and_detects(arch):
+    torch.manual_seed(0)
+    model = build_detector(arch, num_classes=3, min_size=128, max_size=160)
+    images = [torch.rand(3, 120, 160), torch.rand(3, 100, 140)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 80.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model(images, targets)
+    assert losses["positives"].item() > 0
+    (losses["classification"] + losses["box_regression"]).backward()
+    assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        logits = model.head(list(model.backbone(batch.tensors).values()))["cls_logits"]
+        detections = model(images)
+    assert 0.005 < torch.sigmoid(logits).mean().item() < 0.02  # the 0.01 prior of every output
+    for detection, image in zip(detections, images):
+        assert detection["boxes"].shape[1] == 4 and len(detection["scores"]) == len(detection["labels"])
+        if len(detection["boxes"]):
+            assert detection["boxes"][:, 2].max() <= image.shape[2] and detection["boxes"][:, 3].max() <= image.shape[1]
+
+
+def test_unknown_architecture_is_rejected():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_detector("yolo", 3)
