@@ -1,0 +1,69 @@
+"""Checkpoint files of a run: written atomically, the latest always kept, plus the best K by
+validation AP."""
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary sibling, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({error})") from None
+
+
+class CheckpointStore:
+    """step-<N>.pt files in `directory` and an index.json of their validation scores."""
+
+    def __init__(self, directory: Path, keep_best: int) -> None:
+        self.directory = Path(directory)
+        self.keep_best = keep_best
+        self.index_path = self.directory / "index.json"
+
+    def _index(self) -> dict[str, float | None]:
+        if not self.index_path.exists():
+            return {}
+        return json.loads(self.index_path.read_text())
+
+    def _write_index(self, index: dict[str, float | None]) -> None:
+        temporary = self.index_path.with_name("index.json.tmp")
+        temporary.write_text(json.dumps(index, indent=1))
+        os.replace(temporary, self.index_path)
+
+    def save(self, step: int, state: dict[str, Any], score: float | None = None) -> Path:
+        path = self.directory / f"step-{step:07d}.pt"
+        save_atomic(state, path)
+        index = self._index()
+        index[path.name] = score
+        self._write_index(self._prune(index, latest=path.name))
+        return path
+
+    def _prune(self, index: dict[str, float | None], latest: str) -> dict[str, float | None]:
+        scored = sorted((name for name, score in index.items() if score is not None),
+                        key=lambda name: index[name], reverse=True)
+        keep = set(scored[:self.keep_best]) | {latest}
+        for name in set(index) - keep:
+            (self.directory / name).unlink(missing_ok=True)
+        return {name: index[name] for name in index if name in keep}
+
+    def latest(self) -> Path | None:
+        names = sorted(self._index())
+        return self.directory / names[-1] if names else None
+
+    def best(self) -> Path | None:
+        index = self._index()
+        scored = [name for name, score in index.items() if score is not None]
+        if not scored:
+            return self.latest()
+        return self.directory / max(scored, key=lambda name: (index[name], name))

@@ -1,0 +1,95 @@
+"""Training and evaluation batches from the data-prep Parquet shards.
+
+The order of images is a function of (seed, epoch) only: row groups are shuffled, then the rows
+inside each, so reads stay within a cached row group while every epoch sees a new order. A
+global batch is a run of consecutive images of that order, and a process of a world of W takes
+its 1/W slice of each. So the global batches, and the flips drawn per image, are the same
+whatever the number of processes, and a run can resume at any batch of an epoch.
+"""
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image
+
+from pipeline.shards import ShardReader
+
+Target = dict[str, Tensor]
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
+
+
+class DetectionDataset(Dataset):
+    """Item (index, epoch) -> (image [3, H, W] float in [0, 1], target, image id).
+
+    The target holds "boxes" [G, 4] (x1, y1, x2, y2 pixels) and "labels" [G]; crowd (or VOC
+    difficult) boxes are left out, as they are neither to be found nor to be penalised.
+    """
+
+    def __init__(self, reader: ShardReader, hflip: float = 0.0, seed: int = 0) -> None:
+        self.reader = reader
+        self.hflip = hflip
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Target, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        record = self.reader.read(index)
+        image = decode_image(torch.frombuffer(bytearray(record.image), dtype=torch.uint8), ImageReadMode.RGB)
+        keep = ~record.crowd
+        boxes = torch.from_numpy(record.boxes[keep]).reshape(-1, 4)
+        labels = torch.from_numpy(record.class_ids[keep]).to(torch.int64)
+        if self.hflip and torch.rand((), generator=_generator(self.seed, epoch, index)) < self.hflip:
+            image = image.flip(-1)
+            boxes = torch.stack([record.width - boxes[:, 2], boxes[:, 1], record.width - boxes[:, 0], boxes[:, 3]], 1)
+        return image.float().div_(255), {"boxes": boxes, "labels": labels}, record.image_id
+
+
+def collate(items: list[tuple[Tensor, Target, int]]) -> tuple[list[Tensor], list[Target], list[int]]:
+    images, targets, image_ids = zip(*items)
+    return list(images), list(targets), list(image_ids)
+
+
+def epoch_order(row_groups: list[range], seed: int, epoch: int) -> list[int]:
+    """Every index once: row groups in a shuffled order, rows shuffled inside each."""
+    generator = _generator(seed, epoch)
+    order = []
+    for group in torch.randperm(len(row_groups), generator=generator).tolist():
+        rows = row_groups[group]
+        order.extend(rows[i] for i in torch.randperm(len(rows), generator=generator).tolist())
+    return order
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's share of each global batch of one epoch, from batch `start` on.
+
+    Incomplete last batches are dropped, so that every step ranks a full global batch.
+    """
+
+    def __init__(self, row_groups: list[range], global_batch: int, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size ({global_batch}) must be a multiple of the number "
+                             f"of workers ({world_size})")
+        self.order = epoch_order(row_groups, seed, epoch)
+        self.global_batch, self.epoch = global_batch, epoch
+        self.share = global_batch // world_size
+        self.rank, self.start = rank, start
+
+    def __len__(self) -> int:
+        return max(len(self.order) // self.global_batch - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in range(self.start, self.start + len(self)):
+            first = batch * self.global_batch + self.rank * self.share
+            yield [(index, self.epoch) for index in self.order[first:first + self.share]]
+
+
+def batches_per_epoch(num_images: int, global_batch: int) -> int:
+    return num_images // global_batch

@@ -1,0 +1,80 @@
+"""The evaluate stage: detections on a prepared split, COCO metrics with pycocotools,
+precision-recall curves, sample images with their detections, and the detections json."""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from aploss.detector import OneStageDetector
+from pipeline.coco_metrics import CocoResult, draw_detections, evaluate_detections, plot_pr_curves
+from pipeline.dataset import DetectionDataset, collate
+from pipeline.io import write_json_atomic
+
+SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
+
+
+@torch.no_grad()
+def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
+            indices: list[int] | None = None) -> list[dict]:
+    """COCO result dicts (category_id = class + 1, bbox x, y, w, h) for `indices` (default all)."""
+    model.eval()
+    indices = list(range(len(dataset))) if indices is None else indices
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    results = []
+    for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
+        for image_id, detections in zip(image_ids, model([image.to(device) for image in images])):
+            boxes = detections["boxes"].cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            for bbox, score, label in zip(boxes.tolist(), detections["scores"].tolist(),
+                                          detections["labels"].tolist()):
+                results.append({"image_id": image_id, "category_id": label + 1, "bbox": bbox, "score": score})
+    return results
+
+
+@dataclass
+class Evaluation:
+    result: CocoResult
+    detections_path: Path
+    metrics_path: Path
+    pr_curves: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+
+
+def _draw_samples(model: OneStageDetector, dataset: DetectionDataset, count: int, classes: list[str],
+                  device: torch.device, out_dir: Path) -> list[Path]:
+    paths = []
+    model.eval()
+    with torch.no_grad():
+        for index in range(min(count, len(dataset))):
+            image, target, image_id = dataset[index]
+            detections = model([image.to(device)])[0]
+            confident = detections["scores"] >= SAMPLE_SCORE
+            path = out_dir / f"sample-{image_id}.png"
+            draw_detections((image * 255).to(torch.uint8), detections["boxes"][confident].cpu(),
+                            [classes[i] for i in detections["labels"][confident].tolist()],
+                            detections["scores"][confident].cpu(), path, ground_truth=target["boxes"])
+            paths.append(path)
+    return paths
+
+
+def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_truth: Path, classes: list[str],
+                   out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0) -> Evaluation:
+    """Everything the evaluate stage writes, under `out_dir`."""
+    detections = predict(model, dataset, batch_size, device)
+    result = evaluate_detections(ground_truth, detections)
+    detections_path = out_dir / "detections.json"
+    write_json_atomic(detections, detections_path)
+    metrics_path = out_dir / "metrics.json"
+    write_json_atomic({"metrics": result.metrics, "per_class_ap": result.per_class_ap,
+                       "per_class_ap50": result.per_class_ap50}, metrics_path)
+    pr_curves = plot_pr_curves(result, out_dir / "pr_curves")
+    samples = _draw_samples(model, dataset, sample_images, classes, device, out_dir / "samples")
+    return Evaluation(result, detections_path, metrics_path, pr_curves, samples)
+
+
+def metrics_table(result: CocoResult) -> str:
+    """A markdown table of the COCO metrics and per-class AP."""
+    rows = [f"| {name} | {value:.3f} |" for name, value in result.metrics.items()]
+    rows += [f"| AP[{name}] | {value:.3f} |" for name, value in result.per_class_ap.items()]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])

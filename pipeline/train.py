@@ -1,0 +1,184 @@
+"""The train stage: SGD with warm-up and a multistep or cosine learning rate, the delta
+schedule, gradient clipping, AMP on CUDA, skipping batches without positives.
+
+`Training` is one process's share of a run (model, optimiser, schedules, the step) and
+`fit` walks the global batches. Both are the same in a single process and in every Ray
+Train worker; only the `Hooks` that log, validate and checkpoint differ.
+"""
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from aploss.architectures import build_detector
+from aploss.detector import OneStageDetector
+from aploss.engine import LocalExchange
+from pipeline.config import Config
+from pipeline.dataset import DetectionDataset, GlobalBatchSampler, collate
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(config: Config, num_classes: int, exchange: LocalExchange | None = None) -> OneStageDetector:
+    model, loss = config.model, config.loss
+    return build_detector(
+        model.arch, num_classes, norm=model.norm, min_size=model.min_size, max_size=model.max_size,
+        anchor_scales=model.anchor_scales, classification=loss.classification,
+        score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
+        detections_per_image=model.detections_per_image, candidates_per_level=model.candidates_per_level,
+        delta=loss.delta.build()(0.0), interpolate=loss.interpolate, fg_iou=model.fg_iou, bg_iou=model.bg_iou,
+        focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma, box_beta=loss.box_beta,
+        box_weight=loss.box_weight, exchange=exchange)
+
+
+@dataclass(frozen=True)
+class LearningRateFactor:
+    """Multiplier of the base lr at a step: linear warm-up, then multistep or cosine decay."""
+
+    total_steps: int
+    warmup_steps: int
+    warmup_factor: float
+    schedule: str
+    milestones: tuple[float, ...]
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        warmup = 1.0
+        if step < self.warmup_steps:
+            warmup = self.warmup_factor + (1 - self.warmup_factor) * step / self.warmup_steps
+        progress = min(step / max(self.total_steps, 1), 1.0)
+        if self.schedule == "cosine":
+            return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup * self.gamma ** sum(progress >= m for m in self.milestones)
+
+
+def total_steps(config: Config, num_images: int) -> int:
+    per_epoch = num_images // config.train.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"train.batch_size ({config.train.batch_size}) is larger than the training split "
+                         f"({num_images} images)")
+    steps = per_epoch * config.train.epochs
+    return min(steps, config.train.max_steps) if config.train.max_steps else steps
+
+
+def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device):
+    return ([image.to(device, non_blocking=True) for image in images],
+            [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets])
+
+
+class Training:
+    """One process's model (DDP-wrapped or not), optimiser, schedules and step counter."""
+
+    def __init__(self, config: Config, model: nn.Module, device: torch.device, steps: int) -> None:
+        self.config, self.model, self.device, self.total_steps = config, model, device, steps
+        self.detector: OneStageDetector = getattr(model, "module", model)
+        optim = config.optim
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+                                         momentum=optim.momentum, weight_decay=optim.weight_decay)
+        factor = LearningRateFactor(steps, optim.warmup_steps, optim.warmup_factor, optim.schedule,
+                                    tuple(optim.milestones), optim.gamma)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.delta = config.loss.delta.build()
+        self.amp = config.train.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.step = 0
+        self.skipped = 0
+
+    def train_step(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, float]:
+        """One optimiser step on this process's share of the global batch."""
+        self.model.train()
+        delta = self.delta(min(self.step / self.total_steps, 1.0))
+        self.detector.criterion.delta = delta
+        lr = self.optimizer.param_groups[0]["lr"]
+        images, targets = _to_device(images, targets, self.device)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            losses = self.model(images, targets)
+        loss = losses["classification"] + losses["box_regression"]
+        if losses["positives"].item() == 0:
+            # No positive anywhere in the global batch: nothing to rank, and every process agrees.
+            self.skipped += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.config.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss.item(), "cls_loss": losses["classification"].item(),
+                "box_loss": losses["box_regression"].item(), "positives": losses["positives"].item(),
+                "delta": delta, "lr": lr}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "skipped": self.skipped, "rng": _rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        _set_rng_state(state["rng"])
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Hooks(Protocol):
+    """What happens between steps: logging, validation, checkpoints (local files or Ray)."""
+
+    def after_step(self, training: Training, metrics: dict[str, float]) -> None: ...
+
+
+def fit(training: Training, dataset: DetectionDataset, hooks: Hooks, rank: int = 0, world_size: int = 1) -> None:
+    """Train from `training.step` to its last step; the data position follows from the step."""
+    config = training.config.train
+    steps_per_epoch = len(dataset) // config.batch_size
+    row_groups = dataset.reader.row_groups()
+    while training.step < training.total_steps:
+        epoch, start = divmod(training.step, steps_per_epoch)
+        sampler = GlobalBatchSampler(row_groups, config.batch_size, config.seed, epoch, rank, world_size, start)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.loader_workers,
+                            pin_memory=training.device.type == "cuda")
+        for images, targets, _ in loader:
+            started = time.perf_counter()
+            metrics = training.train_step(images, targets)
+            metrics["step_seconds"] = time.perf_counter() - started
+            metrics["epoch"] = epoch
+            hooks.after_step(training, metrics)
+            if training.step >= training.total_steps:
+                return

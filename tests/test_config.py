@@ -1,0 +1,60 @@
+import pytest
+
+from aploss.schedules import CosineDelta, StepDelta
+from pipeline.config import (Config, ConfigError, config_from_dict, config_to_dict, flatten, load_config,
+                             save_config)
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    config = load_config()
+    assert config == Config()
+    path = tmp_path / "config.yaml"
+    save_config(config, path)
+    assert load_config(path) == config
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.05\nloss:\n  delta: {kind: step, start: 1.0, end: 0.25}\n")
+    config = load_config(path, ["optim.lr=0.02", "train.batch_size=4", "optim.milestones=[0.5, 0.9]"])
+    assert config.optim.lr == 0.02 and config.train.batch_size == 4 and config.optim.milestones == [0.5, 0.9]
+    assert config.loss.delta.build() == StepDelta(1.0, 0.25, (0.5, 0.75))
+    assert load_config(None, ["loss.delta.kind=cosine", "loss.delta.end=0.1"]).loss.delta.build() == \
+        CosineDelta(1.0, 0.1, 0.0, 1.0)
+
+
+def test_flatten_uses_dotted_keys():
+    flat = flatten(Config())
+    assert flat["optim.lr"] == 0.01 and flat["loss.delta.kind"] == "constant" and flat["data.annotations"] == {}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=-1"], "optim.lr: must be > 0"),
+    (["optim.foo=1"], r"unknown key\(s\) \['optim.foo'\]"),
+    (["nosection.x=1"], r"unknown key\(s\) \['nosection'\]"),
+    (["model.arch=yolo"], "model.arch: must be one of"),
+    (["train.epochs=1.5"], "train.epochs: must be an integer"),
+    (["train.amp=maybe"], "train.amp: must be true or false"),
+    (["model.fg_iou=0.3"], "model.fg_iou: need 0 < bg_iou <= fg_iou"),
+    (["loss.delta.kind=step", "loss.delta.milestones=[]"], "loss.delta: .*at least one milestone"),
+    (["optim.milestones=[0.9, 0.5]"], "optim.milestones: must be increasing"),
+    (["data.dataset=coco"], "data.annotations: dataset 'coco' needs"),
+    (["optim.lr"], "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: the config must be a YAML mapping"):
+        load_config(listing)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key\(s\) \['optim.learning_rate'\]"):
+        load_config(typo)

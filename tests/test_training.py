@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.checkpoints import CheckpointStore
+from pipeline.dataset import GlobalBatchSampler, epoch_order
+from pipeline.train import LearningRateFactor
+
+GROUPS = [range(0, 4), range(4, 8), range(8, 11)]
+
+
+def test_epoch_order_is_a_permutation_that_keeps_row_groups_together():
+    order = epoch_order(GROUPS, seed=3, epoch=0)
+    assert sorted(order) == list(range(11))
+    starts = [i for i in range(11) if i == 0 or not any(order[i - 1] in g and order[i] in g for g in GROUPS)]
+    assert len(starts) == 3  # each row group is read as one contiguous run
+    assert epoch_order(GROUPS, 3, 0) == order and epoch_order(GROUPS, 3, 1) != order
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    single = list(GlobalBatchSampler(GROUPS, global_batch=4, seed=1, epoch=2))
+    shares = [list(GlobalBatchSampler(GROUPS, 4, 1, 2, rank=r, world_size=2)) for r in range(2)]
+    assert len(single) == 2  # 11 images: the incomplete last batch is dropped
+    for step, batch in enumerate(single):
+        assert shares[0][step] + shares[1][step] == batch
+        assert all(epoch == 2 for _, epoch in batch)
+    resumed = list(GlobalBatchSampler(GROUPS, 4, 1, 2, start=1))
+    assert resumed == single[1:]
+
+
+def test_batch_must_split_evenly_over_processes():
+    with pytest.raises(ValueError, match="multiple of the number of workers"):
+        GlobalBatchSampler(GROUPS, global_batch=5, seed=0, epoch=0, world_size=2)
+
+
+def test_learning_rate_warmup_and_decay():
+    multistep = LearningRateFactor(100, warmup_steps=10, warmup_factor=0.25, schedule="multistep",
+                                   milestones=(0.5, 0.8), gamma=0.1)
+    assert multistep(0) == pytest.approx(0.25)
+    assert multistep(5) == pytest.approx(0.25 + 0.75 * 0.5)
+    assert [multistep(s) for s in (10, 49, 50, 79, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = LearningRateFactor(100, 0, 1.0, "cosine", (), 0.1)
+    assert [cosine(s) for s in (0, 50, 100)] == pytest.approx([1, 0.5, 0])
+    assert cosine(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_checkpoint_store_keeps_latest_and_best(tmp_path):
+    store = CheckpointStore(tmp_path, keep_best=2)
+    for step, score in [(1, 0.1), (2, 0.5), (3, None), (4, 0.3), (5, 0.2)]:
+        store.save(step, {"step": step}, score)
+    kept = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert kept == ["step-0000002.pt", "step-0000004.pt", "step-0000005.pt"]
+    assert store.latest().name == "step-0000005.pt" and store.best().name == "step-0000002.pt"
+    assert torch.load(store.best())["step"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
