@@ -1,19 +1,20 @@
 """Checkpoint files of a run: written atomically, the latest always kept, plus the best K by
 validation AP."""
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.io import write_bytes_atomic, write_json_atomic
+
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary sibling, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    """A crash while saving never leaves half a checkpoint (pipeline.io writes, then renames)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(buffer.getvalue(), path)
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -36,17 +37,12 @@ class CheckpointStore:
             return {}
         return json.loads(self.index_path.read_text())
 
-    def _write_index(self, index: dict[str, float | None]) -> None:
-        temporary = self.index_path.with_name("index.json.tmp")
-        temporary.write_text(json.dumps(index, indent=1))
-        os.replace(temporary, self.index_path)
-
     def save(self, step: int, state: dict[str, Any], score: float | None = None) -> Path:
         path = self.directory / f"step-{step:07d}.pt"
         save_atomic(state, path)
         index = self._index()
         index[path.name] = score
-        self._write_index(self._prune(index, latest=path.name))
+        write_json_atomic(self._prune(index, latest=path.name), self.index_path)
         return path
 
     def _prune(self, index: dict[str, float | None], latest: str) -> dict[str, float | None]:

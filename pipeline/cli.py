@@ -10,9 +10,10 @@ def _prep(config: Config) -> None:
 
     result = prepare(config)
     state = "reused" if result.reused else "written"
-    print(f"prepared {config.data.dataset} ({state}) in {result.output_dir}")
+    print(f"prepared {config.data.dataset} ({state}) in {result.directory}")
     for split, summary in result.manifest["splits"].items():
-        print(f"  {split}: {summary['num_images']} images, {summary['num_boxes']} boxes")
+        print(f"  {split}: {summary['images']} images, {summary['boxes']} boxes, "
+              f"{len(summary['dropped'])} dropped, {len(summary['skipped'])} skipped")
 
 
 def _train(config: Config) -> None:

@@ -19,6 +19,7 @@ import yaml
 
 from aploss.architectures import ARCHITECTURES
 from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
+from pipeline.io import write_bytes_atomic
 
 
 class ConfigError(ValueError):
@@ -347,8 +348,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write `config` as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    os.replace(temporary, path)
+    write_bytes_atomic(yaml.safe_dump(config_to_dict(config), sort_keys=False).encode(), path)

@@ -1,5 +1,6 @@
 """The evaluate stage: detections on a prepared split, COCO metrics with pycocotools,
 precision-recall curves, sample images with their detections, and the detections json."""
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def _draw_samples(model: OneStageDetector, dataset: DetectionDataset, count: int
     return paths
 
 
+def _defined(values: dict[str, float]) -> dict[str, float | None]:
+    """NaN (undefined: no ground truth of that kind) as null, which standard JSON can hold."""
+    return {key: None if math.isnan(value) else value for key, value in values.items()}
+
+
 def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_truth: Path, classes: list[str],
                    out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0) -> Evaluation:
     """Everything the evaluate stage writes, under `out_dir`."""
@@ -66,8 +72,8 @@ def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_tr
     detections_path = out_dir / "detections.json"
     write_json_atomic(detections, detections_path)
     metrics_path = out_dir / "metrics.json"
-    write_json_atomic({"metrics": result.metrics, "per_class_ap": result.per_class_ap,
-                       "per_class_ap50": result.per_class_ap50}, metrics_path)
+    write_json_atomic({"metrics": _defined(result.metrics), "per_class_ap": _defined(result.per_class_ap),
+                       "per_class_ap50": _defined(result.per_class_ap50)}, metrics_path)
     pr_curves = plot_pr_curves(result, out_dir / "pr_curves")
     samples = _draw_samples(model, dataset, sample_images, classes, device, out_dir / "samples")
     return Evaluation(result, detections_path, metrics_path, pr_curves, samples)

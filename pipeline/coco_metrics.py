@@ -1,0 +1,235 @@
+"""COCO box metrics through pycocotools, per-class precision-recall curves, and sample drawings.
+
+`evaluate_detections` runs COCOeval (bbox) on COCO result dicts and returns a `CocoResult`:
+the twelve summary metrics, AP and AP50 per class name, and the precision of every class at
+IoU 0.50 and 0.75 over COCO's 101 recall points. "Undefined" is NaN throughout: a class
+without ground truth has NaN AP and a NaN curve, and a metric whose area range holds no
+ground truth (COCOeval's -1) is NaN. No detections at all is not undefined: every class with
+ground truth then scores 0.
+"""
+import contextlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.utils import draw_bounding_boxes
+
+from pipeline.io import write_bytes_atomic
+
+# The order of COCOeval.stats.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# IoU thresholds of the stored precision-recall curves (rows of `CocoResult.precision`).
+PR_IOU_THRESHOLDS = (0.5, 0.75)
+DETECTION_COLOUR = "red"
+GROUND_TRUTH_COLOUR = "lime"
+
+# What COCOeval indexes in each section of a ground-truth file.
+_GROUND_TRUTH_KEYS = {
+    "images": ("id",),
+    "categories": ("id", "name"),
+    "annotations": ("id", "image_id", "category_id", "bbox", "area", "iscrowd"),
+}
+_DETECTION_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+@dataclass
+class CocoResult:
+    metrics: dict[str, float]  # METRIC_NAMES -> value
+    per_class_ap: dict[str, float]  # class name -> AP@[.50:.95]
+    per_class_ap50: dict[str, float]  # class name -> AP@.50
+    recall: np.ndarray  # [101] COCO's recall points 0, 0.01, ..., 1
+    precision: dict[str, np.ndarray]  # class name -> [len(PR_IOU_THRESHOLDS), 101]
+    summary: str  # COCOeval.summarize() printout
+
+
+def evaluate_detections(ground_truth: str | Path | COCO,
+                        detections: list[dict[str, Any]] | str | Path) -> CocoResult:
+    """COCO bbox evaluation of `detections` (result dicts with image_id, category_id, bbox
+    as xywh, score; or a JSON file of them) against a ground-truth instances file or COCO."""
+    gt = load_ground_truth(ground_truth)
+    results = _load_detections(detections)
+    _check_detections(results, gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes indexes results[0], so no detections needs an empty result set of its own.
+        dt = gt.loadRes(results) if results else _empty_results(gt)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    return _collect(evaluator, gt, summary.getvalue())
+
+
+def load_ground_truth(source: str | Path | COCO) -> COCO:
+    """A COCO index of an instances JSON file; errors name the file."""
+    if isinstance(source, COCO):
+        return source
+    path = Path(source)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a COCO instances file (expected a JSON object)")
+    for section, keys in _GROUND_TRUTH_KEYS.items():
+        entries = data.get(section)
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: not a COCO instances file ('{section}' must be a list)")
+        for index, entry in enumerate(entries):
+            missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(f"{path}: {section}[{index}] lacks {', '.join(missing)}")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as error:
+        raise OSError(f"{path}: cannot read: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None
+
+
+def _load_detections(source: list[dict[str, Any]] | str | Path) -> list[dict[str, Any]]:
+    if isinstance(source, (str, Path)):
+        data = _read_json(Path(source))
+        if not isinstance(data, list):
+            raise ValueError(f"{source}: detections must be a JSON list of COCO result dicts")
+        return data
+    # loadRes adds keys to the dicts it gets; copy so the caller's stay as they were.
+    return [dict(detection) for detection in source]
+
+
+def _check_detections(detections: list[dict[str, Any]], gt: COCO) -> None:
+    for index, detection in enumerate(detections):
+        missing = [key for key in _DETECTION_KEYS if key not in detection]
+        if missing:
+            raise ValueError(f"detection {index} lacks {', '.join(missing)}")
+    # COCOeval would silently drop unknown categories and assert on unknown images.
+    for key, known in (("image_id", gt.getImgIds()), ("category_id", gt.getCatIds())):
+        unknown = sorted({detection[key] for detection in detections} - set(known))
+        if unknown:
+            shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+            raise ValueError(f"detections reference {len(unknown)} {key}(s) absent from the "
+                             f"ground truth: {shown}")
+
+
+def _empty_results(gt: COCO) -> COCO:
+    results = COCO()
+    results.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
+                       "annotations": []}
+    results.createIndex()
+    return results
+
+
+def _collect(evaluator: COCOeval, gt: COCO, summary: str) -> CocoResult:
+    params = evaluator.params
+    # [iou, recall, class] at area "all" and 100 detections per image: the headline AP's setting.
+    precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"),
+                                            params.maxDets.index(100)]
+    rows = [int(np.argmin(np.abs(params.iouThrs - iou))) for iou in PR_IOU_THRESHOLDS]
+    names = [gt.cats[category]["name"] for category in params.catIds]
+    return CocoResult(
+        metrics={name: _defined(value) for name, value in zip(METRIC_NAMES, evaluator.stats)},
+        per_class_ap={name: _mean_defined(precision[:, :, k]) for k, name in enumerate(names)},
+        per_class_ap50={name: _mean_defined(precision[rows[0], :, k]) for k, name in enumerate(names)},
+        recall=params.recThrs.copy(),
+        precision={name: np.where(precision[rows, :, k] > -1, precision[rows, :, k], np.nan)
+                   for k, name in enumerate(names)},
+        summary=summary,
+    )
+
+
+def _defined(value: float) -> float:
+    return float(value) if value > -1 else math.nan
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    # COCOeval marks (iou, recall) cells without ground truth -1.
+    defined = values[values > -1]
+    return float(defined.mean()) if defined.size else math.nan
+
+
+def plot_pr_curves(result: CocoResult, out_dir: Path) -> list[Path]:
+    """One PNG per class with ground truth (precision vs recall at each PR_IOU_THRESHOLDS),
+    then one of all those classes at IoU 0.5; returns the paths written."""
+    out_dir = Path(out_dir)
+    written = []
+    overview, overview_axes = _pr_figure("all classes, IoU 0.50")
+    for index, (name, curves) in enumerate(result.precision.items()):
+        if np.isnan(curves).all():
+            continue  # no ground truth, no curve
+        ap50 = result.per_class_ap50[name]
+        figure, axes = _pr_figure(f"{name}  (AP50 {ap50:.3f})")
+        for iou, curve in zip(PR_IOU_THRESHOLDS, curves):
+            axes.plot(result.recall, curve, label=f"IoU {iou:.2f}")
+        axes.legend(loc="lower left")
+        # The index keeps names that slug alike ("a/b", "a b") apart.
+        written.append(_save_figure(figure, out_dir / f"pr_{index:03d}_{_slug(name)}.png"))
+        overview_axes.plot(result.recall, curves[0], label=f"{name} ({ap50:.2f})")
+    if overview_axes.lines:
+        overview_axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="x-small",
+                             ncol=math.ceil(len(overview_axes.lines) / 30))
+    written.append(_save_figure(overview, out_dir / "pr_all_classes.png"))
+    return written
+
+
+def _pr_figure(title: str) -> tuple[Figure, Axes]:
+    # A bare Figure on an Agg canvas: no GUI backend, and nothing registered with pyplot that
+    # would have to be closed.
+    figure = Figure(figsize=(5, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _save_figure(figure: Figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    write_bytes_atomic(buffer.getvalue(), path)
+    return path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
+
+
+def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
+                    scores: torch.Tensor, out_path: Path,
+                    ground_truth: torch.Tensor | None = None) -> None:
+    """Save `image` (uint8 [C, H, W]) as a PNG with `boxes` ([n, 4] xyxy) in DETECTION_COLOUR
+    captioned "label score", over `ground_truth` boxes ([m, 4] xyxy) in GROUND_TRUTH_COLOUR."""
+    if not len(boxes) == len(labels) == len(scores):
+        raise ValueError(f"{len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores")
+    canvas = image.cpu()
+    # draw_bounding_boxes warns on an empty box set, so those are skipped.
+    if ground_truth is not None and len(ground_truth):
+        canvas = draw_bounding_boxes(canvas, ground_truth.cpu(), colors=GROUND_TRUTH_COLOUR, width=2)
+    if len(boxes):
+        captions = [f"{label} {score:.2f}" for label, score in zip(labels, scores.tolist())]
+        canvas = draw_bounding_boxes(canvas, boxes.cpu(), labels=captions, colors=DETECTION_COLOUR,
+                                     width=2)
+    # Pillow rather than torchvision.io, whose PNG encoder is deprecated since torchvision 0.29.
+    buffer = io.BytesIO()
+    Image.fromarray(canvas.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="png")
+    write_bytes_atomic(buffer.getvalue(), out_path)

@@ -1,0 +1,93 @@
+"""Downloading the named datasets into the data root, in the layout the sources read.
+
+Only what the configured splits need is fetched: VOC 2007's test archive, or COCO's 18 GB of
+training images, only when asked for.
+"""
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torchvision.datasets.utils import download_and_extract_archive
+
+from pipeline.config import DataConfig
+from pipeline.sources import VOC_LAYOUTS, PrepError, coco2017_paths
+
+
+@dataclass(frozen=True)
+class Archive:
+    url: str
+    into: str  # folder under the data root the archive is extracted into
+    md5: str | None = None
+    # The part of the archive the layout wants, when the archive wraps it in other folders
+    # (BCCD's GitHub zip); it is moved to `into/<its name>` and the rest is discarded.
+    subfolder: str = ""
+
+
+BCCD = Archive("https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/master.zip", "bccd",
+               subfolder="BCCD_Dataset-master/BCCD")
+# The Oxford mirror torchvision uses; the md5s are torchvision's.
+_VOC = "https://thor.robots.ox.ac.uk/pascal/VOC"
+VOC2007_TRAINVAL = Archive(f"{_VOC}/voc2007/VOCtrainval_06-Nov-2007.tar", "", "c52e279531787c972589f7e41ab4ae64")
+VOC2007_TEST = Archive(f"{_VOC}/voc2007/VOCtest_06-Nov-2007.tar", "", "b6e924de25625d8de591ea690078ad9f")
+VOC2012_TRAINVAL = Archive(f"{_VOC}/voc2012/VOCtrainval_11-May-2012.tar", "", "6cd6e144f989b92b3379bac3b3de84fd")
+_COCO = "http://images.cocodataset.org"
+COCO2017_ANNOTATIONS = Archive(f"{_COCO}/annotations/annotations_trainval2017.zip", "coco")
+COCO2017_IMAGES = {split: Archive(f"{_COCO}/zips/{split}2017.zip", "coco") for split in ("train", "val")}
+
+
+def _requirements(dataset: str, root: Path, split: str) -> list[tuple[Path, Archive]]:
+    """What must exist under `root` for `split`, each with the archive that provides it."""
+    if dataset == "coco2017":
+        annotations, images = coco2017_paths(root, split)
+        return [(annotations, COCO2017_ANNOTATIONS), (images, COCO2017_IMAGES[split])]
+    listing = root / VOC_LAYOUTS[dataset][0] / "ImageSets" / "Main" / f"{split}.txt"
+    if dataset == "bccd":
+        return [(listing, BCCD)]
+    if dataset == "voc2007":
+        return [(listing, VOC2007_TEST if split == "test" else VOC2007_TRAINVAL)]
+    return [(listing, VOC2012_TRAINVAL)]
+
+
+def _missing(dataset: str, root: Path, splits: Sequence[str]) -> dict[Archive, list[Path]]:
+    missing: dict[Archive, list[Path]] = {}
+    for split in splits:
+        for path, archive in _requirements(dataset, root, split):
+            if not path.exists():
+                missing.setdefault(archive, []).append(path)
+    return missing
+
+
+def fetch(data: DataConfig, splits: Sequence[str]) -> None:
+    """Make sure a named dataset's `splits` are in the data root, downloading what is missing
+    when data.download allows; `coco` datasets given by path are never fetched."""
+    if data.dataset == "coco":
+        return
+    root = data.resolved_root()
+    missing = _missing(data.dataset, root, splits)
+    if not missing:
+        return
+    if not data.download:
+        paths = ", ".join(str(path) for paths in missing.values() for path in paths)
+        urls = ", ".join(archive.url for archive in missing)
+        raise PrepError(root, f"dataset {data.dataset!r} not found: missing {paths}. Set data.download=true "
+                              f"to fetch it, or download {urls} and extract it there yourself")
+    for archive in missing:
+        _download(archive, root)
+    still = _missing(data.dataset, root, splits)
+    if still:
+        paths = ", ".join(str(path) for paths in still.values() for path in paths)
+        raise PrepError(root, f"downloaded {data.dataset!r} but still missing {paths}")
+
+
+def _download(archive: Archive, root: Path) -> None:
+    target = root / archive.into
+    target.mkdir(parents=True, exist_ok=True)
+    if not archive.subfolder:
+        download_and_extract_archive(archive.url, download_root=target, md5=archive.md5, remove_finished=True)
+        return
+    # Extract next to the target (same filesystem), so the wanted part is moved by a rename.
+    with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as scratch:
+        download_and_extract_archive(archive.url, download_root=scratch, md5=archive.md5, remove_finished=True)
+        os.replace(Path(scratch) / archive.subfolder, target / Path(archive.subfolder).name)

@@ -1,0 +1,283 @@
+"""The data-prep stage: a dataset in its own layout becomes checked Parquet shards, COCO-format
+ground truth for evaluation and a manifest, under `run.prepared_data(dataset)`:
+
+    manifest.json
+    <split>/part-00000.parquet, part-00001.parquet, ...
+    <split>/ground_truth.json
+
+Every image is decoded once here, so training never meets an unreadable file, and every box is
+clipped to its image; boxes left empty or smaller than data.min_box_size are dropped. Each
+clipped or dropped box, and each image skipped under data.skip_bad, is listed in the manifest.
+
+Idempotent: when the manifest's input hash matches and every file still has its recorded
+sha256, the prepared data is returned untouched. Atomic: a new version is written into a
+temporary sibling directory and renamed into place only once complete, so an interrupted prep
+never leaves a half-written dataset and the previous version survives until then.
+"""
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import decode_image
+from tqdm import tqdm
+
+from pipeline.config import Config, DataConfig
+from pipeline.fetch import fetch
+from pipeline.shards import (MANIFEST, ROW_GROUP_IMAGES, SCHEMA_VERSION, ImageRecord, file_sha256, read_manifest,
+                             write_shard)
+from pipeline.sources import PrepError, Source, SourceImage, check_splits, open_source
+
+
+@dataclass
+class PrepResult:
+    manifest: dict
+    directory: Path
+    reused: bool  # the existing prepared data matched its inputs and was returned untouched
+
+
+def prepare(config: Config, progress: bool = True) -> PrepResult:
+    """Prepare `config.data` (fetching a missing named dataset if allowed), or reuse it."""
+    data = config.data
+    splits = check_splits(data)
+    fetch(data, splits)
+    source = open_source(data)
+    settings = {
+        "schema_version": SCHEMA_VERSION, "dataset": data.dataset, "classes": source.classes, "splits": splits,
+        "shard_images": data.shard_images, "row_group_images": ROW_GROUP_IMAGES,
+        "min_box_size": data.min_box_size, "skip_bad": data.skip_bad,
+    }
+    input_hash = _input_hash(settings, source)
+    directory = config.run.prepared_data(data.dataset)
+    manifest = _reusable(directory, input_hash)
+    if manifest is not None:
+        return PrepResult(manifest, directory, reused=True)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()
+    try:
+        manifest = _write(staging, data, source, settings, input_hash, progress)
+        _swap(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in
+    return PrepResult(manifest, directory, reused=False)
+
+
+def _input_hash(settings: dict, source: Source) -> str:
+    """sha256 over what the output depends on. Images count by (name, size, mtime) rather
+    than content: hashing every image would cost as much as preparing them."""
+    digest = hashlib.sha256()
+
+    def add(item: object) -> None:
+        digest.update(json.dumps(item).encode() + b"\n")
+
+    add(settings)
+    for split in settings["splits"]:
+        add(["split", split])
+        for path in source.annotation_files(split):
+            add(file_sha256(path) if path.is_file() else "missing")
+        for entry in source.entries(split):
+            try:
+                stat = entry.image_path.stat()
+                add([entry.file_name, stat.st_size, stat.st_mtime_ns])
+            except OSError:
+                add([entry.file_name, "missing"])
+    return digest.hexdigest()
+
+
+def _files(splits: dict) -> list[dict]:
+    """Every file the manifest's splits list, each with its relative path and sha256."""
+    return [item for split in splits.values() for item in [*split["shards"], split["ground_truth"]]]
+
+
+def _reusable(directory: Path, input_hash: str) -> dict | None:
+    """The existing manifest, if made from the same inputs and with every file intact."""
+    try:
+        manifest = read_manifest(directory)
+        if manifest["input_hash"] != input_hash:
+            return None
+        files = _files(manifest["splits"])
+        intact = all(file_sha256(directory / item["file"]) == item["sha256"] for item in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing, unreadable or from another schema: prepare anew
+    return manifest if intact else None
+
+
+def _swap(staging: Path, directory: Path) -> None:
+    """Put `staging` in place of `directory`, removing the old version only after."""
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    retired = staging.with_name(staging.name + "-old")
+    os.rename(directory, retired)
+    os.rename(staging, directory)
+    shutil.rmtree(retired)
+
+
+def _write(staging: Path, data: DataConfig, source: Source, settings: dict, input_hash: str,
+           progress: bool) -> dict:
+    splits = {}
+    for split in settings["splits"]:
+        writer = _SplitWriter(staging, split, source.classes, data.shard_images)
+        entries = source.entries(split)
+        for entry in tqdm(entries, desc=f"{data.dataset} {split}", unit="img", disable=not progress):
+            try:
+                writer.add(_check_image(source.load(split, entry), data.min_box_size))
+            except PrepError as error:
+                if not data.skip_bad:
+                    raise
+                writer.skipped.append({"file": error.file, "image": entry.file_name, "reason": error.problem})
+        splits[split] = writer.finish()
+    content = sorted((item["file"], item["sha256"]) for item in _files(splits))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": data.dataset,
+        "classes": source.classes,
+        "settings": settings,
+        "input_hash": input_hash,
+        "content_hash": hashlib.sha256(json.dumps(content).encode()).hexdigest(),
+        "splits": splits,
+    }
+    # Written last: a directory with a manifest is complete.
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+@dataclass
+class _CheckedImage:
+    record: ImageRecord
+    areas: list[float]  # per kept box, for the ground truth
+    dropped: list[dict]
+    clipped: list[dict]
+
+
+def _read_image(path: Path) -> tuple[bytes, int, int]:
+    """The encoded file and its decoded (width, height); decoding it all catches truncation."""
+    try:
+        encoded = path.read_bytes()
+    except FileNotFoundError:
+        raise PrepError(path, "image file not found") from None
+    except OSError as error:
+        raise PrepError(path, f"cannot read image: {error.strerror}") from None
+    try:
+        pixels = decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
+    except (RuntimeError, ValueError) as error:
+        raise PrepError(path, f"cannot decode image: {str(error).splitlines()[-1]}") from None
+    return encoded, pixels.shape[-1], pixels.shape[-2]
+
+
+Box = tuple[float, float, float, float]
+
+
+def _clip(box: Box, width: int, height: int, min_size: float) -> tuple[Box | None, str]:
+    """The box clipped to the image, or None and the reason it is dropped."""
+    x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0:
+        return None, "inverted"
+    if x1 == x0 or y1 == y0:
+        return None, "zero_size"
+    clipped = (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
+               min(max(x1, 0.0), width), min(max(y1, 0.0), height))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        return None, "outside_image"
+    if clipped[2] - clipped[0] < min_size or clipped[3] - clipped[1] < min_size:
+        return None, "too_small"
+    return clipped, ""
+
+
+def _check_image(image: SourceImage, min_box_size: float) -> _CheckedImage:
+    """The image decoded, checked against its annotation, and its boxes clipped or dropped."""
+    entry = image.entry
+    encoded, width, height = _read_image(entry.image_path)
+    if image.width is not None and (image.width, image.height) != (width, height):
+        raise PrepError(entry.annotation_path, f"{entry.file_name}: annotated size {image.width}x{image.height} "
+                                               f"differs from the image's {width}x{height}")
+    kept, dropped, clipped = [], [], []
+    for obj in image.objects:
+        box, reason = _clip(obj.box, width, height, min_box_size)
+        where = {"file": str(entry.annotation_path), "image": entry.file_name, "object": obj.ref,
+                 "box": list(obj.box)}
+        if box is None:
+            dropped.append({**where, "reason": reason})
+            continue
+        if box != obj.box:
+            clipped.append({**where, "clipped": list(box)})
+        kept.append((box, obj))
+    boxes = np.array([box for box, _ in kept], dtype=np.float32).reshape(-1, 4)
+    areas = [obj.area if obj.area is not None else (x1 - x0) * (y1 - y0)
+             for (x0, y0, x1, y1), (_, obj) in zip(boxes.tolist(), kept)]
+    record = ImageRecord(entry.image_id, entry.file_name, width, height, encoded, boxes,
+                         np.array([obj.class_id for _, obj in kept], dtype=np.int64),
+                         np.array([obj.crowd for _, obj in kept], dtype=bool))
+    return _CheckedImage(record, areas, dropped, clipped)
+
+
+class _SplitWriter:
+    """Streams one split's images into shards; collects its ground truth and its report."""
+
+    def __init__(self, staging: Path, split: str, classes: list[str], shard_images: int):
+        (staging / split).mkdir()
+        self.staging, self.split, self.classes, self.shard_images = staging, split, classes, shard_images
+        self.pending: list[ImageRecord] = []
+        self.shards: list[dict] = []
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.dropped: list[dict] = []
+        self.clipped: list[dict] = []
+        self.skipped: list[dict] = []
+
+    def add(self, image: _CheckedImage) -> None:
+        record = image.record
+        self.images.append({"id": record.image_id, "file_name": record.file_name,
+                            "width": record.width, "height": record.height})
+        for (x0, y0, x1, y1), class_id, crowd, area in zip(record.boxes.tolist(), record.class_ids.tolist(),
+                                                           record.crowd.tolist(), image.areas):
+            self.annotations.append({"id": len(self.annotations) + 1, "image_id": record.image_id,
+                                     "category_id": class_id + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                     "area": area, "iscrowd": int(crowd)})
+        self.dropped += image.dropped
+        self.clipped += image.clipped
+        self.pending.append(record)
+        if len(self.pending) == self.shard_images:
+            self._flush()
+
+    def _flush(self) -> None:
+        relative = f"{self.split}/part-{len(self.shards):05d}.parquet"
+        write_shard(self.staging / relative, self.pending)
+        self.shards.append({"file": relative, "rows": len(self.pending),
+                            "sha256": file_sha256(self.staging / relative)})
+        self.pending = []
+
+    def finish(self) -> dict:
+        """Write the last shard and the ground truth; the split's part of the manifest."""
+        if self.pending:
+            self._flush()
+        relative = f"{self.split}/ground_truth.json"
+        ground_truth = {
+            "info": {"description": f"aploss prepared ground truth, split {self.split}"},
+            "licenses": [],
+            "images": self.images,
+            "annotations": self.annotations,
+            # Ids from 1: COCO tools treat category 0 as unset.
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(self.classes)],
+        }
+        (self.staging / relative).write_text(json.dumps(ground_truth))
+        counts = Counter(a["category_id"] for a in self.annotations)
+        return {
+            "images": len(self.images),
+            "boxes": len(self.annotations),
+            "crowd_boxes": sum(a["iscrowd"] for a in self.annotations),
+            "class_counts": {name: counts[i + 1] for i, name in enumerate(self.classes)},
+            "shards": self.shards,
+            "ground_truth": {"file": relative, "sha256": file_sha256(self.staging / relative)},
+            "dropped": self.dropped,
+            "clipped": self.clipped,
+            "skipped": self.skipped,
+        }

@@ -1,0 +1,331 @@
+"""Detection datasets in their own layouts (Pascal VOC XML, COCO instances json) as per-image
+annotations.
+
+A source lists a split's images cheaply (`entries`) and parses one image's annotations on
+demand (`load`), so data-prep can report or skip one bad image instead of giving up on the
+split. Boxes are returned as annotated; clipping and dropping degenerate boxes is data-prep's
+job, so it can report them.
+"""
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.config import ConfigError, DataConfig
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+
+# Named datasets in VOC layout: folder under the data root, classes, splits.
+VOC_LAYOUTS = {
+    "bccd": ("bccd/BCCD", BCCD_CLASSES, ("train", "val", "trainval", "test")),
+    "voc2007": ("VOCdevkit/VOC2007", VOC_CLASSES, ("train", "val", "trainval", "test")),
+    "voc2012": ("VOCdevkit/VOC2012", VOC_CLASSES, ("train", "val", "trainval")),
+}
+COCO2017_SPLITS = ("train", "val")  # test2017 has no public annotations
+
+
+class PrepError(ValueError):
+    """An input file is missing, unreadable or malformed; the message names the file."""
+
+    def __init__(self, file: str | Path, problem: str):
+        super().__init__(f"{file}: {problem}")
+        self.file = str(file)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of a split, listed without parsing its annotations."""
+
+    image_id: int
+    file_name: str  # relative to the split's image folder
+    image_path: Path
+    annotation_path: Path  # the image's XML, or the split's json
+
+
+@dataclass
+class SourceObject:
+    box: tuple[float, float, float, float]  # xyxy, absolute pixels, as annotated
+    class_id: int
+    crowd: bool  # COCO iscrowd or VOC difficult
+    ref: int  # for reports: VOC, the <object>'s position in the XML; COCO, the annotation id
+    area: float | None = None  # COCO's own area, kept so COCOeval's size ranges stay official
+
+
+@dataclass
+class SourceImage:
+    entry: Entry
+    width: int | None  # as annotated; None when the annotation gives no size
+    height: int | None
+    objects: list[SourceObject]
+
+
+class Source(Protocol):
+    classes: list[str]
+
+    def entries(self, split: str) -> list[Entry]: ...
+
+    def annotation_files(self, split: str) -> list[Path]: ...
+
+    def load(self, split: str, entry: Entry) -> SourceImage: ...
+
+
+def available_splits(data: DataConfig) -> tuple[str, ...]:
+    if data.dataset in VOC_LAYOUTS:
+        return VOC_LAYOUTS[data.dataset][2]
+    if data.dataset == "coco2017":
+        return COCO2017_SPLITS
+    return tuple(data.annotations)
+
+
+def check_splits(data: DataConfig) -> list[str]:
+    """The configured splits, or ConfigError naming one the dataset does not have."""
+    available = available_splits(data)
+    for key in ("train_split", "val_split", "test_split"):
+        split = getattr(data, key)
+        if split not in available:
+            raise ConfigError(f"data.{key}: dataset {data.dataset!r} has no split {split!r}; "
+                              f"available: {', '.join(available)}")
+    return data.splits
+
+
+def coco2017_paths(root: Path, split: str) -> tuple[Path, Path]:
+    """(instances json, image folder) of a COCO 2017 split under the data root."""
+    return root / "coco" / "annotations" / f"instances_{split}2017.json", root / "coco" / f"{split}2017"
+
+
+def open_source(data: DataConfig) -> Source:
+    root = data.resolved_root()
+    if data.dataset in VOC_LAYOUTS:
+        folder, classes, _ = VOC_LAYOUTS[data.dataset]
+        return VOCSource(root / folder, classes)
+    if data.dataset == "coco2017":
+        paths = {split: coco2017_paths(root, split) for split in data.splits}
+        return COCOSource({split: p[0] for split, p in paths.items()}, {split: p[1] for split, p in paths.items()})
+    # Relative paths are taken from the data root, not the working directory, so a config means
+    # the same on every Ray worker.
+    annotations = {split: root / Path(data.annotations[split]).expanduser() for split in data.splits}
+    images = {split: root / Path(data.images[split]).expanduser() if split in data.images
+              else annotations[split].parent for split in data.splits}
+    return COCOSource(annotations, images)
+
+
+class VOCSource:
+    """Pascal VOC layout: ImageSets/Main/<split>.txt, Annotations/<id>.xml, JPEGImages/<id>.jpg.
+
+    Image ids are positions in the sorted split listing: stable across runs and platforms.
+    """
+
+    def __init__(self, directory: Path, classes: tuple[str, ...]):
+        self.directory = directory
+        self.classes = list(classes)
+        self._class_index = {name: i for i, name in enumerate(classes)}
+        self._entries: dict[str, list[Entry]] = {}
+
+    def _listing(self, split: str) -> Path:
+        return self.directory / "ImageSets" / "Main" / f"{split}.txt"
+
+    def entries(self, split: str) -> list[Entry]:
+        if split not in self._entries:
+            listing = self._listing(split)
+            try:
+                lines = listing.read_text().splitlines()
+            except OSError as error:
+                raise PrepError(listing, f"cannot read split listing: {error.strerror}") from None
+            names = sorted({line.split()[0] for line in lines if line.strip()})
+            self._entries[split] = [
+                Entry(i, f"{name}.jpg", self.directory / "JPEGImages" / f"{name}.jpg",
+                      self.directory / "Annotations" / f"{name}.xml")
+                for i, name in enumerate(names)]
+        return self._entries[split]
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self._listing(split)] + [entry.annotation_path for entry in self.entries(split)]
+
+    def load(self, split: str, entry: Entry) -> SourceImage:
+        path = entry.annotation_path
+        try:
+            root = ET.parse(path).getroot()
+        except FileNotFoundError:
+            raise PrepError(path, "annotation file not found") from None
+        except OSError as error:
+            raise PrepError(path, f"cannot read: {error.strerror}") from None
+        except ET.ParseError as error:
+            raise PrepError(path, f"malformed XML: {error}") from None
+        width, height = _voc_size(root, path)
+        objects = [self._object(node, i, path) for i, node in enumerate(root.findall("object"))]
+        return SourceImage(entry, width, height, objects)
+
+    def _object(self, node: ET.Element, index: int, path: Path) -> SourceObject:
+        name = (node.findtext("name") or "").strip()
+        if name not in self._class_index:
+            raise PrepError(path, f"object {index}: unknown class {name!r}; expected one of {self.classes}")
+        box = tuple(_voc_number(node, f"bndbox/{key}", index, path) for key in ("xmin", "ymin", "xmax", "ymax"))
+        difficult = _voc_number(node, "difficult", index, path) if node.find("difficult") is not None else 0
+        return SourceObject(box, self._class_index[name], crowd=difficult != 0, ref=index)
+
+
+def _voc_number(node: ET.Element, tag: str, index: int, path: Path) -> float:
+    text = node.findtext(tag)
+    if text is None:
+        raise PrepError(path, f"malformed XML: object {index} has no <{tag}>")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise PrepError(path, f"malformed XML: object {index} <{tag}> is not a number: {text!r}")
+    return value
+
+
+def _voc_size(root: ET.Element, path: Path) -> tuple[int | None, int | None]:
+    """The annotated size; (None, None) when absent or zero, as some VOC-style tools write."""
+    width, height = root.findtext("size/width"), root.findtext("size/height")
+    if width is None or height is None:
+        return None, None
+    try:
+        size = int(float(width)), int(float(height))
+    except ValueError:
+        raise PrepError(path, f"malformed XML: <size> is not numeric: {width!r} x {height!r}") from None
+    return (None, None) if size == (0, 0) else size
+
+
+@dataclass
+class _COCOSplit:
+    path: Path
+    categories: list[tuple[int, str]]  # sorted by id
+    entries: list[Entry]
+    images: dict[int, dict]
+    annotations: dict[int, list[dict]]  # by image id, only the fields prep uses
+
+
+class COCOSource:
+    """COCO instances json per split; classes are the categories sorted by id.
+
+    The json is parsed when the source is built, so a json that is not valid COCO is an error
+    even with data.skip_bad: there is no image to skip. An image's own fields and annotations
+    are checked in `load`, so one bad image can be skipped.
+    """
+
+    def __init__(self, annotations: dict[str, Path], images: dict[str, Path]):
+        self._splits = {split: _read_coco(path, images[split]) for split, path in annotations.items()}
+        first, *others = self._splits.values()
+        for other in others:
+            if other.categories != first.categories:
+                raise PrepError(other.path, f"categories differ from those of {first.path}")
+        self.classes = [name for _, name in first.categories]
+        self._class_index = {category: i for i, (category, _) in enumerate(first.categories)}
+
+    def entries(self, split: str) -> list[Entry]:
+        return self._splits[split].entries
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self._splits[split].path]
+
+    def load(self, split: str, entry: Entry) -> SourceImage:
+        coco = self._splits[split]
+        image = coco.images[entry.image_id]
+        where = f"image {entry.image_id}"
+        width, height = image.get("width"), image.get("height")
+        if width is not None or height is not None:
+            if not all(_is_int(v) and v > 0 for v in (width, height)):
+                raise PrepError(coco.path, f"{where}: width and height must be positive integers, "
+                                           f"got {width!r} x {height!r}")
+        objects = [self._object(annotation, i, coco.path, where)
+                   for i, annotation in enumerate(coco.annotations.get(entry.image_id, []))]
+        return SourceImage(entry, width, height, objects)
+
+    def _object(self, annotation: dict, index: int, path: Path, where: str) -> SourceObject:
+        ref = annotation["id"] if _is_int(annotation.get("id")) else index
+        where = f"{where}, annotation {ref}"
+        bbox = annotation.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite(v) for v in bbox)):
+            raise PrepError(path, f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        category = annotation.get("category_id")
+        if not (_is_int(category) and category in self._class_index):
+            raise PrepError(path, f"{where}: unknown category_id {category!r}")
+        crowd = annotation.get("iscrowd", 0)
+        if crowd not in (0, 1):
+            raise PrepError(path, f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
+        area = annotation.get("area")
+        if area is not None and not _is_finite(area):
+            raise PrepError(path, f"{where}: area must be a number, got {area!r}")
+        x, y, w, h = (float(v) for v in bbox)
+        return SourceObject((x, y, x + w, y + h), self._class_index[category], bool(crowd), ref,
+                            None if area is None else float(area))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_COCO_FIELDS = ("id", "bbox", "category_id", "iscrowd", "area")
+
+
+def _read_coco(path: Path, image_dir: Path) -> _COCOSplit:
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise PrepError(path, "annotation file not found") from None
+    except OSError as error:
+        raise PrepError(path, f"cannot read: {error.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PrepError(path, f"malformed json: {error}") from None
+    if not isinstance(data, dict):
+        raise PrepError(path, "malformed COCO json: the top level must be an object")
+    images = _coco_list(data, "images", path)
+    annotations = _coco_list(data, "annotations", path) if "annotations" in data else []
+    categories = _coco_categories(_coco_list(data, "categories", path), path)
+
+    by_id: dict[int, dict] = {}
+    for image in images:
+        if not (isinstance(image, dict) and _is_int(image.get("id")) and isinstance(image.get("file_name"), str)):
+            raise PrepError(path, f"malformed COCO json: an image needs an integer id and a file_name, "
+                                  f"got {image!r}")
+        if image["id"] in by_id:
+            raise PrepError(path, f"malformed COCO json: image id {image['id']} appears twice")
+        by_id[image["id"]] = image
+    grouped: dict[int, list[dict]] = {}
+    for annotation in annotations:
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        if not (_is_int(image_id) and image_id in by_id):
+            raise PrepError(path, f"malformed COCO json: annotation refers to no listed image: "
+                                  f"{annotation!r:.200}")
+        # Keep only what prep reads: segmentations are most of a COCO json's memory.
+        kept = {key: annotation[key] for key in _COCO_FIELDS if key in annotation}
+        grouped.setdefault(image_id, []).append(kept)
+    entries = [Entry(i, by_id[i]["file_name"], image_dir / by_id[i]["file_name"], path) for i in sorted(by_id)]
+    return _COCOSplit(path, categories, entries, by_id, grouped)
+
+
+def _coco_list(data: dict, key: str, path: Path) -> list:
+    if not isinstance(data.get(key), list):
+        raise PrepError(path, f"malformed COCO json: {key!r} must be a list")
+    return data[key]
+
+
+def _coco_categories(categories: list, path: Path) -> list[tuple[int, str]]:
+    pairs = []
+    for category in categories:
+        if not (isinstance(category, dict) and _is_int(category.get("id"))
+                and isinstance(category.get("name"), str)):
+            raise PrepError(path, f"malformed COCO json: a category needs an integer id and a name, "
+                                  f"got {category!r}")
+        pairs.append((category["id"], category["name"]))
+    if len({id_ for id_, _ in pairs}) != len(pairs):
+        raise PrepError(path, "malformed COCO json: category ids repeat")
+    if not pairs:
+        raise PrepError(path, "malformed COCO json: no categories")
+    return sorted(pairs)

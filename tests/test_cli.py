@@ -1,0 +1,76 @@
+"""prep -> train -> eval from the CLI on a tiny synthetic set, and its failure paths."""
+import json
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from tests.synthetic import write_synthetic_coco
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_synthetic_coco(root / "data", {"train": 12, "val": 4})
+    config = {
+        "data": {"dataset": "coco", "root": str(root / "data"),
+                 "annotations": {"train": "train.json", "val": "val.json"},
+                 "images": {"train": "train", "val": "val"}, "test_split": "val"},
+        "model": {"min_size": 128, "max_size": 128},
+        "train": {"batch_size": 4, "max_steps": 36, "epochs": 100, "log_every": 3, "eval_every": 36},
+        "optim": {"lr": 0.01, "warmup_steps": 6},
+        "eval": {"split": "train", "sample_images": 2},
+        "run": {"output_dir": str(root / "runs"), "name": "synthetic"},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root, path
+
+
+def _logged(run_dir, key):
+    lines = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line[key]) for line in lines if key in line]
+
+
+def test_prep_train_eval_learns_the_training_images(workspace, capsys):
+    root, config = workspace
+    assert main(["prep", "--config", str(config)]) == 0
+    assert main(["eval", "--config", str(config)]) == 2  # nothing trained yet
+    assert "run the train stage first" in capsys.readouterr().err
+    assert main(["train", "--config", str(config)]) == 0
+    run_dir = root / "runs" / "synthetic"
+    losses = [loss for _, loss in _logged(run_dir, "loss")]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3  # the loss falls
+    assert main(["eval", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "| AP50 |" in printed and "AP[square]" in printed
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["metrics"]["AP50"] > 0.5 and metrics["metrics"]["AP"] > 0.2
+    assert metrics["metrics"]["APl"] is None  # no large objects: undefined, not a number
+    detections = json.loads((run_dir / "eval" / "detections.json").read_text())
+    assert {d["category_id"] for d in detections} <= {1, 2}
+    assert len(list((run_dir / "eval" / "pr_curves").glob("*.png"))) == 3
+    assert len(list((run_dir / "eval" / "samples").glob("*.png"))) == 2
+
+
+def test_train_resumes_from_the_latest_checkpoint(workspace):
+    root, config = workspace
+    run_dir = root / "runs" / "synthetic"
+    before = _logged(run_dir, "loss")
+    assert main(["train", "--config", str(config), "train.max_steps=42"]) == 0
+    after = _logged(run_dir, "loss")
+    assert after[:len(before)] == before
+    assert [step for step, _ in after[len(before):]] == [39, 42]  # continued at step 37, none repeated
+
+
+def test_resuming_with_another_model_is_refused(workspace, capsys):
+    _, config = workspace
+    assert main(["train", "--config", str(config), "model.anchor_scales=3"]) == 2
+    assert "different model config" in capsys.readouterr().err
+
+
+def test_bad_config_is_reported_without_a_traceback(workspace, capsys):
+    _, config = workspace
+    assert main(["train", "--config", str(config), "optim.learning_rate=0.1"]) == 2
+    assert "unknown key(s) ['optim.learning_rate']" in capsys.readouterr().err
