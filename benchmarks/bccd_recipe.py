@@ -94,10 +94,10 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="base YAML config (default: the built-in defaults)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150, help="the default recipe's 6 epochs")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--min-size", type=int, default=320)
-    parser.add_argument("--max-size", type=int, default=427)
+    parser.add_argument("--min-size", type=int, default=256)
+    parser.add_argument("--max-size", type=int, default=342)
     parser.add_argument("--timing-batches", type=int, default=5)
     parser.add_argument("--output", default="runs")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key=value")

@@ -66,8 +66,8 @@ class DataConfig:
 class ModelConfig:
     arch: Literal[ARCHITECTURES] = "retinanet_r18"
     norm: Literal["group", "frozen_bn", "batch"] = "group"
-    min_size: int = 320  # shorter side at training and test (RetinaNet); SSD uses its fixed size
-    max_size: int = 512
+    min_size: int = 256  # shorter side at training and test (RetinaNet); SSD uses its fixed size
+    max_size: int = 342
     anchor_scales: int = 2  # anchor sizes per octave: 2 gives the paper's 6 anchors per location
     fg_iou: float = 0.5
     bg_iou: float = 0.4
@@ -138,7 +138,7 @@ class OptimConfig:
     lr: float = 0.01  # for the global batch
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     warmup_factor: float = 1 / 3
     schedule: Literal["multistep", "cosine"] = "multistep"
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # training fractions
@@ -161,7 +161,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 8  # global: all workers together
-    epochs: int = 12
+    epochs: int = 6
     max_steps: int = 0  # stop after this many steps if > 0 (a budget shorter than the epochs)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -170,7 +170,7 @@ class TrainConfig:
     loader_workers: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 means once per epoch
-    eval_every: int = 0  # steps between validation AP; 0 means once per epoch
+    eval_every: int = 75  # steps between validation AP; 0 means once per epoch
     keep_checkpoints: int = 2  # best K by validation AP
 
     def validate(self) -> None:
@@ -194,6 +194,33 @@ class EvalConfig:
     def validate(self) -> None:
         _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.sample_images >= 0, "eval.sample_images", "must be >= 0")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # an existing cluster ("auto", "ray://..."); empty starts a local instance
+    workers: int = 2
+    use_gpu: bool = False  # one GPU per worker and nccl; CPU workers use gloo
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
+    local_cpus: int = 0  # logical CPUs of a local instance; 0 means workers + 2 (driver, data)
+
+    def validate(self) -> None:
+        _require(self.workers >= 1, "ray.workers", f"must be >= 1, got {self.workers}")
+        _require(self.cpus_per_worker > 0, "ray.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _require(self.max_failures >= 0, "ray.max_failures", f"must be >= 0, got {self.max_failures}")
+        _require(self.local_cpus >= 0, "ray.local_cpus", f"must be >= 0, got {self.local_cpus}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # MLflow tracking URI; empty means sqlite:///<run.output_dir>/mlflow.db
+    experiment: str = "aploss"
+    registered_model: str = "aploss-detector"
+
+    def validate(self) -> None:
+        _require(bool(self.experiment), "tracking.experiment", "must not be empty")
+        _require(bool(self.registered_model), "tracking.registered_model", "must not be empty")
 
 
 @dataclass
@@ -223,10 +250,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        _require(self.train.batch_size % self.ray.workers == 0, "train.batch_size",
+                 f"the global batch ({self.train.batch_size}) must split evenly over ray.workers ({self.ray.workers})")
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.run.output_dir).expanduser().resolve() / 'mlflow.db'}"
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
