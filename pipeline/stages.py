@@ -37,7 +37,7 @@ def validation_ap(model, config: Config, device: torch.device) -> float:
     return evaluate_detections(split / "ground_truth.json", detections).metrics["AP"]
 
 
-def _due(step: int, every: int, steps_per_epoch: int, last: int) -> bool:
+def due(step: int, every: int, steps_per_epoch: int, last: int) -> bool:
     return step == last or step % (every or steps_per_epoch) == 0
 
 
@@ -73,10 +73,10 @@ class LocalHooks:
                                  box=f"{metrics['box_loss']:.3f}", lr=f"{metrics['lr']:.2g}",
                                  img_s=f"{metrics['images_per_s']:.1f}")
         self.last_metrics = metrics
-        if _due(step, train.checkpoint_every, self.steps_per_epoch, last) or \
-                _due(step, train.eval_every, self.steps_per_epoch, last):
+        if due(step, train.checkpoint_every, self.steps_per_epoch, last) or \
+                due(step, train.eval_every, self.steps_per_epoch, last):
             score = None
-            if _due(step, train.eval_every, self.steps_per_epoch, last):
+            if due(step, train.eval_every, self.steps_per_epoch, last):
                 score = validation_ap(training.detector, self.config, training.device)
                 with self.metrics_path.open("a") as log:
                     log.write(json.dumps({"step": step, "val_ap": score}) + "\n")

@@ -1,0 +1,97 @@
+"""The main job: data-prep -> distributed train -> evaluate, tracked as one MLflow pipeline run.
+
+Each stage is a child run. Rerunning with the same run name skips the stages that finished
+(their outputs exist) and resumes the one that did not: data-prep reuses its shards by content
+hash, training resumes from its latest Ray Train checkpoint.
+"""
+import json
+from dataclasses import dataclass
+
+import mlflow
+import ray
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.prep import prepare
+from pipeline.ray_train import train_distributed
+from pipeline.shards import read_manifest
+from pipeline.stages import evaluate_stage, load_model
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str
+    metrics: dict[str, float | None]
+    per_class_ap: dict[str, float | None]
+    skipped: list[str]
+
+
+def _start_ray(config: Config) -> None:
+    if ray.is_initialized():
+        return
+    if config.ray.address:
+        ray.init(address=config.ray.address)
+        return
+    # Data-prep and the driver need CPUs beside the workers, or a 2-core machine deadlocks.
+    cpus = config.ray.local_cpus or int(config.ray.workers * config.ray.cpus_per_worker) + 2
+    ray.init(num_cpus=cpus, log_to_driver=True, configure_logging=False)
+
+
+def _stage(name: str, run_id: str):
+    print(f"== {name}", flush=True)
+    return mlflow.start_run(run_id=run_id)
+
+
+def run_pipeline(config: Config) -> PipelineResult:
+    experiment = tracking.configure(config)
+    parent = tracking.pipeline_run(config, experiment)
+    run_dir = config.run.directory()
+    prepared = config.run.prepared_data(config.data.dataset)
+    model_path = run_dir / "model.pt"
+    metrics_path = run_dir / "eval" / "metrics.json"
+    skipped = []
+
+    run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
+    if finished and (prepared / "manifest.json").exists():
+        skipped.append("data-prep")
+    else:
+        with _stage("data-prep", run_id):
+            result = prepare(config)
+            tracking.log_prep(result.manifest, prepared)
+    classes = read_manifest(prepared)["classes"]
+
+    run_id, finished = tracking.stage_run(experiment, parent, "train")
+    if finished and model_path.exists():
+        skipped.append("train")
+    else:
+        _start_ray(config)
+        with _stage("train", run_id):
+            tracking.log_train_params(config)
+            result, model_path = train_distributed(config, classes, mlflow_run_id=run_id)
+            for checkpoint, metrics in result.best_checkpoints:
+                mlflow.log_artifacts(checkpoint.path, artifact_path=f"checkpoints/step-{metrics['step']:07d}")
+            model, _ = load_model(model_path, "cpu")
+            tracking.log_model(model, config)
+
+    run_id, finished = tracking.stage_run(experiment, parent, "evaluate")
+    if finished and metrics_path.exists():
+        skipped.append("evaluate")
+    else:
+        with _stage("evaluate", run_id):
+            tracking.log_evaluation(evaluate_stage(config))
+    with mlflow.start_run(run_id=parent):
+        pass  # marks the parent run finished
+    saved = json.loads(metrics_path.read_text())
+    return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
+
+
+def summary(config: Config, result: PipelineResult) -> str:
+    rows = [f"| {name} | {'n/a' if value is None else f'{value:.3f}'} |" for name, value in result.metrics.items()]
+    rows += [f"| AP[{name}] | {'n/a' if value is None else f'{value:.3f}'} |"
+             for name, value in result.per_class_ap.items()]
+    uri = config.tracking_uri()
+    browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    skipped = f"skipped (already done): {', '.join(result.skipped)}\n" if result.skipped else ""
+    return "\n".join(["| metric | value |", "|---|---|", *rows, "", skipped +
+                      f"MLflow run {result.parent_run_id} in experiment '{config.tracking.experiment}'; "
+                      f"browse with:\n  {browse}"])
