@@ -1,4 +1,5 @@
-"""`aploss prep | train | eval`: each stage on one config (a YAML file plus key=value overrides)."""
+"""`aploss prep | train | eval | pipeline run`: the stages, or the whole distributed pipeline,
+on one config (a YAML file plus key=value overrides)."""
 import argparse
 import sys
 
@@ -33,27 +34,42 @@ def _eval(config: Config) -> None:
     print(f"detections: {evaluation.detections_path}\nmetrics: {evaluation.metrics_path}")
 
 
-COMMANDS = {"prep": _prep, "train": _train, "eval": _eval}
+def _pipeline(config: Config) -> None:
+    from pipeline.run import run_pipeline, summary
+
+    print(summary(config, run_pipeline(config)))
+
+
+COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline}
+HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manifest",
+        "train": "train in this process (CPU or one GPU)", "eval": "COCO evaluation of the trained model",
+        "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow"}
+
+
+def _add_config_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
+    command.add_argument("overrides", nargs="*", metavar="section.key=value",
+                         help="config overrides, e.g. optim.lr=0.02 train.epochs=3")
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="aploss", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-    for name, function in COMMANDS.items():
-        command = commands.add_parser(name, help=function.__name__.strip("_") + " stage")
-        command.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
-        command.add_argument("overrides", nargs="*", metavar="section.key=value",
-                             help="config overrides, e.g. optim.lr=0.02 train.epochs=3")
+    for name in ("prep", "train", "eval"):
+        _add_config_arguments(commands.add_parser(name, help=HELP[name]))
+    actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
+    _add_config_arguments(actions.add_parser("run", help=HELP["pipeline run"]))
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parser().parse_args(argv)
+    command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
     try:
         config = load_config(arguments.config, arguments.overrides)
-        COMMANDS[arguments.command](config)
+        COMMANDS[command](config)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"aploss {arguments.command}: error: {error}", file=sys.stderr)
+        print(f"aploss {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

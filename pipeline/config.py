@@ -187,7 +187,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
+    split: str = ""  # the split evaluated; empty means data.test_split
     batch_size: int = 8
     sample_images: int = 4  # test images drawn with their detections
 
@@ -258,6 +258,9 @@ class Config:
             getattr(self, section.name).validate()
         _require(self.train.batch_size % self.ray.workers == 0, "train.batch_size",
                  f"the global batch ({self.train.batch_size}) must split evenly over ray.workers ({self.ray.workers})")
+
+    def eval_split(self) -> str:
+        return self.eval.split or self.data.test_split
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{Path(self.run.output_dir).expanduser().resolve() / 'mlflow.db'}"

@@ -133,12 +133,12 @@ def load_model(path: Path, device: torch.device):
 
 
 def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation:
-    """COCO evaluation of the run's model on `eval.split`, written under the run's eval/."""
+    """COCO evaluation of the run's model on the evaluation split, written under the run's eval/."""
     device = resolve_device(config.train.device)
     model_path = model_path or config.run.directory() / "model.pt"
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: no trained model; run the train stage first")
     model, classes = load_model(model_path, device)
-    split = _split_dir(config, config.eval.split)
+    split = _split_dir(config, config.eval_split())
     return evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
                           config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images)

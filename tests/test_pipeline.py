@@ -1,0 +1,71 @@
+"""The main job end to end on a synthetic set: MLflow run tree, registered model, rerun skips."""
+import mlflow
+import pytest
+import ray
+
+from pipeline.cli import main
+from tests.synthetic import write_synthetic_coco
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_synthetic_coco(root / "data", {"train": 8, "val": 2})
+    overrides = [
+        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        "train.batch_size=4", "train.max_steps=4", "train.epochs=100", "train.eval_every=2", "train.log_every=1", "eval.sample_images=1",
+        "ray.workers=2", "ray.local_cpus=4", f"run.output_dir={root / 'runs'}", "run.name=pipeline-test"]
+    yield root, overrides
+    ray.shutdown()
+
+
+def _children(client, experiment_id, parent_id):
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {run.data.tags["aploss.stage"]: run for run in runs}
+
+
+def _artifacts(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(_artifacts(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def test_pipeline_run_tree_and_rerun(pipeline_config, capsys):
+    root, overrides = pipeline_config
+    assert main(["pipeline", "run", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "| AP50 |" in printed and "mlflow ui --backend-store-uri sqlite:///" in printed
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("aploss")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`aploss.stage` = 'pipeline'")
+    children = _children(client, experiment.experiment_id, parent.info.run_id)
+    assert set(children) == {"data-prep", "train", "evaluate"}
+    assert all(run.info.status == "FINISHED" for run in children.values())
+
+    prep = children["data-prep"]
+    assert "manifest.json" in _artifacts(client, prep.info.run_id)
+    assert {i.dataset.name for i in prep.inputs.dataset_inputs} == {"coco-train", "coco-val"}
+
+    train = children["train"]
+    assert train.data.params["optim.lr"] == "0.01" and train.data.params["ray.workers"] == "2"
+    history = client.get_metric_history(train.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, 'val_ap')] == [2, 4]
+    assert any(p.startswith("checkpoints/") for p in _artifacts(client, train.info.run_id))
+    (version,) = client.search_model_versions("name = 'aploss-detector'")
+    assert version.run_id == train.info.run_id
+
+    evaluation = children["evaluate"]
+    assert "AP" in evaluation.data.metrics and any(k.startswith("AP50_") for k in evaluation.data.metrics)
+    artifacts = _artifacts(client, evaluation.info.run_id)
+    assert "detections.json" in artifacts and "metrics.json" in artifacts
+    assert any(p.startswith("pr_curves/") for p in artifacts) and any(p.startswith("samples/") for p in artifacts)
+
+    assert main(["pipeline", "run", *overrides]) == 0
+    assert "skipped (already done): data-prep, train, evaluate" in capsys.readouterr().out
+    assert _children(client, experiment.experiment_id, parent.info.run_id).keys() == children.keys()
+    assert len(client.search_model_versions("name = 'aploss-detector'")) == 1
