@@ -40,10 +40,27 @@ def _pipeline(config: Config) -> None:
     print(summary(config, run_pipeline(config)))
 
 
-COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline}
+def _tune(config: Config) -> None:
+    import ray
+
+    from pipeline.run import start_ray
+    from pipeline.tune import run_sweep
+
+    start_ray(config, extra_cpus=config.tune.max_concurrent)
+    try:
+        result = run_sweep(config)
+    finally:
+        ray.shutdown()
+    print(f"{result.trials} trials, {result.stopped_early} stopped early by ASHA; best val AP "
+          f"{result.best_val_ap:.3f}\nbest config: {result.best_config_path}\n"
+          f"train it: aploss pipeline run --config {result.best_config_path}")
+
+
+COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline, "tune": _tune}
 HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manifest",
         "train": "train in this process (CPU or one GPU)", "eval": "COCO evaluation of the trained model",
-        "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow"}
+        "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow",
+        "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space"}
 
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
@@ -57,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     for name in ("prep", "train", "eval"):
         _add_config_arguments(commands.add_parser(name, help=HELP[name]))
+    sweep = commands.add_parser("tune", help=HELP["tune"])
+    sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")
+    _add_config_arguments(sweep)
     actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
     _add_config_arguments(actions.add_parser("run", help=HELP["pipeline run"]))
     return root
@@ -66,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser().parse_args(argv)
     command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
     try:
-        config = load_config(arguments.config, arguments.overrides)
+        overrides = list(arguments.overrides)
+        if getattr(arguments, "samples", None) is not None:
+            overrides.append(f"tune.samples={arguments.samples}")
+        config = load_config(arguments.config, overrides)
         COMMANDS[command](config)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"aploss {command}: error: {error}", file=sys.stderr)

@@ -20,6 +20,7 @@ import yaml
 from aploss.architectures import ARCHITECTURES
 from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
 from pipeline.io import write_bytes_atomic
+from pipeline.search_space import parse_domain
 
 
 class ConfigError(ValueError):
@@ -161,7 +162,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 8  # global: all workers together
-    epochs: int = 6
+    epochs: int = 4
     max_steps: int = 0  # stop after this many steps if > 0 (a budget shorter than the epochs)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -223,6 +224,39 @@ class TrackingConfig:
         _require(bool(self.registered_model), "tracking.registered_model", "must not be empty")
 
 
+# The delta-interpolation and learning-rate schedules, the sweep's default subject.
+DEFAULT_SPACE = {
+    "loss.delta.kind": "choice(constant, linear, cosine, step)",
+    "loss.delta.start": "uniform(0.5, 2.0)",
+    "loss.delta.end": "loguniform(0.05, 0.5)",
+    "loss.delta.narrow_from": "uniform(0.0, 0.5)",
+    "optim.lr": "loguniform(0.001, 0.03)",
+    "optim.warmup_steps": "randint(0, 100)",
+    "optim.schedule": "choice(multistep, cosine)",
+}
+
+
+@dataclass
+class TuneConfig:
+    samples: int = 8  # trials (times each grid combination)
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent: int = 1
+    grace_period: int = 1  # validations before ASHA may stop a trial
+    reduction_factor: int = 2
+    space: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SPACE))  # dotted key -> domain
+
+    def validate(self) -> None:
+        _require(self.samples >= 1, "tune.samples", f"must be >= 1, got {self.samples}")
+        _require(self.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1")
+        _require(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
+        _require(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+        for key, spec in self.space.items():
+            try:
+                parse_domain(spec)
+            except ValueError as error:
+                raise ConfigError(f"tune.space.{key}: {error}") from None
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs"  # prepared data, checkpoints, evaluation outputs, the MLflow store
@@ -252,12 +286,29 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
-    def validate(self) -> None:
+    def validate(self, search_space: bool = True) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         _require(self.train.batch_size % self.ray.workers == 0, "train.batch_size",
                  f"the global batch ({self.train.batch_size}) must split evenly over ray.workers ({self.ray.workers})")
+        if search_space:
+            self._validate_search_space()
+
+    def _validate_search_space(self) -> None:
+        """Every searched key exists and every value its domain can take makes a valid config."""
+        keys = flatten(self)
+        for key, spec in self.tune.space.items():
+            _require(key in keys and not key.startswith("tune."), f"tune.space.{key}",
+                     "not a config key that a trial can set")
+            for value in parse_domain(spec).candidates():
+                data = config_to_dict(self)
+                apply_override(data, key, value)
+                try:
+                    _build(Config, data, "").validate(search_space=False)
+                except ConfigError as error:
+                    raise ConfigError(f"tune.space.{key}: value {value!r} gives an invalid config: {error}") from None
 
     def eval_split(self) -> str:
         return self.eval.split or self.data.test_split

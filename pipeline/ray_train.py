@@ -111,7 +111,7 @@ def storage_path(config: Config) -> Path:
 
 
 def build_trainer(config: Config, classes: list[str], mlflow_run_id: str | None = None,
-                  train_loop: Callable[[dict], None] = run_worker) -> TorchTrainer:
+                  train_loop: Callable[[dict], None] = run_worker, callbacks: list | None = None) -> TorchTrainer:
     payload = {"config": config_to_dict(config), "classes": classes, "mlflow_run_id": mlflow_run_id,
                "tracking_uri": config.tracking_uri()}
     ray_config = config.ray
@@ -121,7 +121,7 @@ def build_trainer(config: Config, classes: list[str], mlflow_run_id: str | None 
                                      resources_per_worker={"CPU": ray_config.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=config.run.name, storage_path=str(storage_path(config)),
+            name=config.run.name, storage_path=str(storage_path(config)), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints + 1,
                                                checkpoint_score_attribute="val_ap", checkpoint_score_order="max")))

@@ -26,15 +26,17 @@ class PipelineResult:
     skipped: list[str]
 
 
-def _start_ray(config: Config) -> None:
+def start_ray(config: Config, extra_cpus: int = 0) -> None:
+    """Connect to `ray.address`, or start a local instance sized for the workers."""
     if ray.is_initialized():
         return
     if config.ray.address:
         ray.init(address=config.ray.address)
         return
-    # Data-prep and the driver need CPUs beside the workers, or a 2-core machine deadlocks.
-    cpus = config.ray.local_cpus or int(config.ray.workers * config.ray.cpus_per_worker) + 2
-    ray.init(num_cpus=cpus, log_to_driver=True, configure_logging=False)
+    # The Train controller and each Tune trial driver need CPUs beside the workers, or a
+    # 2-core machine deadlocks waiting for them.
+    cpus = config.ray.local_cpus or int(config.ray.workers * config.ray.cpus_per_worker) + 2 + extra_cpus
+    ray.init(num_cpus=cpus, configure_logging=False)
 
 
 def _stage(name: str, run_id: str):
@@ -64,7 +66,7 @@ def run_pipeline(config: Config) -> PipelineResult:
     if finished and model_path.exists():
         skipped.append("train")
     else:
-        _start_ray(config)
+        start_ray(config)
         with _stage("train", run_id):
             tracking.log_train_params(config)
             result, model_path = train_distributed(config, classes, mlflow_run_id=run_id)

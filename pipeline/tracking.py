@@ -40,15 +40,15 @@ def _find(experiment_id: str, filter_string: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def pipeline_run(config: Config, experiment_id: str) -> str:
-    """The id of the parent run for `run.name`, created on first use."""
-    found = _find(experiment_id, f"tags.`{RUN_NAME_TAG}` = '{config.run.name}' and tags.`{STAGE_TAG}` = 'pipeline'")
+def pipeline_run(config: Config, experiment_id: str, stage: str = "pipeline") -> str:
+    """The id of the parent run (`stage` pipeline or sweep) for `run.name`, created on first use."""
+    found = _find(experiment_id, f"tags.`{RUN_NAME_TAG}` = '{config.run.name}' and tags.`{STAGE_TAG}` = '{stage}'")
     if found:
         return found.info.run_id
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=config.run.name,
-                            tags={RUN_NAME_TAG: config.run.name, STAGE_TAG: "pipeline"})
-    client.log_dict(run.info.run_id, {"config": _param_safe(config)}, "config.json")
+    run = client.create_run(experiment_id, run_name=f"{config.run.name}-{stage}" if stage != "pipeline" else config.run.name,
+                            tags={RUN_NAME_TAG: config.run.name, STAGE_TAG: stage})
+    client.log_dict(run.info.run_id, {"config": param_safe(config)}, "config.json")
     return run.info.run_id
 
 
@@ -62,7 +62,7 @@ def stage_run(experiment_id: str, parent_id: str, stage: str) -> tuple[str, bool
     return run.info.run_id, False
 
 
-def _param_safe(config: Config) -> dict[str, str]:
+def param_safe(config: Config) -> dict[str, str]:
     return {key: str(value) for key, value in flatten(config).items()}
 
 
@@ -81,7 +81,7 @@ def log_prep(manifest: dict, prepared_dir: Path) -> None:
 
 
 def log_train_params(config: Config) -> None:
-    mlflow.log_params(_param_safe(config))
+    mlflow.log_params(param_safe(config))
 
 
 def log_model(model, config: Config) -> None:

@@ -1,7 +1,6 @@
 """COCO metrics against published numbers and hand-computed per-class AP; plots and drawings."""
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from pipeline.coco_metrics import (METRIC_NAMES, draw_detections, evaluate_detections,
                                    plot_pr_curves)
 from pipeline.io import write_json_atomic
+from tests.conftest import DATA_ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # cocoapi's val2014 fake-detections printout (dataset README), in METRIC_NAMES order.
@@ -20,8 +20,7 @@ PUBLISHED = (0.505, 0.697, 0.573, 0.586, 0.519, 0.501, 0.387, 0.594, 0.595, 0.64
 
 @pytest.fixture(scope="module")
 def evalcase() -> Path:
-    root = Path(os.environ.get("APLOSS_DATA_ROOT") or Path(__file__).parents[2] / "shared" / "datasets")
-    folder = root / "coco_evalcase"
+    folder = DATA_ROOT / "coco_evalcase"
     if not (folder / "instances_val2014_100.json").is_file():
         pytest.skip(f"{folder} not present")
     return folder

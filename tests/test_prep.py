@@ -1,6 +1,5 @@
 """Data-prep: tiny VOC and COCO datasets built on the fly, plus the real BCCD when present."""
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -17,10 +16,11 @@ from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.prep import prepare
 from pipeline.shards import ShardReader, read_manifest
 from pipeline.sources import VOC_CLASSES, PrepError
+from tests.conftest import DATA_ROOT
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; prep still uses them.
 
-BCCD_ROOT = Path(os.environ.get("APLOSS_DATA_ROOT") or "/work/shared/datasets")
+BCCD_ROOT = DATA_ROOT
 
 
 def jpeg(width: int, height: int, seed: int = 0) -> bytes:

@@ -54,3 +54,52 @@ def test_checkpoint_store_keeps_latest_and_best(tmp_path):
     assert store.latest().name == "step-0000005.pt" and store.best().name == "step-0000002.pt"
     assert torch.load(store.best())["step"] == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _tiny_training(*overrides):
+    from pipeline.config import load_config
+    from pipeline.train import Training, build_model, seed_everything
+
+    config = load_config(None, ["model.min_size=64", "model.max_size=64", "optim.warmup_steps=2",
+                                "optim.warmup_factor=0.5", "optim.grad_clip=0", *overrides])
+    seed_everything(0)
+    return Training(config, build_model(config, num_classes=2), torch.device("cpu"), steps=4)
+
+
+def _batch(with_boxes: bool):
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0]]) if with_boxes else torch.zeros(0, 4)
+    labels = torch.tensor([1]) if with_boxes else torch.zeros(0, dtype=torch.int64)
+    return images, [{"boxes": boxes, "labels": labels} for _ in images]
+
+
+def test_training_steps_follow_the_delta_and_lr_schedules():
+    training = _tiny_training("loss.delta.kind=linear", "loss.delta.start=1.0", "loss.delta.end=0.2")
+    seen = [training.train_step(*_batch(True)) for _ in range(4)]
+    assert [m["delta"] for m in seen] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    # warm-up from half the base lr over 2 steps, then x0.1 past 67 % of the 4 steps
+    assert [m["lr"] for m in seen] == pytest.approx([0.005, 0.0075, 0.01, 0.001])
+    assert training.step == 4 and training.skipped == 0
+
+
+def test_batches_without_positives_are_skipped_and_counted():
+    training = _tiny_training()
+    before = {k: v.clone() for k, v in training.detector.state_dict().items()}
+    metrics = training.train_step(*_batch(False))
+    assert metrics["positives"] == 0 and training.skipped == 1 and training.step == 1
+    assert all(torch.equal(before[k], v) for k, v in training.detector.state_dict().items())
+    training.train_step(*_batch(True))
+    assert any(not torch.equal(before[k], v) for k, v in training.detector.state_dict().items())
+
+
+def test_training_state_round_trips():
+    training = _tiny_training()
+    training.train_step(*_batch(True))
+    state = training.state_dict()
+    resumed = _tiny_training()
+    resumed.load_state_dict(state)
+    assert resumed.step == 1 and resumed.scheduler.last_epoch == training.scheduler.last_epoch
+    batch = _batch(True)
+    after_original = training.train_step(*batch)
+    after_resumed = resumed.train_step(*batch)
+    assert after_resumed["loss"] == pytest.approx(after_original["loss"], rel=1e-6)

@@ -1,0 +1,9 @@
+"""Ray job entrypoints, `python -m jobs.<stage> [--config FILE] [section.key=value ...]`:
+prep, train (Ray Train DDP), evaluate, pipeline (all three, tracked in MLflow) and sweep
+(Ray Tune). `jobs.submit` sends one to a cluster with the runtime env of `jobs.runtime_env`.
+
+Inside a job, Ray 2.60's job supervisor (`JobSupervisor._get_driver_env_vars`) gives the
+entrypoint RAY_ADDRESS (the cluster's GCS host:port), RAY_JOB_CONFIG_JSON_ENV_VAR (the runtime
+env, which `ray.init` applies to the job's workers) and PYTHONUNBUFFERED=1; RAY_JOB_ID is only
+set for worker processes. RAY_ADDRESS is therefore what tells an entrypoint to join its cluster.
+"""

@@ -1,0 +1,60 @@
+"""Search-space specs: one short string per dotted config key, e.g.
+
+    optim.lr: loguniform(1e-4, 1e-1)        loss.delta.kind: choice(constant, linear, cosine, step)
+    optim.warmup_steps: randint(0, 200)     optim.schedule: grid(multistep, cosine)
+
+Kept as strings so a sweep is written in the same YAML as every other config, logs cleanly as
+MLflow params, and is validated before any trial starts.
+"""
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+_SPEC = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\((.*)\)\s*$")
+
+
+@dataclass(frozen=True)
+class Domain:
+    kind: str  # choice | grid | uniform | loguniform | randint
+    values: tuple[Any, ...]
+
+    def candidates(self) -> tuple[Any, ...]:
+        """Values that stand for the domain when validating it against the config schema."""
+        if self.kind in ("choice", "grid"):
+            return self.values
+        return (self.values[0], self.values[1] - 1 if self.kind == "randint" else self.values[1])
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        return getattr(tune, self.kind)(*self.values)
+
+
+def parse_domain(spec: str) -> Domain:
+    """`spec` as a Domain; ValueError explaining the expected forms otherwise."""
+    match = _SPEC.match(spec)
+    if not match:
+        raise ValueError(f"{spec!r} is not a search domain; expected choice(a, b, ...), grid(a, b, ...), "
+                         "uniform(low, high), loguniform(low, high) or randint(low, high)")
+    kind, body = match.groups()
+    values = tuple(yaml.safe_load(part.strip()) for part in body.split(",") if part.strip())
+    if kind in ("choice", "grid"):
+        if not values:
+            raise ValueError(f"{spec!r}: {kind} needs at least one value")
+        return Domain(kind, values)
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{spec!r}: {kind} needs two numbers, low and high")
+    low, high = values
+    if not low < high:
+        raise ValueError(f"{spec!r}: low must be below high")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"{spec!r}: loguniform needs low > 0")
+    if kind == "randint" and not all(isinstance(v, int) for v in values):
+        raise ValueError(f"{spec!r}: randint needs integer bounds")
+    return Domain(kind, values)

@@ -1,0 +1,124 @@
+"""Ray Tune sweeps over any config keys (by default the delta and learning-rate schedules).
+
+Each trial is a Ray Train run (`build_trainer`) driven from a Tune function, reporting the
+validation AP of every checkpoint to Tune, where ASHA stops the trials that trail. The sweep is
+one MLflow run with a child run per trial (its params and curves); the best trial's config is
+written as a runnable YAML and logged. Rerunning a sweep with the same run name restores it.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from pipeline import tracking
+from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, save_config
+from pipeline.prep import prepare
+from pipeline.ray_train import build_trainer, storage_path
+from pipeline.search_space import parse_domain
+from pipeline.train import total_steps
+
+METRIC = "val_ap"
+
+
+def trial_config(base: dict, params: dict) -> Config:
+    """The base config with a trial's sampled values, validating every report for ASHA."""
+    data = config_to_dict(config_from_dict(base))
+    for key, value in params.items():
+        apply_override(data, key, value)
+    trial_id = tune.get_context().get_trial_id()
+    data["run"]["name"] = f"{data['run']['name']}-{trial_id}"
+    data["train"]["checkpoint_every"] = data["train"]["eval_every"]  # every report carries val_ap
+    data["tune"]["space"] = {}
+    return config_from_dict(data)
+
+
+def _run_trial(params: dict) -> None:
+    context = params.pop("_sweep")
+    config = trial_config(context["base"], params)
+    child = mlflow.MlflowClient(context["tracking_uri"]).create_run(
+        context["experiment_id"], run_name=config.run.name,
+        tags={"mlflow.parentRunId": context["sweep_run_id"], tracking.STAGE_TAG: "trial"})
+    run_id = child.info.run_id
+    client = mlflow.MlflowClient(context["tracking_uri"])
+    for key, value in tracking.param_safe(config).items():
+        client.log_param(run_id, key, value)
+    trainer = build_trainer(config, context["classes"], mlflow_run_id=run_id, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    client.set_terminated(run_id, "FAILED" if result.error else "FINISHED")
+
+
+def _search_algorithm(config: Config):
+    if config.tune.search == "random":
+        return None
+    try:
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as error:
+        raise ValueError(f"tune.search: 'optuna' needs the optuna package ({error}); "
+                         "pip install 'aploss[tune]' or use tune.search=random") from None
+    return ConcurrencyLimiter(OptunaSearch(), max_concurrent=config.tune.max_concurrent)
+
+
+@dataclass
+class SweepResult:
+    best_config: Config
+    best_val_ap: float
+    best_config_path: Path
+    trials: int
+    stopped_early: int
+
+
+def _reports(config: Config, train_images: int) -> int:
+    steps = total_steps(config, train_images)
+    return math.ceil(steps / (config.train.eval_every or train_images // config.train.batch_size))
+
+
+def run_sweep(config: Config) -> SweepResult:
+    """Run (or restore and finish) the sweep named `run.name`; ray must be initialised."""
+    if not config.tune.space:
+        raise ValueError("tune.space: a sweep needs at least one key to search")
+    experiment = tracking.configure(config)
+    sweep_run = tracking.pipeline_run(config, experiment, stage="sweep")
+    manifest = prepare(config, progress=False).manifest
+    train_images = manifest["splits"][config.data.train_split]["images"]
+    name = f"{config.run.name}-sweep"
+    path = storage_path(config) / "tune" / name
+    trainable = tune.with_resources(_run_trial, {"CPU": 1})
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        space = {key: parse_domain(spec).to_tune() for key, spec in config.tune.space.items()}
+        space["_sweep"] = {"base": config_to_dict(config), "classes": manifest["classes"],
+                           "tracking_uri": config.tracking_uri(), "experiment_id": experiment,
+                           "sweep_run_id": sweep_run}
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=_reports(config, train_images),
+                                  grace_period=config.tune.grace_period,
+                                  reduction_factor=config.tune.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=config.tune.samples,
+                                        search_alg=_search_algorithm(config), scheduler=scheduler,
+                                        max_concurrent_trials=config.tune.max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(path.parent)))
+    results = tuner.fit()
+    best = results.get_best_result(METRIC, "max", scope="all")
+    best_params = {key: value for key, value in best.config.items() if key != "_sweep"}
+    data = config_to_dict(config)
+    for key, value in best_params.items():
+        apply_override(data, key, value)
+    best_config = config_from_dict(data)
+    best_path = config.run.directory().parent / f"{name}-best.yaml"
+    save_config(best_config, best_path)
+    stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0) <
+                  _reports(config, train_images))
+    best_ap = max(v for v in best.metrics_dataframe[METRIC] if not math.isnan(v))
+    with mlflow.start_run(run_id=sweep_run):
+        mlflow.log_artifact(str(best_path))
+        mlflow.log_params({f"best.{key}": str(value) for key, value in best_params.items()})
+        mlflow.log_metric(f"best_{METRIC}", best_ap)
+    return SweepResult(best_config, best_ap, best_path, len(results), stopped)

@@ -1,0 +1,167 @@
+"""Ray job entrypoints, runtime env and submission; end to end on a local `ray start --head`."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from jobs import runtime_env as runtime_env_module
+from jobs import submit as submit_module
+from jobs import train
+from jobs._entry import launch
+from jobs.runtime_env import PASSED_ENV, runtime_env
+from jobs.submit import auth_headers, submit
+from pipeline.config import Config
+from tests.synthetic import write_synthetic_coco
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in [*PASSED_ENV, "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_runtime_env_ships_the_project_and_only_set_variables(clean_env, capsys):
+    clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    clean_env.setenv("AWS_SESSION_TOKEN", "")
+    env = runtime_env()
+    assert env["working_dir"] == str(PROJECT)
+    assert {".venv/", "runs/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"} <= set(env["excludes"])
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert "pip" not in env
+    assert any(requirement.startswith("torch") for requirement in runtime_env(pip=True)["pip"])
+
+    assert runtime_env_module.main(["--pip"]) == 0
+    assert json.loads(capsys.readouterr().out) == runtime_env(pip=True)
+
+
+def _config(argv: list[str]) -> Config:
+    configs = []
+    assert launch("test", configs.append, argv) == 0
+    return configs[0]
+
+
+def test_entrypoint_overrides_and_ray_address_default(clean_env, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("optim:\n  lr: 0.02\ntrain:\n  epochs: 3\n")
+    config = _config(["--config", str(path), "train.epochs=5", "run.name=job"])
+    assert (config.optim.lr, config.train.epochs, config.run.name) == (0.02, 5, "job")
+    assert config.ray.address == "" and config.tracking.uri == ""
+
+    # What the job supervisor sets for an entrypoint: join that cluster.
+    clean_env.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    config = _config([])
+    assert config.ray.address == "auto" and config.tracking.uri == "http://mlflow:5000"
+    config = _config(["ray.address=ray://head:10001", "tracking.uri=sqlite:///x.db"])
+    assert config.ray.address == "ray://head:10001" and config.tracking.uri == "sqlite:///x.db"
+
+
+def test_entrypoint_config_error_exits_2(clean_env, capsys):
+    assert launch("test", print, ["no.such=1"]) == 2
+    assert "jobs.test: error: unknown key(s) ['no']" in capsys.readouterr().err
+
+
+def test_train_without_prepared_data_says_to_run_prep(clean_env, tmp_path, capsys):
+    assert train.main([f"run.output_dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err
+    assert f"no prepared 'bccd' data in {tmp_path / 'data' / 'bccd'}" in error and "python -m jobs.prep" in error
+
+
+def test_auth_headers(clean_env, tmp_path):
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert auth_headers() == {}
+    (tmp_path / "token").write_text("from-file\n")
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert auth_headers() == {"Authorization": "Bearer from-file"}
+    clean_env.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_headers() == {"Authorization": "Bearer from-env"}
+    clean_env.setenv("RAY_AUTH_MODE", "token")  # Ray's client sends it itself
+    assert auth_headers() == {}
+
+
+def test_submit_needs_an_entrypoint(capsys):
+    with pytest.raises(SystemExit):
+        submit_module.main(["--address", "http://127.0.0.1:8265"])
+    assert "give the entrypoint after --" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A head node of its own: its own ports, and a temp dir so that no other local `ray.init()`
+    finds it. Stopped by SIGTERM to its `ray start --block`, which takes down the processes it
+    started; `ray stop` would also kill every other Ray on this machine."""
+    # Short: Ray's unix sockets live under it (path length limit).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    dashboard = _free_port()
+    ports = ["--port", _free_port(), "--dashboard-port", dashboard, "--ray-client-server-port", _free_port(),
+             "--dashboard-agent-listen-port", _free_port()]
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         *map(str, ports), "--num-cpus", "4", "--include-dashboard", "true", "--temp-dir", temp_dir,
+         "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
+        # No 30 s drain on SIGTERM: nothing here needs a graceful handover.
+        env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                JobSubmissionClient(address, headers=auth_headers())
+                break
+            except ConnectionError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start --head did not come up:\n{(Path(temp_dir) / 'head.log').read_text()}")
+                time.sleep(1)
+        yield address
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_submit_failing_entrypoint_returns_1(cluster, capsys):
+    assert submit([sys.executable, "-m", "jobs.pipeline", "no.such=1"], cluster) == 1
+    out = capsys.readouterr().out
+    assert "unknown key(s) ['no']" in out and "FAILED" in out
+
+
+def test_submit_pipeline_job(cluster, tmp_path, capsys):
+    write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    overrides = [
+        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        "train.batch_size=4", "train.max_steps=2", "train.epochs=100", "train.eval_every=2", "ray.workers=2",
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=job-test", f"tracking.uri={uri}"]
+    # The venv's python: a bare `python` resolves on the raylet's PATH.
+    assert submit([sys.executable, "-m", "jobs.pipeline", *overrides], cluster) == 0
+    assert "| AP50 |" in capsys.readouterr().out
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("aploss")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`aploss.stage` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {run.data.tags["aploss.stage"]: run.info.status for run in children} == {
+        "data-prep": "FINISHED", "train": "FINISHED", "evaluate": "FINISHED"}
