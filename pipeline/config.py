@@ -19,6 +19,7 @@ import yaml
 
 from aploss.architectures import ARCHITECTURES
 from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
+from pipeline import yaml_values
 from pipeline.io import write_bytes_atomic
 from pipeline.search_space import parse_domain
 
@@ -407,7 +408,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     _require(bool(sep) and bool(key.strip()), text, "an override must look like section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_values.load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"{key}: cannot read value {raw!r}: {error}") from None
     return key.strip(), value
@@ -419,7 +420,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     if path is not None:
         try:
             with open(path) as handle:
-                data = yaml.safe_load(handle) or {}
+                data = yaml_values.load(handle.read()) or {}
         except OSError as error:
             raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
         except yaml.YAMLError as error:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from pipeline import yaml_values
 
 _SPEC = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\((.*)\)\s*$")
 
@@ -43,7 +43,7 @@ def parse_domain(spec: str) -> Domain:
         raise ValueError(f"{spec!r} is not a search domain; expected choice(a, b, ...), grid(a, b, ...), "
                          "uniform(low, high), loguniform(low, high) or randint(low, high)")
     kind, body = match.groups()
-    values = tuple(yaml.safe_load(part.strip()) for part in body.split(",") if part.strip())
+    values = tuple(yaml_values.load(part.strip()) for part in body.split(",") if part.strip())
     if kind in ("choice", "grid"):
         if not values:
             raise ValueError(f"{spec!r}: {kind} needs at least one value")

@@ -24,6 +24,13 @@ def test_file_and_overrides(tmp_path):
         CosineDelta(1.0, 0.1, 0.0, 1.0)
 
 
+def test_exponent_numbers_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    config = load_config(path, ["loss.delta.end=2e-1"])
+    assert (config.optim.lr, config.optim.weight_decay, config.loss.delta.end) == (1e-3, 5e-5, 0.2)
+
+
 def test_flatten_uses_dotted_keys():
     flat = flatten(Config())
     assert flat["optim.lr"] == 0.01 and flat["loss.delta.kind"] == "constant" and flat["data.annotations"] == {}
