@@ -1,12 +1,11 @@
-"""Job entrypoint: COCO evaluation of the run's trained model (prints the metrics table)."""
+"""Job entrypoint: COCO evaluation of the run's trained model."""
 from collections.abc import Sequence
 
-from jobs._entry import launch
-from pipeline.cli import COMMANDS
+from jobs import run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return launch("evaluate", COMMANDS["eval"], argv)
+    return run_command(["eval"], argv)
 
 
 if __name__ == "__main__":

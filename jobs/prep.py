@@ -1,12 +1,11 @@
-"""Job entrypoint: data-prep, a dataset to Parquet shards, ground truth and manifest."""
+"""Job entrypoint: Data-prep: the dataset to Parquet shards, COCO ground truth and a manifest."""
 from collections.abc import Sequence
 
-from jobs._entry import launch
-from pipeline.cli import COMMANDS
+from jobs import run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return launch("prep", COMMANDS["prep"], argv)
+    return run_command(["prep"], argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
-"""Job entrypoint: Ray Tune sweep (ASHA on validation AP) over tune.space."""
+"""Job entrypoint: A Ray Tune sweep over tune.space, ASHA on validation AP."""
 from collections.abc import Sequence
 
-from jobs._entry import launch
-from pipeline.cli import COMMANDS
+from jobs import run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return launch("sweep", COMMANDS["tune"], argv)
+    return run_command(["tune"], argv)
 
 
 if __name__ == "__main__":

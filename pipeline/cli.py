@@ -40,6 +40,23 @@ def _pipeline(config: Config) -> None:
     print(summary(config, run_pipeline(config)))
 
 
+def _pipeline_train(config: Config) -> None:
+    from pipeline.ray_train import train_distributed
+    from pipeline.run import start_ray
+    from pipeline.shards import read_manifest
+
+    prepared = config.run.prepared_data(config.data.dataset)
+    try:
+        classes = read_manifest(prepared)["classes"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no prepared {config.data.dataset!r} data in {prepared}: run data-prep "
+                                "(aploss prep or python -m jobs.prep) with the same data.* and run.output_dir first"
+                                ) from None
+    start_ray(config)
+    result, model_path = train_distributed(config, classes)
+    print(f"trained to step {result.metrics['step']}; model: {model_path}")
+
+
 def _tune(config: Config) -> None:
     import ray
 
@@ -56,10 +73,12 @@ def _tune(config: Config) -> None:
           f"train it: aploss pipeline run --config {result.best_config_path}")
 
 
-COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline, "tune": _tune}
+COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline,
+            "pipeline train": _pipeline_train, "tune": _tune}
 HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manifest",
         "train": "train in this process (CPU or one GPU)", "eval": "COCO evaluation of the trained model",
         "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow",
+        "pipeline train": "Ray Train DDP on prepared data (writes the run's model.pt)",
         "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space"}
 
 
@@ -78,7 +97,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")
     _add_config_arguments(sweep)
     actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
-    _add_config_arguments(actions.add_parser("run", help=HELP["pipeline run"]))
+    for action in ("run", "train"):
+        _add_config_arguments(actions.add_parser(action, help=HELP[f"pipeline {action}"]))
     return root
 
 

@@ -200,7 +200,7 @@ class EvalConfig:
 
 @dataclass
 class RayConfig:
-    address: str = ""  # an existing cluster ("auto", "ray://..."); empty starts a local instance
+    address: str = ""  # a cluster ("auto", "ray://..."); empty: the job's cluster ($RAY_ADDRESS) or a local one
     workers: int = 2
     use_gpu: bool = False  # one GPU per worker and nccl; CPU workers use gloo
     cpus_per_worker: float = 1.0
@@ -216,7 +216,7 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # MLflow tracking URI; empty means sqlite:///<run.output_dir>/mlflow.db
+    uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/mlflow.db
     experiment: str = "aploss"
     registered_model: str = "aploss-detector"
 
@@ -315,7 +315,10 @@ class Config:
         return self.eval.split or self.data.test_split
 
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{Path(self.run.output_dir).expanduser().resolve() / 'mlflow.db'}"
+        """tracking.uri, else MLflow's own $MLFLOW_TRACKING_URI (how a job submitter passes its
+        server), else a local store under run.output_dir."""
+        return (self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{Path(self.run.output_dir).expanduser().resolve() / 'mlflow.db'}")
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

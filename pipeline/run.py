@@ -5,6 +5,7 @@ Each stage is a child run. Rerunning with the same run name skips the stages tha
 hash, training resumes from its latest Ray Train checkpoint.
 """
 import json
+import os
 from dataclasses import dataclass
 
 import mlflow
@@ -27,11 +28,14 @@ class PipelineResult:
 
 
 def start_ray(config: Config, extra_cpus: int = 0) -> None:
-    """Connect to `ray.address`, or start a local instance sized for the workers."""
+    """Connect to `ray.address`, or to the cluster of the Ray job this runs in, or start a
+    local instance sized for the workers."""
     if ray.is_initialized():
         return
-    if config.ray.address:
-        ray.init(address=config.ray.address)
+    # The job supervisor gives an entrypoint RAY_ADDRESS: a second, local Ray would not start.
+    address = config.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else "")
+    if address:
+        ray.init(address=address)
         return
     # The Train controller and each Tune trial driver need CPUs beside the workers, or a
     # 2-core machine deadlocks waiting for them.

@@ -16,11 +16,11 @@ from ray.job_submission import JobSubmissionClient
 
 from jobs import runtime_env as runtime_env_module
 from jobs import submit as submit_module
-from jobs import train
-from jobs._entry import launch
+from jobs import prep, train
 from jobs.runtime_env import PASSED_ENV, runtime_env
 from jobs.submit import auth_headers, submit
-from pipeline.config import Config
+from pipeline import cli
+from pipeline.config import Config, load_config
 from tests.synthetic import write_synthetic_coco
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -47,37 +47,32 @@ def test_runtime_env_ships_the_project_and_only_set_variables(clean_env, capsys)
     assert json.loads(capsys.readouterr().out) == runtime_env(pip=True)
 
 
-def _config(argv: list[str]) -> Config:
-    configs = []
-    assert launch("test", configs.append, argv) == 0
-    return configs[0]
-
-
-def test_entrypoint_overrides_and_ray_address_default(clean_env, tmp_path):
+def test_entrypoint_passes_config_and_overrides(clean_env, tmp_path, monkeypatch):
     path = tmp_path / "config.yaml"
     path.write_text("optim:\n  lr: 0.02\ntrain:\n  epochs: 3\n")
-    config = _config(["--config", str(path), "train.epochs=5", "run.name=job"])
-    assert (config.optim.lr, config.train.epochs, config.run.name) == (0.02, 5, "job")
-    assert config.ray.address == "" and config.tracking.uri == ""
+    seen: list[Config] = []
+    monkeypatch.setitem(cli.COMMANDS, "prep", seen.append)
+    assert prep.main(["--config", str(path), "train.epochs=5", "run.name=job"]) == 0
+    assert (seen[0].optim.lr, seen[0].train.epochs, seen[0].run.name) == (0.02, 5, "job")
 
-    # What the job supervisor sets for an entrypoint: join that cluster.
-    clean_env.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+
+def test_tracking_uri_defaults_from_the_environment(clean_env, tmp_path):
+    config = load_config(None, [f"run.output_dir={tmp_path}"])
+    assert config.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    config = _config([])
-    assert config.ray.address == "auto" and config.tracking.uri == "http://mlflow:5000"
-    config = _config(["ray.address=ray://head:10001", "tracking.uri=sqlite:///x.db"])
-    assert config.ray.address == "ray://head:10001" and config.tracking.uri == "sqlite:///x.db"
+    assert config.tracking_uri() == "http://mlflow:5000"
+    assert load_config(None, ["tracking.uri=sqlite:///x.db"]).tracking_uri() == "sqlite:///x.db"
 
 
 def test_entrypoint_config_error_exits_2(clean_env, capsys):
-    assert launch("test", print, ["no.such=1"]) == 2
-    assert "jobs.test: error: unknown key(s) ['no']" in capsys.readouterr().err
+    assert prep.main(["no.such=1"]) == 2
+    assert "aploss prep: error: unknown key(s) ['no']" in capsys.readouterr().err
 
 
 def test_train_without_prepared_data_says_to_run_prep(clean_env, tmp_path, capsys):
     assert train.main([f"run.output_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err
-    assert f"no prepared 'bccd' data in {tmp_path / 'data' / 'bccd'}" in error and "python -m jobs.prep" in error
+    assert f"no prepared 'bccd' data in {tmp_path / 'data' / 'bccd'}" in error and "jobs.prep" in error
 
 
 def test_auth_headers(clean_env, tmp_path):
@@ -165,3 +160,19 @@ def test_submit_pipeline_job(cluster, tmp_path, capsys):
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {run.data.tags["aploss.stage"]: run.info.status for run in children} == {
         "data-prep": "FINISHED", "train": "FINISHED", "evaluate": "FINISHED"}
+
+
+def test_start_ray_joins_the_cluster_of_the_job(clean_env, monkeypatch):
+    import ray
+
+    from pipeline.run import start_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    start_ray(load_config(None, []))
+    clean_env.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what the job supervisor gives an entrypoint
+    start_ray(load_config(None, []))
+    start_ray(load_config(None, ["ray.address=ray://head:10001"]))
+    assert calls == [{"num_cpus": 4, "configure_logging": False}, {"address": "auto"},
+                     {"address": "ray://head:10001"}]
