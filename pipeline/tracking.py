@@ -4,6 +4,7 @@ A stage whose child run finished (and whose outputs exist) is skipped on rerun; 
 one is reopened, so a rerun resumes the same runs rather than scattering new ones.
 """
 import math
+import os
 from pathlib import Path
 
 import mlflow
@@ -17,13 +18,21 @@ from pipeline.config import Config, flatten
 from pipeline.evaluate import Evaluation
 
 RUN_NAME_TAG = "aploss.run_name"
+_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 STAGE_TAG = "aploss.stage"
 _AP_LOSS_CODE = str(Path(__file__).resolve().parents[1] / "aploss")
 
 
 def configure(config: Config) -> str:
     """Point MLflow at the config's store and experiment; returns the experiment id."""
+    exported = os.environ.get(_URI_VARIABLE)
     mlflow.set_tracking_uri(config.tracking_uri())
+    # set_tracking_uri also exports the URI as $MLFLOW_TRACKING_URI, which Config.tracking_uri()
+    # reads as the user's choice: left there, it would redirect every later config of this process.
+    if exported is None:
+        os.environ.pop(_URI_VARIABLE, None)
+    else:
+        os.environ[_URI_VARIABLE] = exported
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id

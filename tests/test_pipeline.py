@@ -1,4 +1,6 @@
 """The main job end to end on a synthetic set: MLflow run tree, registered model, rerun skips."""
+import os
+
 import mlflow
 import pytest
 import ray
@@ -32,14 +34,15 @@ def _artifacts(client, run_id, path=None):
     return found
 
 
-def test_pipeline_run_tree_and_rerun(pipeline_config, capsys):
+def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     root, overrides = pipeline_config
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["pipeline", "run", *overrides]) == 0
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # a later config in this process picks its own store
     printed = capsys.readouterr().out
     assert "| AP50 |" in printed and "mlflow ui --backend-store-uri sqlite:///" in printed
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aploss")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`aploss.stage` = 'pipeline'")
     children = _children(client, experiment.experiment_id, parent.info.run_id)

@@ -45,7 +45,7 @@ def _weights(path):
 def _assert_same_weights(left, right):
     assert left.keys() == right.keys()
     for key in left:
-        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=2e-6, msg=key)
+        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=2e-6, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("classification", ["ap", "focal"])
@@ -74,5 +74,8 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, data_root
     assert first == [1, 2, 3]
     assert second == [3, 4, 5, 6]  # resumed after the step-2 checkpoint: step 3 (never saved) reruns
     assert result.metrics["step"] == 6
-    clean = train_stage(_config(data_root, tmp_path / "clean", "clean", *overrides), progress=False)
-    _assert_same_weights(_weights(model_path), _weights(clean.model_path))  # no step lost or repeated
+    # The same 2-worker run without the failure (same reduction order, so a rounding-level match):
+    # no step was lost or repeated. Against one process, float differences of the summation
+    # order grow over several steps, which the first-step test covers instead.
+    _, clean_path = train_distributed(_config(data_root, tmp_path / "clean", "clean", *overrides), ["square", "disc"])
+    _assert_same_weights(_weights(model_path), _weights(clean_path))

@@ -46,8 +46,7 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     best = load_config(tmp_path / "runs" / "sweep-test-sweep-best.yaml")
     assert best.optim.lr == 0.02 and best.train.max_steps == 24
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aploss").experiment_id
     (sweep,) = client.search_runs([experiment], "tags.`aploss.stage` = 'sweep'")
     assert "sweep-test-sweep-best.yaml" in [a.path for a in client.list_artifacts(sweep.info.run_id)]
