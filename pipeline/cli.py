@@ -40,6 +40,23 @@ def _pipeline(config: Config) -> None:
     print(summary(config, run_pipeline(config)))
 
 
+def _robustness(config: Config) -> None:
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.stages import robustness_stage
+
+    experiment = tracking.configure(config)
+    run_id, _ = tracking.stage_run(experiment, tracking.pipeline_run(config, experiment), "robustness")
+    with mlflow.start_run(run_id=run_id):
+        result, paths = robustness_stage(config)
+        tracking.log_robustness(result, paths)
+    print(result.table())
+    for name, reason in result.unavailable.items():
+        print(f"not run: {name}: {reason}")
+    print(f"written: {', '.join(str(p) for p in paths)}")
+
+
 def _pipeline_train(config: Config) -> None:
     from pipeline.ray_train import train_distributed
     from pipeline.run import start_ray
@@ -74,12 +91,13 @@ def _tune(config: Config) -> None:
 
 
 COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline,
-            "pipeline train": _pipeline_train, "tune": _tune}
+            "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness}
 HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manifest",
         "train": "train in this process (CPU or one GPU)", "eval": "COCO evaluation of the trained model",
         "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow",
         "pipeline train": "Ray Train DDP on prepared data (writes the run's model.pt)",
-        "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space"}
+        "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space",
+        "robustness": "AP under occlusion, Gaussian noise and COCO-C (P, mPC, rPC), logged to MLflow"}
 
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
@@ -91,7 +109,7 @@ def _add_config_arguments(command: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="aploss", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-    for name in ("prep", "train", "eval"):
+    for name in ("prep", "train", "eval", "robustness"):
         _add_config_arguments(commands.add_parser(name, help=HELP[name]))
     sweep = commands.add_parser("tune", help=HELP["tune"])
     sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")

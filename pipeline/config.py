@@ -225,6 +225,21 @@ class TrackingConfig:
         _require(bool(self.registered_model), "tracking.registered_model", "must not be empty")
 
 
+@dataclass
+class RobustnessConfig:
+    occlusion: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # covered fraction of each box
+    noise: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])  # Gaussian sigma on [0, 1] pixels
+    corruptions: list[str] = field(default_factory=lambda: ["all"])  # COCO-C names, "all" or none ([])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+    def validate(self) -> None:
+        _require(all(0 < f <= 1 for f in self.occlusion), "robustness.occlusion",
+                 f"fractions must be in (0, 1], got {self.occlusion}")
+        _require(all(s > 0 for s in self.noise), "robustness.noise", f"sigmas must be > 0, got {self.noise}")
+        _require(all(1 <= s <= 5 for s in self.severities), "robustness.severities",
+                 f"COCO-C severities are 1-5, got {self.severities}")
+
+
 # The delta-interpolation and learning-rate schedules, the sweep's default subject.
 DEFAULT_SPACE = {
     "loss.delta.kind": "choice(constant, linear, cosine, step)",
@@ -288,6 +303,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
     def validate(self, search_space: bool = True) -> None:
         for section in dataclasses.fields(self):

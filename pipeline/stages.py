@@ -142,3 +142,26 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     split = _split_dir(config, config.eval_split())
     return evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
                           config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images)
+
+
+def robustness_stage(config: Config, model_path: Path | None = None):
+    """AP of the run's model under occlusion, noise and COCO-C on the evaluation split, written
+    under the run's robustness/."""
+    from pipeline.robustness import coco_c_corruptions, evaluate_robustness, settings, write_result
+
+    device = resolve_device(config.train.device)
+    model, _ = load_model(model_path or config.run.directory() / "model.pt", device)
+    options = config.robustness
+    available = coco_c_corruptions()
+    wanted = [name for name in available if name != "*"] if options.corruptions == ["all"] else options.corruptions
+    unknown = [name for name in wanted if name not in available]
+    if unknown and "*" not in available:
+        raise ValueError(f"robustness.corruptions: unknown COCO-C corruption(s) {unknown}; "
+                         f"available: {sorted(available)}")
+    runnable = [name for name in wanted if available.get(name) == ""]
+    unavailable = {name: available.get(name) or available.get("*", "") for name in wanted if name not in runnable}
+    chosen = settings(options.occlusion, options.noise, runnable, options.severities)
+    split = _split_dir(config, config.eval_split())
+    result = evaluate_robustness(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", chosen,
+                                 config.eval.batch_size, device, config.train.seed, unavailable)
+    return result, write_result(result, config.run.directory() / "robustness")

@@ -117,3 +117,12 @@ def log_evaluation(evaluation: Evaluation) -> None:
         mlflow.log_artifact(str(path), artifact_path="pr_curves")
     for path in evaluation.samples:
         mlflow.log_artifact(str(path), artifact_path="samples")
+
+
+def log_robustness(result, paths: list[Path]) -> None:
+    """The robustness table (an MLflow table), P / mPC / rPC as metrics, the files as artifacts."""
+    mlflow.log_table({"setting": list(result.ap), "AP": list(result.ap.values())}, "robustness_table.json")
+    summary = {"P": result.clean_ap, "mPC": result.mpc, "rPC": result.rpc}
+    mlflow.log_metrics({key: value for key, value in summary.items() if value is not None})
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path="robustness")

@@ -74,3 +74,32 @@ def test_bad_config_is_reported_without_a_traceback(workspace, capsys):
     _, config = workspace
     assert main(["train", "--config", str(config), "optim.learning_rate=0.1"]) == 2
     assert "unknown key(s) ['optim.learning_rate']" in capsys.readouterr().err
+
+
+def test_robustness_stage_on_the_trained_model(workspace, capsys):
+    import mlflow
+
+    root, config = workspace
+    overrides = ["robustness.occlusion=[1.0]", "robustness.noise=[0.3]",
+                 "robustness.corruptions=[gaussian_noise, contrast]", "robustness.severities=[5]"]
+    assert main(["robustness", "--config", str(config), *overrides]) == 0
+    assert "| summary | value |" in capsys.readouterr().out
+    saved = json.loads((root / "runs" / "synthetic" / "robustness" / "robustness.json").read_text())
+    ap = saved["ap"]
+    assert set(ap) == {"clean", "occlusion@1", "noise@0.3", "gaussian_noise@5", "contrast@5"}
+    assert ap["occlusion@1"] < 0.5 * ap["clean"]  # nothing left to see
+    assert saved["P"] == ap["clean"]
+    assert saved["mPC"] == pytest.approx((ap["gaussian_noise@5"] + ap["contrast@5"]) / 2)
+    assert saved["rPC"] == pytest.approx(saved["mPC"] / saved["P"])
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aploss").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`aploss.stage` = 'robustness'")
+    assert run.data.metrics["P"] == pytest.approx(saved["P"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
+    assert {"robustness/robustness.png", "robustness/robustness.md", "robustness/robustness.json"} <= logged
+
+
+def test_unknown_corruption_is_an_error(workspace, capsys):
+    _, config = workspace
+    assert main(["robustness", "--config", str(config), "robustness.corruptions=[fogg]"]) == 2
+    assert "unknown COCO-C corruption(s) ['fogg']" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""The robustness stage: a trained detector's AP under perturbed test images.
+
+Three families, each a list of (kind, severity) settings evaluated with the same COCO metric:
+  * occlusion: a black patch over each ground-truth object covering `severity` of its area
+    (centred, with the box's aspect ratio);
+  * noise: additive Gaussian noise of standard deviation `severity` on [0, 1] intensities;
+  * COCO-C (Michaelis et al. 2019): the `imagecorruptions` package's corruptions at severities
+    1-5. P is the clean AP, mPC the mean AP over corruptions and severities, rPC = mPC / P.
+Noise and corruptions are seeded per (setting, image), so every model sees the same images.
+"""
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pipeline.coco_metrics import evaluate_detections
+from pipeline.dataset import DetectionDataset
+from pipeline.evaluate import predict
+from pipeline.io import write_bytes_atomic, write_json_atomic
+
+FAMILIES = ("occlusion", "noise", "coco-c")
+
+
+def coco_c_corruptions() -> dict[str, str]:
+    """COCO-C corruption name -> why it cannot run here ('' when it can)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from imagecorruptions import corrupt, get_corruption_names
+    except ImportError as error:
+        return {"*": f"imagecorruptions is not installed ({error})"}
+    probe = np.full((32, 32, 3), 128, dtype=np.uint8)
+    status = {}
+    for name in get_corruption_names():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                corrupt(probe, corruption_name=name, severity=1)
+            status[name] = ""
+        except Exception as error:  # the package's own incompatibilities (e.g. NumPy 2, scikit-image)
+            status[name] = f"{type(error).__name__}: {error}"
+    return status
+
+
+def occlude(image: Tensor, boxes: Tensor, fraction: float) -> Tensor:
+    """Black out `fraction` of each box's area, centred, keeping the box's aspect ratio."""
+    image = image.clone()
+    scale = math.sqrt(fraction)
+    for x1, y1, x2, y2 in boxes.tolist():
+        cx, cy, half_w, half_h = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * scale / 2, (y2 - y1) * scale / 2
+        image[:, round(cy - half_h):round(cy + half_h), round(cx - half_w):round(cx + half_w)] = 0
+    return image
+
+
+def add_noise(image: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    return (image + torch.randn(image.shape, generator=generator) * sigma).clamp_(0, 1)
+
+
+def _coco_c(image: Tensor, name: str, severity: int, seed: int) -> Tensor:
+    from imagecorruptions import corrupt
+
+    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    state = np.random.get_state()
+    np.random.seed(seed)  # the package draws from NumPy's global generator
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            corrupted = corrupt(pixels, corruption_name=name, severity=severity)
+    finally:
+        np.random.set_state(state)
+    corrupted = np.ascontiguousarray(corrupted[:pixels.shape[0], :pixels.shape[1]])
+    return torch.from_numpy(corrupted).permute(2, 0, 1).float() / 255
+
+
+@dataclass(frozen=True)
+class Setting:
+    family: str  # clean | occlusion | noise | coco-c
+    name: str  # the corruption (COCO-C) or the family
+    severity: float
+
+    @property
+    def label(self) -> str:
+        return "clean" if self.family == "clean" else f"{self.name}@{self.severity:g}"
+
+
+class PerturbedDataset(Dataset):
+    """`dataset`'s images under one setting; targets unchanged."""
+
+    def __init__(self, dataset: DetectionDataset, setting: Setting, seed: int = 0) -> None:
+        self.dataset, self.setting, self.seed = dataset, setting, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target, image_id = self.dataset[index]
+        setting = self.setting
+        seed = int(np.random.SeedSequence([self.seed, index, hash(setting.label) & 0xFFFFFFFF]).generate_state(1)[0])
+        if setting.family == "occlusion":
+            image = occlude(image, target["boxes"], setting.severity)
+        elif setting.family == "noise":
+            image = add_noise(image, setting.severity, torch.Generator().manual_seed(seed))
+        elif setting.family == "coco-c":
+            image = _coco_c(image, setting.name, int(setting.severity), seed)
+        return image, target, image_id
+
+
+@dataclass
+class RobustnessResult:
+    ap: dict[str, float]  # setting label -> AP
+    settings: list[Setting]
+    clean_ap: float  # P
+    mpc: float | None  # mean AP over the COCO-C settings evaluated
+    rpc: float | None  # mPC / P
+    unavailable: dict[str, str] = field(default_factory=dict)  # corruption -> why it was not run
+
+    def table(self) -> str:
+        rows = [f"| {s.family} | {s.label} | {self.ap[s.label]:.3f} |" for s in self.settings]
+        summary = [f"| P (clean AP) | {self.clean_ap:.3f} |"]
+        if self.mpc is not None:
+            summary += [f"| mPC | {self.mpc:.3f} |", f"| rPC | {self.rpc:.3f} |"]
+        return "\n".join(["| family | setting | AP |", "|---|---|---|", *rows, "", "| summary | value |",
+                          "|---|---|", *summary])
+
+
+def settings(occlusion: list[float], noise: list[float], corruptions: list[str], severities: list[int]
+             ) -> list[Setting]:
+    return ([Setting("clean", "clean", 0.0)] + [Setting("occlusion", "occlusion", f) for f in occlusion]
+            + [Setting("noise", "noise", s) for s in noise]
+            + [Setting("coco-c", name, s) for name in corruptions for s in severities])
+
+
+def evaluate_robustness(model, dataset: DetectionDataset, ground_truth: Path, chosen: list[Setting],
+                        batch_size: int, device: torch.device, seed: int = 0,
+                        unavailable: dict[str, str] | None = None) -> RobustnessResult:
+    ap = {}
+    for setting in chosen:
+        detections = predict(model, PerturbedDataset(dataset, setting, seed), batch_size, device)
+        ap[setting.label] = evaluate_detections(ground_truth, detections).metrics["AP"]
+    clean = ap["clean"]
+    corrupted = [ap[s.label] for s in chosen if s.family == "coco-c"]
+    mpc = float(np.mean(corrupted)) if corrupted else None
+    rpc = mpc / clean if mpc is not None and clean > 0 else None
+    return RobustnessResult(ap, chosen, clean, mpc, rpc, unavailable or {})
+
+
+def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:
+    """AP against severity, one panel per family, one line per result (e.g. AP-loss vs focal)."""
+    first = next(iter(results.values()))
+    families = [f for f in FAMILIES if any(s.family == f for s in first.settings)]
+    figure = Figure(figsize=(5 * max(len(families), 1), 4), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    for column, family in enumerate(families, 1):
+        axes = figure.add_subplot(1, len(families), column)
+        for name, result in results.items():
+            chosen = [s for s in result.settings if s.family == family]
+            severities = sorted({s.severity for s in chosen})
+            mean_ap = [np.mean([result.ap[s.label] for s in chosen if s.severity == v]) for v in severities]
+            axes.plot([0, *severities], [result.clean_ap, *mean_ap], marker="o", label=name)
+        axes.set(title=family + (" (mean over corruptions)" if family == "coco-c" else ""),
+                 xlabel="severity" if family == "coco-c" else ("covered fraction" if family == "occlusion" else "sigma"),
+                 ylabel="AP", ylim=(0, None))
+        axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_bytes_atomic(buffer.getvalue(), path)
+    return path
+
+
+def write_result(result: RobustnessResult, out_dir: Path) -> list[Path]:
+    json_path = out_dir / "robustness.json"
+    write_json_atomic({"ap": result.ap, "P": result.clean_ap, "mPC": result.mpc, "rPC": result.rpc,
+                       "unavailable": result.unavailable}, json_path)
+    table_path = out_dir / "robustness.md"
+    write_bytes_atomic(result.table().encode(), table_path)
+    return [json_path, table_path, plot_robustness({"model": result}, out_dir / "robustness.png")]
