@@ -6,12 +6,12 @@ from typing import Callable, Literal
 
 from torch import nn
 from torchvision.models import resnet, vgg16_bn
-from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_large
+from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.ssd import _vgg_extractor
+from torchvision.models.detection.ssd import SSD, _vgg_extractor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -20,8 +20,17 @@ from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
 
 Norm = Literal["group", "frozen_bn", "batch"]
-ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "ssd300_vgg16", "ssdlite_mobilenet_v3")
-_RESNETS = {"retinanet_r18": resnet.resnet18, "retinanet_r34": resnet.resnet34, "retinanet_r50": resnet.resnet50}
+ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "retinanet_r101", "ssd300_vgg16",
+                 "ssd512_vgg16", "ssdlite_mobilenet_v3")
+_RESNETS = {"retinanet_r18": resnet.resnet18, "retinanet_r34": resnet.resnet34, "retinanet_r50": resnet.resnet50,
+            "retinanet_r101": resnet.resnet101}
+# SSD300 and SSD512 default boxes (Liu et al.): aspect ratios per feature map, box scales
+# relative to the input side, feature-map strides.
+_SSD_BOXES = {
+    300: ([[2], [2, 3], [2, 3], [2, 3], [2], [2]], [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], [8, 16, 32, 64, 100, 300]),
+    512: ([[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]], [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
+          [8, 16, 32, 64, 128, 256, 512]),
+}
 # Encoded-delta scales 1 / (0.1, 0.1, 0.2, 0.2), the released code's (and SSD's) box encoding.
 _BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 _PRIOR_PROBABILITY = 0.01
@@ -76,14 +85,20 @@ def _retinanet_parts(arch: str, num_classes: int, norm: Norm, min_size: int, max
     return transform, backbone, head, anchor_generator
 
 
+def _ssd_vgg(size: int, num_classes: int, norm: Norm) -> SSD:
+    # Plain VGG16's activations grow layer by layer from a random init; its normalised variant
+    # (same layers, a norm after each conv) trains from scratch.
+    trunk = vgg16_bn(weights=None)
+    _replace_batch_norm(trunk.features, _norm_layer(norm))
+    backbone = _vgg_extractor(trunk, highres=size == 512, trainable_layers=5)
+    ratios, scales, steps = _SSD_BOXES[size]
+    return SSD(backbone, DefaultBoxGenerator(ratios, scales=scales, steps=steps), (size, size), num_classes,
+               image_mean=[0.48235, 0.45882, 0.40784], image_std=[1 / 255] * 3)
+
+
 def _ssd_parts(arch: str, num_classes: int, norm: Norm):
-    if arch == "ssd300_vgg16":
-        model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
-        # Plain VGG16's activations grow layer by layer from a random init; its normalised
-        # variant (same layers, a norm after each conv) trains from scratch.
-        trunk = vgg16_bn(weights=None)
-        _replace_batch_norm(trunk.features, _norm_layer(norm))
-        model.backbone = _vgg_extractor(trunk, highres=False, trainable_layers=5)
+    if arch in ("ssd300_vgg16", "ssd512_vgg16"):
+        model = _ssd_vgg(int(arch[3:6]), num_classes, norm)
     else:
         model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes,
                                               norm_layer=_norm_layer(norm))

@@ -2,6 +2,7 @@
 on one config (a YAML file plus key=value overrides)."""
 import argparse
 import sys
+from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 
@@ -57,6 +58,14 @@ def _robustness(config: Config) -> None:
     print(f"written: {', '.join(str(p) for p in paths)}")
 
 
+def _report(config: Config, runs: list[str]) -> None:
+    from pipeline.report import collect, markdown, write_report
+
+    summaries = collect(config, runs)
+    print(markdown(summaries))
+    print(f"report: {write_report(summaries, Path(config.run.output_dir).expanduser().resolve() / 'report')}")
+
+
 def _pipeline_train(config: Config) -> None:
     from pipeline.ray_train import train_distributed
     from pipeline.run import start_ray
@@ -91,13 +100,14 @@ def _tune(config: Config) -> None:
 
 
 COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline,
-            "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness}
+            "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness, "report": _report}
 HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manifest",
         "train": "train in this process (CPU or one GPU)", "eval": "COCO evaluation of the trained model",
         "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow",
         "pipeline train": "Ray Train DDP on prepared data (writes the run's model.pt)",
         "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space",
-        "robustness": "AP under occlusion, Gaussian noise and COCO-C (P, mPC, rPC), logged to MLflow"}
+        "robustness": "AP under occlusion, Gaussian noise and COCO-C (P, mPC, rPC), logged to MLflow",
+        "report": "one markdown table and plots from the MLflow runs of a comparison"}
 
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
@@ -114,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("tune", help=HELP["tune"])
     sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")
     _add_config_arguments(sweep)
+    report = commands.add_parser("report", help=HELP["report"])
+    report.add_argument("--runs", nargs="+", default=[], metavar="RUN_NAME",
+                        help="pipeline run names to compare (default: every pipeline run of the experiment)")
+    _add_config_arguments(report)
     actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
     for action in ("run", "train"):
         _add_config_arguments(actions.add_parser(action, help=HELP[f"pipeline {action}"]))
@@ -128,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(arguments, "samples", None) is not None:
             overrides.append(f"tune.samples={arguments.samples}")
         config = load_config(arguments.config, overrides)
-        COMMANDS[command](config)
+        if command == "report":
+            COMMANDS[command](config, arguments.runs)
+        else:
+            COMMANDS[command](config)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"aploss {command}: error: {error}", file=sys.stderr)
         return 2

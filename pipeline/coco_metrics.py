@@ -59,8 +59,8 @@ def evaluate_detections(ground_truth: str | Path | COCO,
     """COCO bbox evaluation of `detections` (result dicts with image_id, category_id, bbox
     as xywh, score; or a JSON file of them) against a ground-truth instances file or COCO."""
     gt = load_ground_truth(ground_truth)
-    results = _load_detections(detections)
-    _check_detections(results, gt)
+    results = load_detections(detections)
+    check_detections(results, gt)
     with contextlib.redirect_stdout(io.StringIO()):
         # loadRes indexes results[0], so no detections needs an empty result set of its own.
         dt = gt.loadRes(results) if results else _empty_results(gt)
@@ -108,7 +108,8 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
 
 
-def _load_detections(source: list[dict[str, Any]] | str | Path) -> list[dict[str, Any]]:
+def load_detections(source: list[dict[str, Any]] | str | Path) -> list[dict[str, Any]]:
+    """COCO result dicts from a JSON list file, or copies of the given ones."""
     if isinstance(source, (str, Path)):
         data = _read_json(Path(source))
         if not isinstance(data, list):
@@ -118,7 +119,8 @@ def _load_detections(source: list[dict[str, Any]] | str | Path) -> list[dict[str
     return [dict(detection) for detection in source]
 
 
-def _check_detections(detections: list[dict[str, Any]], gt: COCO) -> None:
+def check_detections(detections: list[dict[str, Any]], gt: COCO) -> None:
+    """ValueError for a detection lacking a key or naming an image or category `gt` lacks."""
     for index, detection in enumerate(detections):
         missing = [key for key in _DETECTION_KEYS if key not in detection]
         if missing:

@@ -1,5 +1,6 @@
-"""The evaluate stage: detections on a prepared split, COCO metrics with pycocotools,
-precision-recall curves, sample images with their detections, and the detections json."""
+"""The evaluate stage: detections on a prepared split, COCO metrics with pycocotools (and Pascal
+VOC AP when asked), precision-recall curves, sample images with their detections, and the
+detections json."""
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from aploss.detector import OneStageDetector
 from pipeline.coco_metrics import CocoResult, draw_detections, evaluate_detections, plot_pr_curves
 from pipeline.dataset import DetectionDataset, collate
 from pipeline.io import write_json_atomic
+from pipeline.voc_metrics import VocResult, voc_map
 
 SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
 
@@ -40,6 +42,7 @@ class Evaluation:
     metrics_path: Path
     pr_curves: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    voc: VocResult | None = None  # Pascal VOC AP, when asked for
 
 
 def _draw_samples(model: OneStageDetector, dataset: DetectionDataset, count: int, classes: list[str],
@@ -65,18 +68,27 @@ def _defined(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_truth: Path, classes: list[str],
-                   out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0) -> Evaluation:
-    """Everything the evaluate stage writes, under `out_dir`."""
+                   out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0,
+                   voc: bool = False) -> Evaluation:
+    """Everything the evaluate stage writes, under `out_dir`; with `voc`, Pascal VOC AP on the
+    same detections as well."""
     detections = predict(model, dataset, batch_size, device)
     result = evaluate_detections(ground_truth, detections)
+    voc_result = voc_map(ground_truth, detections) if voc else None
     detections_path = out_dir / "detections.json"
     write_json_atomic(detections, detections_path)
     metrics_path = out_dir / "metrics.json"
-    write_json_atomic({"metrics": _defined(result.metrics), "per_class_ap": _defined(result.per_class_ap),
-                       "per_class_ap50": _defined(result.per_class_ap50)}, metrics_path)
+    metrics = {"metrics": _defined(result.metrics), "per_class_ap": _defined(result.per_class_ap),
+               "per_class_ap50": _defined(result.per_class_ap50)}
+    if voc_result is not None:
+        metrics |= _defined({"voc07_11point_map": voc_result.map_11point,
+                             "voc_area_map": voc_result.map_area})
+        metrics |= {"per_class_voc07_11point": _defined(voc_result.per_class_11point),
+                    "per_class_voc_area": _defined(voc_result.per_class_area)}
+    write_json_atomic(metrics, metrics_path)
     pr_curves = plot_pr_curves(result, out_dir / "pr_curves")
     samples = _draw_samples(model, dataset, sample_images, classes, device, out_dir / "samples")
-    return Evaluation(result, detections_path, metrics_path, pr_curves, samples)
+    return Evaluation(result, detections_path, metrics_path, pr_curves, samples, voc_result)
 
 
 def metrics_table(result: CocoResult) -> str:

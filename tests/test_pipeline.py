@@ -72,3 +72,24 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert "skipped (already done): data-prep, train, evaluate" in capsys.readouterr().out
     assert _children(client, experiment.experiment_id, parent.info.run_id).keys() == children.keys()
     assert len(client.search_model_versions("name = 'aploss-detector'")) == 1
+
+
+def test_report_gathers_the_runs_of_a_comparison(pipeline_config, capsys):
+    root, overrides = pipeline_config
+    robustness = ["robustness.occlusion=[0.5]", "robustness.noise=[0.2]", "robustness.corruptions=[contrast]",
+                  "robustness.severities=[3]"]
+    assert main(["robustness", *overrides, *robustness]) == 0
+    capsys.readouterr()
+    assert main(["report", "--runs", "pipeline-test", *overrides]) == 0
+    printed = capsys.readouterr().out
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aploss").experiment_id
+    (evaluation,) = client.search_runs([experiment], "tags.`aploss.stage` = 'evaluate'")
+    (robust,) = client.search_runs([experiment], "tags.`aploss.stage` = 'robustness'")
+    row = next(line for line in printed.splitlines() if line.startswith("| pipeline-test |"))
+    assert f"| {evaluation.data.metrics['AP']:.3f} |" in row and "| ap | constant | 0 |" in row
+    assert f"| {robust.data.metrics['mPC']:.3f} |" in row
+    report = root / "runs" / "report"
+    assert (report / "report.md").exists() and (report / "ap.png").exists() and (report / "robustness.png").exists()
+    assert main(["report", "--runs", "no-such-run", *overrides]) == 2
+    assert "no pipeline run named ['no-such-run']" in capsys.readouterr().err

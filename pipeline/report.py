@@ -1,0 +1,132 @@
+"""`aploss report`: the pipeline runs of a comparison (AP-loss vs focal, delta-schedule ablation,
+robustness) gathered from MLflow into one markdown table, a table of means over seeds, and plots.
+"""
+import io
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.io import write_bytes_atomic
+from pipeline.robustness import RobustnessResult, Setting, plot_robustness
+
+GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
+
+
+@dataclass
+class RunSummary:
+    name: str
+    params: dict[str, str]
+    metrics: dict[str, float]  # evaluate: AP, AP50, AP_<class>; robustness: P, mPC, rPC
+    robustness: RobustnessResult | None = None
+    per_class: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        return " / ".join(self.params.get(key, "?") for key in GROUP_PARAMS)
+
+
+def _robustness(client: mlflow.MlflowClient, run_id: str) -> RobustnessResult | None:
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = client.download_artifacts(run_id, "robustness/robustness.json", directory)
+        except Exception:  # no robustness stage for this run
+            return None
+        saved = json.loads(Path(path).read_text())
+    chosen = []
+    for label in saved["ap"]:
+        name, _, severity = label.partition("@")
+        family = "clean" if label == "clean" else name if name in ("occlusion", "noise") else "coco-c"
+        chosen.append(Setting(family, name, float(severity or 0)))
+    return RobustnessResult(saved["ap"], chosen, saved["P"], saved["mPC"], saved["rPC"], saved["unavailable"])
+
+
+def collect(config: Config, names: list[str]) -> list[RunSummary]:
+    """One summary per pipeline run name (all pipeline runs of the experiment if none given)."""
+    experiment = tracking.configure(config)
+    client = mlflow.MlflowClient()
+    parents = client.search_runs([experiment], f"tags.`{tracking.STAGE_TAG}` = 'pipeline'")
+    by_name = {run.data.tags[tracking.RUN_NAME_TAG]: run for run in parents}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ValueError(f"no pipeline run named {missing} in experiment '{config.tracking.experiment}'; "
+                         f"found: {sorted(by_name)}")
+    summaries = []
+    for name in names or sorted(by_name):
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{by_name[name].info.run_id}'")
+        stages = {run.data.tags[tracking.STAGE_TAG]: run for run in children}
+        params = stages["train"].data.params if "train" in stages else {}
+        metrics = {**(stages["evaluate"].data.metrics if "evaluate" in stages else {}),
+                   **(stages["robustness"].data.metrics if "robustness" in stages else {})}
+        robustness = _robustness(client, stages["robustness"].info.run_id) if "robustness" in stages else None
+        per_class = {key[3:]: value for key, value in metrics.items() if key.startswith("AP_")}
+        summaries.append(RunSummary(name, params, metrics, robustness, per_class))
+    return summaries
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def markdown(summaries: list[RunSummary]) -> str:
+    classes = sorted({name for s in summaries for name in s.per_class})
+    header = ["run", "loss", "δ schedule", "seed", "AP", "AP50", *[f"AP {c}" for c in classes], "P", "mPC", "rPC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        cells = [s.name, s.params.get("loss.classification", "?"), s.params.get("loss.delta.kind", "?"),
+                 s.params.get("train.seed", "?"), _cell(s.metrics.get("AP")), _cell(s.metrics.get("AP50")),
+                 *[_cell(s.per_class.get(c)) for c in classes], _cell(s.metrics.get("P")),
+                 _cell(s.metrics.get("mPC")), _cell(s.metrics.get("rPC"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    groups = sorted({s.group for s in summaries})
+    lines += ["", "Mean ± standard deviation over the runs of each group (" + " / ".join(GROUP_PARAMS) + "):", "",
+              "| group | runs | AP | AP50 | mPC | rPC |", "|---|---|---|---|---|---|"]
+    for group in groups:
+        members = [s for s in summaries if s.group == group]
+        values = {key: [s.metrics[key] for s in members if key in s.metrics] for key in ("AP", "AP50", "mPC", "rPC")}
+        lines.append(f"| {group} | {len(members)} | " + " | ".join(_spread(values[k]) for k in values) + " |")
+    return "\n".join(lines)
+
+
+def _bar_chart(summaries: list[RunSummary], path: Path) -> Path:
+    figure = Figure(figsize=(max(4, 1.2 * len(summaries)), 4), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    names = [s.name for s in summaries]
+    axes.bar(names, [s.metrics.get("AP", 0.0) for s in summaries], label="AP")
+    axes.bar(names, [s.metrics.get("AP50", 0.0) for s in summaries], alpha=0.4, label="AP50")
+    axes.set(ylabel="COCO AP", ylim=(0, 1))
+    axes.tick_params(axis="x", rotation=30)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_bytes_atomic(buffer.getvalue(), path)
+    return path
+
+
+def write_report(summaries: list[RunSummary], out_dir: Path) -> Path:
+    """report.md with the tables and the plots beside it."""
+    plots = [_bar_chart(summaries, out_dir / "ap.png")]
+    robust = {s.name: s.robustness for s in summaries if s.robustness is not None}
+    if robust:
+        plots.append(plot_robustness(robust, out_dir / "robustness.png"))
+    text = "# aploss report\n\n" + markdown(summaries) + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)
+    path = out_dir / "report.md"
+    write_bytes_atomic(text.encode(), path)
+    return path

@@ -1,0 +1,37 @@
+"""The paper's recipes load, differ from their focal twins only in the loss, and train a few
+steps on CPU at reduced size."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import flatten, load_config
+from pipeline.train import Training, build_model, seed_everything
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_ap.yaml"))
+
+
+def test_every_recipe_has_a_focal_twin():
+    assert len(RECIPES) == 4
+    for recipe in RECIPES:
+        ap = flatten(load_config(recipe))
+        focal = flatten(load_config(recipe.with_name(recipe.name.replace("_ap.yaml", "_focal.yaml"))))
+        differing = {key for key in ap if ap[key] != focal[key]}
+        assert differing == {"loss.classification", "run.name"}, recipe.name
+        assert (ap["loss.classification"], focal["loss.classification"]) == ("ap", "focal")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_recipe_trains_a_few_steps_on_cpu(recipe):
+    size = 96  # SSD's transform still resizes to its fixed 300 or 512
+    config = load_config(recipe, ["model.min_size=96", "model.max_size=96", f"train.input_size={size}",
+                                  "train.batch_size=2", "ray.workers=1", "ray.use_gpu=false", "train.amp=false"])
+    seed_everything(0)
+    model = build_model(config, num_classes=20)
+    training = Training(config, model, torch.device("cpu"), steps=10)
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=generator) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.7]]) * size, "labels": torch.tensor([3])} for _ in images]
+    losses = [training.train_step(images, targets)["loss"] for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert config.train.augment == "ssd"
