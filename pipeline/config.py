@@ -20,6 +20,7 @@ import yaml
 from aploss.architectures import ARCHITECTURES
 from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
 from pipeline import yaml_values
+from pipeline.augment import AUGMENTATIONS
 from pipeline.io import write_bytes_atomic
 from pipeline.search_space import parse_domain
 
@@ -168,7 +169,9 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision, on CUDA only
-    hflip: float = 0.5  # horizontal-flip probability
+    hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
+    augment: Literal[AUGMENTATIONS] = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.augment)
+    input_size: int = 0  # square training input after augmentation; 0: model.min_size/max_size resize
     loader_workers: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 means once per epoch
@@ -180,6 +183,8 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
         _require(0 <= self.hflip <= 1, "train.hflip", f"must be in [0, 1], got {self.hflip}")
+        _require(self.input_size == 0 or self.input_size >= 32, "train.input_size",
+                 f"must be 0 (the model's sizes) or >= 32, got {self.input_size}")
         _require(self.loader_workers >= 0, "train.loader_workers", "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")

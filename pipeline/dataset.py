@@ -3,8 +3,9 @@
 The order of images is a function of (seed, epoch) only: row groups are shuffled, then the rows
 inside each, so reads stay within a cached row group while every epoch sees a new order. A
 global batch is a run of consecutive images of that order, and a process of a world of W takes
-its 1/W slice of each. So the global batches, and the flips drawn per image, are the same
-whatever the number of processes, and a run can resume at any batch of an epoch.
+its 1/W slice of each. So the global batches, and the augmentation drawn per image (from
+(seed, epoch, index) alone), are the same whatever the number of processes, and a run can resume
+at any batch of an epoch.
 """
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
+from pipeline.augment import augment_sample
 from pipeline.shards import ShardReader
 
 Target = dict[str, Tensor]
@@ -28,12 +30,18 @@ class DetectionDataset(Dataset):
 
     The target holds "boxes" [G, 4] (x1, y1, x2, y2 pixels) and "labels" [G]; crowd (or VOC
     difficult) boxes are left out, as they are neither to be found nor to be penalised.
+    Training datasets augment (`pipeline.augment.augment_sample`: `augment` "flip" or "ssd",
+    flip probability `hflip`, resize to `input_size` squared if > 0); the defaults leave images as
+    they are, for evaluation.
     """
 
-    def __init__(self, reader: ShardReader, hflip: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, reader: ShardReader, hflip: float = 0.0, seed: int = 0, augment: str = "flip",
+                 input_size: int = 0) -> None:
         self.reader = reader
         self.hflip = hflip
         self.seed = seed
+        self.augment = augment
+        self.input_size = input_size
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -45,10 +53,10 @@ class DetectionDataset(Dataset):
         keep = ~record.crowd
         boxes = torch.from_numpy(record.boxes[keep]).reshape(-1, 4)
         labels = torch.from_numpy(record.class_ids[keep]).to(torch.int64)
-        if self.hflip and torch.rand((), generator=_generator(self.seed, epoch, index)) < self.hflip:
-            image = image.flip(-1)
-            boxes = torch.stack([record.width - boxes[:, 2], boxes[:, 1], record.width - boxes[:, 0], boxes[:, 3]], 1)
-        return image.float().div_(255), {"boxes": boxes, "labels": labels}, record.image_id
+        image, boxes, labels = augment_sample(image.float().div_(255), boxes, labels,
+                                              _generator(self.seed, epoch, index), self.augment, self.hflip,
+                                              self.input_size)
+        return image, {"boxes": boxes, "labels": labels}, record.image_id
 
 
 def collate(items: list[tuple[Tensor, Target, int]]) -> tuple[list[Tensor], list[Target], list[int]]:

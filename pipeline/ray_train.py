@@ -95,7 +95,8 @@ def run_worker(payload: dict, hooks_class: type = RayHooks) -> None:
     exchange = ProcessGroupExchange() if world_size > 1 else None
     model = ray.train.torch.prepare_model(build_model(config, len(payload["classes"]), exchange))
     train_dir = config.run.prepared_data(config.data.dataset) / config.data.train_split
-    dataset = DetectionDataset(ShardReader(train_dir), hflip=config.train.hflip, seed=config.train.seed)
+    dataset = DetectionDataset(ShardReader(train_dir), hflip=config.train.hflip, seed=config.train.seed,
+                               augment=config.train.augment, input_size=config.train.input_size)
     training = Training(config, model, device, total_steps(config, len(dataset)))
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:

@@ -105,8 +105,9 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
     classes = _classes(config)
-    dataset = DetectionDataset(ShardReader(_split_dir(config, config.data.train_split)),
-                               hflip=config.train.hflip, seed=config.train.seed)
+    dataset = DetectionDataset(ShardReader(_split_dir(config, config.data.train_split)), hflip=config.train.hflip,
+                               seed=config.train.seed, augment=config.train.augment,
+                               input_size=config.train.input_size)
     model = build_model(config, len(classes)).to(device)
     training = Training(config, model, device, total_steps(config, len(dataset)))
     run_dir = config.run.directory()
@@ -140,8 +141,11 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
         raise FileNotFoundError(f"{model_path}: no trained model; run the train stage first")
     model, classes = load_model(model_path, device)
     split = _split_dir(config, config.eval_split())
+    # VOC runs also get the VOC07 11-point and area mAP beside the COCO metrics.
+    voc = config.data.dataset in ("voc2007", "voc2012")
     return evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
-                          config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images)
+                          config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images,
+                          voc=voc)
 
 
 def robustness_stage(config: Config, model_path: Path | None = None):

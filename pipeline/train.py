@@ -8,6 +8,8 @@ Train worker; only the `Hooks` that log, validate and checkpoint differ.
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from aploss.architectures import build_detector
 from aploss.detector import OneStageDetector
@@ -78,6 +81,22 @@ def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: t
             [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets])
 
 
+@contextmanager
+def _fixed_input_size(transform: GeneralizedRCNNTransform, size: int) -> Iterator[None]:
+    """Inside, the transform keeps the `size` x `size` inputs the dataset made (resizing to
+    `fixed_size` is the identity on them); after, even on an error, it is back to its own sizes,
+    the evaluation sizes. `size` 0 leaves it as it is."""
+    if not size:
+        yield
+        return
+    own = transform.fixed_size
+    transform.fixed_size = (size, size)
+    try:
+        yield
+    finally:
+        transform.fixed_size = own
+
+
 class Training:
     """One process's model (DDP-wrapped or not), optimiser, schedules and step counter."""
 
@@ -103,7 +122,8 @@ class Training:
         self.detector.criterion.delta = delta
         lr = self.optimizer.param_groups[0]["lr"]
         images, targets = _to_device(images, targets, self.device)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with (_fixed_input_size(self.detector.transform, self.config.train.input_size),
+              torch.autocast(self.device.type, enabled=self.amp)):
             losses = self.model(images, targets)
         loss = losses["classification"] + losses["box_regression"]
         if losses["positives"].item() == 0:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from pipeline.cli import main
@@ -103,3 +104,22 @@ def test_unknown_corruption_is_an_error(workspace, capsys):
     _, config = workspace
     assert main(["robustness", "--config", str(config), "robustness.corruptions=[fogg]"]) == 2
     assert "unknown COCO-C corruption(s) ['fogg']" in capsys.readouterr().err
+
+
+def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.dataset import DetectionDataset
+    from pipeline.evaluate import evaluate_split
+    from pipeline.shards import ShardReader
+    from pipeline.stages import load_model
+
+    root, config_path = workspace
+    config = load_config(config_path)
+    model, classes = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
+    split = config.run.prepared_data("coco") / "train"
+    evaluation = evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
+                                tmp_path, 8, torch.device("cpu"), voc=True)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["voc_area_map"] == pytest.approx(evaluation.voc.map_area)
+    assert set(saved["per_class_voc07_11point"]) == {"square", "disc"}
+    assert abs(saved["voc_area_map"] - saved["metrics"]["AP50"]) < 0.05  # both AP at IoU 0.5
