@@ -125,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")
     _add_config_arguments(sweep)
     report = commands.add_parser("report", help=HELP["report"])
-    report.add_argument("--runs", nargs="+", default=[], metavar="RUN_NAME",
-                        help="pipeline run names to compare (default: every pipeline run of the experiment)")
+    report.add_argument("--run", action="append", default=[], dest="runs", metavar="RUN_NAME",
+                        help="a pipeline run to compare, repeated (default: every pipeline run of the experiment)")
     _add_config_arguments(report)
     actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
     for action in ("run", "train"):

@@ -65,6 +65,10 @@ class DataConfig:
         return Path(self.root or os.environ.get("APLOSS_DATA_ROOT") or "data").expanduser().resolve()
 
 
+# SSD models see one input size, fixed by their default boxes.
+FIXED_INPUT_SIZES = {"ssd300_vgg16": 300, "ssd512_vgg16": 512, "ssdlite_mobilenet_v3": 320}
+
+
 @dataclass
 class ModelConfig:
     arch: Literal[ARCHITECTURES] = "retinanet_r18"
@@ -315,6 +319,9 @@ class Config:
             getattr(self, section.name).validate()
         _require(self.train.batch_size % self.ray.workers == 0, "train.batch_size",
                  f"the global batch ({self.train.batch_size}) must split evenly over ray.workers ({self.ray.workers})")
+        fixed = FIXED_INPUT_SIZES.get(self.model.arch)
+        _require(fixed is None or self.train.input_size in (0, fixed), "train.input_size",
+                 f"{self.model.arch} takes {fixed}x{fixed} inputs: set 0 or {fixed}, got {self.train.input_size}")
         if search_space:
             self._validate_search_space()
 

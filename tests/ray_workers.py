@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from pipeline.ray_train import RayHooks, run_worker
@@ -19,6 +20,9 @@ class FlakyHooks(RayHooks):
             with (output / "steps.jsonl").open("a") as log:
                 log.write(json.dumps({"attempt": attempt, "step": training.step}) + "\n")
         if attempt == 1 and self.rank == 1 and training.step == int((output / "kill_at").read_text()):
+            # Ray restarts from the latest checkpoint its controller has registered; give it the
+            # moment it takes to collect the last report, as a real failure would.
+            time.sleep(3)
             killed.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         super().after_step(training, metrics)

@@ -48,6 +48,7 @@ def test_flatten_uses_dotted_keys():
     (["optim.milestones=[0.9, 0.5]"], "optim.milestones: must be increasing"),
     (["data.dataset=coco"], "data.annotations: dataset 'coco' needs"),
     (["optim.lr"], "must look like section.key=value"),
+    (["model.arch=ssd300_vgg16", "train.input_size=512"], "train.input_size: ssd300_vgg16 takes 300x300 inputs"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -80,7 +80,7 @@ def test_report_gathers_the_runs_of_a_comparison(pipeline_config, capsys):
                   "robustness.severities=[3]"]
     assert main(["robustness", *overrides, *robustness]) == 0
     capsys.readouterr()
-    assert main(["report", "--runs", "pipeline-test", *overrides]) == 0
+    assert main(["report", "--run", "pipeline-test", *overrides]) == 0
     printed = capsys.readouterr().out
     client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aploss").experiment_id
@@ -91,5 +91,5 @@ def test_report_gathers_the_runs_of_a_comparison(pipeline_config, capsys):
     assert f"| {robust.data.metrics['mPC']:.3f} |" in row
     report = root / "runs" / "report"
     assert (report / "report.md").exists() and (report / "ap.png").exists() and (report / "robustness.png").exists()
-    assert main(["report", "--runs", "no-such-run", *overrides]) == 2
+    assert main(["report", "--run", "no-such-run", *overrides]) == 2
     assert "no pipeline run named ['no-such-run']" in capsys.readouterr().err

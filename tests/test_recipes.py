@@ -23,9 +23,11 @@ def test_every_recipe_has_a_focal_twin():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
 def test_recipe_trains_a_few_steps_on_cpu(recipe):
-    size = 96  # SSD's transform still resizes to its fixed 300 or 512
-    config = load_config(recipe, ["model.min_size=96", "model.max_size=96", f"train.input_size={size}",
-                                  "train.batch_size=2", "ray.workers=1", "ray.use_gpu=false", "train.amp=false"])
+    size = 96
+    # RetinaNet trains at a reduced size here; SSD only takes its own fixed input size.
+    reduced = [] if recipe.name.startswith("ssd") else [f"train.input_size={size}"]
+    config = load_config(recipe, ["model.min_size=96", "model.max_size=96", *reduced, "train.batch_size=2",
+                                  "ray.workers=1", "ray.use_gpu=false", "train.amp=false"])
     seed_everything(0)
     model = build_model(config, num_classes=20)
     training = Training(config, model, torch.device("cpu"), steps=10)

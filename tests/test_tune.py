@@ -54,3 +54,22 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     assert sorted(t.data.params["optim.lr"] for t in trials) == ["0.02", "1e-06"]
     reports = sorted(len(client.get_metric_history(t.info.run_id, "val_ap")) for t in trials)
     assert reports == [2, 4]  # the stopped trial validated twice (grace period), the other to the end
+
+    # Rerunning the same sweep restores it from its Tune state: no trial runs again.
+    try:
+        assert main(["tune", "--samples", "1", *overrides]) == 0
+    finally:
+        ray.shutdown()
+    assert "2 trials, 1 stopped early by ASHA" in capsys.readouterr().out
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")) == 2
+
+
+def test_optuna_search_is_limited_to_the_concurrency():
+    pytest.importorskip("optuna")
+    from ray.tune.search import ConcurrencyLimiter
+
+    from pipeline.tune import _search_algorithm
+
+    searcher = _search_algorithm(load_config(None, ["tune.search=optuna", "tune.max_concurrent=3"]))
+    assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 3
+    assert _search_algorithm(load_config(None, ["tune.search=random"])) is None
