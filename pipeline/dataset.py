@@ -98,6 +98,3 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             first = batch * self.global_batch + self.rank * self.share
             yield [(index, self.epoch) for index in self.order[first:first + self.share]]
 
-
-def batches_per_epoch(num_images: int, global_batch: int) -> int:
-    return num_images // global_batch
