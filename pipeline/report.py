@@ -2,7 +2,6 @@
 robustness) gathered from MLflow into one markdown table, a table of means over seeds, and plots.
 """
 import io
-import json
 import math
 import statistics
 import tempfile
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.io import write_bytes_atomic
-from pipeline.robustness import RobustnessResult, Setting, plot_robustness
+from pipeline.robustness import RobustnessResult, plot_robustness, read_result
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 
@@ -34,19 +33,9 @@ class RunSummary:
         return " / ".join(self.params.get(key, "?") for key in GROUP_PARAMS)
 
 
-def _robustness(client: mlflow.MlflowClient, run_id: str) -> RobustnessResult | None:
+def _robustness(client: mlflow.MlflowClient, run_id: str) -> RobustnessResult:
     with tempfile.TemporaryDirectory() as directory:
-        try:
-            path = client.download_artifacts(run_id, "robustness/robustness.json", directory)
-        except Exception:  # no robustness stage for this run
-            return None
-        saved = json.loads(Path(path).read_text())
-    chosen = []
-    for label in saved["ap"]:
-        name, _, severity = label.partition("@")
-        family = "clean" if label == "clean" else name if name in ("occlusion", "noise") else "coco-c"
-        chosen.append(Setting(family, name, float(severity or 0)))
-    return RobustnessResult(saved["ap"], chosen, saved["P"], saved["mPC"], saved["rPC"], saved["unavailable"])
+        return read_result(Path(client.download_artifacts(run_id, "robustness/robustness.json", directory)))
 
 
 def collect(config: Config, names: list[str]) -> list[RunSummary]:
@@ -66,7 +55,8 @@ def collect(config: Config, names: list[str]) -> list[RunSummary]:
         params = stages["train"].data.params if "train" in stages else {}
         metrics = {**(stages["evaluate"].data.metrics if "evaluate" in stages else {}),
                    **(stages["robustness"].data.metrics if "robustness" in stages else {})}
-        robustness = _robustness(client, stages["robustness"].info.run_id) if "robustness" in stages else None
+        robust = stages.get("robustness")
+        robustness = _robustness(client, robust.info.run_id) if robust and robust.info.status == "FINISHED" else None
         per_class = {key[3:]: value for key, value in metrics.items() if key.startswith("AP_")}
         summaries.append(RunSummary(name, params, metrics, robustness, per_class))
     return summaries

@@ -9,9 +9,10 @@ Three families, each a list of (kind, severity) settings evaluated with the same
 Noise and corruptions are seeded per (setting, image), so every model sees the same images.
 """
 import io
+import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +176,17 @@ def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:
     return path
 
 
+def read_result(path: Path) -> RobustnessResult:
+    """A RobustnessResult as `write_result` saved it."""
+    saved = json.loads(Path(path).read_text())
+    return RobustnessResult(saved["ap"], [Setting(**setting) for setting in saved["settings"]], saved["P"],
+                            saved["mPC"], saved["rPC"], saved["unavailable"])
+
+
 def write_result(result: RobustnessResult, out_dir: Path) -> list[Path]:
     json_path = out_dir / "robustness.json"
     write_json_atomic({"ap": result.ap, "P": result.clean_ap, "mPC": result.mpc, "rPC": result.rpc,
+                       "settings": [asdict(setting) for setting in result.settings],
                        "unavailable": result.unavailable}, json_path)
     table_path = out_dir / "robustness.md"
     write_bytes_atomic(result.table().encode(), table_path)

@@ -40,11 +40,10 @@ def trial_config(base: dict, params: dict) -> Config:
 def _run_trial(params: dict) -> None:
     context = params.pop("_sweep")
     config = trial_config(context["base"], params)
-    child = mlflow.MlflowClient(context["tracking_uri"]).create_run(
-        context["experiment_id"], run_name=config.run.name,
-        tags={"mlflow.parentRunId": context["sweep_run_id"], tracking.STAGE_TAG: "trial"})
-    run_id = child.info.run_id
     client = mlflow.MlflowClient(context["tracking_uri"])
+    run_id = client.create_run(context["experiment_id"], run_name=config.run.name,
+                               tags={"mlflow.parentRunId": context["sweep_run_id"], tracking.STAGE_TAG: "trial"}
+                               ).info.run_id
     for key, value in tracking.param_safe(config).items():
         client.log_param(run_id, key, value)
     trainer = build_trainer(config, context["classes"], mlflow_run_id=run_id, callbacks=[TuneReportCallback()])
