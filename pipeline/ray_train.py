@@ -8,6 +8,7 @@ the parameter update equals one process holding the whole batch. Checkpoints go 
 a rerun with the same run name resumes where the run stopped.
 """
 import math
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,12 @@ from pipeline.train import Training, build_model, fit, seed_everything, total_st
 
 STATE_FILE = "state.pt"
 LOGGED = ("loss", "cls_loss", "box_loss", "delta", "lr", "images_per_s")
+
+
+def _say(line: str) -> None:
+    # Ray Train 2.60 echoes a worker's print() twice on the driver's console; a plain write once.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class RayHooks:
@@ -59,7 +66,7 @@ class RayHooks:
             metrics["images_per_s"] = self.window_steps * train.batch_size / self.window_seconds
             self.window_seconds, self.window_steps = 0.0, 0
             if self.rank == 0:
-                print(f"step {step}/{last} " + " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED), flush=True)
+                _say(f"step {step}/{last} " + " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED))
                 if self.client:
                     for key in LOGGED:
                         self.client.log_metric(self.payload["mlflow_run_id"], key, metrics[key], step=step)
@@ -102,7 +109,7 @@ def run_worker(payload: dict, hooks_class: type = RayHooks) -> None:
         with checkpoint.as_directory() as directory:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
         if rank == 0:
-            print(f"resumed at step {training.step}", flush=True)
+            _say(f"resumed at step {training.step}")
     steps_per_epoch = len(dataset) // config.train.batch_size
     fit(training, dataset, hooks_class(config, payload, rank, world_size, steps_per_epoch), rank, world_size)
 
