@@ -25,7 +25,7 @@ from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.prep import prepare  # noqa: E402
-from pipeline.shards import ShardReader  # noqa: E402
+from pipeline.shards import ShardReader, read_manifest  # noqa: E402
 from pipeline.stages import evaluate_stage, train_stage  # noqa: E402
 from pipeline.train import Training, build_model, seed_everything  # noqa: E402
 
@@ -43,10 +43,10 @@ def recipe(args: argparse.Namespace, loss: str) -> Config:
 def step_times(config: Config, batches: int) -> dict[str, float]:
     """Median train-step seconds of each loss on the same batches, from the same weights,
     interleaved; and the median share of a step spent in the loss (forward and backward)."""
-    classes = 3
+    prepared = config.run.prepared_data(config.data.dataset)
     seed_everything(0)
-    dataset = DetectionDataset(ShardReader(config.run.prepared_data("bccd") / config.data.train_split))
-    base = build_model(config, classes)
+    dataset = DetectionDataset(ShardReader(prepared / config.data.train_split))
+    base = build_model(config, len(read_manifest(prepared)["classes"]))
     times = {loss: [] for loss in LOSSES}
     shares = {loss: [] for loss in LOSSES}
     for batch in range(batches + 1):  # the first round warms up
@@ -94,7 +94,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="base YAML config (default: the built-in defaults)")
-    parser.add_argument("--steps", type=int, default=150, help="the default recipe's 6 epochs")
+    parser.add_argument("--steps", type=int, default=150, help="6 epochs of BCCD train (the main job trains 4)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--min-size", type=int, default=256)
     parser.add_argument("--max-size", type=int, default=342)
