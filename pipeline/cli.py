@@ -41,21 +41,14 @@ def _pipeline(config: Config) -> None:
     print(summary(config, run_pipeline(config)))
 
 
-def _robustness(config: Config) -> None:
-    import mlflow
+def _robustness(config: Config, runs: list[str]) -> None:
+    from pipeline.run import run_robustness
 
-    from pipeline import tracking
-    from pipeline.stages import robustness_stage
-
-    experiment = tracking.configure(config)
-    run_id, _ = tracking.stage_run(experiment, tracking.pipeline_run(config, experiment), "robustness")
-    with mlflow.start_run(run_id=run_id):
-        result, paths = robustness_stage(config)
-        tracking.log_robustness(result, paths)
-    print(result.table())
-    for name, reason in result.unavailable.items():
-        print(f"not run: {name}: {reason}")
-    print(f"written: {', '.join(str(p) for p in paths)}")
+    for name, (result, paths) in run_robustness(config, runs or [config.run.name]).items():
+        print(f"== {name}\n{result.table()}")
+        for corruption, reason in result.unavailable.items():
+            print(f"not run: {corruption}: {reason}")
+        print(f"written: {', '.join(str(p) for p in paths)}")
 
 
 def _report(config: Config, runs: list[str]) -> None:
@@ -106,7 +99,7 @@ HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manife
         "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow",
         "pipeline train": "Ray Train DDP on prepared data (writes the run's model.pt)",
         "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space",
-        "robustness": "AP under occlusion, Gaussian noise and COCO-C (P, mPC, rPC), logged to MLflow",
+        "robustness": "AP under occlusion, Gaussian noise and COCO-C (P, mPC, rPC) of one or more runs, logged to MLflow",
         "report": "one markdown table and plots from the MLflow runs of a comparison"}
 
 
@@ -116,17 +109,25 @@ def _add_config_arguments(command: argparse.ArgumentParser) -> None:
                          help="config overrides, e.g. optim.lr=0.02 train.epochs=3")
 
 
+def _add_runs_argument(command: argparse.ArgumentParser, help: str) -> None:
+    # Repeated rather than nargs="+", which would swallow the positional overrides.
+    command.add_argument("--run", action="append", default=[], dest="runs", metavar="RUN_NAME", help=help)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="aploss", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-    for name in ("prep", "train", "eval", "robustness"):
+    for name in ("prep", "train", "eval"):
         _add_config_arguments(commands.add_parser(name, help=HELP[name]))
+    robustness = commands.add_parser("robustness", help=HELP["robustness"])
+    _add_runs_argument(robustness, "a run whose model to evaluate, repeated: all in one pass over the perturbed "
+                                   "images (default: run.name)")
+    _add_config_arguments(robustness)
     sweep = commands.add_parser("tune", help=HELP["tune"])
     sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")
     _add_config_arguments(sweep)
     report = commands.add_parser("report", help=HELP["report"])
-    report.add_argument("--run", action="append", default=[], dest="runs", metavar="RUN_NAME",
-                        help="a pipeline run to compare, repeated (default: every pipeline run of the experiment)")
+    _add_runs_argument(report, "a pipeline run to compare, repeated (default: every pipeline run of the experiment)")
     _add_config_arguments(report)
     actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
     for action in ("run", "train"):
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(arguments, "samples", None) is not None:
             overrides.append(f"tune.samples={arguments.samples}")
         config = load_config(arguments.config, overrides)
-        if command == "report":
+        if command in ("report", "robustness"):
             COMMANDS[command](config, arguments.runs)
         else:
             COMMANDS[command](config)

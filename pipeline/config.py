@@ -240,6 +240,9 @@ class RobustnessConfig:
     noise: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])  # Gaussian sigma on [0, 1] pixels
     corruptions: list[str] = field(default_factory=lambda: ["all"])  # COCO-C names, "all" or none ([])
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    # Seeds the perturbations, apart from train.seed: models of different training seeds are
+    # compared on the same perturbed images.
+    seed: int = 0
 
     def validate(self) -> None:
         _require(all(0 < f <= 1 for f in self.occlusion), "robustness.occlusion",
@@ -341,6 +344,10 @@ class Config:
 
     def eval_split(self) -> str:
         return self.eval.split or self.data.test_split
+
+    def for_run(self, name: str) -> "Config":
+        """This config for another run under the same output_dir (a run of a comparison)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, name=name))
 
     def tracking_uri(self) -> str:
         """tracking.uri, else MLflow's own $MLFLOW_TRACKING_URI (how a job submitter passes its

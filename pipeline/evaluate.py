@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
@@ -18,20 +19,26 @@ SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
 
 
 @torch.no_grad()
+def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], device: torch.device) -> list[dict]:
+    """COCO result dicts (category_id = class + 1, bbox x, y, w, h) of `model` on one batch."""
+    results = []
+    for image_id, detections in zip(image_ids, model([image.to(device) for image in images])):
+        boxes = detections["boxes"].cpu()
+        boxes[:, 2:] -= boxes[:, :2]
+        for bbox, score, label in zip(boxes.tolist(), detections["scores"].tolist(), detections["labels"].tolist()):
+            results.append({"image_id": image_id, "category_id": label + 1, "bbox": bbox, "score": score})
+    return results
+
+
 def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
             indices: list[int] | None = None) -> list[dict]:
-    """COCO result dicts (category_id = class + 1, bbox x, y, w, h) for `indices` (default all)."""
+    """COCO result dicts of `model` on `indices` of `dataset` (default all)."""
     model.eval()
     indices = list(range(len(dataset))) if indices is None else indices
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     results = []
     for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
-        for image_id, detections in zip(image_ids, model([image.to(device) for image in images])):
-            boxes = detections["boxes"].cpu()
-            boxes[:, 2:] -= boxes[:, :2]
-            for bbox, score, label in zip(boxes.tolist(), detections["scores"].tolist(),
-                                          detections["labels"].tolist()):
-                results.append({"image_id": image_id, "category_id": label + 1, "bbox": bbox, "score": score})
+        results += detect(model, images, image_ids, device)
     return results
 
 

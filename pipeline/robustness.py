@@ -1,17 +1,22 @@
-"""The robustness stage: a trained detector's AP under perturbed test images.
+"""The robustness stage: trained detectors' AP under perturbed test images.
 
 Three families, each a list of (kind, severity) settings evaluated with the same COCO metric:
   * occlusion: a black patch over each ground-truth object covering `severity` of its area
     (centred, with the box's aspect ratio);
   * noise: additive Gaussian noise of standard deviation `severity` on [0, 1] intensities;
-  * COCO-C (Michaelis et al. 2019): the `imagecorruptions` package's corruptions at severities
-    1-5. P is the clean AP, mPC the mean AP over corruptions and severities, rPC = mPC / P.
-Noise and corruptions are seeded per (setting, image), so every model sees the same images.
+  * COCO-C (Michaelis et al. 2019): the `imagecorruptions` package's 15 corruptions at
+    severities 1-5. P is the clean AP, mPC the mean AP over corruptions and severities,
+    rPC = mPC / P.
+Perturbations are seeded per (robustness seed, setting, image), not by the model, so every model
+sees the same images; several models are evaluated in one pass, each image perturbed once (some
+corruptions, glass blur above all, cost seconds per image).
 """
 import io
 import json
 import math
+import types
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,33 +25,66 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from aploss.detector import OneStageDetector
 from pipeline.coco_metrics import evaluate_detections
-from pipeline.dataset import DetectionDataset
-from pipeline.evaluate import predict
+from pipeline.config import ConfigError, RobustnessConfig
+from pipeline.dataset import DetectionDataset, collate
+from pipeline.evaluate import detect
 from pipeline.io import write_bytes_atomic, write_json_atomic
 
 FAMILIES = ("occlusion", "noise", "coco-c")
+# The benchmark's corruptions (Hendrycks & Dietterich 2019; Michaelis et al. 2019), in its order.
+COCO_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+          "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+          "jpeg_compression")
+
+
+class _NumPyWithFloat_(types.ModuleType):
+    """NumPy as imagecorruptions 1.1.2 expects it: with `np.float_`, which NumPy 2 removed."""
+
+    float_ = np.float64
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+
+def _gaussian_with_multichannel(image, *args, multichannel: bool = False, **kwargs):
+    """skimage.filters.gaussian as imagecorruptions 1.1.2 calls it: scikit-image 0.19 renamed
+    `multichannel=True` to `channel_axis=-1` and later versions dropped the old name."""
+    from skimage.filters import gaussian
+
+    return gaussian(image, *args, channel_axis=-1 if multichannel else None, **kwargs)
+
+
+def _imagecorruptions():
+    """The imagecorruptions package, its module adapted to current NumPy and scikit-image (the
+    last release, 1.1.2, predates both). Only that module sees the adaptations."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its pkg_resources and scipy.ndimage.interpolation imports
+        import imagecorruptions
+        from imagecorruptions import corruptions
+    corruptions.np = _NumPyWithFloat_("numpy")
+    corruptions.gaussian = _gaussian_with_multichannel
+    return imagecorruptions
 
 
 def coco_c_corruptions() -> dict[str, str]:
-    """COCO-C corruption name -> why it cannot run here ('' when it can)."""
+    """Each COCO-C corruption -> why it cannot run here ('' when it can)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from imagecorruptions import corrupt, get_corruption_names
+        package = _imagecorruptions()
     except ImportError as error:
-        return {"*": f"imagecorruptions is not installed ({error})"}
+        return {name: f"imagecorruptions is not installed ({error})" for name in COCO_C}
     probe = np.full((32, 32, 3), 128, dtype=np.uint8)
     status = {}
-    for name in get_corruption_names():
+    for name in COCO_C:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                corrupt(probe, corruption_name=name, severity=1)
+                package.corrupt(probe, corruption_name=name, severity=1)
             status[name] = ""
-        except Exception as error:  # the package's own incompatibilities (e.g. NumPy 2, scikit-image)
+        except Exception as error:  # an incompatibility of the package with this environment
             status[name] = f"{type(error).__name__}: {error}"
     return status
 
@@ -65,16 +103,16 @@ def add_noise(image: Tensor, sigma: float, generator: torch.Generator) -> Tensor
     return (image + torch.randn(image.shape, generator=generator) * sigma).clamp_(0, 1)
 
 
-def _coco_c(image: Tensor, name: str, severity: int, seed: int) -> Tensor:
-    from imagecorruptions import corrupt
-
+def corrupt(image: Tensor, name: str, severity: int, seed: int) -> Tensor:
+    """`image` ([3, H, W] in [0, 1]) under COCO-C corruption `name` at `severity`."""
+    package = _imagecorruptions()
     pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     state = np.random.get_state()
     np.random.seed(seed)  # the package draws from NumPy's global generator
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            corrupted = corrupt(pixels, corruption_name=name, severity=severity)
+            corrupted = package.corrupt(pixels, corruption_name=name, severity=severity)
     finally:
         np.random.set_state(state)
     corrupted = np.ascontiguousarray(corrupted[:pixels.shape[0], :pixels.shape[1]])
@@ -104,13 +142,14 @@ class PerturbedDataset(Dataset):
     def __getitem__(self, index):
         image, target, image_id = self.dataset[index]
         setting = self.setting
-        seed = int(np.random.SeedSequence([self.seed, index, hash(setting.label) & 0xFFFFFFFF]).generate_state(1)[0])
+        # crc32, not hash(): str hashes change from one process to the next.
+        seed = int(np.random.SeedSequence([self.seed, index, zlib.crc32(setting.label.encode())]).generate_state(1)[0])
         if setting.family == "occlusion":
             image = occlude(image, target["boxes"], setting.severity)
         elif setting.family == "noise":
             image = add_noise(image, setting.severity, torch.Generator().manual_seed(seed))
         elif setting.family == "coco-c":
-            image = _coco_c(image, setting.name, int(setting.severity), seed)
+            image = corrupt(image, setting.name, int(setting.severity), seed)
         return image, target, image_id
 
 
@@ -132,25 +171,47 @@ class RobustnessResult:
                           "|---|---|", *summary])
 
 
-def settings(occlusion: list[float], noise: list[float], corruptions: list[str], severities: list[int]
-             ) -> list[Setting]:
-    return ([Setting("clean", "clean", 0.0)] + [Setting("occlusion", "occlusion", f) for f in occlusion]
-            + [Setting("noise", "noise", s) for s in noise]
-            + [Setting("coco-c", name, s) for name in corruptions for s in severities])
+def settings(options: RobustnessConfig) -> tuple[list[Setting], dict[str, str]]:
+    """The settings `options` ask for that can run here, and each asked-for corruption that
+    cannot with the reason."""
+    wanted = list(COCO_C) if options.corruptions == ["all"] else options.corruptions
+    unknown = [name for name in wanted if name not in COCO_C]
+    if unknown:
+        raise ConfigError(f"robustness.corruptions: unknown COCO-C corruption(s) {unknown}; available: {list(COCO_C)}")
+    status = coco_c_corruptions() if wanted else {}
+    unavailable = {name: status[name] for name in wanted if status[name]}
+    runnable = [name for name in wanted if name not in unavailable]
+    chosen = ([Setting("clean", "clean", 0.0)] + [Setting("occlusion", "occlusion", f) for f in options.occlusion]
+              + [Setting("noise", "noise", s) for s in options.noise]
+              + [Setting("coco-c", name, s) for name in runnable for s in options.severities])
+    return chosen, unavailable
 
 
-def evaluate_robustness(model, dataset: DetectionDataset, ground_truth: Path, chosen: list[Setting],
-                        batch_size: int, device: torch.device, seed: int = 0,
-                        unavailable: dict[str, str] | None = None) -> RobustnessResult:
-    ap = {}
-    for setting in chosen:
-        detections = predict(model, PerturbedDataset(dataset, setting, seed), batch_size, device)
-        ap[setting.label] = evaluate_detections(ground_truth, detections).metrics["AP"]
+def _result(ap: dict[str, float], chosen: list[Setting], unavailable: dict[str, str]) -> RobustnessResult:
     clean = ap["clean"]
     corrupted = [ap[s.label] for s in chosen if s.family == "coco-c"]
     mpc = float(np.mean(corrupted)) if corrupted else None
     rpc = mpc / clean if mpc is not None and clean > 0 else None
-    return RobustnessResult(ap, chosen, clean, mpc, rpc, unavailable or {})
+    return RobustnessResult(ap, chosen, clean, mpc, rpc, unavailable)
+
+
+def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionDataset, ground_truth: Path,
+                        chosen: list[Setting], batch_size: int, device: torch.device, seed: int = 0,
+                        unavailable: dict[str, str] | None = None) -> dict[str, RobustnessResult]:
+    """Each model's AP under each setting; every batch of perturbed images is made once and
+    seen by all the models."""
+    ap: dict[str, dict[str, float]] = {name: {} for name in models}
+    for model in models.values():
+        model.eval()
+    for setting in chosen:
+        detections: dict[str, list[dict]] = {name: [] for name in models}
+        for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_size=batch_size,
+                                               collate_fn=collate):
+            for name, model in models.items():
+                detections[name] += detect(model, images, image_ids, device)
+        for name in models:
+            ap[name][setting.label] = evaluate_detections(ground_truth, detections[name]).metrics["AP"]
+    return {name: _result(ap[name], chosen, unavailable or {}) for name in models}
 
 
 def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:

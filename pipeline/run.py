@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.prep import prepare
 from pipeline.ray_train import train_distributed
 from pipeline.shards import read_manifest
-from pipeline.stages import evaluate_stage, load_model
+from pipeline.stages import evaluate_stage, load_model, robustness_stage, train_stage
 
 
 @dataclass
@@ -48,7 +48,8 @@ def _stage(name: str, run_id: str):
     return mlflow.start_run(run_id=run_id)
 
 
-def run_pipeline(config: Config) -> PipelineResult:
+def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
+    """data-prep -> train (Ray Train DDP, or in this process when not `distributed`) -> evaluate."""
     experiment = tracking.configure(config)
     parent = tracking.pipeline_run(config, experiment)
     run_dir = config.run.directory()
@@ -70,12 +71,15 @@ def run_pipeline(config: Config) -> PipelineResult:
     if finished and model_path.exists():
         skipped.append("train")
     else:
-        start_ray(config)
         with _stage("train", run_id):
             tracking.log_train_params(config)
-            result, model_path = train_distributed(config, classes, mlflow_run_id=run_id)
-            for checkpoint, metrics in result.best_checkpoints:
-                mlflow.log_artifacts(checkpoint.path, artifact_path=f"checkpoints/step-{metrics['step']:07d}")
+            if distributed:
+                start_ray(config)
+                result, model_path = train_distributed(config, classes, mlflow_run_id=run_id)
+                for checkpoint, metrics in result.best_checkpoints:
+                    mlflow.log_artifacts(checkpoint.path, artifact_path=f"checkpoints/step-{metrics['step']:07d}")
+            else:
+                model_path = train_stage(config, progress=False).model_path
             model, _ = load_model(model_path, "cpu")
             tracking.log_model(model, config)
 
@@ -89,6 +93,19 @@ def run_pipeline(config: Config) -> PipelineResult:
         pass  # marks the parent run finished
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
+
+
+def run_robustness(config: Config, names: list[str]) -> dict[str, tuple]:
+    """The robustness stage of the pipeline runs `names`, evaluated together (each perturbed
+    image made once), each logged as the robustness child run of its own pipeline run."""
+    experiment = tracking.configure(config)
+    run_ids = {name: tracking.stage_run(experiment, tracking.pipeline_run(config.for_run(name), experiment),
+                                        "robustness")[0] for name in names}
+    outputs = robustness_stage(config, names)
+    for name, (result, paths) in outputs.items():
+        with mlflow.start_run(run_id=run_ids[name]):
+            tracking.log_robustness(result, paths)
+    return outputs
 
 
 def summary(config: Config, result: PipelineResult) -> str:

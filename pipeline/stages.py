@@ -148,24 +148,25 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
                           voc=voc)
 
 
-def robustness_stage(config: Config, model_path: Path | None = None):
-    """AP of the run's model under occlusion, noise and COCO-C on the evaluation split, written
-    under the run's robustness/."""
-    from pipeline.robustness import coco_c_corruptions, evaluate_robustness, settings, write_result
+def robustness_stage(config: Config, names: list[str] | None = None) -> dict[str, tuple]:
+    """AP of the models of runs `names` (default: run.name, all under run.output_dir) under
+    occlusion, noise and COCO-C on the evaluation split, in one pass over the perturbed images:
+    name -> (RobustnessResult, files written under that run's robustness/)."""
+    from pipeline.robustness import evaluate_robustness, settings, write_result
 
     device = resolve_device(config.train.device)
-    model, _ = load_model(model_path or config.run.directory() / "model.pt", device)
-    options = config.robustness
-    available = coco_c_corruptions()
-    wanted = [name for name in available if name != "*"] if options.corruptions == ["all"] else options.corruptions
-    unknown = [name for name in wanted if name not in available]
-    if unknown and "*" not in available:
-        raise ValueError(f"robustness.corruptions: unknown COCO-C corruption(s) {unknown}; "
-                         f"available: {sorted(available)}")
-    runnable = [name for name in wanted if available.get(name) == ""]
-    unavailable = {name: available.get(name) or available.get("*", "") for name in wanted if name not in runnable}
-    chosen = settings(options.occlusion, options.noise, runnable, options.severities)
     split = _split_dir(config, config.eval_split())
-    result = evaluate_robustness(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", chosen,
-                                 config.eval.batch_size, device, config.train.seed, unavailable)
-    return result, write_result(result, config.run.directory() / "robustness")
+    classes = _classes(config)
+    models = {}
+    for name in names or [config.run.name]:
+        path = config.for_run(name).run.directory() / "model.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no trained model for run '{name}'; run its train stage first")
+        models[name], trained_on = load_model(path, device)
+        if trained_on != classes:
+            raise ValueError(f"{path}: run '{name}' was trained on classes {trained_on}, but {split} has {classes}")
+    chosen, unavailable = settings(config.robustness)
+    results = evaluate_robustness(models, DetectionDataset(ShardReader(split)), split / "ground_truth.json", chosen,
+                                  config.eval.batch_size, device, config.robustness.seed, unavailable)
+    return {name: (result, write_result(result, config.for_run(name).run.directory() / "robustness"))
+            for name, result in results.items()}

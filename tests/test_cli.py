@@ -77,33 +77,77 @@ def test_bad_config_is_reported_without_a_traceback(workspace, capsys):
     assert "unknown key(s) ['optim.learning_rate']" in capsys.readouterr().err
 
 
-def test_robustness_stage_on_the_trained_model(workspace, capsys):
+def _variant(root, name: str, change) -> None:
+    """Another run whose model.pt is the trained one's, changed by `change`."""
+    saved = torch.load(root / "runs" / "synthetic" / "model.pt", weights_only=False)
+    change(saved)
+    (root / "runs" / name).mkdir(exist_ok=True)
+    torch.save(saved, root / "runs" / name / "model.pt")
+
+
+def _noisier_weights(saved) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for tensor in saved["model"].values():
+        if tensor.is_floating_point():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02 * tensor.std().nan_to_num())
+
+
+def test_robustness_stage_evaluates_several_runs_in_one_pass(workspace, capsys, monkeypatch):
     import mlflow
 
+    from pipeline import robustness
+    from pipeline.config import load_config
+    from pipeline.stages import robustness_stage
+
     root, config = workspace
+    _variant(root, "synthetic-noisy", _noisier_weights)
+    calls = []
+    corrupt = robustness.corrupt
+    monkeypatch.setattr(robustness, "corrupt", lambda *args: calls.append(args[1:3]) or corrupt(*args))
     overrides = ["robustness.occlusion=[1.0]", "robustness.noise=[0.3]",
-                 "robustness.corruptions=[gaussian_noise, contrast]", "robustness.severities=[5]"]
-    assert main(["robustness", "--config", str(config), *overrides]) == 0
-    assert "| summary | value |" in capsys.readouterr().out
-    saved = json.loads((root / "runs" / "synthetic" / "robustness" / "robustness.json").read_text())
-    ap = saved["ap"]
-    assert set(ap) == {"clean", "occlusion@1", "noise@0.3", "gaussian_noise@5", "contrast@5"}
+                 "robustness.corruptions=[gaussian_noise, glass_blur]", "robustness.severities=[5]"]
+    assert main(["robustness", "--config", str(config), "--run", "synthetic", "--run", "synthetic-noisy",
+                 *overrides]) == 0
+    assert len(calls) == 12 * 2  # each of the 12 images once per corruption, not once per model
+    printed = capsys.readouterr().out
+    assert "== synthetic\n" in printed and "== synthetic-noisy\n" in printed and "| summary | value |" in printed
+    saved = {name: json.loads((root / "runs" / name / "robustness" / "robustness.json").read_text())
+             for name in ("synthetic", "synthetic-noisy")}
+    ap = saved["synthetic"]["ap"]
+    assert set(ap) == {"clean", "occlusion@1", "noise@0.3", "gaussian_noise@5", "glass_blur@5"}
     assert ap["occlusion@1"] < 0.5 * ap["clean"]  # nothing left to see
-    assert saved["P"] == ap["clean"]
-    assert saved["mPC"] == pytest.approx((ap["gaussian_noise@5"] + ap["contrast@5"]) / 2)
-    assert saved["rPC"] == pytest.approx(saved["mPC"] / saved["P"])
+    assert saved["synthetic"]["P"] == ap["clean"]
+    assert saved["synthetic"]["mPC"] == pytest.approx((ap["gaussian_noise@5"] + ap["glass_blur@5"]) / 2)
+    assert saved["synthetic"]["rPC"] == pytest.approx(saved["synthetic"]["mPC"] / saved["synthetic"]["P"])
+    assert saved["synthetic-noisy"]["ap"] != ap
+    # Evaluated alone, each model gets the same numbers as in the shared pass.
+    alone = load_config(config, overrides)
+    for name in saved:
+        (result, _), = robustness_stage(alone, [name]).values()
+        assert result.ap == saved[name]["ap"]
     client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aploss").experiment_id
-    (run,) = client.search_runs([experiment], "tags.`aploss.stage` = 'robustness'")
-    assert run.data.metrics["P"] == pytest.approx(saved["P"])
-    logged = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
-    assert {"robustness/robustness.png", "robustness/robustness.md", "robustness/robustness.json"} <= logged
+    runs = client.search_runs([experiment], "tags.`aploss.stage` = 'robustness'")
+    parents = {run.info.run_id: run.data.tags["aploss.run_name"]
+               for run in client.search_runs([experiment], "tags.`aploss.stage` = 'pipeline'")}
+    by_name = {parents[run.data.tags["mlflow.parentRunId"]]: run for run in runs}
+    assert set(by_name) == set(saved)
+    for name, run in by_name.items():
+        assert run.data.metrics["P"] == pytest.approx(saved[name]["P"])
+        assert run.data.metrics["mPC"] == pytest.approx(saved[name]["mPC"])
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
+        assert {"robustness/robustness.png", "robustness/robustness.md", "robustness/robustness.json"} <= logged
 
 
-def test_unknown_corruption_is_an_error(workspace, capsys):
-    _, config = workspace
+def test_robustness_refuses_bad_runs(workspace, capsys):
+    root, config = workspace
     assert main(["robustness", "--config", str(config), "robustness.corruptions=[fogg]"]) == 2
     assert "unknown COCO-C corruption(s) ['fogg']" in capsys.readouterr().err
+    assert main(["robustness", "--config", str(config), "--run", "never-trained"]) == 2
+    assert "no trained model for run 'never-trained'" in capsys.readouterr().err
+    _variant(root, "other-classes", lambda saved: saved.update(classes=["disc", "square"]))
+    assert main(["robustness", "--config", str(config), "--run", "other-classes"]) == 2
+    assert "run 'other-classes' was trained on classes ['disc', 'square']" in capsys.readouterr().err
 
 
 def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
