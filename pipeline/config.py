@@ -36,7 +36,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "bccd"  # bccd | voc2007 | voc2012 | coco2017 | coco (instances json by path)
+    dataset: str = "bccd"  # bccd | voc2007 | voc2012 | voc0712 | coco2017 | coco (instances json by path)
     root: str = ""  # data root; empty means $APLOSS_DATA_ROOT, else ./data
     annotations: dict[str, str] = field(default_factory=dict)  # coco: split -> instances json
     images: dict[str, str] = field(default_factory=dict)  # coco: split -> image folder
@@ -49,7 +49,7 @@ class DataConfig:
     min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels, after clipping) are dropped
 
     def validate(self) -> None:
-        named = ("bccd", "voc2007", "voc2012", "coco2017", "coco")
+        named = ("bccd", "voc2007", "voc2012", "voc0712", "coco2017", "coco")
         _require(self.dataset in named, "data.dataset", f"must be one of {list(named)}, got {self.dataset!r}")
         if self.dataset == "coco":
             _require(bool(self.annotations), "data.annotations",

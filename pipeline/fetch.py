@@ -12,7 +12,7 @@ from typing import Sequence
 from torchvision.datasets.utils import download_and_extract_archive
 
 from pipeline.config import DataConfig
-from pipeline.sources import VOC_LAYOUTS, PrepError, coco2017_paths
+from pipeline.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,20 @@ COCO2017_ANNOTATIONS = Archive(f"{_COCO}/annotations/annotations_trainval2017.zi
 COCO2017_IMAGES = {split: Archive(f"{_COCO}/zips/{split}2017.zip", "coco") for split in ("train", "val")}
 
 
+def _archive(folder: str, split: str) -> Archive:
+    """The archive that holds a VOC-layout folder's `split`."""
+    if folder == VOC2007_FOLDER:
+        return VOC2007_TEST if split == "test" else VOC2007_TRAINVAL
+    return VOC2012_TRAINVAL if folder == VOC2012_FOLDER else BCCD
+
+
 def _requirements(dataset: str, root: Path, split: str) -> list[tuple[Path, Archive]]:
     """What must exist under `root` for `split`, each with the archive that provides it."""
     if dataset == "coco2017":
         annotations, images = coco2017_paths(root, split)
         return [(annotations, COCO2017_ANNOTATIONS), (images, COCO2017_IMAGES[split])]
-    listing = root / VOC_LAYOUTS[dataset][0] / "ImageSets" / "Main" / f"{split}.txt"
-    if dataset == "bccd":
-        return [(listing, BCCD)]
-    if dataset == "voc2007":
-        return [(listing, VOC2007_TEST if split == "test" else VOC2007_TRAINVAL)]
-    return [(listing, VOC2012_TRAINVAL)]
+    return [(root / folder / "ImageSets" / "Main" / f"{split}.txt", _archive(folder, split))
+            for folder in VOC_LAYOUTS[dataset].splits[split]]
 
 
 def _missing(dataset: str, root: Path, splits: Sequence[str]) -> dict[Archive, list[Path]]:

@@ -22,12 +22,31 @@ VOC_CLASSES = (
 )
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 
-# Named datasets in VOC layout: folder under the data root, classes, splits.
+
+
+@dataclass(frozen=True)
+class VOCLayout:
+    classes: tuple[str, ...]
+    splits: dict[str, tuple[str, ...]]  # split -> the VOC folders under the data root whose listings it joins
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(folder for folders in self.splits.values() for folder in folders))
+
+
+VOC2007_FOLDER, VOC2012_FOLDER = "VOCdevkit/VOC2007", "VOCdevkit/VOC2012"
+_VOC_TRAIN_SPLITS = ("train", "val", "trainval")
+# Named datasets in VOC layout.
 VOC_LAYOUTS = {
-    "bccd": ("bccd/BCCD", BCCD_CLASSES, ("train", "val", "trainval", "test")),
-    "voc2007": ("VOCdevkit/VOC2007", VOC_CLASSES, ("train", "val", "trainval", "test")),
-    "voc2012": ("VOCdevkit/VOC2012", VOC_CLASSES, ("train", "val", "trainval")),
+    "bccd": VOCLayout(BCCD_CLASSES, {split: ("bccd/BCCD",) for split in ("train", "val", "trainval", "test")}),
+    "voc2007": VOCLayout(VOC_CLASSES, {split: (VOC2007_FOLDER,) for split in (*_VOC_TRAIN_SPLITS, "test")}),
+    "voc2012": VOCLayout(VOC_CLASSES, {split: (VOC2012_FOLDER,) for split in _VOC_TRAIN_SPLITS}),
+    # "07+12", the usual Pascal VOC training set (16,551 trainval images); its test split is
+    # VOC2007 test, since VOC2012's test annotations are not public.
+    "voc0712": VOCLayout(VOC_CLASSES, {**{split: (VOC2007_FOLDER, VOC2012_FOLDER) for split in _VOC_TRAIN_SPLITS},
+                                       "test": (VOC2007_FOLDER,)}),
 }
+PASCAL_VOC = ("voc2007", "voc2012", "voc0712")  # evaluated with Pascal VOC mAP beside COCO's
 COCO2017_SPLITS = ("train", "val")  # test2017 has no public annotations
 
 
@@ -79,7 +98,7 @@ class Source(Protocol):
 
 def available_splits(data: DataConfig) -> tuple[str, ...]:
     if data.dataset in VOC_LAYOUTS:
-        return VOC_LAYOUTS[data.dataset][2]
+        return tuple(VOC_LAYOUTS[data.dataset].splits)
     if data.dataset == "coco2017":
         return COCO2017_SPLITS
     return tuple(data.annotations)
@@ -104,8 +123,7 @@ def coco2017_paths(root: Path, split: str) -> tuple[Path, Path]:
 def open_source(data: DataConfig) -> Source:
     root = data.resolved_root()
     if data.dataset in VOC_LAYOUTS:
-        folder, classes, _ = VOC_LAYOUTS[data.dataset]
-        return VOCSource(root / folder, classes)
+        return VOCSource(root, VOC_LAYOUTS[data.dataset])
     if data.dataset == "coco2017":
         paths = {split: coco2017_paths(root, split) for split in data.splits}
         return COCOSource({split: p[0] for split, p in paths.items()}, {split: p[1] for split, p in paths.items()})
@@ -118,36 +136,44 @@ def open_source(data: DataConfig) -> Source:
 
 
 class VOCSource:
-    """Pascal VOC layout: ImageSets/Main/<split>.txt, Annotations/<id>.xml, JPEGImages/<id>.jpg.
+    """Pascal VOC layout: ImageSets/Main/<split>.txt, Annotations/<id>.xml, JPEGImages/<id>.jpg,
+    in one folder, or in several joined (VOC 07+12).
 
-    Image ids are positions in the sorted split listing: stable across runs and platforms.
+    Image ids are positions in the split's listing, sorted within each folder, folders in the
+    layout's order: stable across runs and platforms. Where the layout joins folders, file
+    names carry the folder's name (VOC2007/000005.jpg), as the years reuse image names.
     """
 
-    def __init__(self, directory: Path, classes: tuple[str, ...]):
-        self.directory = directory
-        self.classes = list(classes)
-        self._class_index = {name: i for i, name in enumerate(classes)}
+    def __init__(self, root: Path, layout: VOCLayout):
+        self.root = root
+        self.layout = layout
+        self.classes = list(layout.classes)
+        self._class_index = {name: i for i, name in enumerate(layout.classes)}
         self._entries: dict[str, list[Entry]] = {}
 
-    def _listing(self, split: str) -> Path:
-        return self.directory / "ImageSets" / "Main" / f"{split}.txt"
+    def _listings(self, split: str) -> list[tuple[Path, Path]]:
+        """(folder, its listing of `split`) for each folder the split joins."""
+        return [(self.root / folder, self.root / folder / "ImageSets" / "Main" / f"{split}.txt")
+                for folder in self.layout.splits[split]]
 
     def entries(self, split: str) -> list[Entry]:
         if split not in self._entries:
-            listing = self._listing(split)
-            try:
-                lines = listing.read_text().splitlines()
-            except OSError as error:
-                raise PrepError(listing, f"cannot read split listing: {error.strerror}") from None
-            names = sorted({line.split()[0] for line in lines if line.strip()})
-            self._entries[split] = [
-                Entry(i, f"{name}.jpg", self.directory / "JPEGImages" / f"{name}.jpg",
-                      self.directory / "Annotations" / f"{name}.xml")
-                for i, name in enumerate(names)]
+            entries = []
+            for directory, listing in self._listings(split):
+                try:
+                    lines = listing.read_text().splitlines()
+                except OSError as error:
+                    raise PrepError(listing, f"cannot read split listing: {error.strerror}") from None
+                prefix = f"{directory.name}/" if len(self.layout.folders) > 1 else ""
+                entries += [Entry(len(entries) + i, f"{prefix}{name}.jpg", directory / "JPEGImages" / f"{name}.jpg",
+                                  directory / "Annotations" / f"{name}.xml")
+                            for i, name in enumerate(sorted({line.split()[0] for line in lines if line.strip()}))]
+            self._entries[split] = entries
         return self._entries[split]
 
     def annotation_files(self, split: str) -> list[Path]:
-        return [self._listing(split)] + [entry.annotation_path for entry in self.entries(split)]
+        return [listing for _, listing in self._listings(split)] + [entry.annotation_path
+                                                                    for entry in self.entries(split)]
 
     def load(self, split: str, entry: Entry) -> SourceImage:
         path = entry.annotation_path

@@ -19,6 +19,7 @@ from pipeline.dataset import DetectionDataset
 from pipeline.evaluate import Evaluation, evaluate_split, predict
 from pipeline.coco_metrics import evaluate_detections
 from pipeline.shards import ShardReader, read_manifest
+from pipeline.sources import PASCAL_VOC
 from pipeline.train import Training, build_model, fit, resolve_device, seed_everything, total_steps
 
 
@@ -142,7 +143,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     model, classes = load_model(model_path, device)
     split = _split_dir(config, config.eval_split())
     # VOC runs also get the VOC07 11-point and area mAP beside the COCO metrics.
-    voc = config.data.dataset in ("voc2007", "voc2012")
+    voc = config.data.dataset in PASCAL_VOC
     return evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
                           config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images,
                           voc=voc)

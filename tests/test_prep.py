@@ -53,14 +53,14 @@ VOC_IMAGES = {
 VOC_SPLITS = {"train": ["e", "b", "a"], "val": ["c"], "test": ["d"]}
 
 
-def make_voc(root: Path) -> Path:
-    base = root / "VOCdevkit" / "VOC2007"
+def make_voc(root: Path, year: int = 2007, splits: dict[str, list[str]] = VOC_SPLITS) -> Path:
+    base = root / "VOCdevkit" / f"VOC{year}"
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     for seed, (name, (width, height, objects)) in enumerate(VOC_IMAGES.items()):
-        (base / "JPEGImages" / f"{name}.jpg").write_bytes(jpeg(width, height, seed))
+        (base / "JPEGImages" / f"{name}.jpg").write_bytes(jpeg(width, height, seed + year))
         (base / "Annotations" / f"{name}.xml").write_text(voc_xml(name, (width, height), objects))
-    for split, names in VOC_SPLITS.items():
+    for split, names in splits.items():
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(names) + "\n")
     return base
 
@@ -108,6 +108,32 @@ def test_voc_round_trip_and_ground_truth(tmp_path, voc):
     assert dog[0]["bbox"] == [2, 3, 18, 22] and dog[0]["area"] == 18 * 22
     assert ground_truth.loadCats(1)[0]["name"] == "aeroplane"
     assert len(COCO(str(result.directory / "val" / "ground_truth.json")).getImgIds()) == 1
+
+
+def test_voc0712_joins_both_years_and_tests_on_voc2007(tmp_path):
+    voc07 = make_voc(tmp_path / "source", 2007, {"trainval": ["b", "a"], "test": ["d"]})
+    voc12 = make_voc(tmp_path / "source", 2012, {"trainval": ["e", "a", "c"]})
+    config = make_config(tmp_path, dataset="voc0712", train_split="trainval", val_split="test", test_split="test")
+    result = prepare(config, progress=False)
+    assert result.directory == tmp_path / "runs" / "data" / "voc0712"
+    assert result.manifest["classes"] == list(VOC_CLASSES)
+    reader = ShardReader(result.directory / "trainval")
+    records = [reader.read(i) for i in range(len(reader))]
+    # Both years name an image "a": the file names keep them apart, the ids run on across years.
+    assert [(r.image_id, r.file_name) for r in records] == [
+        (0, "VOC2007/a.jpg"), (1, "VOC2007/b.jpg"), (2, "VOC2012/a.jpg"), (3, "VOC2012/c.jpg"), (4, "VOC2012/e.jpg")]
+    assert records[0].image == (voc07 / "JPEGImages" / "a.jpg").read_bytes()
+    assert records[2].image == (voc12 / "JPEGImages" / "a.jpg").read_bytes() != records[0].image
+    trainval = result.manifest["splits"]["trainval"]
+    assert (trainval["images"], trainval["boxes"]) == (5, 2 + 1 + 2 + 1 + 0)  # a, b of 2007; a, e, c of 2012
+    assert {d["file"] for d in trainval["dropped"]} == {str(voc07 / "Annotations" / "b.xml")}
+    ground_truth = COCO(str(result.directory / "trainval" / "ground_truth.json"))
+    assert len({image["file_name"] for image in ground_truth.dataset["images"]}) == 5
+    test = ShardReader(result.directory / "test")
+    assert [test.read(i).file_name for i in range(len(test))] == ["VOC2007/d.jpg"]
+    (voc12 / "ImageSets" / "Main" / "trainval.txt").unlink()
+    with pytest.raises(PrepError, match="VOC2012/ImageSets/Main/trainval.txt"):
+        prepare(config, progress=False)
 
 
 def test_boxes_clipped_and_dropped_are_reported(tmp_path, voc):
@@ -330,8 +356,10 @@ def test_missing_dataset_without_download(tmp_path):
 # What each (faked) archive extracts to, relative to the folder it is extracted into.
 ARCHIVE_CONTENTS = {
     fetch_module.BCCD.url: [f"BCCD_Dataset-master/BCCD/ImageSets/Main/{s}.txt" for s in ("train", "val", "test")],
-    fetch_module.VOC2007_TRAINVAL.url: [f"VOCdevkit/VOC2007/ImageSets/Main/{s}.txt" for s in ("train", "val")],
+    fetch_module.VOC2007_TRAINVAL.url: [f"VOCdevkit/VOC2007/ImageSets/Main/{s}.txt"
+                                        for s in ("train", "val", "trainval")],
     fetch_module.VOC2007_TEST.url: ["VOCdevkit/VOC2007/ImageSets/Main/test.txt"],
+    fetch_module.VOC2012_TRAINVAL.url: [f"VOCdevkit/VOC2012/ImageSets/Main/{s}.txt" for s in ("train", "trainval")],
     fetch_module.COCO2017_ANNOTATIONS.url: [f"annotations/instances_{s}2017.json" for s in ("train", "val")],
     fetch_module.COCO2017_IMAGES["train"].url: ["train2017/0.jpg"],
     fetch_module.COCO2017_IMAGES["val"].url: ["val2017/0.jpg"],
@@ -342,6 +370,8 @@ ARCHIVE_CONTENTS = {
     ("bccd", ["train", "val", "test"], [fetch_module.BCCD.url]),
     ("voc2007", ["train", "val", "test"], [fetch_module.VOC2007_TRAINVAL.url, fetch_module.VOC2007_TEST.url]),
     ("voc2007", ["train"], [fetch_module.VOC2007_TRAINVAL.url]),
+    ("voc0712", ["trainval", "test"], [fetch_module.VOC2007_TRAINVAL.url, fetch_module.VOC2012_TRAINVAL.url,
+                                       fetch_module.VOC2007_TEST.url]),
     ("coco2017", ["train", "val"], [fetch_module.COCO2017_ANNOTATIONS.url,
                                     *(fetch_module.COCO2017_IMAGES[s].url for s in ("train", "val"))]),
 ])

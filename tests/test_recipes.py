@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import flatten, load_config
+from pipeline.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, check_splits
 from pipeline.train import Training, build_model, seed_everything
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_ap.yaml"))
@@ -19,6 +20,17 @@ def test_every_recipe_has_a_focal_twin():
         differing = {key for key in ap if ap[key] != focal[key]}
         assert differing == {"loss.classification", "run.name"}, recipe.name
         assert (ap["loss.classification"], focal["loss.classification"]) == ("ap", "focal")
+        check_splits(load_config(recipe).data)  # the dataset has the splits the recipe names
+
+
+def test_voc_recipes_train_on_07_plus_12_and_test_on_voc2007():
+    voc = [recipe for recipe in RECIPES if "_voc" in recipe.name]
+    assert len(voc) == 3
+    for recipe in voc:
+        data = load_config(recipe).data
+        assert (data.dataset, data.train_split, data.test_split) == ("voc0712", "trainval", "test")
+        assert VOC_LAYOUTS["voc0712"].splits[data.train_split] == (VOC2007_FOLDER, VOC2012_FOLDER)
+        assert VOC_LAYOUTS["voc0712"].splits[data.test_split] == (VOC2007_FOLDER,)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
