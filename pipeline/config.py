@@ -243,8 +243,12 @@ class RobustnessConfig:
     # Seeds the perturbations, apart from train.seed: models of different training seeds are
     # compared on the same perturbed images.
     seed: int = 0
+    # Processes perturbing images while the models run (0: in the main process): COCO-C is
+    # single-threaded NumPy, and glass blur alone takes seconds per image.
+    workers: int = 1
 
     def validate(self) -> None:
+        _require(self.workers >= 0, "robustness.workers", f"must be >= 0, got {self.workers}")
         _require(all(0 < f <= 1 for f in self.occlusion), "robustness.occlusion",
                  f"fractions must be in (0, 1], got {self.occlusion}")
         _require(all(s > 0 for s in self.noise), "robustness.noise", f"sigmas must be > 0, got {self.noise}")

@@ -197,16 +197,16 @@ def _result(ap: dict[str, float], chosen: list[Setting], unavailable: dict[str, 
 
 def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionDataset, ground_truth: Path,
                         chosen: list[Setting], batch_size: int, device: torch.device, seed: int = 0,
-                        unavailable: dict[str, str] | None = None) -> dict[str, RobustnessResult]:
-    """Each model's AP under each setting; every batch of perturbed images is made once and
-    seen by all the models."""
+                        unavailable: dict[str, str] | None = None, workers: int = 0) -> dict[str, RobustnessResult]:
+    """Each model's AP under each setting; every batch of perturbed images is made once (by
+    `workers` processes, or this one) and seen by all the models."""
     ap: dict[str, dict[str, float]] = {name: {} for name in models}
     for model in models.values():
         model.eval()
     for setting in chosen:
         detections: dict[str, list[dict]] = {name: [] for name in models}
         for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_size=batch_size,
-                                               collate_fn=collate):
+                                               collate_fn=collate, num_workers=workers):
             for name, model in models.items():
                 detections[name] += detect(model, images, image_ids, device)
         for name in models:

@@ -168,6 +168,7 @@ def robustness_stage(config: Config, names: list[str] | None = None) -> dict[str
             raise ValueError(f"{path}: run '{name}' was trained on classes {trained_on}, but {split} has {classes}")
     chosen, unavailable = settings(config.robustness)
     results = evaluate_robustness(models, DetectionDataset(ShardReader(split)), split / "ground_truth.json", chosen,
-                                  config.eval.batch_size, device, config.robustness.seed, unavailable)
+                                  config.eval.batch_size, device, config.robustness.seed, unavailable,
+                                  config.robustness.workers)
     return {name: (result, write_result(result, config.for_run(name).run.directory() / "robustness"))
             for name, result in results.items()}

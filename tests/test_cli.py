@@ -106,8 +106,9 @@ def test_robustness_stage_evaluates_several_runs_in_one_pass(workspace, capsys, 
     monkeypatch.setattr(robustness, "corrupt", lambda *args: calls.append(args[1:3]) or corrupt(*args))
     overrides = ["robustness.occlusion=[1.0]", "robustness.noise=[0.3]",
                  "robustness.corruptions=[gaussian_noise, glass_blur]", "robustness.severities=[5]"]
+    # In this process, where the calls are counted.
     assert main(["robustness", "--config", str(config), "--run", "synthetic", "--run", "synthetic-noisy",
-                 *overrides]) == 0
+                 *overrides, "robustness.workers=0"]) == 0
     assert len(calls) == 12 * 2  # each of the 12 images once per corruption, not once per model
     printed = capsys.readouterr().out
     assert "== synthetic\n" in printed and "== synthetic-noisy\n" in printed and "| summary | value |" in printed
@@ -120,8 +121,9 @@ def test_robustness_stage_evaluates_several_runs_in_one_pass(workspace, capsys, 
     assert saved["synthetic"]["mPC"] == pytest.approx((ap["gaussian_noise@5"] + ap["glass_blur@5"]) / 2)
     assert saved["synthetic"]["rPC"] == pytest.approx(saved["synthetic"]["mPC"] / saved["synthetic"]["P"])
     assert saved["synthetic-noisy"]["ap"] != ap
-    # Evaluated alone, each model gets the same numbers as in the shared pass.
-    alone = load_config(config, overrides)
+    # Evaluated alone, with the images perturbed in another process, each model gets the same
+    # numbers as in the shared pass.
+    alone = load_config(config, [*overrides, "robustness.workers=1"])
     for name in saved:
         (result, _), = robustness_stage(alone, [name]).values()
         assert result.ap == saved[name]["ap"]
