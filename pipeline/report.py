@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.io import write_bytes_atomic
-from pipeline.robustness import RobustnessResult, plot_robustness, read_result
+from pipeline.robustness import RobustnessResult, Setting, plot_robustness, read_result
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 
@@ -91,7 +91,46 @@ def markdown(summaries: list[RunSummary]) -> str:
         members = [s for s in summaries if s.group == group]
         values = {key: [s.metrics[key] for s in members if key in s.metrics] for key in ("AP", "AP50", "mPC", "rPC")}
         lines.append(f"| {group} | {len(members)} | " + " | ".join(_spread(values[k]) for k in values) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _robustness_lines(summaries, groups))
+
+
+def _coco_c_scope(result: RobustnessResult) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    chosen = [s for s in result.settings if s.family == "coco-c"]
+    return tuple(dict.fromkeys(s.name for s in chosen)), tuple(sorted({s.severity for s in chosen}))
+
+
+def _robustness_lines(summaries: list[RunSummary], groups: list[str]) -> list[str]:
+    """What mPC covers, and each group's AP per perturbation."""
+    robust = [s for s in summaries if s.robustness is not None]
+    if not robust:
+        return []
+    scopes = {_coco_c_scope(s.robustness) for s in robust}
+    names, severities = next(iter(scopes))
+    lines = ["", f"mPC: COCO-C, {len(names)} corruptions × severities {', '.join(f'{v:g}' for v in severities)}."]
+    if len(scopes) > 1:
+        lines.append("**Warning: the runs' robustness covers different corruptions or severities; their mPC "
+                     "values are not comparable.**")
+    for name, reason in sorted({item for s in robust for item in s.robustness.unavailable.items()}):
+        lines.append(f"Not run: {name} ({reason}).")
+    robust_groups = [g for g in groups if any(s.group == g for s in robust)]
+    lines += ["", "AP per perturbation (COCO-C: mean over severities), mean ± std over each group's runs:", "",
+              "| perturbation | " + " | ".join(robust_groups) + " |", "|---|" + "---|" * len(robust_groups)]
+    rows = dict.fromkeys(_row(s) for r in robust for s in r.robustness.settings if s.family != "clean")
+    for row in rows:
+        cells = [_spread([ap for r in robust if r.group == group
+                          if (ap := _row_ap(r.robustness, row)) is not None]) for group in robust_groups]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _row(setting: Setting) -> str:
+    """A COCO-C corruption is one row over its severities; occlusion and noise, a row a setting."""
+    return setting.name if setting.family == "coco-c" else setting.label
+
+
+def _row_ap(result: RobustnessResult, row: str) -> float | None:
+    values = [result.ap[s.label] for s in result.settings if _row(s) == row]
+    return statistics.mean(values) if values else None
 
 
 def _bar_chart(summaries: list[RunSummary], path: Path) -> Path:
