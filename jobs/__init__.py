@@ -1,6 +1,6 @@
 """Ray job entrypoints, `python -m jobs.<stage> [--config FILE] [section.key=value ...]`:
-prep, train (Ray Train DDP), evaluate, pipeline (all three, tracked in MLflow) and sweep
-(Ray Tune). `jobs.submit` sends one to a cluster with the runtime env of `jobs.runtime_env`.
+prep, train (Ray Train DDP), evaluate, pipeline (all three, tracked in MLflow), sweep
+(Ray Tune), robustness and report. `jobs.submit` sends one to a cluster with the runtime env of `jobs.runtime_env`.
 
 Inside a job, Ray 2.60's job supervisor (`JobSupervisor._get_driver_env_vars`) gives the
 entrypoint RAY_ADDRESS (the cluster's GCS host:port), RAY_JOB_CONFIG_JSON_ENV_VAR (the runtime

@@ -16,7 +16,7 @@ from ray.job_submission import JobSubmissionClient
 
 from jobs import runtime_env as runtime_env_module
 from jobs import submit as submit_module
-from jobs import prep, train
+from jobs import prep, report, robustness, train
 from jobs.runtime_env import PASSED_ENV, runtime_env
 from jobs.submit import auth_headers, submit
 from pipeline import cli
@@ -54,6 +54,16 @@ def test_entrypoint_passes_config_and_overrides(clean_env, tmp_path, monkeypatch
     monkeypatch.setitem(cli.COMMANDS, "prep", seen.append)
     assert prep.main(["--config", str(path), "train.epochs=5", "run.name=job"]) == 0
     assert (seen[0].optim.lr, seen[0].train.epochs, seen[0].run.name) == (0.02, 5, "job")
+
+
+def test_comparison_entrypoints_pass_their_runs(clean_env, monkeypatch):
+    seen: list[tuple[Config, list[str]]] = []
+    for command in ("robustness", "report"):
+        monkeypatch.setitem(cli.COMMANDS, command, lambda config, runs: seen.append((config, runs)))
+    assert robustness.main(["--run", "a", "--run", "b", "robustness.severities=[3]"]) == 0
+    assert report.main(["--run", "a"]) == 0
+    assert [runs for _, runs in seen] == [["a", "b"], ["a"]]
+    assert seen[0][0].robustness.severities == [3]
 
 
 def test_tracking_uri_defaults_from_the_environment(clean_env, tmp_path):
