@@ -11,6 +11,7 @@ Perturbations are seeded per (robustness seed, setting, image), not by the model
 sees the same images; several models are evaluated in one pass, each image perturbed once (some
 corruptions, glass blur above all, cost seconds per image).
 """
+import functools
 import io
 import json
 import math
@@ -58,6 +59,7 @@ def _gaussian_with_multichannel(image, *args, multichannel: bool = False, **kwar
     return gaussian(image, *args, channel_axis=-1 if multichannel else None, **kwargs)
 
 
+@functools.cache
 def _imagecorruptions():
     """The imagecorruptions package, its module adapted to current NumPy and scikit-image (the
     last release, 1.1.2, predates both). Only that module sees the adaptations."""
