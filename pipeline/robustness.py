@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.coco_metrics import evaluate_detections
@@ -199,13 +200,14 @@ def _result(ap: dict[str, float], chosen: list[Setting], unavailable: dict[str, 
 
 def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionDataset, ground_truth: Path,
                         chosen: list[Setting], batch_size: int, device: torch.device, seed: int = 0,
-                        unavailable: dict[str, str] | None = None, workers: int = 0) -> dict[str, RobustnessResult]:
+                        unavailable: dict[str, str] | None = None, workers: int = 0, progress: bool = False
+                        ) -> dict[str, RobustnessResult]:
     """Each model's AP under each setting; every batch of perturbed images is made once (by
     `workers` processes, or this one) and seen by all the models."""
     ap: dict[str, dict[str, float]] = {name: {} for name in models}
     for model in models.values():
         model.eval()
-    for setting in chosen:
+    for setting in tqdm(chosen, desc="robustness", unit="setting", disable=not progress):
         detections: dict[str, list[dict]] = {name: [] for name in models}
         for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_size=batch_size,
                                                collate_fn=collate, num_workers=workers):

@@ -95,13 +95,13 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
 
 
-def run_robustness(config: Config, names: list[str]) -> dict[str, tuple]:
+def run_robustness(config: Config, names: list[str], progress: bool = True) -> dict[str, tuple]:
     """The robustness stage of the pipeline runs `names`, evaluated together (each perturbed
     image made once), each logged as the robustness child run of its own pipeline run."""
     experiment = tracking.configure(config)
     run_ids = {name: tracking.stage_run(experiment, tracking.pipeline_run(config.for_run(name), experiment),
                                         "robustness")[0] for name in names}
-    outputs = robustness_stage(config, names)
+    outputs = robustness_stage(config, names, progress)
     for name, (result, paths) in outputs.items():
         with mlflow.start_run(run_id=run_ids[name]):
             tracking.log_robustness(result, paths)

@@ -149,7 +149,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
                           voc=voc)
 
 
-def robustness_stage(config: Config, names: list[str] | None = None) -> dict[str, tuple]:
+def robustness_stage(config: Config, names: list[str] | None = None, progress: bool = True) -> dict[str, tuple]:
     """AP of the models of runs `names` (default: run.name, all under run.output_dir) under
     occlusion, noise and COCO-C on the evaluation split, in one pass over the perturbed images:
     name -> (RobustnessResult, files written under that run's robustness/)."""
@@ -169,6 +169,6 @@ def robustness_stage(config: Config, names: list[str] | None = None) -> dict[str
     chosen, unavailable = settings(config.robustness)
     results = evaluate_robustness(models, DetectionDataset(ShardReader(split)), split / "ground_truth.json", chosen,
                                   config.eval.batch_size, device, config.robustness.seed, unavailable,
-                                  config.robustness.workers)
+                                  config.robustness.workers, progress)
     return {name: (result, write_result(result, config.for_run(name).run.directory() / "robustness"))
             for name, result in results.items()}
