@@ -10,6 +10,7 @@ per loss). Rerunning skips what finished. Outputs: <output>/report/report.md and
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,16 +30,21 @@ def main() -> None:
     config = load_config(None, [f"run.output_dir={args.output}", *args.overrides])
     runs = {f"bccd-{loss}-seed{seed}": (loss, seed) for loss in ("ap", "focal") for seed in args.seeds}
     names = list(runs)
+    start = time.perf_counter()
     for name, (loss, seed) in runs.items():
         run_pipeline(load_config(None, [f"loss.classification={loss}", f"train.seed={seed}", f"run.name={name}",
                                         f"run.output_dir={args.output}", *args.overrides]), distributed=False)
+    trained = time.perf_counter()
     experiment = tracking.configure(config)
     pending = [name for name in names if not tracking.stage_run(
         experiment, tracking.pipeline_run(config.for_run(name), experiment), "robustness")[1]]
     if pending:
         run_robustness(config, pending)
+    finished = time.perf_counter()
     summaries = collect(config, names)
     print(markdown(summaries))
+    print(f"\nwall time: prep/train/evaluate of the runs not yet done {(trained - start) / 60:.1f} min; "
+          f"robustness of {len(pending)} runs in one pass {(finished - trained) / 60:.1f} min")
     print(f"report: {write_report(summaries, Path(args.output).resolve() / 'report')}")
 
 

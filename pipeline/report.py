@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline import tracking
-from pipeline.config import Config
+from pipeline.config import Config, config_from_dict
 from pipeline.io import write_bytes_atomic
 from pipeline.robustness import RobustnessResult, Setting, plot_robustness, read_result
 
@@ -52,14 +52,24 @@ def collect(config: Config, names: list[str]) -> list[RunSummary]:
     for name in names or sorted(by_name):
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{by_name[name].info.run_id}'")
         stages = {run.data.tags[tracking.STAGE_TAG]: run for run in children}
-        params = stages["train"].data.params if "train" in stages else {}
         metrics = {**(stages["evaluate"].data.metrics if "evaluate" in stages else {}),
                    **(stages["robustness"].data.metrics if "robustness" in stages else {})}
         robust = stages.get("robustness")
         robustness = _robustness(client, robust.info.run_id) if robust and robust.info.status == "FINISHED" else None
+        params = _params(stages, robustness)
         per_class = {key[3:]: value for key, value in metrics.items() if key.startswith("AP_")}
         summaries.append(RunSummary(name, params, metrics, robustness, per_class))
     return summaries
+
+
+def _params(stages: dict, robustness: RobustnessResult | None) -> dict[str, str]:
+    """The run's training params: its train stage's, else those its robustness stage read from
+    the model (trained outside the pipeline, `aploss train`)."""
+    if "train" in stages:
+        return stages["train"].data.params
+    if robustness is not None and robustness.trained_with:
+        return tracking.param_safe(config_from_dict(robustness.trained_with))
+    return {}
 
 
 def _cell(value: float | None) -> str:

@@ -164,6 +164,9 @@ class RobustnessResult:
     mpc: float | None  # mean AP over the COCO-C settings evaluated
     rpc: float | None  # mPC / P
     unavailable: dict[str, str] = field(default_factory=dict)  # corruption -> why it was not run
+    # The evaluated model's training config (plain data), so a report can tell the runs apart
+    # even when their training was not tracked in MLflow.
+    trained_with: dict = field(default_factory=dict)
 
     def table(self) -> str:
         rows = [f"| {s.family} | {s.label} | {self.ap[s.label]:.3f} |" for s in self.settings]
@@ -245,14 +248,14 @@ def read_result(path: Path) -> RobustnessResult:
     """A RobustnessResult as `write_result` saved it."""
     saved = json.loads(Path(path).read_text())
     return RobustnessResult(saved["ap"], [Setting(**setting) for setting in saved["settings"]], saved["P"],
-                            saved["mPC"], saved["rPC"], saved["unavailable"])
+                            saved["mPC"], saved["rPC"], saved["unavailable"], saved.get("trained_with", {}))
 
 
 def write_result(result: RobustnessResult, out_dir: Path) -> list[Path]:
     json_path = out_dir / "robustness.json"
     write_json_atomic({"ap": result.ap, "P": result.clean_ap, "mPC": result.mpc, "rPC": result.rpc,
                        "settings": [asdict(setting) for setting in result.settings],
-                       "unavailable": result.unavailable}, json_path)
+                       "unavailable": result.unavailable, "trained_with": result.trained_with}, json_path)
     table_path = out_dir / "robustness.md"
     write_bytes_atomic(result.table().encode(), table_path)
     return [json_path, table_path, plot_robustness({"model": result}, out_dir / "robustness.png")]

@@ -14,7 +14,7 @@ import ray
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.prep import prepare
-from pipeline.ray_train import train_distributed
+from pipeline.ray_train import LOGGED, train_distributed
 from pipeline.shards import read_manifest
 from pipeline.stages import evaluate_stage, load_model, robustness_stage, train_stage
 
@@ -80,7 +80,8 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                     mlflow.log_artifacts(checkpoint.path, artifact_path=f"checkpoints/step-{metrics['step']:07d}")
             else:
                 model_path = train_stage(config, progress=False).model_path
-            model, _ = load_model(model_path, "cpu")
+                tracking.log_training_curves(run_dir / "train" / "metrics.jsonl", LOGGED)
+            model, _, _ = load_model(model_path, "cpu")
             tracking.log_model(model, config)
 
     run_id, finished = tracking.stage_run(experiment, parent, "evaluate")

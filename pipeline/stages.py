@@ -4,6 +4,7 @@ Outputs go under the run directory (`run.output_dir/run.name`): checkpoints/, tr
 model.pt (the best weights by validation AP with the config and class names), eval/. Rerunning
 a stage with the same run name resumes training from the latest checkpoint.
 """
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from aploss.detector import OneStageDetector
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config, config_from_dict, config_to_dict
@@ -126,12 +128,14 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
 
 
-def load_model(path: Path, device: torch.device):
-    """A trained detector and its class names from a model.pt of the train stage."""
+def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list[str], Config]:
+    """A trained detector, its class names and the config it was trained with, from a model.pt
+    of the train stage."""
     saved = checkpoints.load(path, device)
-    model = build_model(config_from_dict(saved["config"]), len(saved["classes"])).to(device)
+    config = config_from_dict(saved["config"])
+    model = build_model(config, len(saved["classes"])).to(device)
     model.load_state_dict(saved["model"])
-    return model, saved["classes"]
+    return model, saved["classes"], config
 
 
 def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation:
@@ -140,7 +144,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     model_path = model_path or config.run.directory() / "model.pt"
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: no trained model; run the train stage first")
-    model, classes = load_model(model_path, device)
+    model, classes, _ = load_model(model_path, device)
     split = _split_dir(config, config.eval_split())
     # VOC runs also get the VOC07 11-point and area mAP beside the COCO metrics.
     voc = config.data.dataset in PASCAL_VOC
@@ -158,17 +162,19 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
     device = resolve_device(config.train.device)
     split = _split_dir(config, config.eval_split())
     classes = _classes(config)
-    models = {}
+    models, trained_with = {}, {}
     for name in names or [config.run.name]:
         path = config.for_run(name).run.directory() / "model.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no trained model for run '{name}'; run its train stage first")
-        models[name], trained_on = load_model(path, device)
+        models[name], trained_on, trained_config = load_model(path, device)
+        trained_with[name] = config_to_dict(trained_config)
         if trained_on != classes:
             raise ValueError(f"{path}: run '{name}' was trained on classes {trained_on}, but {split} has {classes}")
     chosen, unavailable = settings(config.robustness)
     results = evaluate_robustness(models, DetectionDataset(ShardReader(split)), split / "ground_truth.json", chosen,
                                   config.eval.batch_size, device, config.robustness.seed, unavailable,
                                   config.robustness.workers, progress)
+    results = {name: dataclasses.replace(result, trained_with=trained_with[name]) for name, result in results.items()}
     return {name: (result, write_result(result, config.for_run(name).run.directory() / "robustness"))
             for name, result in results.items()}

@@ -3,6 +3,7 @@
 A stage whose child run finished (and whose outputs exist) is skipped on rerun; an unfinished
 one is reopened, so a rerun resumes the same runs rather than scattering new ones.
 """
+import json
 import math
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
@@ -91,6 +92,18 @@ def log_prep(manifest: dict, prepared_dir: Path) -> None:
 
 def log_train_params(config: Config) -> None:
     mlflow.log_params(param_safe(config))
+
+
+def log_training_curves(metrics_path: Path, keys: tuple[str, ...]) -> None:
+    """The per-step `keys` (and validation AP) of an in-process training's metrics.jsonl, as the
+    Ray workers' rank 0 logs them while training."""
+    history = []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        history += [Metric(key, record[key], 0, record["step"]) for key in (*keys, "val_ap") if key in record]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for start in range(0, len(history), 1000):  # MLflow's cap on metrics per batch
+        client.log_batch(run_id, metrics=history[start:start + 1000])
 
 
 def log_model(model, config: Config) -> None:

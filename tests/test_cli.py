@@ -139,6 +139,11 @@ def test_robustness_stage_evaluates_several_runs_in_one_pass(workspace, capsys, 
         assert run.data.metrics["mPC"] == pytest.approx(saved[name]["mPC"])
         logged = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
         assert {"robustness/robustness.png", "robustness/robustness.md", "robustness/robustness.json"} <= logged
+    # Trained by `aploss train`, outside MLflow: the report reads the loss and seed from the model.
+    capsys.readouterr()
+    assert main(["report", "--config", str(config), "--run", "synthetic", "--run", "synthetic-noisy"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic")]
+    assert len(rows) == 2 and all("| ap | constant | 0 |" in row for row in rows)
 
 
 def test_robustness_refuses_bad_runs(workspace, capsys):
@@ -161,7 +166,7 @@ def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
 
     root, config_path = workspace
     config = load_config(config_path)
-    model, classes = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
+    model, classes, _ = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
     split = config.run.prepared_data("coco") / "train"
     evaluation = evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
                                 tmp_path, 8, torch.device("cpu"), voc=True)

@@ -74,6 +74,31 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert len(client.search_model_versions("name = 'aploss-detector'")) == 1
 
 
+def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
+    from pipeline.config import load_config
+    from pipeline.ray_train import LOGGED
+    from pipeline.run import run_pipeline
+
+    root, overrides = pipeline_config
+    config = load_config(None, [*overrides, "run.name=in-process", f"run.output_dir={root / 'runs-local'}"])
+    result = run_pipeline(config, distributed=False)
+    assert result.skipped == [] and result.metrics["AP"] is not None
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'runs-local' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aploss").experiment_id
+    children = _children(client, experiment, result.parent_run_id)
+    assert all(run.info.status == "FINISHED" for run in children.values())
+    train = children["train"]
+    # The curves Ray's rank 0 logs while training, here from the run's metrics.jsonl.
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_ap")] == [2, 4]
+    assert set(LOGGED) <= set(client.get_run(train.info.run_id).data.metrics)
+    assert train.data.params["ray.workers"] == "2"  # the config as given, though one process trained
+    (version,) = client.search_model_versions("name = 'aploss-detector'")
+    assert version.run_id == train.info.run_id
+    assert (config.run.directory() / "train" / "metrics.jsonl").exists()
+    assert run_pipeline(config, distributed=False).skipped == ["data-prep", "train", "evaluate"]
+
+
 def test_report_gathers_the_runs_of_a_comparison(pipeline_config, capsys):
     root, overrides = pipeline_config
     robustness = ["robustness.occlusion=[0.5]", "robustness.noise=[0.2]", "robustness.corruptions=[contrast]",
