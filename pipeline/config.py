@@ -349,6 +349,14 @@ class Config:
     def eval_split(self) -> str:
         return self.eval.split or self.data.test_split
 
+    def with_absolute_paths(self) -> "Config":
+        """This config with run.output_dir and data.root resolved here (data.root from
+        $APLOSS_DATA_ROOT too), for a process that starts elsewhere: Ray Train workers and Tune
+        trials run in Ray's own directories, without this process's variables."""
+        return dataclasses.replace(
+            self, data=dataclasses.replace(self.data, root=str(self.data.resolved_root())),
+            run=dataclasses.replace(self.run, output_dir=str(Path(self.run.output_dir).expanduser().resolve())))
+
     def for_run(self, name: str) -> "Config":
         """This config for another run under the same output_dir (a run of a comparison)."""
         return dataclasses.replace(self, run=dataclasses.replace(self.run, name=name))

@@ -120,7 +120,7 @@ def storage_path(config: Config) -> Path:
 
 def build_trainer(config: Config, classes: list[str], mlflow_run_id: str | None = None,
                   train_loop: Callable[[dict], None] = run_worker, callbacks: list | None = None) -> TorchTrainer:
-    payload = {"config": config_to_dict(config), "classes": classes, "mlflow_run_id": mlflow_run_id,
+    payload = {"config": config_to_dict(config.with_absolute_paths()), "classes": classes, "mlflow_run_id": mlflow_run_id,
                "tracking_uri": config.tracking_uri()}
     ray_config = config.ray
     return TorchTrainer(

@@ -92,7 +92,7 @@ def run_sweep(config: Config) -> SweepResult:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         space = {key: parse_domain(spec).to_tune() for key, spec in config.tune.space.items()}
-        space["_sweep"] = {"base": config_to_dict(config), "classes": manifest["classes"],
+        space["_sweep"] = {"base": config_to_dict(config.with_absolute_paths()), "classes": manifest["classes"],
                            "tracking_uri": config.tracking_uri(), "experiment_id": experiment,
                            "sweep_run_id": sweep_run}
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=_reports(config, train_images),

@@ -63,6 +63,16 @@ def test_two_workers_take_the_single_process_step(ray_cluster, data_root, tmp_pa
     assert len(moved) > len(initial) // 2  # the step did change the weights
 
 
+def test_relative_paths_mean_the_driver_s_directories(ray_cluster, data_root, monkeypatch):
+    # The main job's defaults: run.output_dir "runs" and the data root from $APLOSS_DATA_ROOT, both
+    # relative to the driver; Ray Train workers start in Ray's session directory.
+    monkeypatch.setenv("APLOSS_DATA_ROOT", data_root.name)
+    monkeypatch.chdir(data_root.parent)
+    config = _config("", "runs", "relative", "train.max_steps=1", "ray.workers=2")
+    _, model_path = train_distributed(config, ["square", "disc"])
+    assert model_path == data_root.parent / "runs" / "relative" / "model.pt" and model_path.exists()
+
+
 def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, data_root, tmp_path):
     overrides = ["train.max_steps=6", "train.checkpoint_every=2", "ray.workers=2", "ray.max_failures=1"]
     (tmp_path / "kill_at").write_text("5")
