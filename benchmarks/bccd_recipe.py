@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
-from pipeline.prep import prepare  # noqa: E402
+from pipeline.prep import locate_prepared, prepare  # noqa: E402
 from pipeline.shards import ShardReader, read_manifest  # noqa: E402
 from pipeline.stages import evaluate_stage, train_stage  # noqa: E402
 from pipeline.train import Training, build_model, seed_everything  # noqa: E402
@@ -43,7 +43,7 @@ def recipe(args: argparse.Namespace, loss: str) -> Config:
 def step_times(config: Config, batches: int) -> dict[str, float]:
     """Median train-step seconds of each loss on the same batches, from the same weights,
     interleaved; and the median share of a step spent in the loss (forward and backward)."""
-    prepared = config.run.prepared_data(config.data.dataset)
+    prepared = locate_prepared(config)
     seed_everything(0)
     dataset = DetectionDataset(ShardReader(prepared / config.data.train_split))
     base = build_model(config, len(read_manifest(prepared)["classes"]))

@@ -49,8 +49,9 @@ def measure(base: Config, workers: int, per_worker: int, steps: int, output: Pat
     data["ray"]["workers"], data["train"]["batch_size"] = workers, per_worker * workers
     data["train"]["max_steps"], data["run"]["name"], data["run"]["output_dir"] = steps, name, str(output)
     config = config_from_dict(data)
-    classes = prepare(config, progress=False).manifest["classes"]
-    build_trainer(config, classes, train_loop=timing_worker).fit()
+    prepared = prepare(config, progress=False)
+    config = config.with_prepared(prepared.directory)
+    build_trainer(config, prepared.manifest["classes"], train_loop=timing_worker).fit()
     ranks = [[json.loads(line) for line in (output / f"{name}-rank{r}.jsonl").read_text().splitlines()]
              for r in range(workers)]
     warm = [r for r in ranks[0] if r["step"] > 2]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pipeline.io import write_bytes_atomic, write_json_atomic
+from pipeline.errors import DataError
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -21,7 +22,7 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     try:
         return torch.load(path, map_location=device, weights_only=False)
     except (OSError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({error})") from None
+        raise DataError(f"{path}: not a readable checkpoint ({error})") from None
 
 
 class CheckpointStore:

@@ -4,7 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
 
 
 def _prep(config: Config) -> None:
@@ -62,17 +63,11 @@ def _report(config: Config, runs: list[str]) -> None:
 def _pipeline_train(config: Config) -> None:
     from pipeline.ray_train import train_distributed
     from pipeline.run import start_ray
-    from pipeline.shards import read_manifest
+    from pipeline.stages import training_data
 
-    prepared = config.run.prepared_data(config.data.dataset)
-    try:
-        classes = read_manifest(prepared)["classes"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no prepared {config.data.dataset!r} data in {prepared}: run data-prep "
-                                "(aploss prep or python -m jobs.prep) with the same data.* and run.output_dir first"
-                                ) from None
+    config, _ = training_data(config)  # before Ray starts: missing data is the likelier mistake
     start_ray(config)
-    result, model_path = train_distributed(config, classes)
+    result, model_path = train_distributed(config)
     print(f"trained to step {result.metrics['step']}; model: {model_path}")
 
 
@@ -105,6 +100,7 @@ HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manife
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
+    command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     command.add_argument("overrides", nargs="*", metavar="section.key=value",
                          help="config overrides, e.g. optim.lr=0.02 train.epochs=3")
 
@@ -135,9 +131,20 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of an error from outside this project (OS, MLflow, Ray) as one line."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parser().parse_args(argv)
     command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
+    from mlflow.exceptions import MlflowException
+    from ray.exceptions import RayError
+
     try:
         overrides = list(arguments.overrides)
         if getattr(arguments, "samples", None) is not None:
@@ -147,9 +154,21 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[command](config, arguments.runs)
         else:
             COMMANDS[command](config)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except UserError as error:
+        if arguments.debug:
+            raise
         print(f"aploss {command}: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, MlflowException, RayError) as error:
+        # What the user meets rather than causes (disk full, a server gone): one line, and
+        # --debug for the traceback. Anything else is a bug and keeps its traceback.
+        if arguments.debug:
+            raise
+        print(f"aploss {command}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"aploss {command}: interrupted; rerunning the same command resumes", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -27,6 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.utils import draw_bounding_boxes
 
 from pipeline.io import write_bytes_atomic
+from pipeline.errors import DataError, MissingInput
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -59,6 +60,9 @@ def evaluate_detections(ground_truth: str | Path | COCO,
     """COCO bbox evaluation of `detections` (result dicts with image_id, category_id, bbox
     as xywh, score; or a JSON file of them) against a ground-truth instances file or COCO."""
     gt = load_ground_truth(ground_truth)
+    if not any(not annotation.get("iscrowd") for annotation in gt.dataset["annotations"]):
+        where = ground_truth if isinstance(ground_truth, (str, Path)) else "the ground truth"
+        raise DataError(f"{where}: no ground-truth boxes to evaluate against (AP is undefined)")
     results = load_detections(detections)
     check_detections(results, gt)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -73,6 +77,11 @@ def evaluate_detections(ground_truth: str | Path | COCO,
     return _collect(evaluator, gt, summary.getvalue())
 
 
+def category_ids(ground_truth: str | Path) -> list[int]:
+    """The category id of each class of a prepared split's ground truth, in class order."""
+    return [category["id"] for category in _read_json(Path(ground_truth))["categories"]]
+
+
 def load_ground_truth(source: str | Path | COCO) -> COCO:
     """A COCO index of an instances JSON file; errors name the file."""
     if isinstance(source, COCO):
@@ -80,15 +89,15 @@ def load_ground_truth(source: str | Path | COCO) -> COCO:
     path = Path(source)
     data = _read_json(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a COCO instances file (expected a JSON object)")
+        raise DataError(f"{path}: not a COCO instances file (expected a JSON object)")
     for section, keys in _GROUND_TRUTH_KEYS.items():
         entries = data.get(section)
         if not isinstance(entries, list):
-            raise ValueError(f"{path}: not a COCO instances file ('{section}' must be a list)")
+            raise DataError(f"{path}: not a COCO instances file ('{section}' must be a list)")
         for index, entry in enumerate(entries):
             missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
             if missing:
-                raise ValueError(f"{path}: {section}[{index}] lacks {', '.join(missing)}")
+                raise DataError(f"{path}: {section}[{index}] lacks {', '.join(missing)}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -101,11 +110,11 @@ def _read_json(path: Path) -> Any:
         with open(path) as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+        raise MissingInput(f"{path}: no such file") from None
     except OSError as error:
         raise OSError(f"{path}: cannot read: {error.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from None
+        raise DataError(f"{path}: not valid JSON: {error}") from None
 
 
 def load_detections(source: list[dict[str, Any]] | str | Path) -> list[dict[str, Any]]:
@@ -113,7 +122,7 @@ def load_detections(source: list[dict[str, Any]] | str | Path) -> list[dict[str,
     if isinstance(source, (str, Path)):
         data = _read_json(Path(source))
         if not isinstance(data, list):
-            raise ValueError(f"{source}: detections must be a JSON list of COCO result dicts")
+            raise DataError(f"{source}: detections must be a JSON list of COCO result dicts")
         return data
     # loadRes adds keys to the dicts it gets; copy so the caller's stay as they were.
     return [dict(detection) for detection in source]
@@ -124,13 +133,13 @@ def check_detections(detections: list[dict[str, Any]], gt: COCO) -> None:
     for index, detection in enumerate(detections):
         missing = [key for key in _DETECTION_KEYS if key not in detection]
         if missing:
-            raise ValueError(f"detection {index} lacks {', '.join(missing)}")
+            raise DataError(f"detection {index} lacks {', '.join(missing)}")
     # COCOeval would silently drop unknown categories and assert on unknown images.
     for key, known in (("image_id", gt.getImgIds()), ("category_id", gt.getCatIds())):
         unknown = sorted({detection[key] for detection in detections} - set(known))
         if unknown:
             shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
-            raise ValueError(f"detections reference {len(unknown)} {key}(s) absent from the "
+            raise DataError(f"detections reference {len(unknown)} {key}(s) absent from the "
                              f"ground truth: {shown}")
 
 
@@ -222,7 +231,7 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
     """Save `image` (uint8 [C, H, W]) as a PNG with `boxes` ([n, 4] xyxy) in DETECTION_COLOUR
     captioned "label score", over `ground_truth` boxes ([m, 4] xyxy) in GROUND_TRUTH_COLOUR."""
     if not len(boxes) == len(labels) == len(scores):
-        raise ValueError(f"{len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores")
+        raise DataError(f"{len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores")
     canvas = image.cpu()
     # draw_bounding_boxes warns on an empty box set, so those are skipped.
     if ground_truth is not None and len(ground_truth):

@@ -21,12 +21,9 @@ from aploss.architectures import ARCHITECTURES
 from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
 from pipeline import yaml_values
 from pipeline.augment import AUGMENTATIONS
+from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.search_space import parse_domain
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, has the wrong type or an invalid value."""
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -47,6 +44,9 @@ class DataConfig:
     download: bool = True  # fetch a named dataset missing from the data root
     shard_images: int = 256  # images per Parquet shard
     min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels, after clipping) are dropped
+    # A prepared-data directory (what data-prep prints) to use as it is. Empty: training uses the
+    # one data-prep makes of the settings above; eval and robustness use the data the run trained on.
+    prepared: str = ""
 
     def validate(self) -> None:
         named = ("bccd", "voc2007", "voc2012", "voc0712", "coco2017", "coco")
@@ -302,9 +302,10 @@ class RunConfig:
         """Where this run's checkpoints and evaluation outputs go."""
         return Path(self.output_dir).expanduser().resolve() / self.name
 
-    def prepared_data(self, dataset: str) -> Path:
-        """Where data-prep writes `dataset`: shared by every run under the same output_dir."""
-        return Path(self.output_dir).expanduser().resolve() / "data" / dataset
+    def prepared_root(self) -> Path:
+        """Where data-prep writes: one directory per dataset and content, shared by every run
+        under the same output_dir."""
+        return Path(self.output_dir).expanduser().resolve() / "data"
 
 
 @dataclass
@@ -353,9 +354,14 @@ class Config:
         """This config with run.output_dir and data.root resolved here (data.root from
         $APLOSS_DATA_ROOT too), for a process that starts elsewhere: Ray Train workers and Tune
         trials run in Ray's own directories, without this process's variables."""
+        prepared = str(Path(self.data.prepared).expanduser().resolve()) if self.data.prepared else ""
         return dataclasses.replace(
-            self, data=dataclasses.replace(self.data, root=str(self.data.resolved_root())),
+            self, data=dataclasses.replace(self.data, root=str(self.data.resolved_root()), prepared=prepared),
             run=dataclasses.replace(self.run, output_dir=str(Path(self.run.output_dir).expanduser().resolve())))
+
+    def with_prepared(self, directory: Path) -> "Config":
+        """This config bound to the prepared data in `directory` (recorded with the run's model)."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, prepared=str(Path(directory).resolve())))
 
     def for_run(self, name: str) -> "Config":
         """This config for another run under the same output_dir (a run of a comparison)."""

@@ -17,6 +17,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.augment import augment_sample
 from pipeline.shards import ShardReader
+from pipeline.errors import DataError
 
 Target = dict[str, Tensor]
 
@@ -83,7 +84,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, row_groups: list[range], global_batch: int, seed: int, epoch: int,
                  rank: int = 0, world_size: int = 1, start: int = 0) -> None:
         if global_batch % world_size:
-            raise ValueError(f"train.batch_size ({global_batch}) must be a multiple of the number "
+            raise DataError(f"train.batch_size ({global_batch}) must be a multiple of the number "
                              f"of workers ({world_size})")
         self.order = epoch_order(row_groups, seed, epoch)
         self.global_batch, self.epoch = global_batch, epoch

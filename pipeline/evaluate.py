@@ -2,6 +2,7 @@
 VOC AP when asked), precision-recall curves, sample images with their detections, and the
 detections json."""
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
-from pipeline.coco_metrics import CocoResult, draw_detections, evaluate_detections, plot_pr_curves
+from pipeline.coco_metrics import CocoResult, category_ids, draw_detections, evaluate_detections, plot_pr_curves
 from pipeline.dataset import DetectionDataset, collate
 from pipeline.io import write_json_atomic
 from pipeline.voc_metrics import VocResult, voc_map
@@ -19,26 +20,28 @@ SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
 
 
 @torch.no_grad()
-def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], device: torch.device) -> list[dict]:
-    """COCO result dicts (category_id = class + 1, bbox x, y, w, h) of `model` on one batch."""
+def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], device: torch.device,
+           category_ids: Sequence[int]) -> list[dict]:
+    """COCO result dicts (the dataset's category id of each class, bbox x, y, w, h) of `model`
+    on one batch."""
     results = []
     for image_id, detections in zip(image_ids, model([image.to(device) for image in images])):
         boxes = detections["boxes"].cpu()
         boxes[:, 2:] -= boxes[:, :2]
         for bbox, score, label in zip(boxes.tolist(), detections["scores"].tolist(), detections["labels"].tolist()):
-            results.append({"image_id": image_id, "category_id": label + 1, "bbox": bbox, "score": score})
+            results.append({"image_id": image_id, "category_id": category_ids[label], "bbox": bbox, "score": score})
     return results
 
 
 def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
-            indices: list[int] | None = None) -> list[dict]:
+            category_ids: Sequence[int], indices: list[int] | None = None) -> list[dict]:
     """COCO result dicts of `model` on `indices` of `dataset` (default all)."""
     model.eval()
     indices = list(range(len(dataset))) if indices is None else indices
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     results = []
     for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
-        results += detect(model, images, image_ids, device)
+        results += detect(model, images, image_ids, device, category_ids)
     return results
 
 
@@ -79,7 +82,7 @@ def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_tr
                    voc: bool = False) -> Evaluation:
     """Everything the evaluate stage writes, under `out_dir`; with `voc`, Pascal VOC AP on the
     same detections as well."""
-    detections = predict(model, dataset, batch_size, device)
+    detections = predict(model, dataset, batch_size, device, category_ids(ground_truth))
     result = evaluate_detections(ground_truth, detections)
     voc_result = voc_map(ground_truth, detections) if voc else None
     detections_path = out_dir / "detections.json"

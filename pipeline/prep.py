@@ -1,5 +1,5 @@
 """The data-prep stage: a dataset in its own layout becomes checked Parquet shards, COCO-format
-ground truth for evaluation and a manifest, under `run.prepared_data(dataset)`:
+ground truth for evaluation and a manifest, under `run.prepared_root()/<dataset>-<input hash>`:
 
     manifest.json
     <split>/part-00000.parquet, part-00001.parquet, ...
@@ -32,6 +32,7 @@ from pipeline.config import Config, DataConfig
 from pipeline.fetch import fetch
 from pipeline.shards import (MANIFEST, ROW_GROUP_IMAGES, SCHEMA_VERSION, ImageRecord, file_sha256, read_manifest,
                              write_shard)
+from pipeline.errors import MissingInput
 from pipeline.sources import PrepError, Source, SourceImage, check_splits, open_source
 
 
@@ -48,18 +49,15 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     splits = check_splits(data)
     fetch(data, splits)
     source = open_source(data)
-    settings = {
-        "schema_version": SCHEMA_VERSION, "dataset": data.dataset, "classes": source.classes, "splits": splits,
-        "shard_images": data.shard_images, "row_group_images": ROW_GROUP_IMAGES,
-        "min_box_size": data.min_box_size, "skip_bad": data.skip_bad,
-    }
+    settings = _settings(data, source, splits)
     input_hash = _input_hash(settings, source)
-    directory = config.run.prepared_data(data.dataset)
+    directory = prepared_directory(config, input_hash)
     manifest = _reusable(directory, input_hash)
     if manifest is not None:
         return PrepResult(manifest, directory, reused=True)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _check_not_empty(source, splits)
     staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
@@ -68,6 +66,51 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in
     return PrepResult(manifest, directory, reused=False)
+
+
+def _settings(data: DataConfig, source: Source, splits: list[str]) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "dataset": data.dataset, "classes": source.classes,
+        "category_ids": source.category_ids, "splits": splits, "shard_images": data.shard_images,
+        "row_group_images": ROW_GROUP_IMAGES, "min_box_size": data.min_box_size, "skip_bad": data.skip_bad,
+    }
+
+
+def prepared_directory(config: Config, input_hash: str) -> Path:
+    """Prepared data is addressed by what it was made of: other data never lands in its place."""
+    return config.run.prepared_root() / f"{config.data.dataset}-{input_hash[:12]}"
+
+
+def locate_prepared(config: Config) -> Path:
+    """The prepared data a stage works on: data.prepared if set, else the directory data-prep
+    made of the data.* settings and their current inputs (an error if it has not run)."""
+    if config.data.prepared:
+        directory = Path(config.data.prepared).expanduser().resolve()
+        if not (directory / MANIFEST).is_file():
+            raise MissingInput(f"data.prepared: {directory} holds no prepared data (no {MANIFEST})")
+        return directory
+    data = config.data
+    splits = check_splits(data)
+    try:
+        source = open_source(data)
+        directory = prepared_directory(config, _input_hash(_settings(data, source, splits), source))
+    except PrepError as error:
+        raise MissingInput(f"no prepared {data.dataset!r} data can be found, since its inputs cannot be read ({error}): "
+                           "run data-prep first (aploss prep or python -m jobs.prep, with the same data.* and "
+                           "run.output_dir), or set data.prepared to a prepared-data directory") from None
+    if not (directory / MANIFEST).is_file():
+        raise MissingInput(f"no prepared {data.dataset!r} data for these inputs and settings in {directory}: run "
+                           "data-prep first (aploss prep or python -m jobs.prep, with the same data.* and "
+                           "run.output_dir), or set data.prepared to a prepared-data directory")
+    return directory
+
+
+def _check_not_empty(source: Source, splits: list[str]) -> None:
+    """An empty split is a mistake (an empty listing, `images: []`), never a dataset to train or
+    evaluate on: refused before anything is written."""
+    for split in splits:
+        if not source.entries(split):
+            raise PrepError(source.annotation_files(split)[0], f"split {split!r} lists no images")
 
 
 def _input_hash(settings: dict, source: Source) -> str:
@@ -125,7 +168,7 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
            progress: bool) -> dict:
     splits = {}
     for split in settings["splits"]:
-        writer = _SplitWriter(staging, split, source.classes, data.shard_images)
+        writer = _SplitWriter(staging, split, source.classes, source.category_ids, data.shard_images)
         entries = source.entries(split)
         for entry in tqdm(entries, desc=f"{data.dataset} {split}", unit="img", disable=not progress):
             try:
@@ -134,12 +177,17 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
                 if not data.skip_bad:
                     raise
                 writer.skipped.append({"file": error.file, "image": entry.file_name, "reason": error.problem})
+        if not writer.images:
+            raise PrepError(source.annotation_files(split)[0],
+                            f"split {split!r}: every image was skipped ({len(writer.skipped)}, see the errors above "
+                            "with data.skip_bad=false)")
         splits[split] = writer.finish()
     content = sorted((item["file"], item["sha256"]) for item in _files(splits))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "dataset": data.dataset,
         "classes": source.classes,
+        "category_ids": source.category_ids,
         "settings": settings,
         "input_hash": input_hash,
         "content_hash": hashlib.sha256(json.dumps(content).encode()).hexdigest(),
@@ -222,9 +270,10 @@ def _check_image(image: SourceImage, min_box_size: float) -> _CheckedImage:
 class _SplitWriter:
     """Streams one split's images into shards; collects its ground truth and its report."""
 
-    def __init__(self, staging: Path, split: str, classes: list[str], shard_images: int):
+    def __init__(self, staging: Path, split: str, classes: list[str], category_ids: list[int], shard_images: int):
         (staging / split).mkdir()
         self.staging, self.split, self.classes, self.shard_images = staging, split, classes, shard_images
+        self.category_ids = category_ids
         self.pending: list[ImageRecord] = []
         self.shards: list[dict] = []
         self.images: list[dict] = []
@@ -240,7 +289,7 @@ class _SplitWriter:
         for (x0, y0, x1, y1), class_id, crowd, area in zip(record.boxes.tolist(), record.class_ids.tolist(),
                                                            record.crowd.tolist(), image.areas):
             self.annotations.append({"id": len(self.annotations) + 1, "image_id": record.image_id,
-                                     "category_id": class_id + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                     "category_id": self.category_ids[class_id], "bbox": [x0, y0, x1 - x0, y1 - y0],
                                      "area": area, "iscrowd": int(crowd)})
         self.dropped += image.dropped
         self.clipped += image.clipped
@@ -265,8 +314,8 @@ class _SplitWriter:
             "licenses": [],
             "images": self.images,
             "annotations": self.annotations,
-            # Ids from 1: COCO tools treat category 0 as unset.
-            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(self.classes)],
+            # The dataset's own ids, so that detections can be scored against its original json too.
+            "categories": [{"id": id_, "name": name} for id_, name in zip(self.category_ids, self.classes)],
         }
         (self.staging / relative).write_text(json.dumps(ground_truth))
         counts = Counter(a["category_id"] for a in self.annotations)
@@ -274,7 +323,7 @@ class _SplitWriter:
             "images": len(self.images),
             "boxes": len(self.annotations),
             "crowd_boxes": sum(a["iscrowd"] for a in self.annotations),
-            "class_counts": {name: counts[i + 1] for i, name in enumerate(self.classes)},
+            "class_counts": {name: counts[id_] for id_, name in zip(self.category_ids, self.classes)},
             "shards": self.shards,
             "ground_truth": {"file": relative, "sha256": file_sha256(self.staging / relative)},
             "dropped": self.dropped,

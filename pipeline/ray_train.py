@@ -7,17 +7,14 @@ the parameter update equals one process holding the whole batch. Checkpoints go 
 `ray.train.report`, so a failed worker group restarts from the latest one (FailureConfig) and
 a rerun with the same run name resumes where the run stopped.
 """
-import math
+import json
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import ray.train
 import ray.train.torch
-import torch
-import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -26,11 +23,14 @@ from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_to_dict
 from pipeline.dataset import DetectionDataset
 from pipeline.shards import ShardReader
-from pipeline.stages import due, validation_ap
+from pipeline.errors import TrainingDiverged, TrainingFailed
+from pipeline.io import write_json_atomic
+from pipeline.journal import CURVES, METRICS_FILE, MetricsJournal
+from pipeline.stages import due, record_training_run, training_data, validation_ap
 from pipeline.train import Training, build_model, fit, seed_everything, total_steps
 
 STATE_FILE = "state.pt"
-LOGGED = ("loss", "cls_loss", "box_loss", "delta", "lr", "images_per_s")
+SCORE = "score"
 
 
 def _say(line: str) -> None:
@@ -40,51 +40,43 @@ def _say(line: str) -> None:
 
 
 class RayHooks:
-    """Rank-averaged metrics to stdout and MLflow (rank 0), validation and checkpoints through
-    `ray.train.report` (every rank calls it: it is a barrier)."""
+    """Metrics journal and stdout (rank 0), validation and checkpoints through `ray.train.report`
+    (every rank calls it: it is a barrier). The loss terms are already global means (`Training`)."""
 
     def __init__(self, config: Config, payload: dict, rank: int, world_size: int, steps_per_epoch: int) -> None:
         self.config, self.payload = config, payload
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = steps_per_epoch
-        self.client = mlflow.MlflowClient(payload["tracking_uri"]) if payload.get("mlflow_run_id") and rank == 0 else None
+        self.journal = MetricsJournal(config.run.directory() / "train" / METRICS_FILE) if rank == 0 else None
         self.window_seconds, self.window_steps = 0.0, 0
-
-    def _averaged(self, metrics: dict[str, float]) -> dict[str, float]:
-        values = torch.tensor([metrics["loss"], metrics["cls_loss"], metrics["box_loss"]], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(values)
-            values /= self.world_size
-        return {**metrics, "loss": values[0].item(), "cls_loss": values[1].item(), "box_loss": values[2].item()}
 
     def after_step(self, training: Training, metrics: dict[str, float]) -> None:
         step, last, train = training.step, training.total_steps, self.config.train
         self.window_seconds += metrics["step_seconds"]
         self.window_steps += 1
         if step % train.log_every == 0 or step == last:
-            metrics = self._averaged(metrics)
             metrics["images_per_s"] = self.window_steps * train.batch_size / self.window_seconds
             self.window_seconds, self.window_steps = 0.0, 0
-            if self.rank == 0:
-                _say(f"step {step}/{last} " + " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED))
-                if self.client:
-                    for key in LOGGED:
-                        self.client.log_metric(self.payload["mlflow_run_id"], key, metrics[key], step=step)
+            if self.journal is not None:
+                _say(f"step {step}/{last} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES))
+                self.journal.write(step, {key: metrics[key] for key in CURVES} | {"skipped": training.skipped})
         checkpoint_due = due(step, train.checkpoint_every, self.steps_per_epoch, last)
         eval_due = due(step, train.eval_every, self.steps_per_epoch, last)
         if checkpoint_due or eval_due:
             self._report(training, step, eval_due)
 
     def _report(self, training: Training, step: int, evaluate: bool) -> None:
-        # NaN ranks below every score in Ray's best-K ordering: checkpoints kept for resuming only.
-        report = {"step": step, "skipped": training.skipped, "val_ap": math.nan}
+        training.check_weights()  # the same weights on every rank: all of them stop, or none
+        # Ray keeps the best checkpoints by `score`, which must be a number in every report (its
+        # saved state turns NaN into null, which a resumed run cannot compare): validation AP,
+        # or -1, below any AP, for checkpoints kept for resuming only.
+        report = {"step": step, "skipped": training.skipped, SCORE: -1.0}
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
                 if evaluate:
-                    report["val_ap"] = validation_ap(training.detector, self.config, training.device)
-                    if self.client:
-                        self.client.log_metric(self.payload["mlflow_run_id"], "val_ap", report["val_ap"], step=step)
+                    report["val_ap"] = report[SCORE] = validation_ap(training.detector, self.config, training.device)
+                    self.journal.write(step, {"val_ap": report["val_ap"]})
                 state = {**training.state_dict(), "config": self.payload["config"], "classes": self.payload["classes"]}
                 checkpoints.save_atomic(state, Path(directory) / STATE_FILE)
                 checkpoint = Checkpoint.from_directory(directory)
@@ -101,7 +93,7 @@ def run_worker(payload: dict, hooks_class: type = RayHooks) -> None:
     device = ray.train.torch.get_device()
     exchange = ProcessGroupExchange() if world_size > 1 else None
     model = ray.train.torch.prepare_model(build_model(config, len(payload["classes"]), exchange))
-    train_dir = config.run.prepared_data(config.data.dataset) / config.data.train_split
+    train_dir = Path(config.data.prepared) / config.data.train_split
     dataset = DetectionDataset(ShardReader(train_dir), hflip=config.train.hflip, seed=config.train.seed,
                                augment=config.train.augment, input_size=config.train.input_size)
     training = Training(config, model, device, total_steps(config, len(dataset)))
@@ -111,17 +103,27 @@ def run_worker(payload: dict, hooks_class: type = RayHooks) -> None:
         if rank == 0:
             _say(f"resumed at step {training.step}")
     steps_per_epoch = len(dataset) // config.train.batch_size
-    fit(training, dataset, hooks_class(config, payload, rank, world_size, steps_per_epoch), rank, world_size)
+    try:
+        fit(training, dataset, hooks_class(config, payload, rank, world_size, steps_per_epoch), rank, world_size)
+    except TrainingDiverged as error:
+        # Every rank sees the same global values, so all stop at this step. Returning rather than
+        # raising keeps Ray from restarting the group to diverge again; the driver reads this.
+        if rank == 0:
+            write_json_atomic({"step": error.step, "term": error.term, "value": error.value}, _diverged_path(config))
+
+
+def _diverged_path(config: Config) -> Path:
+    return config.run.directory() / "train" / "diverged.json"
 
 
 def storage_path(config: Config) -> Path:
     return Path(config.run.output_dir).expanduser().resolve() / "ray"
 
 
-def build_trainer(config: Config, classes: list[str], mlflow_run_id: str | None = None,
-                  train_loop: Callable[[dict], None] = run_worker, callbacks: list | None = None) -> TorchTrainer:
-    payload = {"config": config_to_dict(config.with_absolute_paths()), "classes": classes, "mlflow_run_id": mlflow_run_id,
-               "tracking_uri": config.tracking_uri()}
+def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict], None] = run_worker,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """The Ray Train run of `config`, which must be bound to its prepared data (`training_data`)."""
+    payload = {"config": config_to_dict(config.with_absolute_paths()), "classes": classes}
     ray_config = config.ray
     return TorchTrainer(
         train_loop, train_loop_config=payload,
@@ -132,26 +134,47 @@ def build_trainer(config: Config, classes: list[str], mlflow_run_id: str | None 
             name=config.run.name, storage_path=str(storage_path(config)), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints + 1,
-                                               checkpoint_score_attribute="val_ap", checkpoint_score_order="max")))
+                                               checkpoint_score_attribute=SCORE, checkpoint_score_order="max")))
 
 
 def best_state(result: ray.train.Result) -> dict:
     """The state of the best-validated checkpoint of a finished run (the latest if none was)."""
-    scored = [(metrics["val_ap"], checkpoint) for checkpoint, metrics in result.best_checkpoints
-              if not math.isnan(metrics.get("val_ap", math.nan))]
+    scored = [(metrics["val_ap"], checkpoint) for checkpoint, metrics in result.best_checkpoints if "val_ap" in metrics]
     checkpoint = max(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
     if checkpoint is None:
-        raise RuntimeError(f"training run produced no checkpoint: {result.error}")
+        raise TrainingFailed(f"training run '{result.path}' produced no checkpoint")
     with checkpoint.as_directory() as directory:
         return checkpoints.load(Path(directory) / STATE_FILE)
 
 
-def train_distributed(config: Config, classes: list[str], mlflow_run_id: str | None = None,
-                      train_loop: Callable[[dict], None] = run_worker) -> tuple[ray.train.Result, Path]:
-    """Fit on Ray Train and write the best weights as the run's model.pt (as `train_stage` does)."""
-    result = build_trainer(config, classes, mlflow_run_id, train_loop).fit()
+def _root_cause(error: BaseException) -> str:
+    """The last line of the innermost error's message: what went wrong on the worker."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def finish_training(config: Config, result: ray.train.Result) -> None:
+    """TrainingFailed or TrainingDiverged (with the last good checkpoint) for a run that did not
+    end well."""
     if result.error is not None:
-        raise RuntimeError(f"distributed training failed: {result.error}") from result.error
+        raise TrainingFailed(f"distributed training of run '{config.run.name}' failed after "
+                             f"{config.ray.max_failures} restart(s): {_root_cause(result.error)}") from result.error
+    if (diverged := _diverged_path(config)).exists():
+        info = json.loads(diverged.read_text())
+        latest = result.checkpoint.path if result.checkpoint is not None else None
+        raise TrainingDiverged(info["step"], info["term"], info["value"], latest)
+
+
+def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_worker
+                      ) -> tuple[ray.train.Result, Path]:
+    """Fit on Ray Train and write the best weights as the run's model.pt (as `train_stage` does)."""
+    config, classes = training_data(config)
+    record_training_run(config)
+    _diverged_path(config).unlink(missing_ok=True)
+    result = build_trainer(config, classes, train_loop).fit()
+    finish_training(config, result)
     state = best_state(result)
     model_path = config.run.directory() / "model.pt"
     checkpoints.save_atomic({"model": state["model"], "config": state["config"], "classes": classes}, model_path)

@@ -16,6 +16,7 @@ from pipeline import tracking
 from pipeline.config import Config, config_from_dict
 from pipeline.io import write_bytes_atomic
 from pipeline.robustness import RobustnessResult, Setting, plot_robustness, read_result
+from pipeline.errors import UserError
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 
@@ -46,7 +47,7 @@ def collect(config: Config, names: list[str]) -> list[RunSummary]:
     by_name = {run.data.tags[tracking.RUN_NAME_TAG]: run for run in parents}
     missing = [name for name in names if name not in by_name]
     if missing:
-        raise ValueError(f"no pipeline run named {missing} in experiment '{config.tracking.experiment}'; "
+        raise UserError(f"no pipeline run named {missing} in experiment '{config.tracking.experiment}'; "
                          f"found: {sorted(by_name)}")
     summaries = []
     for name in names or sorted(by_name):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
-from pipeline.coco_metrics import evaluate_detections
+from pipeline.coco_metrics import category_ids, evaluate_detections
 from pipeline.config import ConfigError, RobustnessConfig
 from pipeline.dataset import DetectionDataset, collate
 from pipeline.evaluate import detect
@@ -208,6 +208,7 @@ def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionD
     """Each model's AP under each setting; every batch of perturbed images is made once (by
     `workers` processes, or this one) and seen by all the models."""
     ap: dict[str, dict[str, float]] = {name: {} for name in models}
+    categories = category_ids(ground_truth)
     for model in models.values():
         model.eval()
     for setting in tqdm(chosen, desc="robustness", unit="setting", disable=not progress):
@@ -215,7 +216,7 @@ def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionD
         for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_size=batch_size,
                                                collate_fn=collate, num_workers=workers):
             for name, model in models.items():
-                detections[name] += detect(model, images, image_ids, device)
+                detections[name] += detect(model, images, image_ids, device, categories)
         for name in models:
             ap[name][setting.label] = evaluate_detections(ground_truth, detections[name]).metrics["AP"]
     return {name: _result(ap[name], chosen, unavailable or {}) for name in models}

@@ -13,10 +13,11 @@ import ray
 
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.journal import METRICS_FILE
 from pipeline.prep import prepare
-from pipeline.ray_train import LOGGED, train_distributed
-from pipeline.shards import read_manifest
-from pipeline.stages import evaluate_stage, load_model, robustness_stage, train_stage
+from pipeline.ray_train import train_distributed
+from pipeline.stages import evaluate_stage, load_model, record_training_run, robustness_stage, train_stage
 
 
 @dataclass
@@ -28,19 +29,30 @@ class PipelineResult:
 
 
 def start_ray(config: Config, extra_cpus: int = 0) -> None:
-    """Connect to `ray.address`, or to the cluster of the Ray job this runs in, or start a
-    local instance sized for the workers."""
+    """Join the cluster of `ray.address` (or of the Ray job this runs in), or start a local
+    instance sized for the workers, and say which."""
     if ray.is_initialized():
         return
-    # The job supervisor gives an entrypoint RAY_ADDRESS: a second, local Ray would not start.
+    # The job supervisor gives an entrypoint RAY_ADDRESS: its cluster is the one to join.
     address = config.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else "")
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise UserError(f"ray.address={address}: cannot join a Ray cluster ({str(error).splitlines()[0]}); "
+                            "start one (ray start --head), or leave ray.address empty for a local instance") from None
+        resources = ray.cluster_resources()
+        print(f"joined the Ray cluster at {address}: {resources.get('CPU', 0):g} CPUs, "
+              f"{resources.get('GPU', 0):g} GPUs", flush=True)
         return
     # The Train controller and each Tune trial driver need CPUs beside the workers, or a
     # 2-core machine deadlocks waiting for them.
     cpus = config.ray.local_cpus or int(config.ray.workers * config.ray.cpus_per_worker) + 2 + extra_cpus
-    ray.init(num_cpus=cpus, configure_logging=False)
+    # "local" starts an instance of this run's own even where a cluster already runs on the
+    # machine (which a plain ray.init() would join, refusing num_cpus).
+    ray.init(address="local", num_cpus=cpus, configure_logging=False)
+    print(f"started a local Ray instance with {cpus} CPUs (ray.address=auto joins a running cluster instead)",
+          flush=True)
 
 
 def _stage(name: str, run_id: str):
@@ -53,34 +65,38 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     experiment = tracking.configure(config)
     parent = tracking.pipeline_run(config, experiment)
     run_dir = config.run.directory()
-    prepared = config.run.prepared_data(config.data.dataset)
     model_path = run_dir / "model.pt"
     metrics_path = run_dir / "eval" / "metrics.json"
     skipped = []
 
     run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
-    if finished and (prepared / "manifest.json").exists():
+    # Data-prep always checks its inputs (cheap when they are unchanged): its output's address
+    # is their content, and training must know which data it is.
+    prepared = prepare(config)
+    config = config.with_prepared(prepared.directory)
+    if finished and prepared.reused:
         skipped.append("data-prep")
     else:
         with _stage("data-prep", run_id):
-            result = prepare(config)
-            tracking.log_prep(result.manifest, prepared)
-    classes = read_manifest(prepared)["classes"]
+            tracking.log_prep(prepared.manifest, prepared.directory)
 
     run_id, finished = tracking.stage_run(experiment, parent, "train")
+    record_training_run(config)  # a finished run's model is only reused for the same model and data
     if finished and model_path.exists():
         skipped.append("train")
     else:
         with _stage("train", run_id):
             tracking.log_train_params(config)
+            journal = run_dir / "train" / METRICS_FILE
+            with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
+                if distributed:
+                    start_ray(config)
+                    result, model_path = train_distributed(config)
+                else:
+                    model_path = train_stage(config, progress=False).model_path
             if distributed:
-                start_ray(config)
-                result, model_path = train_distributed(config, classes, mlflow_run_id=run_id)
                 for checkpoint, metrics in result.best_checkpoints:
                     mlflow.log_artifacts(checkpoint.path, artifact_path=f"checkpoints/step-{metrics['step']:07d}")
-            else:
-                model_path = train_stage(config, progress=False).model_path
-                tracking.log_training_curves(run_dir / "train" / "metrics.jsonl", LOGGED)
             model, _, _ = load_model(model_path, "cpu")
             tracking.log_model(model, config)
 
@@ -90,8 +106,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     else:
         with _stage("evaluate", run_id):
             tracking.log_evaluation(evaluate_stage(config))
-    with mlflow.start_run(run_id=parent):
-        pass  # marks the parent run finished
+    mlflow.MlflowClient().set_terminated(parent, "FINISHED")
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
 

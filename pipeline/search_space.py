@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import yaml_values
+from pipeline.errors import ConfigError
 
 _SPEC = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\((.*)\)\s*$")
 
@@ -37,24 +38,24 @@ class Domain:
 
 
 def parse_domain(spec: str) -> Domain:
-    """`spec` as a Domain; ValueError explaining the expected forms otherwise."""
+    """`spec` as a Domain; ConfigError explaining the expected forms otherwise."""
     match = _SPEC.match(spec)
     if not match:
-        raise ValueError(f"{spec!r} is not a search domain; expected choice(a, b, ...), grid(a, b, ...), "
+        raise ConfigError(f"{spec!r} is not a search domain; expected choice(a, b, ...), grid(a, b, ...), "
                          "uniform(low, high), loguniform(low, high) or randint(low, high)")
     kind, body = match.groups()
     values = tuple(yaml_values.load(part.strip()) for part in body.split(",") if part.strip())
     if kind in ("choice", "grid"):
         if not values:
-            raise ValueError(f"{spec!r}: {kind} needs at least one value")
+            raise ConfigError(f"{spec!r}: {kind} needs at least one value")
         return Domain(kind, values)
     if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{spec!r}: {kind} needs two numbers, low and high")
+        raise ConfigError(f"{spec!r}: {kind} needs two numbers, low and high")
     low, high = values
     if not low < high:
-        raise ValueError(f"{spec!r}: low must be below high")
+        raise ConfigError(f"{spec!r}: low must be below high")
     if kind == "loguniform" and low <= 0:
-        raise ValueError(f"{spec!r}: loguniform needs low > 0")
+        raise ConfigError(f"{spec!r}: loguniform needs low > 0")
     if kind == "randint" and not all(isinstance(v, int) for v in values):
-        raise ValueError(f"{spec!r}: randint needs integer bounds")
+        raise ConfigError(f"{spec!r}: randint needs integer bounds")
     return Domain(kind, values)

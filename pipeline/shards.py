@@ -26,8 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pipeline.errors import DataError, MissingInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest category_ids, ground truth in the dataset's own category ids
 ROW_GROUP_IMAGES = 32
 MANIFEST = "manifest.json"
 _VERSION_KEY = b"aploss.schema_version"
@@ -92,7 +93,7 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
 
 def _check_version(version: Any, where: Path) -> None:
     if str(version) != str(SCHEMA_VERSION):
-        raise ValueError(f"{where}: prepared with schema version {version}, this code reads version "
+        raise DataError(f"{where}: prepared with schema version {version}, this code reads version "
                          f"{SCHEMA_VERSION}; run data-prep again")
 
 
@@ -125,7 +126,7 @@ class ShardReader:
     def __init__(self, directory: str | Path, cache_row_groups: int = 4):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"{self.directory}: no prepared split here; run data-prep first")
+            raise MissingInput(f"{self.directory}: no prepared split here; run data-prep first")
         self.cache_row_groups = max(1, cache_row_groups)
         self._shards = sorted(self.directory.glob("part-*.parquet"))
         self._metadata = [pq.read_metadata(path) for path in self._shards]
@@ -188,6 +189,6 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest; run data-prep first") from None
+        raise MissingInput(f"{path}: no manifest; run data-prep first") from None
     _check_version(manifest.get("schema_version"), path)
     return manifest

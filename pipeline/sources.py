@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import DataError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -50,7 +51,7 @@ PASCAL_VOC = ("voc2007", "voc2012", "voc0712")  # evaluated with Pascal VOC mAP 
 COCO2017_SPLITS = ("train", "val")  # test2017 has no public annotations
 
 
-class PrepError(ValueError):
+class PrepError(DataError):
     """An input file is missing, unreadable or malformed; the message names the file."""
 
     def __init__(self, file: str | Path, problem: str):
@@ -88,6 +89,7 @@ class SourceImage:
 
 class Source(Protocol):
     classes: list[str]
+    category_ids: list[int]  # the dataset's own id of each class, for COCO-format outputs
 
     def entries(self, split: str) -> list[Entry]: ...
 
@@ -148,6 +150,7 @@ class VOCSource:
         self.root = root
         self.layout = layout
         self.classes = list(layout.classes)
+        self.category_ids = list(range(1, len(self.classes) + 1))  # VOC has no ids: from 1, as COCO tools expect
         self._class_index = {name: i for i, name in enumerate(layout.classes)}
         self._entries: dict[str, list[Entry]] = {}
 
@@ -247,6 +250,7 @@ class COCOSource:
             if other.categories != first.categories:
                 raise PrepError(other.path, f"categories differ from those of {first.path}")
         self.classes = [name for _, name in first.categories]
+        self.category_ids = [category for category, _ in first.categories]
         self._class_index = {category: i for i, (category, _) in enumerate(first.categories)}
 
     def entries(self, split: str) -> list[Entry]:
@@ -327,8 +331,9 @@ def _read_coco(path: Path, image_dir: Path) -> _COCOSplit:
     for annotation in annotations:
         image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
         if not (_is_int(image_id) and image_id in by_id):
-            raise PrepError(path, f"malformed COCO json: annotation refers to no listed image: "
-                                  f"{annotation!r:.200}")
+            where = f"annotation {annotation.get('id')!r}" if isinstance(annotation, dict) else "an annotation"
+            raise PrepError(path, f"malformed COCO json: {where} refers to image_id {image_id!r}, "
+                                  "which is not in 'images'")
         # Keep only what prep reads: segmentations are most of a COCO json's memory.
         kept = {key: annotation[key] for key in _COCO_FIELDS if key in annotation}
         grouped.setdefault(image_id, []).append(kept)

@@ -3,9 +3,12 @@
 A stage whose child run finished (and whose outputs exist) is skipped on rerun; an unfinished
 one is reopened, so a rerun resumes the same runs rather than scattering new ones.
 """
-import json
 import math
 import os
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -16,7 +19,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import Config, flatten
+from pipeline.errors import TrackingUnavailable
 from pipeline.evaluate import Evaluation
+from pipeline.journal import CURVES, read_journal
 
 RUN_NAME_TAG = "aploss.run_name"
 _URI_VARIABLE = "MLFLOW_TRACKING_URI"
@@ -24,8 +29,36 @@ STAGE_TAG = "aploss.stage"
 _AP_LOSS_CODE = str(Path(__file__).resolve().parents[1] / "aploss")
 
 
+def redact(uri: str) -> str:
+    """`uri` without a user name or password, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """TrackingUnavailable within `timeout` seconds if an http(s) tracking server does not
+    answer its health check: MLflow's own client would retry for minutes before failing."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code < 500:  # answering, if not with a health page (a proxy, an older server)
+            return
+        reason = f"HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it, or set "
+                              "tracking.uri (or MLFLOW_TRACKING_URI) to one that runs")
+
+
 def configure(config: Config) -> str:
     """Point MLflow at the config's store and experiment; returns the experiment id."""
+    check_reachable(config.tracking_uri())
     exported = os.environ.get(_URI_VARIABLE)
     mlflow.set_tracking_uri(config.tracking_uri())
     # set_tracking_uri also exports the URI as $MLFLOW_TRACKING_URI, which Config.tracking_uri()
@@ -94,16 +127,78 @@ def log_train_params(config: Config) -> None:
     mlflow.log_params(param_safe(config))
 
 
-def log_training_curves(metrics_path: Path, keys: tuple[str, ...]) -> None:
-    """The per-step `keys` (and validation AP) of an in-process training's metrics.jsonl, as the
-    Ray workers' rank 0 logs them while training."""
-    history = []
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        history += [Metric(key, record[key], 0, record["step"]) for key in (*keys, "val_ap") if key in record]
-    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
-    for start in range(0, len(history), 1000):  # MLflow's cap on metrics per batch
-        client.log_batch(run_id, metrics=history[start:start + 1000])
+class MetricsForwarder:
+    """Sends a training run's metrics journal to its MLflow run from a background thread, so
+    that training never waits on the tracking server and never fails because of it.
+
+    What MLflow already holds is asked once per key (the highest step logged), so a resumed or
+    rerun stage sends each step once, including what an earlier attempt could not send. While
+    the server is away, sending is retried with a growing pause; `close` makes a last attempt
+    within `flush_seconds` and says what stayed behind in the journal.
+    """
+
+    def __init__(self, journal: Path, run_id: str, tracking_uri: str, interval: float = 2.0,
+                 flush_seconds: float = 15.0, keys: tuple[str, ...] = (*CURVES, "val_ap")) -> None:
+        self.journal, self.run_id, self.tracking_uri = Path(journal), run_id, tracking_uri
+        self.interval, self.flush_seconds, self.keys = interval, flush_seconds, keys
+        self.sent_through: dict[str, int] | None = None  # key -> highest step MLflow holds
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+
+    def __enter__(self) -> "MetricsForwarder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        pause = self.interval
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self.send()
+                self.error, pause = None, self.interval
+            except Exception as error:  # noqa: BLE001 -- whatever the server or network does, training goes on
+                self.error, pause = error, min(pause * 2, 30.0)
+            if stopping:
+                return
+            self._stop.wait(pause)
+
+    def pending(self) -> list[Metric]:
+        """The journal's values MLflow does not hold yet."""
+        client = mlflow.MlflowClient(self.tracking_uri)
+        if self.sent_through is None:
+            self.sent_through = {key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=0)
+                                 for key in self.keys}
+        return [Metric(key, float(record[key]), int(record.get("time", 0) * 1000), record["step"])
+                for record in read_journal(self.journal) for key in self.keys
+                if key in record and record["step"] > self.sent_through[key]]
+
+    def send(self) -> None:
+        metrics = self.pending()
+        client = mlflow.MlflowClient(self.tracking_uri)
+        for start in range(0, len(metrics), 1000):  # MLflow's cap on metrics per batch
+            batch = metrics[start:start + 1000]
+            client.log_batch(self.run_id, metrics=batch)
+            for metric in batch:
+                self.sent_through[metric.key] = max(self.sent_through[metric.key], metric.step)
+
+    def close(self) -> None:
+        """One last attempt, then a note of whatever could not be sent."""
+        self._stop.set()
+        self._thread.join(self.flush_seconds)
+        if self.error is not None or self._thread.is_alive():
+            reason = _one_line(self.error) if self.error is not None else "no answer"
+            print(f"warning: MLflow at {redact(self.tracking_uri)} did not take every training metric ({reason}); "
+                  f"they are kept in {self.journal}, and the next run of this stage sends what is missing",
+                  flush=True)
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def log_model(model, config: Config) -> None:

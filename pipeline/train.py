@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -24,13 +25,14 @@ from aploss.detector import OneStageDetector
 from aploss.engine import LocalExchange
 from pipeline.config import Config
 from pipeline.dataset import DetectionDataset, GlobalBatchSampler, collate
+from pipeline.errors import DataError, TrainingDiverged, UserError
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise UserError("train.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 
@@ -70,7 +72,7 @@ class LearningRateFactor:
 def total_steps(config: Config, num_images: int) -> int:
     per_epoch = num_images // config.train.batch_size
     if per_epoch == 0:
-        raise ValueError(f"train.batch_size ({config.train.batch_size}) is larger than the training split "
+        raise DataError(f"train.batch_size ({config.train.batch_size}) is larger than the training split "
                          f"({num_images} images)")
     steps = per_epoch * config.train.epochs
     return min(steps, config.train.max_steps) if config.train.max_steps else steps
@@ -126,22 +128,35 @@ class Training:
               torch.autocast(self.device.type, enabled=self.amp)):
             losses = self.model(images, targets)
         loss = losses["classification"] + losses["box_regression"]
+        terms = _global_mean(torch.stack([losses["classification"].detach(), losses["box_regression"].detach()]))
+        for name, value in zip(("classification loss", "box regression loss"), terms.tolist()):
+            if not math.isfinite(value):
+                raise TrainingDiverged(self.step + 1, name, value)
         if losses["positives"].item() == 0:
             # No positive anywhere in the global batch: nothing to rank, and every process agrees.
             self.skipped += 1
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            if self.config.optim.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            self.scaler.unscale_(self.optimizer)
+            norm = _gradient_norm(self.model, self.config.optim.grad_clip)
+            # DDP has averaged the gradients, so every process sees the same norm. Under AMP an
+            # overflow is the scaler's business: it skips the step and lowers the scale.
+            if not self.amp and not math.isfinite(norm):
+                raise TrainingDiverged(self.step + 1, "gradient norm", norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss.item(), "cls_loss": losses["classification"].item(),
-                "box_loss": losses["box_regression"].item(), "positives": losses["positives"].item(),
-                "delta": delta, "lr": lr}
+        cls_loss, box_loss = terms.tolist()
+        return {"loss": cls_loss + box_loss, "cls_loss": cls_loss, "box_loss": box_loss,
+                "positives": losses["positives"].item(), "delta": delta, "lr": lr}
+
+    def check_weights(self) -> None:
+        """TrainingDiverged if a weight is not finite: a checkpoint is never replaced by a broken one."""
+        for name, value in self.detector.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise TrainingDiverged(self.step, f"weight {name}", float("nan"))
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -155,6 +170,24 @@ class Training:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped = state["step"], state["skipped"]
         _set_rng_state(state["rng"])
+
+
+def _global_mean(values: Tensor) -> Tensor:
+    """`values` averaged over the processes of the run (a non-finite one on any process stays
+    non-finite), so that every process takes the same decision on them."""
+    values = values.to(torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.cpu()
+
+
+def _gradient_norm(model: nn.Module, clip: float) -> float:
+    """The total gradient norm, clipped to `clip` when it is set."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return nn.utils.clip_grad_norm_(parameters, clip).item()
+    return nn.utils.get_total_norm([p.grad for p in parameters]).item() if parameters else 0.0
 
 
 def _rng_state() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Param
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -17,10 +18,12 @@ from ray.tune.schedulers import ASHAScheduler
 
 from pipeline import tracking
 from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, save_config
+from pipeline.journal import METRICS_FILE
 from pipeline.prep import prepare
 from pipeline.ray_train import build_trainer, storage_path
 from pipeline.search_space import parse_domain
 from pipeline.train import total_steps
+from pipeline.errors import UserError
 
 METRIC = "val_ap"
 
@@ -44,10 +47,10 @@ def _run_trial(params: dict) -> None:
     run_id = client.create_run(context["experiment_id"], run_name=config.run.name,
                                tags={"mlflow.parentRunId": context["sweep_run_id"], tracking.STAGE_TAG: "trial"}
                                ).info.run_id
-    for key, value in tracking.param_safe(config).items():
-        client.log_param(run_id, key, value)
-    trainer = build_trainer(config, context["classes"], mlflow_run_id=run_id, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
+    client.log_batch(run_id, params=[Param(key, value) for key, value in tracking.param_safe(config).items()])
+    trainer = build_trainer(config, context["classes"], callbacks=[TuneReportCallback()])
+    with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id, context["tracking_uri"]):
+        result = trainer.fit()
     client.set_terminated(run_id, "FAILED" if result.error else "FINISHED")
 
 
@@ -58,7 +61,7 @@ def _search_algorithm(config: Config):
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as error:
-        raise ValueError(f"tune.search: 'optuna' needs the optuna package ({error}); "
+        raise UserError(f"tune.search: 'optuna' needs the optuna package ({error}); "
                          "pip install 'aploss[tune]' or use tune.search=random") from None
     return ConcurrencyLimiter(OptunaSearch(), max_concurrent=config.tune.max_concurrent)
 
@@ -80,10 +83,11 @@ def _reports(config: Config, train_images: int) -> int:
 def run_sweep(config: Config) -> SweepResult:
     """Run (or restore and finish) the sweep named `run.name`; ray must be initialised."""
     if not config.tune.space:
-        raise ValueError("tune.space: a sweep needs at least one key to search")
+        raise UserError("tune.space: a sweep needs at least one key to search")
     experiment = tracking.configure(config)
     sweep_run = tracking.pipeline_run(config, experiment, stage="sweep")
-    manifest = prepare(config, progress=False).manifest
+    prepared = prepare(config, progress=False)
+    config, manifest = config.with_prepared(prepared.directory), prepared.manifest
     train_images = manifest["splits"][config.data.train_split]["images"]
     name = f"{config.run.name}-sweep"
     path = storage_path(config) / "tune" / name

@@ -167,7 +167,8 @@ def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
     root, config_path = workspace
     config = load_config(config_path)
     model, classes, _ = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
-    split = config.run.prepared_data("coco") / "train"
+    from pipeline.prep import locate_prepared
+    split = locate_prepared(config) / "train"
     evaluation = evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
                                 tmp_path, 8, torch.device("cpu"), voc=True)
     saved = json.loads((tmp_path / "metrics.json").read_text())

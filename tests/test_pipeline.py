@@ -76,7 +76,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
 
 def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
     from pipeline.config import load_config
-    from pipeline.ray_train import LOGGED
+    from pipeline.journal import CURVES
     from pipeline.run import run_pipeline
 
     root, overrides = pipeline_config
@@ -91,7 +91,7 @@ def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
     # The curves Ray's rank 0 logs while training, here from the run's metrics.jsonl.
     assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(train.info.run_id, "val_ap")] == [2, 4]
-    assert set(LOGGED) <= set(client.get_run(train.info.run_id).data.metrics)
+    assert set(CURVES) <= set(client.get_run(train.info.run_id).data.metrics)
     assert train.data.params["ray.workers"] == "2"  # the config as given, though one process trained
     (version,) = client.search_model_versions("name = 'aploss-detector'")
     assert version.run_id == train.info.run_id

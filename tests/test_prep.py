@@ -14,7 +14,7 @@ from pipeline import fetch as fetch_module
 from pipeline import prep as prep_module
 from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.prep import prepare
-from pipeline.shards import ShardReader, read_manifest
+from pipeline.shards import SCHEMA_VERSION, ShardReader, read_manifest
 from pipeline.sources import VOC_CLASSES, PrepError
 from tests.conftest import DATA_ROOT
 
@@ -81,9 +81,11 @@ def snapshot(directory: Path) -> dict[str, int]:
 
 def test_voc_round_trip_and_ground_truth(tmp_path, voc):
     result = prepare(make_config(tmp_path), progress=False)
-    assert not result.reused and result.directory == tmp_path / "runs" / "data" / "voc2007"
+    # Addressed by content: other inputs or settings never land in the same place.
+    assert not result.reused
+    assert result.directory == tmp_path / "runs" / "data" / f"voc2007-{result.manifest['input_hash'][:12]}"
     manifest = result.manifest
-    assert manifest["classes"] == list(VOC_CLASSES) and manifest["schema_version"] == 1
+    assert manifest["classes"] == list(VOC_CLASSES) and manifest["schema_version"] == SCHEMA_VERSION
     train = manifest["splits"]["train"]
     assert (train["images"], train["boxes"], train["crowd_boxes"]) == (3, 4, 1)
     assert train["class_counts"]["dog"] == 1 and train["class_counts"]["person"] == 1
@@ -115,7 +117,7 @@ def test_voc0712_joins_both_years_and_tests_on_voc2007(tmp_path):
     voc12 = make_voc(tmp_path / "source", 2012, {"trainval": ["e", "a", "c"]})
     config = make_config(tmp_path, dataset="voc0712", train_split="trainval", val_split="test", test_split="test")
     result = prepare(config, progress=False)
-    assert result.directory == tmp_path / "runs" / "data" / "voc0712"
+    assert result.directory == tmp_path / "runs" / "data" / f"voc0712-{result.manifest['input_hash'][:12]}"
     assert result.manifest["classes"] == list(VOC_CLASSES)
     reader = ShardReader(result.directory / "trainval")
     records = [reader.read(i) for i in range(len(reader))]
@@ -181,7 +183,7 @@ def test_coco_round_trip(tmp_path):
 
     ground_truth = COCO(str(result.directory / "train" / "ground_truth.json"))
     assert [c["name"] for c in ground_truth.loadCats(ground_truth.getCatIds())] == ["apple", "zebra"]
-    zebra = ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=[10], catIds=[2]))[0]
+    zebra = ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=[10], catIds=[7]))[0]  # the dataset's own id
     assert zebra["area"] == 20.5 and zebra["bbox"] == [1, 2, 5, 6]  # COCO's own area is kept
     assert ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=[4]))[0]["area"] == 9
 
@@ -232,7 +234,8 @@ def test_reader_row_groups_cache_and_pickle(tmp_path, monkeypatch):
 def test_bccd(tmp_path):
     config = config_from_dict({"data": {"root": str(BCCD_ROOT), "download": False},
                                "run": {"output_dir": str(tmp_path / "runs")}})
-    manifest = prepare(config, progress=False).manifest
+    result = prepare(config, progress=False)
+    manifest = result.manifest
     assert manifest["classes"] == ["RBC", "WBC", "Platelets"]
     splits = manifest["splits"]
     assert {name: split["images"] for name, split in splits.items()} == {"train": 205, "val": 87, "test": 72}
@@ -242,7 +245,7 @@ def test_bccd(tmp_path):
     assert not any(split["clipped"] or split["skipped"] for split in splits.values())
     for name, split in splits.items():
         assert sum(split["class_counts"].values()) == split["boxes"]
-        ground_truth = COCO(str(config.run.prepared_data("bccd") / name / "ground_truth.json"))
+        ground_truth = COCO(str(result.directory / name / "ground_truth.json"))
         assert len(ground_truth.getImgIds()) == split["images"] and len(ground_truth.getAnnIds()) == split["boxes"]
 
 
@@ -259,8 +262,9 @@ def test_rerun_reuses_and_changes_reprepare(tmp_path, voc):
     assert changed.manifest["content_hash"] != first.manifest["content_hash"]
     assert ShardReader(changed.directory / "train").read(0).boxes.tolist() == [[2, 3, 21, 25]]
 
-    assert not prepare(make_config(tmp_path, min_box_size=0.25), progress=False).reused
-    shard = changed.directory / "train" / "part-00000.parquet"
+    smaller = prepare(make_config(tmp_path, min_box_size=0.25), progress=False)
+    assert not smaller.reused and smaller.directory != changed.directory
+    shard = smaller.directory / "train" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:-10])  # damaged output is prepared again, not reused
     assert not prepare(make_config(tmp_path, min_box_size=0.25), progress=False).reused
 
@@ -334,7 +338,7 @@ def test_failure_mid_write_keeps_the_previous_dataset(tmp_path, voc, monkeypatch
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(config, progress=False)
     assert {path: path.read_bytes() for path in previous.directory.rglob("*") if path.is_file()} == before
-    assert sorted(p.name for p in previous.directory.parent.iterdir()) == ["voc2007"]  # no staging left behind
+    assert [p.name for p in previous.directory.parent.iterdir()] == [previous.directory.name]  # no staging left
     assert read_manifest(previous.directory) == previous.manifest
 
 

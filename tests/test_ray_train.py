@@ -52,7 +52,7 @@ def _assert_same_weights(left, right):
 def test_two_workers_take_the_single_process_step(ray_cluster, data_root, tmp_path, classification):
     overrides = ["train.max_steps=1", f"loss.classification={classification}", "ray.workers=2"]
     distributed = _config(data_root, tmp_path, "ddp", *overrides)
-    _, model_path = train_distributed(distributed, ["square", "disc"])
+    _, model_path = train_distributed(distributed)
     single = train_stage(_config(data_root, tmp_path, "single", *overrides), progress=False)
     _assert_same_weights(_weights(model_path), _weights(single.model_path))
     untrained = _config(data_root, tmp_path, "untrained", *overrides)
@@ -69,7 +69,7 @@ def test_relative_paths_mean_the_driver_s_directories(ray_cluster, data_root, mo
     monkeypatch.setenv("APLOSS_DATA_ROOT", data_root.name)
     monkeypatch.chdir(data_root.parent)
     config = _config("", "runs", "relative", "train.max_steps=1", "ray.workers=2")
-    _, model_path = train_distributed(config, ["square", "disc"])
+    _, model_path = train_distributed(config)
     assert model_path == data_root.parent / "runs" / "relative" / "model.pt" and model_path.exists()
 
 
@@ -77,7 +77,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, data_root
     overrides = ["train.max_steps=6", "train.checkpoint_every=2", "ray.workers=2", "ray.max_failures=1"]
     (tmp_path / "kill_at").write_text("5")
     config = _config(data_root, tmp_path, "flaky", *overrides)
-    result, model_path = train_distributed(config, ["square", "disc"], train_loop=ray_workers.flaky_worker)
+    result, model_path = train_distributed(config, train_loop=ray_workers.flaky_worker)
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     first = [s["step"] for s in steps if s["attempt"] == 1]
     second = [s["step"] for s in steps if s["attempt"] == 2]
@@ -87,5 +87,5 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, data_root
     # The same 2-worker run without the failure (same reduction order, so a rounding-level match):
     # no step was lost or repeated. Against one process, float differences of the summation
     # order grow over several steps, which the first-step test covers instead.
-    _, clean_path = train_distributed(_config(data_root, tmp_path / "clean", "clean", *overrides), ["square", "disc"])
+    _, clean_path = train_distributed(_config(data_root, tmp_path / "clean", "clean", *overrides))
     _assert_same_weights(_weights(model_path), _weights(clean_path))

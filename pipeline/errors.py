@@ -1,0 +1,45 @@
+"""Errors a user can cause or meet, as opposed to bugs.
+
+The CLI prints a `UserError` as one line naming what is wrong and exits non-zero; anything else
+keeps its traceback, because it is this project's fault. Subclasses also derive from the
+built-in error a caller would expect (ValueError, FileNotFoundError), so library callers can
+catch them as such.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad input or config, missing data, an unreachable service."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key is unknown, has the wrong type or an invalid value; the message names it."""
+
+
+class DataError(UserError, ValueError):
+    """Input or prepared data is missing, empty, malformed or not the data a run was trained on."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or directory a stage needs does not exist (yet): the message says which stage makes it."""
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss, gradient or weight: training stopped before saving a broken checkpoint."""
+
+    def __init__(self, step: int, term: str, value: float, checkpoint: str | None = None):
+        self.step, self.term, self.value, self.checkpoint = step, term, value, checkpoint
+        last = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved before it"
+        super().__init__(f"training diverged at step {step}: {term} is {value} ({last}); lower optim.lr, "
+                         f"set optim.grad_clip, or resume from the checkpoint with other settings")
+
+    def __reduce__(self):
+        # Ray and multiprocessing pickle exceptions by their args; keep the fields across processes.
+        return type(self), (self.step, self.term, self.value, self.checkpoint)
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server does not answer."""
+
+
+class TrainingFailed(UserError):
+    """A Ray Train run failed after its retries; the message carries the workers' error."""

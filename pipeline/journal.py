@@ -1,0 +1,67 @@
+"""The per-step metrics of a training run, as a JSON-lines journal beside its checkpoints.
+
+The journal is the run's record of its curves: written by the training process (rank 0) as it
+goes, and read by `tracking.MetricsForwarder`, which sends it to MLflow, so that training never
+waits on the tracking server. A resumed run replays the steps after its last checkpoint; the
+journal keeps the first record of each step, so every step is recorded once.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+# The per-step curves of a run, as MLflow shows them (with "val_ap" at validations).
+CURVES = ("loss", "cls_loss", "box_loss", "delta", "lr", "images_per_s")
+TRAINING = "train"
+VALIDATION = "val"
+
+
+def _kind(record: dict) -> str:
+    return VALIDATION if "val_ap" in record else TRAINING
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The complete records of the journal at `path` (a torn last line, left by a killed
+    writer, is not one); [] if there is none."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+class MetricsJournal:
+    """Appends records {"step": N, ...} to `path`, each step of each kind (training metrics,
+    validation AP) once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_torn_line()
+        self.last_step = {TRAINING: 0, VALIDATION: 0}
+        for record in read_journal(self.path):
+            kind = _kind(record)
+            self.last_step[kind] = max(self.last_step[kind], record["step"])
+
+    def _truncate_torn_line(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+
+    def write(self, step: int, metrics: dict[str, float]) -> bool:
+        """Append the record unless this step of its kind is recorded already; True if written."""
+        record = {"step": step, "time": time.time(), **metrics}
+        kind = _kind(record)
+        if step <= self.last_step[kind]:
+            return False
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.last_step[kind] = step
+        return True

@@ -1,0 +1,135 @@
+"""The distributed pipeline under the faults of real use: its driver killed at random steps, a
+Ray cluster already running on the machine."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from tests.synthetic import write_synthetic_coco
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _overrides(data_root: Path, output: Path) -> list[str]:
+    # Checkpoints every 2 steps, validation every 6: a kill finds unvalidated checkpoints behind
+    # it, which Ray once saved with a null score that no resume could compare.
+    return ["data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
+            "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96",
+            "model.max_size=96", "train.batch_size=4", "train.epochs=100", "train.max_steps=12",
+            "train.checkpoint_every=2", "train.eval_every=6", "train.log_every=1", "optim.warmup_steps=2",
+            "eval.sample_images=0", "ray.workers=2", "ray.local_cpus=4", f"run.output_dir={output}",
+            "run.name=faulty"]
+
+
+def _pipeline(overrides: list[str]) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    environment.pop("RAY_ADDRESS", None)
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "pipeline", "run", *overrides], cwd=PROJECT,
+                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """kill -9 of the driver and of everything it started (Ray's own processes included)."""
+    session = process.pid
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        pid, sid = (int(value) for value in line.split())
+        if sid == session:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    process.wait()
+
+
+def _journal_steps(output: Path) -> list[int]:
+    path = output / "faulty" / "train" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and "loss" in line]
+
+
+def _finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    return out
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_killing_the_driver_three_times_ends_with_the_uninterrupted_weights(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_coco(data, {"train": 8, "val": 2})
+    seed = random.randrange(1 << 30)
+    chooser = random.Random(seed)
+    output = tmp_path / "interrupted"
+    killed_at = []
+    for _ in range(3):
+        done = max(_journal_steps(output), default=0)
+        target = chooser.randint(done + 1, min(done + 4, 11))
+        process = _pipeline(_overrides(data, output))
+        deadline = time.monotonic() + 300
+        while max(_journal_steps(output), default=0) < target:
+            assert process.poll() is None, f"seed {seed}: finished before step {target}: {process.stdout.read()}"
+            assert time.monotonic() < deadline, f"seed {seed}: step {target} not reached"
+            time.sleep(0.05)
+        _kill_session(process)
+        killed_at.append(max(_journal_steps(output)))
+    out = _finish(_pipeline(_overrides(data, output)))
+    assert "resumed at step" in out
+
+    clean = tmp_path / "clean"
+    _finish(_pipeline(_overrides(data, clean)))
+    interrupted_weights, clean_weights = _weights(output / "faulty" / "model.pt"), _weights(clean / "faulty" / "model.pt")
+    for key in clean_weights:
+        torch.testing.assert_close(interrupted_weights[key], clean_weights[key], rtol=1e-4, atol=2e-6,
+                                   msg=lambda m: f"seed {seed}, killed at {killed_at}: {key}: {m}")
+
+    # Each step recorded once, in the journal and in MLflow, whatever was replayed.
+    assert _journal_steps(output) == list(range(1, 13))
+    client = mlflow.MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    (train,) = client.search_runs([client.get_experiment_by_name("aploss").experiment_id],
+                                  "tags.`aploss.stage` = 'train'")
+    assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "loss")) == list(range(1, 13))
+    assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "val_ap")) == [6, 12]
+
+
+def _ray(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), *arguments], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_running_ray_cluster_is_joined_only_when_asked(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_coco(data, {"train": 8, "val": 2})
+    started = _ray("start", "--head", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats")
+    assert started.returncode == 0, started.stderr
+    try:
+        script = ("import sys; from pipeline.config import load_config; from pipeline.run import start_ray; "
+                  "import ray; start_ray(load_config(None, sys.argv[1:])); "
+                  "print('cpus', ray.cluster_resources()['CPU'])")
+        environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
+        environment.pop("RAY_ADDRESS", None)
+        own = subprocess.run([sys.executable, "-c", script, "ray.local_cpus=5"], capture_output=True, text=True,
+                             env=environment, timeout=180)
+        assert own.returncode == 0, own.stderr
+        assert "started a local Ray instance with 5 CPUs" in own.stdout and "cpus 5.0" in own.stdout
+        joined = subprocess.run([sys.executable, "-c", script, "ray.address=auto"], capture_output=True, text=True,
+                                env=environment, timeout=180)
+        assert joined.returncode == 0, joined.stderr
+        assert "joined the Ray cluster at auto: 3 CPUs" in joined.stdout and "cpus 3.0" in joined.stdout
+    finally:
+        _ray("stop", "--force")
