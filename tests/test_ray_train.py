@@ -6,6 +6,7 @@ import ray
 import torch
 
 from pipeline.config import load_config
+from pipeline.errors import TrainingDiverged
 from pipeline.prep import prepare
 from pipeline.ray_train import train_distributed
 from pipeline.stages import train_stage
@@ -89,3 +90,17 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, data_root
     # order grow over several steps, which the first-step test covers instead.
     _, clean_path = train_distributed(_config(data_root, tmp_path / "clean", "clean", *overrides))
     _assert_same_weights(_weights(model_path), _weights(clean_path))
+
+
+def test_divergence_on_the_workers_stops_the_run_at_once(ray_cluster, data_root, tmp_path):
+    # Workers return rather than raise: Ray would restart the group to diverge again, max_failures times.
+    config = _config(data_root, tmp_path, "diverging", "train.max_steps=20", "train.checkpoint_every=1",
+                     "train.log_every=1", "ray.workers=2", "ray.max_failures=2", "optim.lr=1e6", "optim.grad_clip=0",
+                     "optim.warmup_steps=0")
+    with pytest.raises(TrainingDiverged) as error:
+        train_distributed(config)
+    assert "training diverged at step" in str(error.value)
+    assert not (tmp_path / "diverging" / "model.pt").exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "diverging" / "train" / "metrics.jsonl").open()]
+    # One attempt, each step once, stopped at the diverging step.
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] <= error.value.step

@@ -2,6 +2,8 @@
 seconds with its URI named; gone during training, the metrics wait in the run's journal and
 reach MLflow once, when it is back."""
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +36,7 @@ class Server:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
              "--default-artifact-root", str(self.directory / "artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -45,8 +47,8 @@ class Server:
         raise RuntimeError("mlflow server did not start")
 
     def stop(self):
-        if self.process is not None:
-            self.process.kill()
+        if self.process is not None:  # the server and its web workers, which hold the port
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
 
