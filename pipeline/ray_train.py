@@ -155,16 +155,25 @@ def _root_cause(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def finish_training(config: Config, result: ray.train.Result) -> None:
-    """TrainingFailed or TrainingDiverged (with the last good checkpoint) for a run that did not
-    end well."""
+def _failed(config: Config, error: BaseException) -> TrainingFailed:
+    return TrainingFailed(f"distributed training of run '{config.run.name}' failed after "
+                          f"{config.ray.max_failures} restart(s): {_root_cause(error)}")
+
+
+def fit_run(config: Config, trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, with TrainingFailed (the workers' error in one line) for a run that
+    failed after its restarts, or TrainingDiverged (with the last good checkpoint)."""
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise _failed(config, error) from error
     if result.error is not None:
-        raise TrainingFailed(f"distributed training of run '{config.run.name}' failed after "
-                             f"{config.ray.max_failures} restart(s): {_root_cause(result.error)}") from result.error
+        raise _failed(config, result.error) from result.error
     if (diverged := _diverged_path(config)).exists():
         info = json.loads(diverged.read_text())
         latest = result.checkpoint.path if result.checkpoint is not None else None
         raise TrainingDiverged(info["step"], info["term"], info["value"], latest)
+    return result
 
 
 def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_worker
@@ -173,8 +182,7 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
     config, classes = training_data(config)
     record_training_run(config)
     _diverged_path(config).unlink(missing_ok=True)
-    result = build_trainer(config, classes, train_loop).fit()
-    finish_training(config, result)
+    result = fit_run(config, build_trainer(config, classes, train_loop))
     state = best_state(result)
     model_path = config.run.directory() / "model.pt"
     checkpoints.save_atomic({"model": state["model"], "config": state["config"], "classes": classes}, model_path)

@@ -30,3 +30,8 @@ class FlakyHooks(RayHooks):
 
 def flaky_worker(payload: dict) -> None:
     run_worker(payload, FlakyHooks)
+
+
+def broken_worker(payload: dict) -> None:
+    """A worker that fails on every attempt, as a bug or a bad node would."""
+    raise OSError("the GPU fell off the bus")

@@ -6,7 +6,7 @@ import ray
 import torch
 
 from pipeline.config import load_config
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.prep import prepare
 from pipeline.ray_train import train_distributed
 from pipeline.stages import train_stage
@@ -104,3 +104,12 @@ def test_divergence_on_the_workers_stops_the_run_at_once(ray_cluster, data_root,
     steps = [json.loads(line)["step"] for line in (tmp_path / "diverging" / "train" / "metrics.jsonl").open()]
     # One attempt, each step once, stopped at the diverging step.
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] <= error.value.step
+
+
+def test_a_run_that_keeps_failing_ends_as_one_line_naming_the_cause(ray_cluster, data_root, tmp_path):
+    config = _config(data_root, tmp_path, "broken", "train.max_steps=2", "ray.workers=2", "ray.max_failures=1")
+    with pytest.raises(TrainingFailed) as error:
+        train_distributed(config, train_loop=ray_workers.broken_worker)
+    message = str(error.value)
+    assert message.startswith("distributed training of run 'broken' failed after 1 restart(s): ")
+    assert message.endswith("OSError: the GPU fell off the bus") and "\n" not in message
