@@ -7,7 +7,6 @@ from typing import Callable, Literal
 from torch import nn
 from torchvision.models import resnet, vgg16_bn
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -31,8 +30,6 @@ _SSD_BOXES = {
     512: ([[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]], [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
           [8, 16, 32, 64, 128, 256, 512]),
 }
-# Encoded-delta scales 1 / (0.1, 0.1, 0.2, 0.2), the released code's (and SSD's) box encoding.
-_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 _PRIOR_PROBABILITY = 0.01
 
 
@@ -107,13 +104,15 @@ def _ssd_parts(arch: str, num_classes: int, norm: Norm):
 
 
 def build_detector(arch: str, num_classes: int, *, norm: Norm = "group", min_size: int = 512,
-                   max_size: int = 833, anchor_scales: int = 2, classification: str = "ap",
-                   score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
-                   candidates_per_level: int = 1000, **loss_options) -> OneStageDetector:
-    """An untrained detector of `arch` for `num_classes` classes (no background class).
+                   max_size: int = 833, anchor_scales: int = 2, score_thresh: float = 0.05,
+                   nms_thresh: float = 0.5, detections_per_image: int = 100, candidates_per_level: int = 1000,
+                   train_input_size: int = 0, criterion: DetectionLoss | None = None) -> OneStageDetector:
+    """An untrained detector of `arch` for `num_classes` classes (no background class), trained
+    with `criterion` (default: the AP-loss over a batch held by this process).
 
     `min_size`/`max_size` and `anchor_scales` apply to RetinaNet; SSD keeps its fixed input
-    size and default boxes. `loss_options` go to `DetectionLoss` (delta, fg_iou, ...).
+    size and default boxes. `train_input_size` > 0: training inputs are that square size as
+    given (made by augmentation), evaluation inputs are resized as above.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {list(ARCHITECTURES)}, got {arch!r}")
@@ -123,6 +122,9 @@ def build_detector(arch: str, num_classes: int, *, norm: Norm = "group", min_siz
         parts = _retinanet_parts(arch, num_classes, norm, min_size, max_size, anchor_scales)
     else:
         parts = _ssd_parts(arch, num_classes, norm)
-    criterion = DetectionLoss(num_classes, BoxCoder(_BOX_WEIGHTS), classification, **loss_options)
+    criterion = criterion or DetectionLoss(num_classes)
+    if criterion.num_classes != num_classes:
+        raise ValueError(f"criterion is for {criterion.num_classes} classes, the detector for {num_classes}")
     return OneStageDetector(*parts, criterion, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                            detections_per_image=detections_per_image, candidates_per_level=candidates_per_level)
+                            detections_per_image=detections_per_image, candidates_per_level=candidates_per_level,
+                            train_input_size=train_input_size)

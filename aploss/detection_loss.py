@@ -2,7 +2,7 @@
 batch, ranked together, plus smooth-L1 box regression on the positives.
 
 Every term is normalised by batch-wide counts, and the batch may span several processes: with a
-`ProcessGroupExchange` the counts are summed over processes and each process's terms are scaled
+`ProcessGroupBatch` the counts are summed over processes and each process's terms are scaled
 by the world size. DDP then averages gradients over processes, which makes the parameter update
 exactly that of one process holding the whole (global) batch.
 """
@@ -15,9 +15,12 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import sigmoid_focal_loss
 
 from aploss.anchor_assignment import assign_anchors, pair_labels
-from aploss.engine import LocalExchange, ranked_ap_loss
+from aploss.distributed import ProcessGroupBatch, global_ap_loss
+from aploss.engine import LocalBatch, ap_loss
 
 Classification = Literal["ap", "focal"]
+# Encoded-delta scales 1 / (0.1, 0.1, 0.2, 0.2), the released code's (and SSD's) box encoding.
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 class DetectionLoss(nn.Module):
@@ -29,22 +32,22 @@ class DetectionLoss(nn.Module):
     none has nothing to learn from and is skipped by the trainer).
     """
 
-    def __init__(self, num_classes: int, box_coder: BoxCoder, classification: Classification = "ap",
+    def __init__(self, num_classes: int, box_coder: BoxCoder | None = None, classification: Classification = "ap",
                  delta: float = 1.0, interpolate: bool = True, fg_iou: float = 0.5, bg_iou: float = 0.4,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_beta: float = 1.0,
-                 box_weight: float = 1.0, exchange: LocalExchange | None = None) -> None:
+                 box_weight: float = 1.0, batch: LocalBatch | None = None) -> None:
         super().__init__()
         if classification not in ("ap", "focal"):
             raise ValueError(f"classification loss must be 'ap' or 'focal', got {classification!r}")
         self.num_classes = num_classes
-        self.box_coder = box_coder
+        self.box_coder = box_coder or BoxCoder(BOX_WEIGHTS)
         self.classification = classification
         self.delta = delta
         self.interpolate = interpolate
         self.fg_iou, self.bg_iou = fg_iou, bg_iou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_beta, self.box_weight = box_beta, box_weight
-        self.exchange = exchange or LocalExchange()
+        self.batch = batch or LocalBatch()
 
     def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: list[Tensor],
                 targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -60,8 +63,8 @@ class DetectionLoss(nn.Module):
         labels = torch.stack(labels)
         # A positive anchor has exactly one positive pair, so one count normalises both terms.
         positive_anchors = (labels == 1).any(dim=2)
-        positives_total = self.exchange.sum_over_processes(positive_anchors.sum().to(torch.float64).reshape(1))[0]
-        scale = self.exchange.world_size
+        positives_total = self.batch.sum_over_processes(positive_anchors.sum().to(torch.float64).reshape(1))[0]
+        scale = self.batch.world_size
         return {
             "classification": self._classification(cls_logits, labels, positives_total, scale),
             "box_regression": self._box_regression(box_deltas[positive_anchors], torch.cat(box_targets),
@@ -72,7 +75,10 @@ class DetectionLoss(nn.Module):
     def _classification(self, logits: Tensor, labels: Tensor, positives_total: Tensor, scale: int) -> Tensor:
         if self.classification == "ap":
             # One ranking over all pairs of all images (and of all processes), as in the paper.
-            return ranked_ap_loss(logits, labels, self.delta, self.interpolate, self.exchange, float(scale))
+            if isinstance(self.batch, ProcessGroupBatch):
+                return global_ap_loss(logits, labels, self.delta, self.interpolate, batch=self.batch,
+                                      grad_scale=float(scale))
+            return ap_loss(logits, labels, self.delta, self.interpolate)
         valid = labels >= 0
         summed = sigmoid_focal_loss(logits[valid], labels[valid].to(logits.dtype), self.focal_alpha,
                                     self.focal_gamma, reduction="sum")

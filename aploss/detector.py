@@ -6,6 +6,8 @@ backbone, head, anchors, box coder) are kept and the loss and post-processing ar
 every anchor-class pair is a sigmoid score, training hands all pairs of the batch to one
 `DetectionLoss`, and inference keeps the top-scoring pairs per feature level, then NMS per class.
 """
+import copy
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
@@ -25,9 +27,10 @@ class OneStageDetector(nn.Module):
     def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, head: nn.Module,
                  anchor_generator: nn.Module, criterion: DetectionLoss, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100,
-                 candidates_per_level: int = 1000) -> None:
+                 candidates_per_level: int = 1000, train_input_size: int = 0) -> None:
         super().__init__()
         self.transform = transform
+        self.train_input_size = train_input_size
         self.backbone = backbone
         self.head = head
         self.anchor_generator = anchor_generator
@@ -41,12 +44,27 @@ class OneStageDetector(nn.Module):
     def box_coder(self) -> BoxCoder:
         return self.criterion.box_coder
 
+    @property
+    def train_input_size(self) -> int:
+        """Square training inputs of this size are taken as they are (0: resized like evaluation
+        inputs): augmentation made them, and resizing them to the evaluation sizes would undo it."""
+        return self._train_input_size
+
+    @train_input_size.setter
+    def train_input_size(self, size: int) -> None:
+        self._train_input_size = size
+        self.train_transform = self.transform
+        if size:
+            self.train_transform = copy.copy(self.transform)  # no parameters: a shallow copy is enough
+            self.train_transform.fixed_size = (size, size)
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if self.training and targets is None:
             raise ValueError("OneStageDetector: training needs targets (boxes and labels per image)")
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        batch, targets = self.transform(images, targets if self.training else None)
+        transform = self.train_transform if self.training else self.transform
+        batch, targets = transform(images, targets if self.training else None)
         features = list(self.backbone(batch.tensors).values())
         outputs = self.head(features)
         anchors = self.anchor_generator(batch, features)

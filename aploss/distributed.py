@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from aploss.engine import LocalExchange, ap_loss, ranked_ap_loss
+from aploss.engine import LocalBatch, ap_loss, ranked_ap_loss
 
 
 @dataclass
-class ProcessGroupExchange(LocalExchange):
+class ProcessGroupBatch(LocalBatch):
     """Shares positives and sums partial counts over a torch.distributed process group."""
 
     group: dist.ProcessGroup | None = None
@@ -57,16 +57,16 @@ class ProcessGroupExchange(LocalExchange):
 
 def global_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True,
                    group: dist.ProcessGroup | None = None, grad_scale: float | None = None,
-                   exchange: ProcessGroupExchange | None = None) -> Tensor:
+                   batch: ProcessGroupBatch | None = None) -> Tensor:
     """`ap_loss` ranked over the pairs of every process of `group` as one batch.
 
     Every process must call it in the same step. The returned loss is the global one (equal
     on every process). `grad_scale` multiplies backward's update and defaults to the world
     size, which undoes DDP's gradient averaging (module docstring). Without an initialised
-    process group this is `ap_loss`. Pass `exchange` to read its `bytes_sent` afterwards.
+    process group this is `ap_loss`. Pass `batch` to read its `bytes_sent` afterwards.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return ap_loss(logits, labels, delta, interpolate)
-    exchange = exchange or ProcessGroupExchange(group)
-    scale = float(exchange.world_size) if grad_scale is None else float(grad_scale)
-    return ranked_ap_loss(logits, labels, delta, interpolate, exchange, scale)
+    batch = batch or ProcessGroupBatch(group)
+    scale = float(batch.world_size) if grad_scale is None else float(grad_scale)
+    return ranked_ap_loss(logits, labels, delta, interpolate, batch, scale)

@@ -32,8 +32,10 @@ from aploss.bin_locator import BinLocator
 _CHUNK_PAIRS = {"cpu": 1 << 17, "cuda": 1 << 24}
 
 
-class LocalExchange:
-    """Single-process ranking: this process holds the whole batch."""
+class LocalBatch:
+    """Where the global batch lives, for every loss term normalised by it: here, all in this
+    process. `distributed.ProcessGroupBatch` spreads it over a process group: positives are
+    gathered for the ranking, counts summed, and each term scaled by the world size."""
 
     world_size = 1
 
@@ -190,12 +192,12 @@ def _negative_update(ranking: _Ranking, weight: Tensor) -> tuple[Tensor, Tensor]
 class _APLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
-                exchange: LocalExchange, grad_scale: float) -> Tensor:
+                batch: LocalBatch, grad_scale: float) -> Tensor:
         loss_dtype = torch.promote_types(logits.dtype, torch.float32)
         flat_logits, flat_labels = logits.reshape(-1), labels.reshape(-1)
         positive_index = (flat_labels == 1).nonzero().squeeze(1)
         local_positives = flat_logits[positive_index].double()
-        positives, offset = exchange.gather_positives(local_positives)
+        positives, offset = batch.gather_positives(local_positives)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
         ctx.update = None
         if positives.numel() == 0:
@@ -208,7 +210,7 @@ class _APLossFunction(torch.autograd.Function):
         partial_false_positives = _step_sums(ranking, count, offset_sum)
         if has_nan:  # NaN in, NaN out; summing spreads it to every process
             partial_false_positives.fill_(float("nan"))
-        false_positives = exchange.sum_over_processes(partial_false_positives)
+        false_positives = batch.sum_over_processes(partial_false_positives)
         positive_bins = ranking.locator.locate(ranking.scores)
         rank_plus = 0.5 + _step_sums(ranking, *_bin_sums(ranking, ranking.scores, positive_bins))
         rank = rank_plus + false_positives
@@ -275,11 +277,11 @@ def _check_inputs(logits: Tensor, labels: Tensor, delta: float) -> None:
 
 
 def ranked_ap_loss(logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
-                   exchange: LocalExchange, grad_scale: float) -> Tensor:
-    """`ap_loss` over a batch whose positives are shared through `exchange`; backward's
+                   batch: LocalBatch, grad_scale: float) -> Tensor:
+    """`ap_loss` over a batch whose positives are shared through `batch`; backward's
     update is multiplied by `grad_scale`."""
     _check_inputs(logits, labels, delta)
-    return _APLossFunction.apply(logits, labels, float(delta), interpolate, exchange, grad_scale)
+    return _APLossFunction.apply(logits, labels, float(delta), interpolate, batch, grad_scale)
 
 
 def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True) -> Tensor:
@@ -295,7 +297,7 @@ def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: boo
         1 - mean precision over the positives (0 without positives), as a scalar whose
         backward hands autograd the paper's update times the incoming gradient.
     """
-    return ranked_ap_loss(logits, labels, delta, interpolate, LocalExchange(), 1.0)
+    return ranked_ap_loss(logits, labels, delta, interpolate, LocalBatch(), 1.0)
 
 
 class APLoss(nn.Module):

@@ -21,15 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.prep import prepare  # noqa: E402
-from pipeline.ray_train import RayHooks, build_trainer, run_worker  # noqa: E402
+from pipeline.hooks import TrainingHooks  # noqa: E402
+from pipeline.ray_train import build_trainer, run_worker  # noqa: E402
 
 
-class TimingHooks(RayHooks):
+class TimingHooks(TrainingHooks):
     """Per step: seconds, global positives, bytes this process sent for the AP-loss; no
     validation or checkpoints, so that only training steps are timed."""
 
     def after_step(self, training, metrics) -> None:
-        exchange = training.detector.criterion.exchange
+        exchange = training.detector.criterion.batch
         sent = getattr(exchange, "bytes_sent", 0)
         record = {"step": training.step, "seconds": metrics["step_seconds"], "positives": metrics["positives"],
                   "bytes": sent - getattr(self, "_previous_bytes", 0)}

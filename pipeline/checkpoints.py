@@ -3,7 +3,8 @@ validation AP."""
 import io
 import json
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,6 +24,25 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
         return torch.load(path, map_location=device, weights_only=False)
     except (OSError, RuntimeError, EOFError) as error:
         raise DataError(f"{path}: not a readable checkpoint ({error})") from None
+
+
+T = TypeVar("T")
+
+
+def best(scored: Sequence[tuple[float | None, T]]) -> T | None:
+    """The one rule for the checkpoint a run exports: the highest validation AP (the later on a
+    tie), or the last one when none was validated."""
+    validated = [(score, index) for index, (score, _) in enumerate(scored) if score is not None]
+    if validated:
+        return scored[max(validated)[1]][1]
+    return scored[-1][1] if scored else None
+
+
+def export_model(state: dict[str, Any], path: Path) -> Path:
+    """The trained detector as the run's model.pt: weights, the config it was trained with
+    (bound to its prepared data) and the class names, from a checkpoint's state."""
+    save_atomic({key: state[key] for key in ("model", "config", "classes")}, path)
+    return path
 
 
 class CheckpointStore:
@@ -60,7 +80,4 @@ class CheckpointStore:
 
     def best(self) -> Path | None:
         index = self._index()
-        scored = [name for name, score in index.items() if score is not None]
-        if not scored:
-            return self.latest()
-        return self.directory / max(scored, key=lambda name: (index[name], name))
+        return best([(index[name], self.directory / name) for name in sorted(index)])

@@ -63,7 +63,7 @@ def _report(config: Config, runs: list[str]) -> None:
 def _pipeline_train(config: Config) -> None:
     from pipeline.ray_train import train_distributed
     from pipeline.run import start_ray
-    from pipeline.stages import training_data
+    from pipeline.bindings import training_data
 
     config, _ = training_data(config)  # before Ray starts: missing data is the likelier mistake
     start_ray(config)

@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
 from pipeline.coco_metrics import CocoResult, category_ids, draw_detections, evaluate_detections, plot_pr_curves
+from pipeline.config import Config
 from pipeline.dataset import DetectionDataset, collate
+from pipeline.shards import ShardReader
 from pipeline.io import write_json_atomic
 from pipeline.voc_metrics import VocResult, voc_map
 
@@ -43,6 +45,15 @@ def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int,
     for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
         results += detect(model, images, image_ids, device, category_ids)
     return results
+
+
+def validation_ap(model: OneStageDetector, config: Config, device: torch.device) -> float:
+    """COCO AP of `model` on the validation split of the prepared data `config` is bound to."""
+    split = Path(config.data.prepared) / config.data.val_split
+    ground_truth = split / "ground_truth.json"
+    detections = predict(model, DetectionDataset(ShardReader(split)), config.eval.batch_size, device,
+                         category_ids(ground_truth))
+    return evaluate_detections(ground_truth, detections).metrics["AP"]
 
 
 @dataclass

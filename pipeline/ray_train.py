@@ -2,13 +2,12 @@
 
 Every worker runs the same `Training` and `fit` as a single process, on its slice of each
 global batch, with the AP-loss ranking the pairs of all workers together
-(`ProcessGroupExchange`) and every loss term scaled so that, after DDP averages gradients,
+(`ProcessGroupBatch`) and every loss term scaled so that, after DDP averages gradients,
 the parameter update equals one process holding the whole batch. Checkpoints go through
 `ray.train.report`, so a failed worker group restarts from the latest one (FailureConfig) and
 a rerun with the same run name resumes where the run stopped.
 """
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,72 +17,40 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from aploss.distributed import ProcessGroupExchange
+from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_to_dict
 from pipeline.dataset import DetectionDataset
 from pipeline.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
-from pipeline.journal import CURVES, METRICS_FILE, MetricsJournal
-from pipeline.stages import due, record_training_run, training_data, validation_ap
-from pipeline.train import Training, build_model, fit, seed_everything, total_steps
+from pipeline.bindings import record_training_run, split_dir, training_data
+from pipeline.hooks import TrainingHooks, say
+from pipeline.train import StepSchedule, Training, build_model, fit, seed_everything
 
 STATE_FILE = "state.pt"
 SCORE = "score"
 
 
-def _say(line: str) -> None:
-    # Ray Train 2.60 echoes a worker's print() twice on the driver's console; a plain write once.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+class RaySink:
+    """Checkpoints through `ray.train.report`, which every rank calls (it is a barrier). Ray keeps
+    the best by `score`, which must be a number in every report (its saved state turns NaN into
+    null, which a resumed run cannot compare): validation AP, or -1, below any AP, for
+    checkpoints kept for resuming only."""
 
-
-class RayHooks:
-    """Metrics journal and stdout (rank 0), validation and checkpoints through `ray.train.report`
-    (every rank calls it: it is a barrier). The loss terms are already global means (`Training`)."""
-
-    def __init__(self, config: Config, payload: dict, rank: int, world_size: int, steps_per_epoch: int) -> None:
-        self.config, self.payload = config, payload
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = steps_per_epoch
-        self.journal = MetricsJournal(config.run.directory() / "train" / METRICS_FILE) if rank == 0 else None
-        self.window_seconds, self.window_steps = 0.0, 0
-
-    def after_step(self, training: Training, metrics: dict[str, float]) -> None:
-        step, last, train = training.step, training.total_steps, self.config.train
-        self.window_seconds += metrics["step_seconds"]
-        self.window_steps += 1
-        if step % train.log_every == 0 or step == last:
-            metrics["images_per_s"] = self.window_steps * train.batch_size / self.window_seconds
-            self.window_seconds, self.window_steps = 0.0, 0
-            if self.journal is not None:
-                _say(f"step {step}/{last} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES))
-                self.journal.write(step, {key: metrics[key] for key in CURVES} | {"skipped": training.skipped})
-        checkpoint_due = due(step, train.checkpoint_every, self.steps_per_epoch, last)
-        eval_due = due(step, train.eval_every, self.steps_per_epoch, last)
-        if checkpoint_due or eval_due:
-            self._report(training, step, eval_due)
-
-    def _report(self, training: Training, step: int, evaluate: bool) -> None:
-        training.check_weights()  # the same weights on every rank: all of them stop, or none
-        # Ray keeps the best checkpoints by `score`, which must be a number in every report (its
-        # saved state turns NaN into null, which a resumed run cannot compare): validation AP,
-        # or -1, below any AP, for checkpoints kept for resuming only.
-        report = {"step": step, "skipped": training.skipped, SCORE: -1.0}
+    def save(self, step: int, state: dict | None, val_ap: float | None) -> None:
+        report = {"step": step, SCORE: -1.0 if val_ap is None else val_ap}
+        if val_ap is not None:
+            report["val_ap"] = val_ap
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
-            if self.rank == 0:
-                if evaluate:
-                    report["val_ap"] = report[SCORE] = validation_ap(training.detector, self.config, training.device)
-                    self.journal.write(step, {"val_ap": report["val_ap"]})
-                state = {**training.state_dict(), "config": self.payload["config"], "classes": self.payload["classes"]}
+            if state is not None:
                 checkpoints.save_atomic(state, Path(directory) / STATE_FILE)
                 checkpoint = Checkpoint.from_directory(directory)
             ray.train.report(report, checkpoint=checkpoint)
 
 
-def run_worker(payload: dict, hooks_class: type = RayHooks) -> None:
+def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
     """One Ray Train worker: DDP model, its share of every global batch, resumed if Ray hands
     it a checkpoint."""
     config = config_from_dict(payload["config"])
@@ -91,20 +58,22 @@ def run_worker(payload: dict, hooks_class: type = RayHooks) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     seed_everything(config.train.seed)
     device = ray.train.torch.get_device()
-    exchange = ProcessGroupExchange() if world_size > 1 else None
-    model = ray.train.torch.prepare_model(build_model(config, len(payload["classes"]), exchange))
-    train_dir = Path(config.data.prepared) / config.data.train_split
-    dataset = DetectionDataset(ShardReader(train_dir), hflip=config.train.hflip, seed=config.train.seed,
-                               augment=config.train.augment, input_size=config.train.input_size)
-    training = Training(config, model, device, total_steps(config, len(dataset)))
+    batch = ProcessGroupBatch() if world_size > 1 else None
+    model = ray.train.torch.prepare_model(build_model(config, len(payload["classes"]), batch))
+    dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
+                               seed=config.train.seed, augment=config.train.augment,
+                               input_size=config.train.input_size)
+    schedule = StepSchedule.of(config.train, len(dataset))
+    training = Training(config, model, device, schedule.total_steps)
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
         if rank == 0:
-            _say(f"resumed at step {training.step}")
-    steps_per_epoch = len(dataset) // config.train.batch_size
+            say(f"resumed at step {training.step}")
+    hooks = hooks_class(config, schedule, RaySink(), {"config": payload["config"], "classes": payload["classes"]},
+                        rank=rank)
     try:
-        fit(training, dataset, hooks_class(config, payload, rank, world_size, steps_per_epoch), rank, world_size)
+        fit(training, dataset, schedule, hooks, rank, world_size)
     except TrainingDiverged as error:
         # Every rank sees the same global values, so all stop at this step. Returning rather than
         # raising keeps Ray from restarting the group to diverge again; the driver reads this.
@@ -138,9 +107,9 @@ def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict
 
 
 def best_state(result: ray.train.Result) -> dict:
-    """The state of the best-validated checkpoint of a finished run (the latest if none was)."""
-    scored = [(metrics["val_ap"], checkpoint) for checkpoint, metrics in result.best_checkpoints if "val_ap" in metrics]
-    checkpoint = max(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
+    """The state of the checkpoint `checkpoints.best` picks among those Ray kept."""
+    kept = sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])
+    checkpoint = checkpoints.best([(metrics.get("val_ap"), checkpoint) for checkpoint, metrics in kept])
     if checkpoint is None:
         raise TrainingFailed(f"training run '{result.path}' produced no checkpoint")
     with checkpoint.as_directory() as directory:
@@ -183,7 +152,4 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
     record_training_run(config)
     _diverged_path(config).unlink(missing_ok=True)
     result = fit_run(config, build_trainer(config, classes, train_loop))
-    state = best_state(result)
-    model_path = config.run.directory() / "model.pt"
-    checkpoints.save_atomic({"model": state["model"], "config": state["config"], "classes": classes}, model_path)
-    return result, model_path
+    return result, checkpoints.export_model(best_state(result), config.run.directory() / "model.pt")

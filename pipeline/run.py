@@ -17,7 +17,8 @@ from pipeline.errors import UserError
 from pipeline.journal import METRICS_FILE
 from pipeline.prep import prepare
 from pipeline.ray_train import train_distributed
-from pipeline.stages import evaluate_stage, load_model, record_training_run, robustness_stage, train_stage
+from pipeline.bindings import record_training_run
+from pipeline.stages import evaluate_stage, load_model, robustness_stage, train_stage
 
 
 @dataclass

@@ -8,8 +8,6 @@ Train worker; only the `Hooks` that log, validate and checkpoint differ.
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,12 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from aploss.architectures import build_detector
+from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
-from aploss.engine import LocalExchange
-from pipeline.config import Config
+from aploss.engine import LocalBatch
+from pipeline.config import Config, TrainConfig
 from pipeline.dataset import DetectionDataset, GlobalBatchSampler, collate
 from pipeline.errors import DataError, TrainingDiverged, UserError
 
@@ -36,16 +34,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: Config, num_classes: int, exchange: LocalExchange | None = None) -> OneStageDetector:
+def build_model(config: Config, num_classes: int, batch: LocalBatch | None = None) -> OneStageDetector:
+    """The detector of `config.model`, trained with the loss of `config.loss` over `batch` (this
+    process's, or a process group's). Its δ is set by `Training` at every step, from the schedule."""
     model, loss = config.model, config.loss
+    criterion = DetectionLoss(num_classes, classification=loss.classification, interpolate=loss.interpolate,
+                              fg_iou=model.fg_iou, bg_iou=model.bg_iou, focal_alpha=loss.focal_alpha,
+                              focal_gamma=loss.focal_gamma, box_beta=loss.box_beta, box_weight=loss.box_weight,
+                              batch=batch)
     return build_detector(
         model.arch, num_classes, norm=model.norm, min_size=model.min_size, max_size=model.max_size,
-        anchor_scales=model.anchor_scales, classification=loss.classification,
-        score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
+        anchor_scales=model.anchor_scales, score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
         detections_per_image=model.detections_per_image, candidates_per_level=model.candidates_per_level,
-        delta=loss.delta.build()(0.0), interpolate=loss.interpolate, fg_iou=model.fg_iou, bg_iou=model.bg_iou,
-        focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma, box_beta=loss.box_beta,
-        box_weight=loss.box_weight, exchange=exchange)
+        train_input_size=config.train.input_size, criterion=criterion)
 
 
 @dataclass(frozen=True)
@@ -69,34 +70,46 @@ class LearningRateFactor:
         return warmup * self.gamma ** sum(progress >= m for m in self.milestones)
 
 
-def total_steps(config: Config, num_images: int) -> int:
-    per_epoch = num_images // config.train.batch_size
-    if per_epoch == 0:
-        raise DataError(f"train.batch_size ({config.train.batch_size}) is larger than the training split "
-                         f"({num_images} images)")
-    steps = per_epoch * config.train.epochs
-    return min(steps, config.train.max_steps) if config.train.max_steps else steps
+@dataclass(frozen=True)
+class StepSchedule:
+    """When a run logs, validates and checkpoints, decided once from the config and the size of
+    the training split; the same for one process and for every Ray Train worker."""
+
+    steps_per_epoch: int
+    total_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, train: TrainConfig, num_images: int) -> "StepSchedule":
+        per_epoch = num_images // train.batch_size
+        if per_epoch == 0:
+            raise DataError(f"train.batch_size ({train.batch_size}) is larger than the training split "
+                            f"({num_images} images)")
+        steps = per_epoch * train.epochs
+        steps = min(steps, train.max_steps) if train.max_steps else steps
+        # 0 means once per epoch.
+        return cls(per_epoch, steps, train.log_every, train.eval_every or per_epoch, train.checkpoint_every or per_epoch)
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def validates(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total_steps
+
+    def checkpoints(self, step: int) -> bool:
+        """A validated step is always checkpointed: its score belongs to a checkpoint."""
+        return self.validates(step) or step % self.checkpoint_every == 0
+
+    @property
+    def validations(self) -> int:
+        return math.ceil(self.total_steps / self.eval_every)
 
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device):
     return ([image.to(device, non_blocking=True) for image in images],
             [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets])
-
-
-@contextmanager
-def _fixed_input_size(transform: GeneralizedRCNNTransform, size: int) -> Iterator[None]:
-    """Inside, the transform keeps the `size` x `size` inputs the dataset made (resizing to
-    `fixed_size` is the identity on them); after, even on an error, it is back to its own sizes,
-    the evaluation sizes. `size` 0 leaves it as it is."""
-    if not size:
-        yield
-        return
-    own = transform.fixed_size
-    transform.fixed_size = (size, size)
-    try:
-        yield
-    finally:
-        transform.fixed_size = own
 
 
 class Training:
@@ -124,8 +137,7 @@ class Training:
         self.detector.criterion.delta = delta
         lr = self.optimizer.param_groups[0]["lr"]
         images, targets = _to_device(images, targets, self.device)
-        with (_fixed_input_size(self.detector.transform, self.config.train.input_size),
-              torch.autocast(self.device.type, enabled=self.amp)):
+        with torch.autocast(self.device.type, enabled=self.amp):
             losses = self.model(images, targets)
         loss = losses["classification"] + losses["box_regression"]
         terms = _global_mean(torch.stack([losses["classification"].detach(), losses["box_regression"].detach()]))
@@ -212,15 +224,16 @@ def seed_everything(seed: int) -> None:
 
 
 class Hooks(Protocol):
-    """What happens between steps: logging, validation, checkpoints (local files or Ray)."""
+    """What happens between steps: logging, validation, checkpoints (pipeline.hooks)."""
 
     def after_step(self, training: Training, metrics: dict[str, float]) -> None: ...
 
 
-def fit(training: Training, dataset: DetectionDataset, hooks: Hooks, rank: int = 0, world_size: int = 1) -> None:
+def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, hooks: Hooks, rank: int = 0,
+        world_size: int = 1) -> None:
     """Train from `training.step` to its last step; the data position follows from the step."""
     config = training.config.train
-    steps_per_epoch = len(dataset) // config.batch_size
+    steps_per_epoch = schedule.steps_per_epoch
     row_groups = dataset.reader.row_groups()
     while training.step < training.total_steps:
         epoch, start = divmod(training.step, steps_per_epoch)

@@ -22,7 +22,7 @@ from pipeline.journal import METRICS_FILE
 from pipeline.prep import prepare
 from pipeline.ray_train import build_trainer, storage_path
 from pipeline.search_space import parse_domain
-from pipeline.train import total_steps
+from pipeline.train import StepSchedule
 from pipeline.errors import UserError
 
 METRIC = "val_ap"
@@ -75,11 +75,6 @@ class SweepResult:
     stopped_early: int
 
 
-def _reports(config: Config, train_images: int) -> int:
-    steps = total_steps(config, train_images)
-    return math.ceil(steps / (config.train.eval_every or train_images // config.train.batch_size))
-
-
 def run_sweep(config: Config) -> SweepResult:
     """Run (or restore and finish) the sweep named `run.name`; ray must be initialised."""
     if not config.tune.space:
@@ -99,7 +94,7 @@ def run_sweep(config: Config) -> SweepResult:
         space["_sweep"] = {"base": config_to_dict(config.with_absolute_paths()), "classes": manifest["classes"],
                            "tracking_uri": config.tracking_uri(), "experiment_id": experiment,
                            "sweep_run_id": sweep_run}
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=_reports(config, train_images),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=StepSchedule.of(config.train, train_images).validations,
                                   grace_period=config.tune.grace_period,
                                   reduction_factor=config.tune.reduction_factor)
         tuner = tune.Tuner(
@@ -118,7 +113,7 @@ def run_sweep(config: Config) -> SweepResult:
     best_path = config.run.directory().parent / f"{name}-best.yaml"
     save_config(best_config, best_path)
     stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0) <
-                  _reports(config, train_images))
+                  StepSchedule.of(config.train, train_images).validations)
     best_ap = max(v for v in best.metrics_dataframe[METRIC] if not math.isnan(v))
     with mlflow.start_run(run_id=sweep_run):
         mlflow.log_artifact(str(best_path))

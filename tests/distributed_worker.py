@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aploss.distributed import ProcessGroupExchange, global_ap_loss
+from aploss.distributed import ProcessGroupBatch, global_ap_loss
 
 DELTAS = (0.0, 0.5, 1.0)
 
@@ -45,8 +45,8 @@ def run(rank: int, world_size: int, sizes: list[int], init_file: str, out_dir: s
     logits, labels = global_batch(sizes)
     for delta in DELTAS:
         local = logits[start:stop].clone().requires_grad_()
-        exchange = ProcessGroupExchange()
-        loss = global_ap_loss(local, labels[start:stop], delta, grad_scale=1.0, exchange=exchange)
+        exchange = ProcessGroupBatch()
+        loss = global_ap_loss(local, labels[start:stop], delta, grad_scale=1.0, batch=exchange)
         loss.backward()
         results[delta] = (loss.item(), local.grad.clone(), exchange.bytes_sent)
 

@@ -5,10 +5,11 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.ray_train import RayHooks, run_worker
+from pipeline.hooks import TrainingHooks
+from pipeline.ray_train import run_worker
 
 
-class FlakyHooks(RayHooks):
+class FlakyHooks(TrainingHooks):
     """Records each attempt's steps in <output_dir>/steps.jsonl; on the first attempt, rank 1
     kills its own process at the step <output_dir>/kill_at names."""
 

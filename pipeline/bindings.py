@@ -1,0 +1,62 @@
+"""Which prepared data a run trains on and is evaluated on.
+
+A config is bound to its data by `data.prepared` (an absolute prepared-data directory), which
+then travels with it: in Ray payloads, checkpoints, model.pt and MLflow params. A run records
+the model and data it trains in its directory, and refuses to resume with others.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import write_json_atomic
+from pipeline.prep import locate_prepared
+from pipeline.shards import read_manifest
+
+
+def split_dir(config: Config, split: str) -> Path:
+    """A split of the prepared data `config` is bound to (`data.prepared`)."""
+    return Path(config.data.prepared) / split
+
+
+def training_data(config: Config) -> tuple[Config, list[str]]:
+    """`config` bound to the prepared data it trains on, and the class names; refuses splits
+    that leave nothing to learn from or to validate against."""
+    config = config.with_prepared(locate_prepared(config))
+    manifest = read_manifest(config.data.prepared)
+    for split, use in ((config.data.train_split, "train on"), (config.data.val_split, "validate against")):
+        summary = manifest["splits"][split]
+        if summary["boxes"] == summary["crowd_boxes"]:
+            raise DataError(f"{split_dir(config, split)}: split {split!r} has no ground-truth boxes to {use}")
+    return config, manifest["classes"]
+
+
+RUN_RECORD = "run.json"
+
+
+def record_training_run(config: Config) -> None:
+    """Remember, in the run directory, the model and the prepared data the run trains; a later
+    start of the same run (a resume) with another model or other data is refused, since it would
+    mix two trainings in one set of weights."""
+    path = config.run.directory() / "train" / RUN_RECORD
+    record = {"model": dataclasses.asdict(config.model), "prepared": config.data.prepared}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["model"] != record["model"]:
+            raise ConfigError(f"{path}: run '{config.run.name}' was trained with a different model config "
+                              f"({saved['model']}); choose another run.name to start afresh")
+        if saved["prepared"] != record["prepared"]:
+            raise DataError(f"{path}: run '{config.run.name}' was trained on the prepared data {saved['prepared']}, "
+                            f"but these data.* settings give {record['prepared']}; choose another run.name, "
+                            f"or set data.prepared={saved['prepared']} to go on with its data")
+        return
+    write_json_atomic(record, path)
+
+
+def evaluation_config(config: Config, trained: Config) -> Config:
+    """`config` bound to the data a model was trained on (its data.* settings and prepared data),
+    unless data.prepared names other prepared data."""
+    if not config.data.prepared and trained.data.prepared:
+        config = dataclasses.replace(config, data=trained.data)
+    return config.with_prepared(locate_prepared(config))

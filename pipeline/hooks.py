@@ -1,0 +1,98 @@
+"""What a training run does between steps, the same in one process and in every Ray Train
+worker: metrics to the run's journal and console, validation, checkpoints.
+
+The two ways of running differ only in where a checkpoint goes (a `CheckpointSink`: files of
+the run, or `ray.train.report`); the loss terms are already global means (`Training`), so no
+rank needs to reduce them here.
+"""
+import sys
+import time
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from pipeline.checkpoints import CheckpointStore
+from pipeline.config import Config
+from pipeline.evaluate import validation_ap
+from pipeline.journal import CURVES, METRICS_FILE, MetricsJournal
+from pipeline.train import StepSchedule, Training
+
+
+class CheckpointSink(Protocol):
+    def save(self, step: int, state: dict[str, Any] | None, val_ap: float | None) -> None:
+        """Keep `state` (rank 0's; None on other ranks) of `step`, scored by `val_ap` if validated."""
+
+
+class LocalSink:
+    """Checkpoint files of the run (`CheckpointStore`): one process holds the whole run."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+
+    def save(self, step: int, state: dict[str, Any] | None, val_ap: float | None) -> None:
+        self.store.save(step, state, val_ap)
+
+
+def say(line: str) -> None:
+    # Ray Train 2.60 echoes a worker's print() twice on the driver's console; a plain write once.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class TrainingHooks:
+    """Rank 0 journals the curves every `log_every` steps (with images/s over the steps since
+    the last record, validation and checkpoint time left out) and shows them as a progress bar or
+    as lines; at a checkpoint every rank checks the weights, rank 0 validates when due and hands
+    the state to the sink."""
+
+    def __init__(self, config: Config, schedule: StepSchedule, sink: CheckpointSink, extra_state: dict[str, Any],
+                 rank: int = 0, progress: bool = False) -> None:
+        self.config, self.schedule, self.sink, self.extra_state = config, schedule, sink, extra_state
+        self.rank = rank
+        self.journal = MetricsJournal(config.run.directory() / "train" / METRICS_FILE) if rank == 0 else None
+        self.progress = progress and rank == 0
+        self.bar: tqdm | None = None
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last_metrics: dict[str, float] = {}
+
+    def after_step(self, training: Training, metrics: dict[str, float]) -> None:
+        step = training.step
+        self.window_steps += 1
+        if self.progress:
+            if self.bar is None:
+                self.bar = tqdm(total=self.schedule.total_steps, initial=step - 1, desc="train", unit="step")
+            self.bar.update(1)
+        if self.schedule.logs(step):
+            elapsed = time.perf_counter() - self.window_start
+            metrics = {**metrics, "images_per_s": self.window_steps * self.config.train.batch_size / elapsed,
+                       "skipped": training.skipped}
+            self._log(step, metrics)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last_metrics = metrics
+        if self.schedule.checkpoints(step):
+            started = time.perf_counter()
+            self._checkpoint(training, step)
+            self.window_start += time.perf_counter() - started
+        if self.bar is not None and step == self.schedule.total_steps:
+            self.bar.close()
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.journal is None:
+            return
+        self.journal.write(step, {key: metrics[key] for key in (*CURVES, "skipped")})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", cls=f"{metrics['cls_loss']:.3f}",
+                                 box=f"{metrics['box_loss']:.3f}", lr=f"{metrics['lr']:.2g}",
+                                 img_s=f"{metrics['images_per_s']:.1f}")
+        else:
+            say(f"step {step}/{self.schedule.total_steps} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES))
+
+    def _checkpoint(self, training: Training, step: int) -> None:
+        training.check_weights()  # the same weights on every rank: all of them stop, or none
+        val_ap = state = None
+        if self.rank == 0:
+            if self.schedule.validates(step):
+                val_ap = validation_ap(training.detector, self.config, training.device)
+                self.journal.write(step, {"val_ap": val_ap})
+            state = {**training.state_dict(), **self.extra_state}
+        self.sink.save(step, state, val_ap)
