@@ -8,14 +8,14 @@ from torch import nn
 from torchvision.models import resnet, vgg16_bn
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.ssd import SSD, _vgg_extractor
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from aploss.detection_loss import DetectionLoss
+from aploss.torchvision_private import resnet_fpn_extractor, vgg_extractor
 from aploss.detector import OneStageDetector
 
 Norm = Literal["group", "frozen_bn", "batch"]
@@ -69,7 +69,7 @@ def _retinanet_parts(arch: str, num_classes: int, norm: Norm, min_size: int, max
     norm_layer = _norm_layer(norm)
     trunk = _RESNETS[arch](weights=None, norm_layer=norm_layer)
     fpn_norm = norm_layer if norm == "group" else None
-    backbone = _resnet_fpn_extractor(trunk, trainable_layers=5, returned_layers=[2, 3, 4],
+    backbone = resnet_fpn_extractor(trunk, trainable_layers=5, returned_layers=[2, 3, 4],
                                      extra_blocks=LastLevelP6P7(256, 256), norm_layer=fpn_norm)
     # Levels P3-P7 (strides 8-128), base side 4 x stride, `anchor_scales` sizes per octave.
     sizes = tuple(tuple(32 * 2 ** level * 2 ** (k / anchor_scales) for k in range(anchor_scales))
@@ -87,7 +87,7 @@ def _ssd_vgg(size: int, num_classes: int, norm: Norm) -> SSD:
     # (same layers, a norm after each conv) trains from scratch.
     trunk = vgg16_bn(weights=None)
     _replace_batch_norm(trunk.features, _norm_layer(norm))
-    backbone = _vgg_extractor(trunk, highres=size == 512, trainable_layers=5)
+    backbone = vgg_extractor(trunk, highres=size == 512, trainable_layers=5)
     ratios, scales, steps = _SSD_BOXES[size]
     return SSD(backbone, DefaultBoxGenerator(ratios, scales=scales, steps=steps), (size, size), num_classes,
                image_mean=[0.48235, 0.45882, 0.40784], image_std=[1 / 255] * 3)

@@ -11,12 +11,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import sigmoid_focal_loss
 
 from aploss.anchor_assignment import assign_anchors, pair_labels
 from aploss.distributed import ProcessGroupBatch, global_ap_loss
 from aploss.engine import LocalBatch, ap_loss
+from aploss.torchvision_private import BoxCoder
 
 Classification = Literal["ap", "focal"]
 # Encoded-delta scales 1 / (0.1, 0.1, 0.2, 0.2), the released code's (and SSD's) box encoding.

@@ -10,11 +10,11 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from aploss.detection_loss import DetectionLoss
+from aploss.torchvision_private import BoxCoder
 
 
 class OneStageDetector(nn.Module):

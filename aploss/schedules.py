@@ -120,17 +120,21 @@ def schedule_to_dict(schedule: DeltaSchedule) -> dict:
     return {"kind": kind, **values}
 
 
+def schedule_fields(kind: str) -> set[str]:
+    """The keys a schedule of `kind` takes besides "kind"."""
+    if kind not in _KINDS:
+        raise ValueError(f"delta schedule: unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
+    return {field.name for field in fields(_KINDS[kind])}
+
+
 def schedule_from_dict(spec: dict) -> DeltaSchedule:
     """The schedule a dict such as {"kind": "cosine", "start": 1.0, "end": 0.1} describes."""
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"delta schedule: expected a dict with a 'kind' key, got {spec!r}")
     kind = spec["kind"]
-    if kind not in _KINDS:
-        raise ValueError(f"delta schedule: unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
-    cls = _KINDS[kind]
-    allowed = {field.name for field in fields(cls)}
+    allowed = schedule_fields(kind)
     unknown = set(spec) - allowed - {"kind"}
     if unknown:
         raise ValueError(f"delta schedule: unknown key(s) {sorted(unknown)} for kind {kind!r}; "
                          f"allowed: {sorted(allowed)}")
-    return cls(**{key: value for key, value in spec.items() if key != "kind"})
+    return _KINDS[kind](**{key: value for key, value in spec.items() if key != "kind"})

@@ -10,7 +10,7 @@ set for worker processes. RAY_ADDRESS is therefore what tells an entrypoint to j
 at the tracking server (`Config.tracking_uri`).
 """
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline import cli
 
@@ -18,4 +18,11 @@ from pipeline import cli
 def run_command(command: Sequence[str], argv: Sequence[str] | None = None) -> int:
     """`aploss <command> [--config FILE] [overrides]` with this entrypoint's arguments."""
     return cli.main([*command, *(sys.argv[1:] if argv is None else argv)])
+
+
+def entrypoint(*command: str) -> Callable[[Sequence[str] | None], int]:
+    """The `main(argv=None)` of a job module that runs `aploss <command>`."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_command(command, argv)
+    return main
 

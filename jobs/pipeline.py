@@ -1,12 +1,7 @@
 """Job entrypoint: data-prep -> Ray Train DDP -> evaluate, tracked as one MLflow pipeline run."""
-from collections.abc import Sequence
+from jobs import entrypoint
 
-from jobs import run_command
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(["pipeline", "run"], argv)
-
+main = entrypoint("pipeline", "run")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from aploss.architectures import ARCHITECTURES
-from aploss.schedules import ConstantDelta, CosineDelta, DeltaSchedule, LinearDelta, StepDelta
+from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
 from pipeline.augment import AUGMENTATIONS
 from pipeline.errors import ConfigError
@@ -108,13 +108,12 @@ class DeltaConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
 
     def build(self) -> DeltaSchedule:
+        """The schedule, through the library's one dict format (`start` is a constant's value)."""
+        values = {"value": self.start, "start": self.start, "end": self.end, "narrow_from": self.narrow_from,
+                  "narrow_until": self.narrow_until, "milestones": tuple(self.milestones)}
         try:
-            if self.kind == "constant":
-                return ConstantDelta(self.start)
-            if self.kind == "step":
-                return StepDelta(self.start, self.end, tuple(self.milestones))
-            shape = LinearDelta if self.kind == "linear" else CosineDelta
-            return shape(self.start, self.end, self.narrow_from, self.narrow_until)
+            taken = schedule_fields(self.kind)
+            return schedule_from_dict({"kind": self.kind, **{key: values[key] for key in taken}})
         except ValueError as error:
             raise ConfigError(f"loss.delta: {error}") from None
 
@@ -470,19 +469,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+EXTENDS = "extends"
+
+
+def _deep_merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping in YAML file `path`; a top-level `extends: other.yaml` (relative to `path`)
+    starts from that file's mapping, which this one's keys then change."""
+    if path in chain:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, chain))}")
+    try:
+        data = yaml_values.load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+    if EXTENDS not in data:
+        return data
+    base = data.pop(EXTENDS)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {EXTENDS} must be the path of another config, got {base!r}")
+    return _deep_merge(_read_yaml(path.parent / base, (*chain, path)), data)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The config in YAML file `path` (or the defaults) with `key=value` overrides applied."""
-    data: dict = {}
-    if path is not None:
-        try:
-            with open(path) as handle:
-                data = yaml_values.load(handle.read()) or {}
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+    data = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:

@@ -66,3 +66,13 @@ def test_bad_files_name_the_file(tmp_path):
     typo.write_text("optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: unknown key\(s\) \['optim.learning_rate'\]"):
         load_config(typo)
+
+
+def test_a_config_extends_another_and_changes_its_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.02, momentum: 0.8}\ntrain: {epochs: 3}\n")
+    (tmp_path / "twin.yaml").write_text("extends: base.yaml\noptim: {lr: 0.05}\n")
+    config = load_config(tmp_path / "twin.yaml", ["train.epochs=5"])
+    assert (config.optim.lr, config.optim.momentum, config.train.epochs) == (0.05, 0.8, 5)
+    (tmp_path / "base.yaml").write_text("extends: twin.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "twin.yaml")

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import sigmoid_focal_loss
 
 from aploss import ap_loss
@@ -11,6 +10,7 @@ from aploss.anchor_assignment import IGNORED, NEGATIVE, assign_anchors, pair_lab
 from aploss.architectures import ARCHITECTURES, build_detector
 from aploss.detection_loss import DetectionLoss
 from aploss.reference import reference_ap_loss
+from aploss.torchvision_private import BoxCoder
 
 
 def box(x, y, w, h):
