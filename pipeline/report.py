@@ -8,7 +8,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -16,7 +15,6 @@ from pipeline import tracking
 from pipeline.config import Config, config_from_dict
 from pipeline.io import write_bytes_atomic
 from pipeline.robustness import RobustnessResult, Setting, plot_robustness, read_result
-from pipeline.errors import UserError
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 
@@ -34,32 +32,23 @@ class RunSummary:
         return " / ".join(self.params.get(key, "?") for key in GROUP_PARAMS)
 
 
-def _robustness(client: mlflow.MlflowClient, run_id: str) -> RobustnessResult:
+def _robustness(record: tracking.PipelineRecord) -> RobustnessResult:
     with tempfile.TemporaryDirectory() as directory:
-        return read_result(Path(client.download_artifacts(run_id, "robustness/robustness.json", directory)))
+        return read_result(record.artifact("robustness", "robustness/robustness.json", directory))
 
 
 def collect(config: Config, names: list[str]) -> list[RunSummary]:
     """One summary per pipeline run name (all pipeline runs of the experiment if none given)."""
-    experiment = tracking.configure(config)
-    client = mlflow.MlflowClient()
-    parents = client.search_runs([experiment], f"tags.`{tracking.STAGE_TAG}` = 'pipeline'")
-    by_name = {run.data.tags[tracking.RUN_NAME_TAG]: run for run in parents}
-    missing = [name for name in names if name not in by_name]
-    if missing:
-        raise UserError(f"no pipeline run named {missing} in experiment '{config.tracking.experiment}'; "
-                         f"found: {sorted(by_name)}")
     summaries = []
-    for name in names or sorted(by_name):
-        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{by_name[name].info.run_id}'")
-        stages = {run.data.tags[tracking.STAGE_TAG]: run for run in children}
+    for record in tracking.pipeline_records(tracking.configure(config), names):
+        stages = record.stages
         metrics = {**(stages["evaluate"].data.metrics if "evaluate" in stages else {}),
                    **(stages["robustness"].data.metrics if "robustness" in stages else {})}
         robust = stages.get("robustness")
-        robustness = _robustness(client, robust.info.run_id) if robust and robust.info.status == "FINISHED" else None
+        robustness = _robustness(record) if robust and robust.info.status == "FINISHED" else None
         params = _params(stages, robustness)
         per_class = {key[3:]: value for key, value in metrics.items() if key.startswith("AP_")}
-        summaries.append(RunSummary(name, params, metrics, robustness, per_class))
+        summaries.append(RunSummary(record.name, params, metrics, robustness, per_class))
     return summaries
 
 

@@ -8,7 +8,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import mlflow
 import ray
 
 from pipeline import tracking
@@ -58,7 +57,7 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
 
 def _stage(name: str, run_id: str):
     print(f"== {name}", flush=True)
-    return mlflow.start_run(run_id=run_id)
+    return tracking.active(run_id)
 
 
 def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
@@ -96,8 +95,8 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                 else:
                     model_path = train_stage(config, progress=False).model_path
             if distributed:
-                for checkpoint, metrics in result.best_checkpoints:
-                    mlflow.log_artifacts(checkpoint.path, artifact_path=f"checkpoints/step-{metrics['step']:07d}")
+                tracking.log_checkpoints([(metrics["step"], checkpoint.path)
+                                          for checkpoint, metrics in result.best_checkpoints])
             model, _, _ = load_model(model_path, "cpu")
             tracking.log_model(model, config)
 
@@ -107,7 +106,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     else:
         with _stage("evaluate", run_id):
             tracking.log_evaluation(evaluate_stage(config))
-    mlflow.MlflowClient().set_terminated(parent, "FINISHED")
+    tracking.finish(parent)
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
 
@@ -120,7 +119,7 @@ def run_robustness(config: Config, names: list[str], progress: bool = True) -> d
                                         "robustness")[0] for name in names}
     outputs = robustness_stage(config, names, progress)
     for name, (result, paths) in outputs.items():
-        with mlflow.start_run(run_id=run_ids[name]):
+        with tracking.active(run_ids[name]):
             tracking.log_robustness(result, paths)
     return outputs
 

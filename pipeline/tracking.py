@@ -6,20 +6,22 @@ one is reopened, so a rerun resumes the same runs rather than scattering new one
 import math
 import os
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Run
+from mlflow.entities import Metric, Param, Run
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import Config, flatten
-from pipeline.errors import TrackingUnavailable
+from pipeline.errors import TrackingUnavailable, UserError
 from pipeline.evaluate import Evaluation
 from pipeline.journal import CURVES, read_journal
 
@@ -103,6 +105,65 @@ def stage_run(experiment_id: str, parent_id: str, stage: str) -> tuple[str, bool
     run = mlflow.MlflowClient().create_run(experiment_id, run_name=stage,
                                            tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage})
     return run.info.run_id, False
+
+
+def active(run_id: str):
+    """Log to run `run_id` inside the block (`mlflow.start_run` reopening it); the run is marked
+    FINISHED when the block ends, FAILED when it raises."""
+    return mlflow.start_run(run_id=run_id)
+
+
+def finish(run_id: str, failed: bool = False, tracking_uri: str | None = None) -> None:
+    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: Config) -> str:
+    """A new child run of a sweep for one trial, its whole config as params in one batch."""
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(experiment_id, run_name=config.run.name,
+                               tags={"mlflow.parentRunId": sweep_run_id, STAGE_TAG: "trial"}).info.run_id
+    client.log_batch(run_id, params=[Param(key, value) for key, value in param_safe(config).items()])
+    return run_id
+
+
+def log_sweep_result(sweep_run_id: str, best_config_path: Path, best_params: dict, metric: str, value: float) -> None:
+    client = mlflow.MlflowClient()
+    client.log_artifact(sweep_run_id, str(best_config_path))
+    client.log_batch(sweep_run_id, metrics=[Metric(f"best_{metric}", value, int(time.time() * 1000), 0)],
+                     params=[Param(f"best.{key}", str(value)) for key, value in best_params.items()])
+
+
+def log_checkpoints(checkpoints: list[tuple[int, str]]) -> None:
+    """Checkpoint directories (step, path) of a finished training as artifacts of the active run."""
+    for step, path in checkpoints:
+        mlflow.log_artifacts(path, artifact_path=f"checkpoints/step-{step:07d}")
+
+
+@dataclass
+class PipelineRecord:
+    """What MLflow holds of one pipeline run: its stage runs by stage name."""
+
+    name: str
+    stages: dict[str, Run]
+
+    def artifact(self, stage: str, path: str, directory: str) -> Path:
+        return Path(mlflow.MlflowClient().download_artifacts(self.stages[stage].info.run_id, path, directory))
+
+
+def pipeline_records(experiment_id: str, names: list[str]) -> list[PipelineRecord]:
+    """The pipeline runs `names` (all of the experiment's if none), with their stage runs;
+    UserError naming the runs that are not there."""
+    client = mlflow.MlflowClient()
+    parents = client.search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'pipeline'")
+    by_name = {run.data.tags[RUN_NAME_TAG]: run for run in parents}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise UserError(f"no pipeline run named {missing} in the experiment; found: {sorted(by_name)}")
+    records = []
+    for name in names or sorted(by_name):
+        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{by_name[name].info.run_id}'")
+        records.append(PipelineRecord(name, {run.data.tags[STAGE_TAG]: run for run in children}))
+    return records
 
 
 def param_safe(config: Config) -> dict[str, str]:

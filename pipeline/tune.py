@@ -9,8 +9,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import Param
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -43,15 +41,15 @@ def trial_config(base: dict, params: dict) -> Config:
 def _run_trial(params: dict) -> None:
     context = params.pop("_sweep")
     config = trial_config(context["base"], params)
-    client = mlflow.MlflowClient(context["tracking_uri"])
-    run_id = client.create_run(context["experiment_id"], run_name=config.run.name,
-                               tags={"mlflow.parentRunId": context["sweep_run_id"], tracking.STAGE_TAG: "trial"}
-                               ).info.run_id
-    client.log_batch(run_id, params=[Param(key, value) for key, value in tracking.param_safe(config).items()])
+    run_id = tracking.trial_run(context["tracking_uri"], context["experiment_id"], context["sweep_run_id"], config)
     trainer = build_trainer(config, context["classes"], callbacks=[TuneReportCallback()])
-    with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id, context["tracking_uri"]):
-        result = trainer.fit()
-    client.set_terminated(run_id, "FAILED" if result.error else "FINISHED")
+    failed = True
+    try:
+        with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id,
+                                       context["tracking_uri"]):
+            failed = trainer.fit().error is not None
+    finally:  # ASHA stopping the trial, too, ends its run rather than leaving it RUNNING
+        tracking.finish(run_id, failed, context["tracking_uri"])
 
 
 def _search_algorithm(config: Config):
@@ -115,8 +113,6 @@ def run_sweep(config: Config) -> SweepResult:
     stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0) <
                   StepSchedule.of(config.train, train_images).validations)
     best_ap = max(v for v in best.metrics_dataframe[METRIC] if not math.isnan(v))
-    with mlflow.start_run(run_id=sweep_run):
-        mlflow.log_artifact(str(best_path))
-        mlflow.log_params({f"best.{key}": str(value) for key, value in best_params.items()})
-        mlflow.log_metric(f"best_{METRIC}", best_ap)
+    tracking.log_sweep_result(sweep_run, best_path, best_params, METRIC, best_ap)
+    tracking.finish(sweep_run)
     return SweepResult(best_config, best_ap, best_path, len(results), stopped)
