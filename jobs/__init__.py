@@ -6,13 +6,13 @@ Inside a job, Ray 2.60's job supervisor (`JobSupervisor._get_driver_env_vars`) g
 entrypoint RAY_ADDRESS (the cluster's GCS host:port), RAY_JOB_CONFIG_JSON_ENV_VAR (the runtime
 env, which `ray.init` applies to the job's workers) and PYTHONUNBUFFERED=1; RAY_JOB_ID is only
 set for worker processes. RAY_ADDRESS is therefore what tells an entrypoint to join its cluster
-(`pipeline.run.start_ray`); MLFLOW_TRACKING_URI, passed through by the runtime env, points it
+(`pipeline.orchestration.run.start_ray`); MLFLOW_TRACKING_URI, passed through by the runtime env, points it
 at the tracking server (`Config.tracking_uri`).
 """
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline import cli
+from pipeline.orchestration import cli
 
 
 def run_command(command: Sequence[str], argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import yaml
 from aploss.architectures import ARCHITECTURES
 from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
-from pipeline.augment import AUGMENTATIONS
 from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.search_space import parse_domain
@@ -64,6 +63,8 @@ class DataConfig:
     def resolved_root(self) -> Path:
         return Path(self.root or os.environ.get("APLOSS_DATA_ROOT") or "data").expanduser().resolve()
 
+
+AUGMENTATIONS = ("flip", "ssd")  # pipeline.data.augment
 
 # SSD models see one input size, fixed by their default boxes.
 FIXED_INPUT_SIZES = {"ssd300_vgg16": 300, "ssd512_vgg16": 512, "ssdlite_mobilenet_v3": 320}
@@ -173,7 +174,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision, on CUDA only
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
-    augment: Literal[AUGMENTATIONS] = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.augment)
+    augment: Literal[AUGMENTATIONS] = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.data.augment)
     input_size: int = 0  # square training input after augmentation; 0: model.min_size/max_size resize
     loader_workers: int = 0
     log_every: int = 10

@@ -5,8 +5,8 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.hooks import TrainingHooks
-from pipeline.ray_train import run_worker
+from pipeline.training.hooks import TrainingHooks
+from pipeline.training.ray_train import run_worker
 
 
 class FlakyHooks(TrainingHooks):

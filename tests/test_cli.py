@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 from tests.synthetic import write_synthetic_coco
 
 
@@ -95,9 +95,9 @@ def _noisier_weights(saved) -> None:
 def test_robustness_stage_evaluates_several_runs_in_one_pass(workspace, capsys, monkeypatch):
     import mlflow
 
-    from pipeline import robustness
+    from pipeline.evaluation import robustness
     from pipeline.config import load_config
-    from pipeline.stages import robustness_stage
+    from pipeline.evaluation.stages import robustness_stage
 
     root, config = workspace
     _variant(root, "synthetic-noisy", _noisier_weights)
@@ -159,15 +159,15 @@ def test_robustness_refuses_bad_runs(workspace, capsys):
 
 def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
     from pipeline.config import load_config
-    from pipeline.dataset import DetectionDataset
-    from pipeline.evaluate import evaluate_split
-    from pipeline.shards import ShardReader
-    from pipeline.stages import load_model
+    from pipeline.data.dataset import DetectionDataset
+    from pipeline.evaluation.evaluate import evaluate_split
+    from pipeline.data.shards import ShardReader
+    from pipeline.model import load_model
 
     root, config_path = workspace
     config = load_config(config_path)
     model, classes, _ = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
-    from pipeline.prep import locate_prepared
+    from pipeline.data.prep import locate_prepared
     split = locate_prepared(config) / "train"
     evaluation = evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
                                 tmp_path, 8, torch.device("cpu"), voc=True)

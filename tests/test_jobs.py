@@ -19,7 +19,7 @@ from jobs import submit as submit_module
 from jobs import prep, report, robustness, train
 from jobs.runtime_env import PASSED_ENV, runtime_env
 from jobs.submit import auth_headers, submit
-from pipeline import cli
+from pipeline.orchestration import cli
 from pipeline.config import Config, load_config
 from tests.synthetic import write_synthetic_coco
 
@@ -175,7 +175,7 @@ def test_submit_pipeline_job(cluster, tmp_path, capsys):
 def test_start_ray_joins_the_cluster_of_the_job(clean_env, monkeypatch):
     import ray
 
-    from pipeline.run import start_ray
+    from pipeline.orchestration.run import start_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

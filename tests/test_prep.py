@@ -10,12 +10,12 @@ import torch
 from pycocotools.coco import COCO
 from torchvision.io import encode_jpeg
 
-from pipeline import fetch as fetch_module
-from pipeline import prep as prep_module
+from pipeline.data import fetch as fetch_module
+from pipeline.data import prep as prep_module
 from pipeline.config import Config, ConfigError, config_from_dict
-from pipeline.prep import prepare
-from pipeline.shards import SCHEMA_VERSION, ShardReader, read_manifest
-from pipeline.sources import VOC_CLASSES, PrepError
+from pipeline.data.prep import prepare
+from pipeline.data.shards import SCHEMA_VERSION, ShardReader, read_manifest
+from pipeline.data.sources import VOC_CLASSES, PrepError
 from tests.conftest import DATA_ROOT
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; prep still uses them.

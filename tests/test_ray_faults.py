@@ -33,7 +33,7 @@ def _pipeline(overrides: list[str]) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
     environment.pop("RAY_ADDRESS", None)
     environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "pipeline", "run", *overrides], cwd=PROJECT,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.orchestration.cli", "pipeline", "run", *overrides], cwd=PROJECT,
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -118,7 +118,7 @@ def test_a_running_ray_cluster_is_joined_only_when_asked(tmp_path):
     started = _ray("start", "--head", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats")
     assert started.returncode == 0, started.stderr
     try:
-        script = ("import sys; from pipeline.config import load_config; from pipeline.run import start_ray; "
+        script = ("import sys; from pipeline.config import load_config; from pipeline.orchestration.run import start_ray; "
                   "import ray; start_ray(load_config(None, sys.argv[1:])); "
                   "print('cpus', ray.cluster_resources()['CPU'])")
         environment = {**os.environ, "PYTHONPATH": str(PROJECT)}

@@ -7,9 +7,9 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import TrainingDiverged, TrainingFailed
-from pipeline.prep import prepare
-from pipeline.ray_train import train_distributed
-from pipeline.stages import train_stage
+from pipeline.data.prep import prepare
+from pipeline.training.ray_train import train_distributed
+from pipeline.training.local import train_stage
 from tests import ray_workers
 from tests.synthetic import write_synthetic_coco
 
@@ -57,7 +57,8 @@ def test_two_workers_take_the_single_process_step(ray_cluster, data_root, tmp_pa
     single = train_stage(_config(data_root, tmp_path, "single", *overrides), progress=False)
     _assert_same_weights(_weights(model_path), _weights(single.model_path))
     untrained = _config(data_root, tmp_path, "untrained", *overrides)
-    from pipeline.train import build_model, seed_everything
+    from pipeline.model import build_model
+    from pipeline.training.loop import seed_everything
     seed_everything(untrained.train.seed)
     initial = build_model(untrained, 2).state_dict()
     moved = [k for k in initial if not torch.equal(initial[k], _weights(model_path)[k])]

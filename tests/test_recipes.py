@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import flatten, load_config
-from pipeline.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, check_splits
-from pipeline.train import Training, build_model, seed_everything
+from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, check_splits
+from pipeline.model import build_model
+from pipeline.training.loop import Training, seed_everything
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_ap.yaml"))
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from pipeline.cli import main
-from pipeline.coco_metrics import evaluate_detections
+from pipeline.orchestration.cli import main
+from pipeline.evaluation.coco_metrics import evaluate_detections
 from pipeline.config import load_config
 from pipeline.errors import DataError
-from pipeline.prep import prepare
-from pipeline.sources import PrepError
+from pipeline.data.prep import prepare
+from pipeline.data.sources import PrepError
 from tests.synthetic import write_synthetic_coco
 
 
@@ -169,7 +169,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
     output = tmp_path / "runs"
     script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
               "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
-              "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+              "from pipeline.orchestration.cli import main; sys.exit(main(sys.argv[1:]))")
     done = subprocess.run([sys.executable, "-c", script, "prep", *_overrides(data, output)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr

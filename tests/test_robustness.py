@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from pipeline import robustness
+from pipeline.evaluation import robustness
 from pipeline.config import ConfigError, RobustnessConfig
-from pipeline.robustness import (COCO_C, PerturbedDataset, Setting, _gaussian_with_multichannel, add_noise,
+from pipeline.evaluation.robustness import (COCO_C, PerturbedDataset, Setting, _gaussian_with_multichannel, add_noise,
                                  coco_c_corruptions, corrupt, occlude, settings)
 
 
@@ -74,7 +74,7 @@ def test_corruptions_the_package_needed_adapting_for(name):
 
 def test_perturbations_are_the_same_in_every_process():
     # Each process salts str hashes differently: the per-image seeds must not depend on them.
-    script = ("import torch; from pipeline.robustness import PerturbedDataset, Setting; "
+    script = ("import torch; from pipeline.evaluation.robustness import PerturbedDataset, Setting; "
               "from tests.test_robustness import _Images; "
               "print(PerturbedDataset(_Images(), Setting('noise', 'noise', 0.2), seed=3)[1][0].sum().item())")
     root = Path(__file__).resolve().parents[1]

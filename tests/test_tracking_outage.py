@@ -13,9 +13,9 @@ import urllib.request
 import mlflow
 import pytest
 
-from pipeline.cli import main
-from pipeline.journal import MetricsJournal
-from pipeline.tracking import MetricsForwarder
+from pipeline.orchestration.cli import main
+from pipeline.training.journal import MetricsJournal
+from pipeline.orchestration.tracking import MetricsForwarder
 
 
 def _free_port() -> int:

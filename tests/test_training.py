@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.checkpoints import CheckpointStore
-from pipeline.dataset import GlobalBatchSampler, epoch_order
-from pipeline.train import LearningRateFactor
+from pipeline.data.dataset import GlobalBatchSampler, epoch_order
+from pipeline.training.loop import LearningRateFactor
 
 GROUPS = [range(0, 4), range(4, 8), range(8, 11)]
 
@@ -58,7 +58,8 @@ def test_checkpoint_store_keeps_latest_and_best(tmp_path):
 
 def _tiny_training(*overrides):
     from pipeline.config import load_config
-    from pipeline.train import Training, build_model, seed_everything
+    from pipeline.model import build_model
+    from pipeline.training.loop import Training, seed_everything
 
     config = load_config(None, ["model.min_size=64", "model.max_size=64", "optim.warmup_steps=2",
                                 "optim.warmup_factor=0.5", "optim.grad_clip=0", *overrides])

@@ -3,7 +3,7 @@ import mlflow
 import pytest
 import ray
 
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.search_space import parse_domain
 from tests.synthetic import write_synthetic_coco
@@ -68,7 +68,7 @@ def test_optuna_search_is_limited_to_the_concurrency():
     pytest.importorskip("optuna")
     from ray.tune.search import ConcurrencyLimiter
 
-    from pipeline.tune import _search_algorithm
+    from pipeline.orchestration.tune import _search_algorithm
 
     searcher = _search_algorithm(load_config(None, ["tune.search=optuna", "tune.max_concurrent=3"]))
     assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 3

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.coco_metrics import evaluate_detections
-from pipeline.voc_metrics import voc_map
+from pipeline.evaluation.coco_metrics import evaluate_detections
+from pipeline.evaluation.voc_metrics import voc_map
 from tests.conftest import DATA_ROOT
 
 # 11-point and area AP of the ranking TP, FP, TP against two positives. The precision-recall

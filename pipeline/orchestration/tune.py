@@ -14,13 +14,13 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from pipeline import tracking
+from pipeline.orchestration import tracking
 from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, save_config
-from pipeline.journal import METRICS_FILE
-from pipeline.prep import prepare
-from pipeline.ray_train import build_trainer, storage_path
+from pipeline.training.journal import METRICS_FILE
+from pipeline.data.prep import prepare
+from pipeline.training.ray_train import build_trainer, storage_path
 from pipeline.search_space import parse_domain
-from pipeline.train import StepSchedule
+from pipeline.training.loop import StepSchedule
 from pipeline.errors import UserError
 
 METRIC = "val_ap"

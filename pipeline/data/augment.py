@@ -13,10 +13,10 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
+from pipeline.config import AUGMENTATIONS
 
 Sample = tuple[Tensor, Tensor, Tensor]
 
-AUGMENTATIONS = ("flip", "ssd")
 # The ImageNet mean pixel, which the detectors' input transform subtracts: zoom-out pads with
 # zero input, as SSD pads with its mean pixel.
 MEAN_PIXEL = (0.485, 0.456, 0.406)

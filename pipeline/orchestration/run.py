@@ -10,14 +10,16 @@ from dataclasses import dataclass
 
 import ray
 
-from pipeline import tracking
+from pipeline.orchestration import tracking
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.journal import METRICS_FILE
-from pipeline.prep import prepare
-from pipeline.ray_train import train_distributed
-from pipeline.bindings import record_training_run
-from pipeline.stages import evaluate_stage, load_model, robustness_stage, train_stage
+from pipeline.training.journal import METRICS_FILE
+from pipeline.data.prep import prepare
+from pipeline.training.ray_train import train_distributed
+from pipeline.data.bindings import record_training_run
+from pipeline.evaluation.stages import evaluate_stage, robustness_stage
+from pipeline.model import load_model
+from pipeline.training.local import train_stage
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pipeline.errors import UserError
 
 
 def _prep(config: Config) -> None:
-    from pipeline.prep import prepare
+    from pipeline.data.prep import prepare
 
     result = prepare(config)
     state = "reused" if result.reused else "written"
@@ -20,7 +20,7 @@ def _prep(config: Config) -> None:
 
 
 def _train(config: Config) -> None:
-    from pipeline.stages import train_stage
+    from pipeline.training.local import train_stage
 
     summary = train_stage(config)
     print(f"trained {summary.steps} steps ({summary.skipped} skipped without positives); "
@@ -28,8 +28,8 @@ def _train(config: Config) -> None:
 
 
 def _eval(config: Config) -> None:
-    from pipeline.evaluate import metrics_table
-    from pipeline.stages import evaluate_stage
+    from pipeline.evaluation.evaluate import metrics_table
+    from pipeline.evaluation.stages import evaluate_stage
 
     evaluation = evaluate_stage(config)
     print(metrics_table(evaluation.result))
@@ -37,13 +37,13 @@ def _eval(config: Config) -> None:
 
 
 def _pipeline(config: Config) -> None:
-    from pipeline.run import run_pipeline, summary
+    from pipeline.orchestration.run import run_pipeline, summary
 
     print(summary(config, run_pipeline(config)))
 
 
 def _robustness(config: Config, runs: list[str]) -> None:
-    from pipeline.run import run_robustness
+    from pipeline.orchestration.run import run_robustness
 
     for name, (result, paths) in run_robustness(config, runs or [config.run.name]).items():
         print(f"== {name}\n{result.table()}")
@@ -53,7 +53,7 @@ def _robustness(config: Config, runs: list[str]) -> None:
 
 
 def _report(config: Config, runs: list[str]) -> None:
-    from pipeline.report import collect, markdown, write_report
+    from pipeline.orchestration.report import collect, markdown, write_report
 
     summaries = collect(config, runs)
     print(markdown(summaries))
@@ -61,9 +61,9 @@ def _report(config: Config, runs: list[str]) -> None:
 
 
 def _pipeline_train(config: Config) -> None:
-    from pipeline.ray_train import train_distributed
-    from pipeline.run import start_ray
-    from pipeline.bindings import training_data
+    from pipeline.training.ray_train import train_distributed
+    from pipeline.orchestration.run import start_ray
+    from pipeline.data.bindings import training_data
 
     config, _ = training_data(config)  # before Ray starts: missing data is the likelier mistake
     start_ray(config)
@@ -74,8 +74,8 @@ def _pipeline_train(config: Config) -> None:
 def _tune(config: Config) -> None:
     import ray
 
-    from pipeline.run import start_ray
-    from pipeline.tune import run_sweep
+    from pipeline.orchestration.run import start_ray
+    from pipeline.orchestration.tune import run_sweep
 
     start_ray(config, extra_cpus=config.tune.max_concurrent)
     try:

@@ -1,70 +1,16 @@
-"""The train and evaluate stages in one process (CPU or one GPU), on the data-prep output.
-
-Outputs go under the run directory (`run.output_dir/run.name`): checkpoints/, train/metrics.jsonl,
-model.pt (the best weights by validation AP with the config and class names), eval/. Rerunning
-a stage with the same run name resumes training from the latest checkpoint.
-"""
+"""The evaluate and robustness stages: a run's model on the data it was trained on (or
+data.prepared), written under the run directory (eval/, robustness/)."""
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from aploss.detector import OneStageDetector
-from pipeline import checkpoints
-from pipeline.bindings import evaluation_config, record_training_run, split_dir, training_data
-from pipeline.checkpoints import CheckpointStore
-from pipeline.config import Config, config_from_dict, config_to_dict
-from pipeline.dataset import DetectionDataset
-from pipeline.errors import DataError, MissingInput, TrainingDiverged
-from pipeline.evaluate import Evaluation, evaluate_split
-from pipeline.hooks import LocalSink, TrainingHooks
-from pipeline.shards import ShardReader, read_manifest
-from pipeline.sources import PASCAL_VOC
-from pipeline.train import StepSchedule, Training, build_model, fit, resolve_device, seed_everything
-
-
-@dataclass
-class TrainSummary:
-    model_path: Path
-    steps: int
-    skipped: int
-    last_metrics: dict[str, float]
-
-
-def train_stage(config: Config, progress: bool = True) -> TrainSummary:
-    """Train in this process, resuming the run's latest checkpoint if there is one."""
-    config, classes = training_data(config)
-    record_training_run(config)
-    seed_everything(config.train.seed)
-    device = resolve_device(config.train.device)
-    dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
-                               seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size)
-    schedule = StepSchedule.of(config.train, len(dataset))
-    training = Training(config, build_model(config, len(classes)).to(device), device, schedule.total_steps)
-    store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
-    if (latest := store.latest()) is not None:
-        training.load_state_dict(checkpoints.load(latest, device))
-    hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_to_dict(config), "classes": classes},
-                          progress=progress)
-    try:
-        fit(training, dataset, schedule, hooks)
-    except TrainingDiverged as error:
-        latest = store.latest()
-        raise TrainingDiverged(error.step, error.term, error.value, str(latest) if latest else None) from None
-    model_path = checkpoints.export_model(checkpoints.load(store.best(), device), config.run.directory() / "model.pt")
-    return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
-
-
-def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list[str], Config]:
-    """A trained detector, its class names and the config it was trained with, from a model.pt
-    of the train stage."""
-    saved = checkpoints.load(path, device)
-    config = config_from_dict(saved["config"])
-    model = build_model(config, len(saved["classes"])).to(device)
-    model.load_state_dict(saved["model"])
-    return model, saved["classes"], config
+from pipeline.config import Config, config_to_dict
+from pipeline.data.bindings import evaluation_config, split_dir
+from pipeline.data.dataset import DetectionDataset
+from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.sources import PASCAL_VOC
+from pipeline.errors import DataError, MissingInput
+from pipeline.evaluation.evaluate import Evaluation, evaluate_split
+from pipeline.model import load_model, resolve_device
 
 
 def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation:
@@ -101,7 +47,7 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
     """AP of the models of runs `names` (default: run.name, all under run.output_dir) under
     occlusion, noise and COCO-C on the evaluation split, in one pass over the perturbed images:
     name -> (RobustnessResult, files written under that run's robustness/)."""
-    from pipeline.robustness import evaluate_robustness, settings, write_result
+    from pipeline.evaluation.robustness import evaluate_robustness, settings, write_result
 
     device = resolve_device(config.train.device)
     models, trained_with, bound = {}, {}, {}

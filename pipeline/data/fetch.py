@@ -12,7 +12,7 @@ from typing import Sequence
 from torchvision.datasets.utils import download_and_extract_archive
 
 from pipeline.config import DataConfig
-from pipeline.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths
+from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths
 
 
 @dataclass(frozen=True)

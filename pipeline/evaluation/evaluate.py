@@ -11,12 +11,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
-from pipeline.coco_metrics import CocoResult, category_ids, draw_detections, evaluate_detections, plot_pr_curves
+from pipeline.evaluation.coco_metrics import CocoResult, category_ids, draw_detections, evaluate_detections, plot_pr_curves
 from pipeline.config import Config
-from pipeline.dataset import DetectionDataset, collate
-from pipeline.shards import ShardReader
+from pipeline.data.dataset import DetectionDataset, collate
+from pipeline.data.shards import ShardReader
 from pipeline.io import write_json_atomic
-from pipeline.voc_metrics import VocResult, voc_map
+from pipeline.evaluation.voc_metrics import VocResult, voc_map
 
 SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
 

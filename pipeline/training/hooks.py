@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
-from pipeline.evaluate import validation_ap
-from pipeline.journal import CURVES, METRICS_FILE, MetricsJournal
-from pipeline.train import StepSchedule, Training
+from pipeline.evaluation.evaluate import validation_ap
+from pipeline.training.journal import CURVES, METRICS_FILE, MetricsJournal
+from pipeline.training.loop import StepSchedule, Training
 
 
 class CheckpointSink(Protocol):

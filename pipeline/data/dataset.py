@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.augment import augment_sample
-from pipeline.shards import ShardReader
+from pipeline.data.augment import augment_sample
+from pipeline.data.shards import ShardReader
 from pipeline.errors import DataError
 
 Target = dict[str, Tensor]
@@ -31,7 +31,7 @@ class DetectionDataset(Dataset):
 
     The target holds "boxes" [G, 4] (x1, y1, x2, y2 pixels) and "labels" [G]; crowd (or VOC
     difficult) boxes are left out, as they are neither to be found nor to be penalised.
-    Training datasets augment (`pipeline.augment.augment_sample`: `augment` "flip" or "ssd",
+    Training datasets augment (`pipeline.data.augment.augment_sample`: `augment` "flip" or "ssd",
     flip probability `hflip`, resize to `input_size` squared if > 0); the defaults leave images as
     they are, for evaluation.
     """

@@ -20,13 +20,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_to_dict
-from pipeline.dataset import DetectionDataset
-from pipeline.shards import ShardReader
+from pipeline.data.dataset import DetectionDataset
+from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
-from pipeline.bindings import record_training_run, split_dir, training_data
-from pipeline.hooks import TrainingHooks, say
-from pipeline.train import StepSchedule, Training, build_model, fit, seed_everything
+from pipeline.data.bindings import record_training_run, split_dir, training_data
+from pipeline.training.hooks import TrainingHooks, say
+from pipeline.model import build_model
+from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
 
 STATE_FILE = "state.pt"
 SCORE = "score"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from pipeline.coco_metrics import check_detections, load_detections, load_ground_truth
+from pipeline.evaluation.coco_metrics import check_detections, load_detections, load_ground_truth
 
 # Per-detection outcomes.
 FALSE_POSITIVE, TRUE_POSITIVE, IGNORED = 0, 1, 2

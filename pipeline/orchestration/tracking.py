@@ -22,8 +22,8 @@ from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import Config, flatten
 from pipeline.errors import TrackingUnavailable, UserError
-from pipeline.evaluate import Evaluation
-from pipeline.journal import CURVES, read_journal
+from pipeline.evaluation.evaluate import Evaluation
+from pipeline.training.journal import CURVES, read_journal
 
 RUN_NAME_TAG = "aploss.run_name"
 _URI_VARIABLE = "MLFLOW_TRACKING_URI"

@@ -1,0 +1,52 @@
+"""The train stage in one process (CPU or one GPU), on the data-prep output.
+
+Outputs go under the run directory (`run.output_dir/run.name`): checkpoints/, train/metrics.jsonl
+and model.pt (the best weights by validation AP with the config and class names). Rerunning with
+the same run name resumes from the latest checkpoint.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import checkpoints
+from pipeline.checkpoints import CheckpointStore
+from pipeline.config import Config, config_to_dict
+from pipeline.data.bindings import record_training_run, split_dir, training_data
+from pipeline.data.dataset import DetectionDataset
+from pipeline.data.shards import ShardReader
+from pipeline.errors import TrainingDiverged
+from pipeline.model import build_model, resolve_device
+from pipeline.training.hooks import LocalSink, TrainingHooks
+from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
+
+
+@dataclass
+class TrainSummary:
+    model_path: Path
+    steps: int
+    skipped: int
+    last_metrics: dict[str, float]
+
+
+def train_stage(config: Config, progress: bool = True) -> TrainSummary:
+    """Train in this process, resuming the run's latest checkpoint if there is one."""
+    config, classes = training_data(config)
+    record_training_run(config)
+    seed_everything(config.train.seed)
+    device = resolve_device(config.train.device)
+    dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
+                               seed=config.train.seed, augment=config.train.augment,
+                               input_size=config.train.input_size)
+    schedule = StepSchedule.of(config.train, len(dataset))
+    training = Training(config, build_model(config, len(classes)).to(device), device, schedule.total_steps)
+    store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
+    if (latest := store.latest()) is not None:
+        training.load_state_dict(checkpoints.load(latest, device))
+    hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_to_dict(config), "classes": classes},
+                          progress=progress)
+    try:
+        fit(training, dataset, schedule, hooks)
+    except TrainingDiverged as error:
+        latest = store.latest()
+        raise TrainingDiverged(error.step, error.term, error.value, str(latest) if latest else None) from None
+    model_path = checkpoints.export_model(checkpoints.load(store.best(), device), config.run.directory() / "model.pt")
+    return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
