@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
     from mlflow.exceptions import MlflowException
     from ray.exceptions import RayError
+    from ray.train import TrainingFailedError
+    from ray.tune.error import TuneError
 
     try:
         overrides = list(arguments.overrides)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"aploss {command}: error: {error}", file=sys.stderr)
         return 2
-    except (OSError, MlflowException, RayError) as error:
+    except (OSError, MlflowException, RayError, TrainingFailedError, TuneError) as error:
         # What the user meets rather than causes (disk full, a server gone): one line, and
         # --debug for the traceback. Anything else is a bug and keeps its traceback.
         if arguments.debug:

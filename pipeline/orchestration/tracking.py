@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+import aploss
 from pipeline.config import Config, flatten
 from pipeline.errors import TrackingUnavailable, UserError
 from pipeline.evaluation.evaluate import Evaluation
@@ -28,7 +29,8 @@ from pipeline.training.journal import CURVES, read_journal
 RUN_NAME_TAG = "aploss.run_name"
 _URI_VARIABLE = "MLFLOW_TRACKING_URI"
 STAGE_TAG = "aploss.stage"
-_AP_LOSS_CODE = str(Path(__file__).resolve().parents[1] / "aploss")
+# The logged model carries the library's code, to unpickle it where aploss is not installed.
+_AP_LOSS_CODE = str(Path(aploss.__file__).resolve().parent)
 
 
 def redact(uri: str) -> str:
