@@ -15,8 +15,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from aploss.detection_loss import DetectionLoss
-from aploss.torchvision_private import resnet_fpn_extractor, vgg_extractor
 from aploss.detector import OneStageDetector
+from aploss.torchvision_private import resnet_fpn_extractor, vgg_extractor
 
 Norm = Literal["group", "frozen_bn", "batch"]
 ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "retinanet_r101", "ssd300_vgg16",

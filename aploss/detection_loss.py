@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from aploss.anchor_assignment import assign_anchors, pair_labels
-from aploss.distributed import ProcessGroupBatch, global_ap_loss
-from aploss.engine import LocalBatch, ap_loss
+from aploss.distributed import global_ap_loss
+from aploss.engine import LocalBatch
 from aploss.torchvision_private import BoxCoder
 
 Classification = Literal["ap", "focal"]
@@ -75,10 +75,8 @@ class DetectionLoss(nn.Module):
     def _classification(self, logits: Tensor, labels: Tensor, positives_total: Tensor, scale: int) -> Tensor:
         if self.classification == "ap":
             # One ranking over all pairs of all images (and of all processes), as in the paper.
-            if isinstance(self.batch, ProcessGroupBatch):
-                return global_ap_loss(logits, labels, self.delta, self.interpolate, batch=self.batch,
-                                      grad_scale=float(scale))
-            return ap_loss(logits, labels, self.delta, self.interpolate)
+            return global_ap_loss(logits, labels, self.delta, self.interpolate, batch=self.batch,
+                                  grad_scale=float(scale))
         valid = labels >= 0
         summed = sigmoid_focal_loss(logits[valid], labels[valid].to(logits.dtype), self.focal_alpha,
                                     self.focal_gamma, reduction="sum")

@@ -57,16 +57,19 @@ class ProcessGroupBatch(LocalBatch):
 
 def global_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True,
                    group: dist.ProcessGroup | None = None, grad_scale: float | None = None,
-                   batch: ProcessGroupBatch | None = None) -> Tensor:
+                   batch: LocalBatch | None = None) -> Tensor:
     """`ap_loss` ranked over the pairs of every process of `group` as one batch.
 
     Every process must call it in the same step. The returned loss is the global one (equal
     on every process). `grad_scale` multiplies backward's update and defaults to the world
-    size, which undoes DDP's gradient averaging (module docstring). Without an initialised
-    process group this is `ap_loss`. Pass `batch` to read its `bytes_sent` afterwards.
+    size, which undoes DDP's gradient averaging (module docstring). `batch` says where the
+    global batch lives: `group`'s processes by default (pass a `ProcessGroupBatch` to read its
+    `bytes_sent` afterwards), or this process alone (`LocalBatch`); without either an initialised
+    process group or a `batch`, this is `ap_loss`.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return ap_loss(logits, labels, delta, interpolate)
-    batch = batch or ProcessGroupBatch(group)
+    if batch is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return ap_loss(logits, labels, delta, interpolate)
+        batch = ProcessGroupBatch(group)
     scale = float(batch.world_size) if grad_scale is None else float(grad_scale)
     return ranked_ap_loss(logits, labels, delta, interpolate, batch, scale)

@@ -11,7 +11,6 @@ benchmarks/results/bccd_recipe.json.
 """
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -23,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.dataset import DetectionDataset, collate  # noqa: E402
-from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.data.prep import locate_prepared, prepare  # noqa: E402
 from pipeline.data.shards import ShardReader, read_manifest  # noqa: E402
 from pipeline.evaluation.stages import evaluate_stage  # noqa: E402
+from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.training.local import train_stage  # noqa: E402
 from pipeline.training.loop import Training, seed_everything  # noqa: E402

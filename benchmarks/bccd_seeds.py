@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.orchestration import tracking  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.orchestration import tracking  # noqa: E402
 from pipeline.orchestration.report import collect, markdown, write_report  # noqa: E402
 from pipeline.orchestration.run import run_pipeline, run_robustness  # noqa: E402
 

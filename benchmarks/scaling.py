@@ -19,8 +19,8 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
-from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
+from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.training.hooks import TrainingHooks  # noqa: E402
 from pipeline.training.ray_train import build_trainer, run_worker  # noqa: E402
 

@@ -2,14 +2,14 @@
 validation AP."""
 import io
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.errors import DataError
+from pipeline.io import write_bytes_atomic, write_json_atomic
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

@@ -7,6 +7,14 @@ catch them as such.
 """
 
 
+def one_line(error: BaseException) -> str:
+    """An error from outside this project (OS, MLflow, Ray) as one line for a message."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 class UserError(Exception):
     """A problem the user can fix: bad input or config, missing data, an unreachable service."""
 
@@ -31,10 +39,6 @@ class TrainingDiverged(UserError):
         last = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved before it"
         super().__init__(f"training diverged at step {step}: {term} is {value} ({last}); lower optim.lr, "
                          f"set optim.grad_clip, or resume from the checkpoint with other settings")
-
-    def __reduce__(self):
-        # Ray and multiprocessing pickle exceptions by their args; keep the fields across processes.
-        return type(self), (self.step, self.term, self.value, self.checkpoint)
 
 
 class TrackingUnavailable(UserError):

@@ -5,10 +5,17 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from pipeline.data import augment
-from pipeline.data.augment import (MEAN_PIXEL, augment_sample, expand, horizontal_flip, photometric_distort, random_crop,
-                              resize)
 from pipeline.config import ConfigError, load_config
+from pipeline.data import augment
+from pipeline.data.augment import (
+    MEAN_PIXEL,
+    augment_sample,
+    expand,
+    horizontal_flip,
+    photometric_distort,
+    random_crop,
+    resize,
+)
 from pipeline.data.dataset import DetectionDataset, _generator
 from pipeline.data.shards import ImageRecord
 from tests.test_training import _batch, _tiny_training

@@ -95,8 +95,8 @@ def _noisier_weights(saved) -> None:
 def test_robustness_stage_evaluates_several_runs_in_one_pass(workspace, capsys, monkeypatch):
     import mlflow
 
-    from pipeline.evaluation import robustness
     from pipeline.config import load_config
+    from pipeline.evaluation import robustness
     from pipeline.evaluation.stages import robustness_stage
 
     root, config = workspace
@@ -160,8 +160,8 @@ def test_robustness_refuses_bad_runs(workspace, capsys):
 def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
     from pipeline.config import load_config
     from pipeline.data.dataset import DetectionDataset
-    from pipeline.evaluation.evaluate import evaluate_split
     from pipeline.data.shards import ShardReader
+    from pipeline.evaluation.evaluate import evaluate_split
     from pipeline.model import load_model
 
     root, config_path = workspace

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluation.coco_metrics import (METRIC_NAMES, draw_detections, evaluate_detections,
-                                   plot_pr_curves)
+from pipeline.evaluation.coco_metrics import METRIC_NAMES, draw_detections, evaluate_detections, plot_pr_curves
 from pipeline.io import write_json_atomic
 from tests.conftest import DATA_ROOT
 

@@ -1,8 +1,7 @@
 import pytest
 
 from aploss.schedules import CosineDelta, StepDelta
-from pipeline.config import (Config, ConfigError, config_from_dict, config_to_dict, flatten, load_config,
-                             save_config)
+from pipeline.config import Config, ConfigError, config_from_dict, config_to_dict, flatten, load_config, save_config
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):

@@ -14,13 +14,13 @@ import mlflow
 import pytest
 from ray.job_submission import JobSubmissionClient
 
+from jobs import prep, report, robustness, train
 from jobs import runtime_env as runtime_env_module
 from jobs import submit as submit_module
-from jobs import prep, report, robustness, train
 from jobs.runtime_env import PASSED_ENV, runtime_env
 from jobs.submit import auth_headers, submit
-from pipeline.orchestration import cli
 from pipeline.config import Config, load_config
+from pipeline.orchestration import cli
 from tests.synthetic import write_synthetic_coco
 
 PROJECT = Path(__file__).resolve().parents[1]

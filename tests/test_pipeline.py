@@ -76,8 +76,8 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
 
 def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
     from pipeline.config import load_config
-    from pipeline.training.journal import CURVES
     from pipeline.orchestration.run import run_pipeline
+    from pipeline.training.journal import CURVES
 
     root, overrides = pipeline_config
     config = load_config(None, [*overrides, "run.name=in-process", f"run.output_dir={root / 'runs-local'}"])

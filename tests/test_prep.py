@@ -10,9 +10,9 @@ import torch
 from pycocotools.coco import COCO
 from torchvision.io import encode_jpeg
 
+from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.data import fetch as fetch_module
 from pipeline.data import prep as prep_module
-from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.data.prep import prepare
 from pipeline.data.shards import SCHEMA_VERSION, ShardReader, read_manifest
 from pipeline.data.sources import VOC_CLASSES, PrepError

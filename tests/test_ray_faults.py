@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
 
 from tests.synthetic import write_synthetic_coco

@@ -6,10 +6,10 @@ import ray
 import torch
 
 from pipeline.config import load_config
-from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.data.prep import prepare
-from pipeline.training.ray_train import train_distributed
+from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.training.local import train_stage
+from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
 from tests.synthetic import write_synthetic_coco
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from pipeline.orchestration.cli import main
-from pipeline.evaluation.coco_metrics import evaluate_detections
 from pipeline.config import load_config
-from pipeline.errors import DataError
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
+from pipeline.errors import DataError
+from pipeline.evaluation.coco_metrics import evaluate_detections
+from pipeline.orchestration.cli import main
 from tests.synthetic import write_synthetic_coco
 
 

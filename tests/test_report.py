@@ -1,8 +1,8 @@
 """The report's tables from run summaries, checked against hand-computed means."""
 import statistics
 
-from pipeline.orchestration.report import RunSummary, markdown
 from pipeline.evaluation.robustness import RobustnessResult, Setting
+from pipeline.orchestration.report import RunSummary, markdown
 
 
 def _summary(name: str, loss: str, seed: int, ap: float, noise_ap: float, fog: tuple[float, float],

@@ -8,10 +8,19 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from pipeline.evaluation import robustness
 from pipeline.config import ConfigError, RobustnessConfig
-from pipeline.evaluation.robustness import (COCO_C, PerturbedDataset, Setting, _gaussian_with_multichannel, add_noise,
-                                 coco_c_corruptions, corrupt, occlude, settings)
+from pipeline.evaluation import robustness
+from pipeline.evaluation.robustness import (
+    COCO_C,
+    PerturbedDataset,
+    Setting,
+    _gaussian_with_multichannel,
+    add_noise,
+    coco_c_corruptions,
+    corrupt,
+    occlude,
+    settings,
+)
 
 
 def test_occlusion_blacks_out_the_given_fraction_of_each_box():

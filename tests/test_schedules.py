@@ -3,8 +3,7 @@ import math
 
 import pytest
 
-from aploss.schedules import (ConstantDelta, CosineDelta, LinearDelta, StepDelta,
-                              schedule_from_dict, schedule_to_dict)
+from aploss.schedules import ConstantDelta, CosineDelta, LinearDelta, StepDelta, schedule_from_dict, schedule_to_dict
 
 
 def test_constant():

@@ -14,8 +14,8 @@ import mlflow
 import pytest
 
 from pipeline.orchestration.cli import main
-from pipeline.training.journal import MetricsJournal
 from pipeline.orchestration.tracking import MetricsForwarder
+from pipeline.training.journal import MetricsJournal
 
 
 def _free_port() -> int:

@@ -3,8 +3,8 @@ import mlflow
 import pytest
 import ray
 
-from pipeline.orchestration.cli import main
 from pipeline.config import ConfigError, load_config
+from pipeline.orchestration.cli import main
 from pipeline.search_space import parse_domain
 from tests.synthetic import write_synthetic_coco
 

@@ -13,6 +13,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
+
 from pipeline.config import AUGMENTATIONS
 
 Sample = tuple[Tensor, Tensor, Tensor]

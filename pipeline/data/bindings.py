@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, DataError
-from pipeline.io import write_json_atomic
 from pipeline.data.prep import locate_prepared
 from pipeline.data.shards import read_manifest
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import write_json_atomic
 
 
 def split_dir(config: Config, split: str) -> Path:

@@ -30,10 +30,17 @@ from tqdm import tqdm
 
 from pipeline.config import Config, DataConfig
 from pipeline.data.fetch import fetch
-from pipeline.data.shards import (MANIFEST, ROW_GROUP_IMAGES, SCHEMA_VERSION, ImageRecord, file_sha256, read_manifest,
-                             write_shard)
-from pipeline.errors import MissingInput
+from pipeline.data.shards import (
+    MANIFEST,
+    ROW_GROUP_IMAGES,
+    SCHEMA_VERSION,
+    ImageRecord,
+    file_sha256,
+    read_manifest,
+    write_shard,
+)
 from pipeline.data.sources import PrepError, Source, SourceImage, check_splits, open_source
+from pipeline.errors import MissingInput
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from pipeline.errors import DataError, MissingInput
 
 SCHEMA_VERSION = 2  # 2: manifest category_ids, ground truth in the dataset's own category ids

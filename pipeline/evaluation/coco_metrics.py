@@ -26,8 +26,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.utils import draw_bounding_boxes
 
-from pipeline.io import write_bytes_atomic
 from pipeline.errors import DataError, MissingInput
+from pipeline.io import write_bytes_atomic
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")

@@ -11,12 +11,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
-from pipeline.evaluation.coco_metrics import CocoResult, category_ids, draw_detections, evaluate_detections, plot_pr_curves
 from pipeline.config import Config
 from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.data.shards import ShardReader
-from pipeline.io import write_json_atomic
+from pipeline.evaluation.coco_metrics import (
+    CocoResult,
+    category_ids,
+    draw_detections,
+    evaluate_detections,
+    plot_pr_curves,
+)
 from pipeline.evaluation.voc_metrics import VocResult, voc_map
+from pipeline.io import write_json_atomic
 
 SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
 

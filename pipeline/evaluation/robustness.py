@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
-from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections
 from pipeline.config import ConfigError, RobustnessConfig
 from pipeline.data.dataset import DetectionDataset, collate
+from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections
 from pipeline.evaluation.evaluate import detect
 from pipeline.io import write_bytes_atomic, write_json_atomic
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config, load_config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 
 def _prep(config: Config) -> None:
@@ -61,9 +61,9 @@ def _report(config: Config, runs: list[str]) -> None:
 
 
 def _pipeline_train(config: Config) -> None:
-    from pipeline.training.ray_train import train_distributed
-    from pipeline.orchestration.run import start_ray
     from pipeline.data.bindings import training_data
+    from pipeline.orchestration.run import start_ray
+    from pipeline.training.ray_train import train_distributed
 
     config, _ = training_data(config)  # before Ray starts: missing data is the likelier mistake
     start_ray(config)
@@ -131,14 +131,6 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def _one_line(error: BaseException) -> str:
-    """The message of an error from outside this project (OS, MLflow, Ray) as one line."""
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
-
-
 def main(argv: list[str] | None = None) -> int:
     arguments = parser().parse_args(argv)
     command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
@@ -166,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         # --debug for the traceback. Anything else is a bug and keeps its traceback.
         if arguments.debug:
             raise
-        print(f"aploss {command}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"aploss {command}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"aploss {command}: interrupted; rerunning the same command resumes", file=sys.stderr)

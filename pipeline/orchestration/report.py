@@ -11,10 +11,10 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.orchestration import tracking
 from pipeline.config import Config, config_from_dict
-from pipeline.io import write_bytes_atomic
 from pipeline.evaluation.robustness import RobustnessResult, Setting, plot_robustness, read_result
+from pipeline.io import write_bytes_atomic
+from pipeline.orchestration import tracking
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 

@@ -10,16 +10,16 @@ from dataclasses import dataclass
 
 import ray
 
-from pipeline.orchestration import tracking
 from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.training.journal import METRICS_FILE
-from pipeline.data.prep import prepare
-from pipeline.training.ray_train import train_distributed
 from pipeline.data.bindings import record_training_run
+from pipeline.data.prep import locate_prepared, prepare
+from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.stages import evaluate_stage, robustness_stage
 from pipeline.model import load_model
+from pipeline.orchestration import tracking
+from pipeline.training.journal import METRICS_FILE
 from pipeline.training.local import train_stage
+from pipeline.training.ray_train import train_distributed
 
 
 @dataclass
@@ -72,15 +72,19 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     skipped = []
 
     run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
-    # Data-prep always checks its inputs (cheap when they are unchanged): its output's address
-    # is their content, and training must know which data it is.
-    prepared = prepare(config)
-    config = config.with_prepared(prepared.directory)
-    if finished and prepared.reused:
-        skipped.append("data-prep")
+    if finished:
+        # Locating the prepared data hashes the inputs (their address) but not every shard again.
+        try:
+            directory = locate_prepared(config)
+            skipped.append("data-prep")
+        except MissingInput:  # the inputs changed since: the run's record below says whether that may be
+            directory = prepare(config).directory
     else:
         with _stage("data-prep", run_id):
+            prepared = prepare(config)
             tracking.log_prep(prepared.manifest, prepared.directory)
+        directory = prepared.directory
+    config = config.with_prepared(directory)
 
     run_id, finished = tracking.stage_run(experiment, parent, "train")
     record_training_run(config)  # a finished run's model is only reused for the same model and data

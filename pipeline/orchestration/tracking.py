@@ -19,10 +19,11 @@ import pandas as pd
 from mlflow.entities import Metric, Param, Run
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 import aploss
 from pipeline.config import Config, flatten
-from pipeline.errors import TrackingUnavailable, UserError
+from pipeline.errors import TrackingUnavailable, UserError, one_line
 from pipeline.evaluation.evaluate import Evaluation
 from pipeline.training.journal import CURVES, read_journal
 
@@ -242,8 +243,8 @@ class MetricsForwarder:
     def send(self) -> None:
         metrics = self.pending()
         client = mlflow.MlflowClient(self.tracking_uri)
-        for start in range(0, len(metrics), 1000):  # MLflow's cap on metrics per batch
-            batch = metrics[start:start + 1000]
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            batch = metrics[start:start + MAX_METRICS_PER_BATCH]
             client.log_batch(self.run_id, metrics=batch)
             for metric in batch:
                 self.sent_through[metric.key] = max(self.sent_through[metric.key], metric.step)
@@ -253,15 +254,10 @@ class MetricsForwarder:
         self._stop.set()
         self._thread.join(self.flush_seconds)
         if self.error is not None or self._thread.is_alive():
-            reason = _one_line(self.error) if self.error is not None else "no answer"
+            reason = one_line(self.error) if self.error is not None else "no answer"
             print(f"warning: MLflow at {redact(self.tracking_uri)} did not take every training metric ({reason}); "
                   f"they are kept in {self.journal}, and the next run of this stage sends what is missing",
                   flush=True)
-
-
-def _one_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def log_model(model, config: Config) -> None:

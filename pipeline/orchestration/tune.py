@@ -9,19 +9,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from pipeline.orchestration import tracking
 from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, save_config
-from pipeline.training.journal import METRICS_FILE
 from pipeline.data.prep import prepare
-from pipeline.training.ray_train import build_trainer, storage_path
-from pipeline.search_space import parse_domain
-from pipeline.training.loop import StepSchedule
 from pipeline.errors import UserError
+from pipeline.orchestration import tracking
+from pipeline.search_space import parse_domain
+from pipeline.training.journal import METRICS_FILE
+from pipeline.training.loop import StepSchedule
+from pipeline.training.ray_train import build_trainer, storage_path
 
 METRIC = "val_ap"
 

@@ -218,7 +218,6 @@ def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, h
             started = time.perf_counter()
             metrics = training.train_step(images, targets)
             metrics["step_seconds"] = time.perf_counter() - started
-            metrics["epoch"] = epoch
             hooks.after_step(training, metrics)
             if training.step >= training.total_steps:
                 return

@@ -20,13 +20,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_to_dict
+from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
-from pipeline.data.bindings import record_training_run, split_dir, training_data
-from pipeline.training.hooks import TrainingHooks, say
 from pipeline.model import build_model
+from pipeline.training.hooks import TrainingHooks, say
 from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
 
 STATE_FILE = "state.pt"
