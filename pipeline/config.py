@@ -43,6 +43,11 @@ class DataConfig:
     download: bool = True  # fetch a named dataset missing from the data root
     shard_images: int = 256  # images per Parquet shard
     min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels, after clipping) are dropped
+    # Bounds on what a dataset may make data-prep hold in memory: images declaring more pixels
+    # (width x height) are refused before decoding; annotation files (COCO json, VOC XML and
+    # listings) larger than this are refused unread. COCO train's json is 448 MB, LVIS's 1.1 GB.
+    max_image_pixels: int = 64_000_000
+    max_annotation_mb: float = 2048.0
     # A prepared-data directory (what data-prep prints) to use as it is. Empty: training uses the
     # one data-prep makes of the settings above; eval and robustness use the data the run trained on.
     prepared: str = ""
@@ -55,6 +60,8 @@ class DataConfig:
                      "dataset 'coco' needs a split -> instances json mapping")
         _require(self.shard_images >= 1, "data.shard_images", f"must be >= 1, got {self.shard_images}")
         _require(self.min_box_size >= 0, "data.min_box_size", f"must be >= 0, got {self.min_box_size}")
+        _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        _require(self.max_annotation_mb > 0, "data.max_annotation_mb", f"must be > 0, got {self.max_annotation_mb}")
 
     @property
     def splits(self) -> list[str]:

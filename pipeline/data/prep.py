@@ -5,8 +5,9 @@ ground truth for evaluation and a manifest, under `run.prepared_root()/<dataset>
     <split>/part-00000.parquet, part-00001.parquet, ...
     <split>/ground_truth.json
 
-Every image is decoded once here, so training never meets an unreadable file, and every box is
-clipped to its image; boxes left empty or smaller than data.min_box_size are dropped. Each
+Every image is decoded once here (after its header's size is checked against
+data.max_image_pixels), so training never meets an unreadable file, and every box is clipped
+to its image; boxes left empty or smaller than data.min_box_size are dropped. Each
 clipped or dropped box, and each image skipped under data.skip_bad, is listed in the manifest.
 
 Idempotent: when the manifest's input hash matches and every file still has its recorded
@@ -15,16 +16,19 @@ temporary sibling directory and renamed into place only once complete, so an int
 never leaves a half-written dataset and the previous version survives until then.
 """
 import hashlib
+import io
 import json
 import os
 import shutil
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import decode_image
 from tqdm import tqdm
 
@@ -80,6 +84,8 @@ def _settings(data: DataConfig, source: Source, splits: list[str]) -> dict:
         "schema_version": SCHEMA_VERSION, "dataset": data.dataset, "classes": source.classes,
         "category_ids": source.category_ids, "splits": splits, "shard_images": data.shard_images,
         "row_group_images": ROW_GROUP_IMAGES, "min_box_size": data.min_box_size, "skip_bad": data.skip_bad,
+        # Which images a split holds under skip_bad depends on these too.
+        "max_image_pixels": data.max_image_pixels, "max_annotation_mb": data.max_annotation_mb,
     }
 
 
@@ -134,6 +140,9 @@ def _input_hash(settings: dict, source: Source) -> str:
         for path in source.annotation_files(split):
             add(file_sha256(path) if path.is_file() else "missing")
         for entry in source.entries(split):
+            if entry.refused is not None:  # outside its folder: not even stat-ed
+                add([entry.file_name, "refused"])
+                continue
             try:
                 stat = entry.image_path.stat()
                 add([entry.file_name, stat.st_size, stat.st_mtime_ns])
@@ -179,7 +188,7 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
         entries = source.entries(split)
         for entry in tqdm(entries, desc=f"{data.dataset} {split}", unit="img", disable=not progress):
             try:
-                writer.add(_check_image(source.load(split, entry), data.min_box_size))
+                writer.add(_check_image(source.load(split, entry), data))
             except PrepError as error:
                 if not data.skip_bad:
                     raise
@@ -213,7 +222,7 @@ class _CheckedImage:
     clipped: list[dict]
 
 
-def _read_image(path: Path) -> tuple[bytes, int, int]:
+def _read_image(path: Path, max_pixels: int) -> tuple[bytes, int, int]:
     """The encoded file and its decoded (width, height); decoding it all catches truncation."""
     try:
         encoded = path.read_bytes()
@@ -221,11 +230,37 @@ def _read_image(path: Path) -> tuple[bytes, int, int]:
         raise PrepError(path, "image file not found") from None
     except OSError as error:
         raise PrepError(path, f"cannot read image: {error.strerror}") from None
+    width, height, frames = _declared_size(encoded, path)
+    if width * height * frames > max_pixels:
+        in_frames = f" in {frames} frames" if frames > 1 else ""
+        raise PrepError(path, f"declares {width}x{height} pixels{in_frames}, above data.max_image_pixels={max_pixels}; "
+                              "raise it to admit this image")
     try:
         pixels = decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
     except (RuntimeError, ValueError) as error:
         raise PrepError(path, f"cannot decode image: {str(error).splitlines()[-1]}") from None
     return encoded, pixels.shape[-1], pixels.shape[-2]
+
+
+def _declared_size(encoded: bytes, path: Path) -> tuple[int, int, int]:
+    """(width, height, frames) as the image's header declares them, nothing decoded: a few KB of
+    PNG can declare gigabytes of pixels."""
+    # Pillow's own bomb check would refuse by its limit rather than data.max_image_pixels, without
+    # the size; lifted only while the header is read (data-prep reads one image at a time). Its
+    # warnings (the bomb's, corrupt metadata) would only repeat what decoding reports.
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(encoded)) as image:
+                # decode_image returns every frame of a GIF.
+                return image.width, image.height, image.n_frames if image.format == "GIF" else 1
+    except UnidentifiedImageError:
+        raise PrepError(path, "cannot decode image: unknown format (JPEG, PNG, GIF and WebP are known)") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as error:
+        raise PrepError(path, f"cannot decode image: unreadable header: {error}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 Box = tuple[float, float, float, float]
@@ -247,16 +282,16 @@ def _clip(box: Box, width: int, height: int, min_size: float) -> tuple[Box | Non
     return clipped, ""
 
 
-def _check_image(image: SourceImage, min_box_size: float) -> _CheckedImage:
+def _check_image(image: SourceImage, data: DataConfig) -> _CheckedImage:
     """The image decoded, checked against its annotation, and its boxes clipped or dropped."""
     entry = image.entry
-    encoded, width, height = _read_image(entry.image_path)
+    encoded, width, height = _read_image(entry.image_path, data.max_image_pixels)
     if image.width is not None and (image.width, image.height) != (width, height):
         raise PrepError(entry.annotation_path, f"{entry.file_name}: annotated size {image.width}x{image.height} "
                                                f"differs from the image's {width}x{height}")
     kept, dropped, clipped = [], [], []
     for obj in image.objects:
-        box, reason = _clip(obj.box, width, height, min_box_size)
+        box, reason = _clip(obj.box, width, height, data.min_box_size)
         where = {"file": str(entry.annotation_path), "image": entry.file_name, "object": obj.ref,
                  "box": list(obj.box)}
         if box is None:

@@ -5,13 +5,21 @@ A source lists a split's images cheaply (`entries`) and parses one image's annot
 demand (`load`), so data-prep can report or skip one bad image instead of giving up on the
 split. Boxes are returned as annotated; clipping and dropping degenerate boxes is data-prep's
 job, so it can report them.
+
+A dataset is data from elsewhere, not code: names in it stay inside their folders, annotation
+files are refused above data.max_annotation_mb before they are read, and XML may declare no
+entities.
 """
 import json
 import math
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
+
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.errors import DataError
@@ -68,6 +76,8 @@ class Entry:
     file_name: str  # relative to the split's image folder
     image_path: Path
     annotation_path: Path  # the image's XML, or the split's json
+    # Set when the image's names reach outside their folder: `load` raises it, nothing reads the files.
+    refused: PrepError | None = None
 
 
 @dataclass
@@ -125,16 +135,58 @@ def coco2017_paths(root: Path, split: str) -> tuple[Path, Path]:
 def open_source(data: DataConfig) -> Source:
     root = data.resolved_root()
     if data.dataset in VOC_LAYOUTS:
-        return VOCSource(root, VOC_LAYOUTS[data.dataset])
+        return VOCSource(root, VOC_LAYOUTS[data.dataset], data.max_annotation_mb)
     if data.dataset == "coco2017":
         paths = {split: coco2017_paths(root, split) for split in data.splits}
-        return COCOSource({split: p[0] for split, p in paths.items()}, {split: p[1] for split, p in paths.items()})
+        return COCOSource({split: p[0] for split, p in paths.items()}, {split: p[1] for split, p in paths.items()},
+                          data.max_annotation_mb)
     # Relative paths are taken from the data root, not the working directory, so a config means
     # the same on every Ray worker.
     annotations = {split: root / Path(data.annotations[split]).expanduser() for split in data.splits}
     images = {split: root / Path(data.images[split]).expanduser() if split in data.images
               else annotations[split].parent for split in data.splits}
-    return COCOSource(annotations, images)
+    return COCOSource(annotations, images, data.max_annotation_mb)
+
+
+class _Inside:
+    """A dataset folder that the names in its annotations (file names, image ids) must stay inside."""
+
+    def __init__(self, folder: Path, label: str):
+        self.folder, self.label = folder, label
+        self.real = Path(os.path.realpath(folder))  # the folder itself may be a link (to a bigger disk, say)
+
+    def problem(self, name: str) -> str | None:
+        """Why `name`, taken relative to the folder, would reach outside it; None if it stays inside."""
+        if "\0" in name:
+            return f"{name!r} contains a NUL character"
+        path = PurePosixPath(name)
+        if path.is_absolute():
+            return f"{name!r} is an absolute path, outside the {self.label} {self.folder}"
+        if ".." in path.parts:
+            return f"{name!r} escapes the {self.label} {self.folder}"
+        real = Path(os.path.realpath(self.folder / name))
+        if not real.is_relative_to(self.real):
+            return f"{name!r} resolves to {real}, outside the {self.label} {self.folder}"
+        return None
+
+
+def _read_annotation(path: Path, max_mb: float, what: str = "annotation file") -> bytes:
+    """The whole file, refused unread above data.max_annotation_mb: parsers hold several times
+    its size, and a dataset's file can be any size."""
+    limit = int(max_mb * 2**20)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            # Bounded even where st_size says nothing (a device, a pipe).
+            data = b"" if size > limit else handle.read(limit + 1)
+    except FileNotFoundError:
+        raise PrepError(path, f"{what} not found") from None
+    except OSError as error:
+        raise PrepError(path, f"cannot read {what}: {error.strerror}") from None
+    if max(size, len(data)) > limit:
+        raise PrepError(path, f"{what} of {max(size, len(data)) / 2**20:.1f} MB is above data.max_annotation_mb="
+                              f"{max_mb:g}; raise it to read this file")
+    return data
 
 
 class VOCSource:
@@ -146,9 +198,10 @@ class VOCSource:
     names carry the folder's name (VOC2007/000005.jpg), as the years reuse image names.
     """
 
-    def __init__(self, root: Path, layout: VOCLayout):
+    def __init__(self, root: Path, layout: VOCLayout, max_annotation_mb: float):
         self.root = root
         self.layout = layout
+        self.max_annotation_mb = max_annotation_mb
         self.classes = list(layout.classes)
         self.category_ids = list(range(1, len(self.classes) + 1))  # VOC has no ids: from 1, as COCO tools expect
         self._class_index = {name: i for i, name in enumerate(layout.classes)}
@@ -163,31 +216,36 @@ class VOCSource:
         if split not in self._entries:
             entries = []
             for directory, listing in self._listings(split):
+                text = _read_annotation(listing, self.max_annotation_mb, "split listing")
                 try:
-                    lines = listing.read_text().splitlines()
-                except OSError as error:
-                    raise PrepError(listing, f"cannot read split listing: {error.strerror}") from None
+                    lines = text.decode().splitlines()
+                except UnicodeDecodeError:
+                    raise PrepError(listing, "split listing is not UTF-8 text") from None
                 prefix = f"{directory.name}/" if len(self.layout.folders) > 1 else ""
-                entries += [Entry(len(entries) + i, f"{prefix}{name}.jpg", directory / "JPEGImages" / f"{name}.jpg",
-                                  directory / "Annotations" / f"{name}.xml")
-                            for i, name in enumerate(sorted({line.split()[0] for line in lines if line.strip()}))]
+                names = sorted({line.split()[0] for line in lines if line.strip()})
+                images = _Inside(directory / "JPEGImages", "image folder")
+                xmls = _Inside(directory / "Annotations", "annotation folder")
+                entries += [_voc_entry(len(entries) + i, name, prefix, listing, images, xmls)
+                            for i, name in enumerate(names)]
             self._entries[split] = entries
         return self._entries[split]
 
     def annotation_files(self, split: str) -> list[Path]:
         return [listing for _, listing in self._listings(split)] + [entry.annotation_path
-                                                                    for entry in self.entries(split)]
+                                                                    for entry in self.entries(split)
+                                                                    if entry.refused is None]
 
     def load(self, split: str, entry: Entry) -> SourceImage:
+        if entry.refused is not None:
+            raise entry.refused
         path = entry.annotation_path
+        text = _read_annotation(path, self.max_annotation_mb)
         try:
-            root = ET.parse(path).getroot()
-        except FileNotFoundError:
-            raise PrepError(path, "annotation file not found") from None
-        except OSError as error:
-            raise PrepError(path, f"cannot read: {error.strerror}") from None
+            root = SafeET.fromstring(text)
         except ET.ParseError as error:
             raise PrepError(path, f"malformed XML: {error}") from None
+        except DefusedXmlException as error:
+            raise PrepError(path, f"entity declarations are not allowed in annotation XML: {error}") from None
         width, height = _voc_size(root, path)
         objects = [self._object(node, i, path) for i, node in enumerate(root.findall("object"))]
         return SourceImage(entry, width, height, objects)
@@ -199,6 +257,12 @@ class VOCSource:
         box = tuple(_voc_number(node, f"bndbox/{key}", index, path) for key in ("xmin", "ymin", "xmax", "ymax"))
         difficult = _voc_number(node, "difficult", index, path) if node.find("difficult") is not None else 0
         return SourceObject(box, self._class_index[name], crowd=difficult != 0, ref=index)
+
+
+def _voc_entry(image_id: int, name: str, prefix: str, listing: Path, images: _Inside, xmls: _Inside) -> Entry:
+    problem = images.problem(f"{name}.jpg") or xmls.problem(f"{name}.xml")
+    return Entry(image_id, f"{prefix}{name}.jpg", images.folder / f"{name}.jpg", xmls.folder / f"{name}.xml",
+                 PrepError(listing, f"image id {name!r}: {problem}") if problem else None)
 
 
 def _voc_number(node: ET.Element, tag: str, index: int, path: Path) -> float:
@@ -243,8 +307,9 @@ class COCOSource:
     are checked in `load`, so one bad image can be skipped.
     """
 
-    def __init__(self, annotations: dict[str, Path], images: dict[str, Path]):
-        self._splits = {split: _read_coco(path, images[split]) for split, path in annotations.items()}
+    def __init__(self, annotations: dict[str, Path], images: dict[str, Path], max_annotation_mb: float):
+        self._splits = {split: _read_coco(path, images[split], max_annotation_mb)
+                        for split, path in annotations.items()}
         first, *others = self._splits.values()
         for other in others:
             if other.categories != first.categories:
@@ -260,6 +325,8 @@ class COCOSource:
         return [self._splits[split].path]
 
     def load(self, split: str, entry: Entry) -> SourceImage:
+        if entry.refused is not None:
+            raise entry.refused
         coco = self._splits[split]
         image = coco.images[entry.image_id]
         where = f"image {entry.image_id}"
@@ -303,16 +370,8 @@ def _is_finite(value: Any) -> bool:
 _COCO_FIELDS = ("id", "bbox", "category_id", "iscrowd", "area")
 
 
-def _read_coco(path: Path, image_dir: Path) -> _COCOSplit:
-    try:
-        with open(path, "rb") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise PrepError(path, "annotation file not found") from None
-    except OSError as error:
-        raise PrepError(path, f"cannot read: {error.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise PrepError(path, f"malformed json: {error}") from None
+def _read_coco(path: Path, image_dir: Path, max_mb: float) -> _COCOSplit:
+    data = _load_json(path, max_mb)
     if not isinstance(data, dict):
         raise PrepError(path, "malformed COCO json: the top level must be an object")
     images = _coco_list(data, "images", path)
@@ -337,8 +396,23 @@ def _read_coco(path: Path, image_dir: Path) -> _COCOSplit:
         # Keep only what prep reads: segmentations are most of a COCO json's memory.
         kept = {key: annotation[key] for key in _COCO_FIELDS if key in annotation}
         grouped.setdefault(image_id, []).append(kept)
-    entries = [Entry(i, by_id[i]["file_name"], image_dir / by_id[i]["file_name"], path) for i in sorted(by_id)]
+    inside = _Inside(image_dir, "image folder")
+    entries = [_coco_entry(i, by_id[i]["file_name"], path, inside) for i in sorted(by_id)]
     return _COCOSplit(path, categories, entries, by_id, grouped)
+
+
+def _coco_entry(image_id: int, file_name: str, path: Path, inside: _Inside) -> Entry:
+    problem = inside.problem(file_name)
+    return Entry(image_id, file_name, inside.folder / file_name, path,
+                 PrepError(path, f"image {image_id}: file_name {problem}") if problem else None)
+
+
+def _load_json(path: Path, max_mb: float) -> Any:
+    text = _read_annotation(path, max_mb)
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PrepError(path, f"malformed json: {error}") from None
 
 
 def _coco_list(data: dict, key: str, path: Path) -> list:
