@@ -2,6 +2,7 @@
 validation AP."""
 import io
 import json
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,10 +21,22 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's tensors and plain data. Nothing in the file runs: unpickling is limited to
+    tensors, numbers, strings and containers (weights_only), so a file crafted to run code on
+    load, as any pickle can, is refused."""
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise DataError(f"{path}: refused: it holds Python objects other than tensors and plain data "
+                        f"({_unsupported(error)}), and checkpoints are loaded without running code") from None
     except (OSError, RuntimeError, EOFError) as error:
         raise DataError(f"{path}: not a readable checkpoint ({error})") from None
+
+
+def _unsupported(error: pickle.UnpicklingError) -> str:
+    """torch's line naming what the file wanted to load, out of its page of advice."""
+    lines = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
+    return lines[0].rstrip(".") if lines else "not a weights-only file"
 
 
 T = TypeVar("T")

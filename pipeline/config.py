@@ -4,8 +4,8 @@ payload and Tune search space all go through `Config`.
 A config is a tree of frozen-free dataclasses. `load_config` reads a YAML mapping, applies
 `section.key=value` overrides, and validates everything: unknown keys, wrong types and bad
 values raise `ConfigError` naming the dotted key (and the file). `config_to_dict` and
-`config_from_dict` round-trip it through plain data (what MLflow params, Ray payloads and Tune
-trials carry).
+`config_from_dict` round-trip it through plain data; `config_record` is that plain data as it
+is stored or shipped (MLflow params, checkpoints, Ray payloads), without credentials.
 """
 import dataclasses
 import os
@@ -22,6 +22,7 @@ from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
 from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
+from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
 
 
@@ -443,6 +444,12 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def config_record(config: Config) -> dict:
+    """The config as plain data for whatever stores or ships it (checkpoints, model.pt, MLflow,
+    Ray payloads, reports, saved YAML): without the credentials a URI in it may carry."""
+    return redact_tree(config_to_dict(config))
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """Config -> {"optim.lr": 0.01, ...}: the dotted keys MLflow params and Tune use."""
     flat = {}
@@ -522,4 +529,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write `config` as YAML atomically (temp file, then rename)."""
-    write_bytes_atomic(yaml.safe_dump(config_to_dict(config), sort_keys=False).encode(), path)
+    write_bytes_atomic(yaml.safe_dump(config_record(config), sort_keys=False).encode(), path)

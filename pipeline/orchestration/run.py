@@ -15,8 +15,8 @@ from pipeline.data.bindings import record_training_run
 from pipeline.data.prep import locate_prepared, prepare
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.stages import evaluate_stage, robustness_stage
-from pipeline.model import load_model
 from pipeline.orchestration import tracking
+from pipeline.redaction import redact
 from pipeline.training.journal import METRICS_FILE
 from pipeline.training.local import train_stage
 from pipeline.training.ray_train import train_distributed
@@ -103,8 +103,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             if distributed:
                 tracking.log_checkpoints([(metrics["step"], checkpoint.path)
                                           for checkpoint, metrics in result.best_checkpoints])
-            model, _, _ = load_model(model_path, "cpu")
-            tracking.log_model(model, config)
+            tracking.log_model(model_path, config)
 
     run_id, finished = tracking.stage_run(experiment, parent, "evaluate")
     if finished and metrics_path.exists():
@@ -134,7 +133,7 @@ def summary(config: Config, result: PipelineResult) -> str:
     rows = [f"| {name} | {'n/a' if value is None else f'{value:.3f}'} |" for name, value in result.metrics.items()]
     rows += [f"| AP[{name}] | {'n/a' if value is None else f'{value:.3f}'} |"
              for name, value in result.per_class_ap.items()]
-    uri = config.tracking_uri()
+    uri = redact(config.tracking_uri())
     browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     skipped = f"skipped (already done): {', '.join(result.skipped)}\n" if result.skipped else ""
     return "\n".join(["| metric | value |", "|---|---|", *rows, "", skipped +

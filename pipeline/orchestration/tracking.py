@@ -3,12 +3,12 @@
 A stage whose child run finished (and whose outputs exist) is skipped on rerun; an unfinished
 one is reopened, so a rerun resumes the same runs rather than scattering new ones.
 """
+import importlib.metadata
 import math
 import os
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,25 +22,31 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 import aploss
+import pipeline
 from pipeline.config import Config, flatten
 from pipeline.errors import TrackingUnavailable, UserError, one_line
 from pipeline.evaluation.evaluate import Evaluation
+from pipeline.redaction import credentials, redact, redact_tree
 from pipeline.training.journal import CURVES, read_journal
 
 RUN_NAME_TAG = "aploss.run_name"
 _URI_VARIABLE = "MLFLOW_TRACKING_URI"
 STAGE_TAG = "aploss.stage"
-# The logged model carries the library's code, to unpickle it where aploss is not installed.
-_AP_LOSS_CODE = str(Path(aploss.__file__).resolve().parent)
+# The registered model carries this project's code, to load where aploss is not installed.
+_PACKAGE_CODE = [str(Path(package.__file__).resolve().parent) for package in (aploss, pipeline)]
+# Not imported here: MLflow runs it when it loads the model.
+_REGISTERED_MODEL_CODE = str(Path(__file__).resolve().with_name("registered_model.py"))
 
 
-def redact(uri: str) -> str:
-    """`uri` without a user name or password, for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+def connect(uri: str) -> str:
+    """`uri` as MLflow's client is given it: user info (https://user:token@host) moves into
+    MLflow's own credential variables, since MLflow prints and keeps the URIs it is handed."""
+    bare, user, password = credentials(uri)
+    if user is not None and password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+    elif user is not None:
+        os.environ["MLFLOW_TRACKING_TOKEN"] = user
+    return bare
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -48,6 +54,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     answer its health check: MLflow's own client would retry for minutes before failing."""
     if not uri.startswith(("http://", "https://")):
         return
+    uri = credentials(uri)[0]
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
             return
@@ -65,7 +72,7 @@ def configure(config: Config) -> str:
     """Point MLflow at the config's store and experiment; returns the experiment id."""
     check_reachable(config.tracking_uri())
     exported = os.environ.get(_URI_VARIABLE)
-    mlflow.set_tracking_uri(config.tracking_uri())
+    mlflow.set_tracking_uri(connect(config.tracking_uri()))
     # set_tracking_uri also exports the URI as $MLFLOW_TRACKING_URI, which Config.tracking_uri()
     # reads as the user's choice: left there, it would redirect every later config of this process.
     if exported is None:
@@ -117,12 +124,12 @@ def active(run_id: str):
 
 
 def finish(run_id: str, failed: bool = False, tracking_uri: str | None = None) -> None:
-    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    mlflow.MlflowClient(tracking_uri and connect(tracking_uri)).set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: Config) -> str:
     """A new child run of a sweep for one trial, its whole config as params in one batch."""
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow.MlflowClient(connect(tracking_uri))
     run_id = client.create_run(experiment_id, run_name=config.run.name,
                                tags={"mlflow.parentRunId": sweep_run_id, STAGE_TAG: "trial"}).info.run_id
     client.log_batch(run_id, params=[Param(key, value) for key, value in param_safe(config).items()])
@@ -170,17 +177,17 @@ def pipeline_records(experiment_id: str, names: list[str]) -> list[PipelineRecor
 
 
 def param_safe(config: Config) -> dict[str, str]:
-    return {key: str(value) for key, value in flatten(config).items()}
+    return {key: redact(str(value)) for key, value in flatten(config).items()}
 
 
 def log_prep(manifest: dict, prepared_dir: Path) -> None:
     """The manifest, and each split's shards as a dataset input (name, source, digest)."""
-    mlflow.log_dict(manifest, "manifest.json")
+    mlflow.log_dict(redact_tree(manifest), "manifest.json")
     mlflow.log_params({"dataset": manifest["dataset"], "classes": ",".join(manifest["classes"]),
                        "input_hash": manifest["input_hash"]})
     for split, summary in manifest["splits"].items():
         shards = pd.DataFrame(summary["shards"])
-        dataset = mlflow.data.from_pandas(shards, source=str(prepared_dir / split),
+        dataset = mlflow.data.from_pandas(shards, source=redact(str(prepared_dir / split)),
                                           name=f"{manifest['dataset']}-{split}", digest=manifest["content_hash"][:36])
         mlflow.log_input(dataset, context=split)
         mlflow.log_metrics({f"{split}_images": summary["images"], f"{split}_boxes": summary["boxes"],
@@ -203,7 +210,7 @@ class MetricsForwarder:
 
     def __init__(self, journal: Path, run_id: str, tracking_uri: str, interval: float = 2.0,
                  flush_seconds: float = 15.0, keys: tuple[str, ...] = (*CURVES, "val_ap")) -> None:
-        self.journal, self.run_id, self.tracking_uri = Path(journal), run_id, tracking_uri
+        self.journal, self.run_id, self.tracking_uri = Path(journal), run_id, connect(tracking_uri)
         self.interval, self.flush_seconds, self.keys = interval, flush_seconds, keys
         self.sent_through: dict[str, int] | None = None  # key -> highest step MLflow holds
         self.error: Exception | None = None
@@ -260,16 +267,24 @@ class MetricsForwarder:
                   flush=True)
 
 
-def log_model(model, config: Config) -> None:
-    """The trained detector, pickled with the aploss code, registered in the model registry."""
-    # Inputs are lists of images of any size and outputs per-image dicts, which torch.export
-    # (MLflow's default pt2 format) cannot trace: the signature documents one image.
+def log_model(model_path: Path, config: Config) -> None:
+    """The trained detector (a run's model.pt) registered in the model registry as a pyfunc
+    model logged from code: its weights load without unpickling code, and the package's source
+    travels with it, so it serves where aploss is not installed."""
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (3, -1, -1), "image")]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
                                                TensorSpec(np.dtype(np.float32), (-1,), "scores"),
                                                TensorSpec(np.dtype(np.int64), (-1,), "labels")]))
-    mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle", code_paths=[_AP_LOSS_CODE],
-                             signature=signature, registered_model_name=config.tracking.registered_model)
+    mlflow.pyfunc.log_model(name="model", python_model=_REGISTERED_MODEL_CODE,
+                            artifacts={"detector": str(model_path)}, code_paths=_PACKAGE_CODE,
+                            pip_requirements=_requirements(), signature=signature,
+                            registered_model_name=config.tracking.registered_model)
+
+
+def _requirements() -> list[str]:
+    """What the served model imports, pinned to this environment (stated rather than inferred:
+    inference loads the model in a subprocess, seconds of work at every registration)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "torch", "torchvision", "pyyaml")]
 
 
 def log_evaluation(evaluation: Evaluation) -> None:

@@ -1,0 +1,214 @@
+"""Trust boundaries: loading a checkpoint or a registered model runs no code from the file, and
+credentials in a URI are stored and printed nowhere."""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+
+from jobs import runtime_env as runtime_env_module
+from jobs import submit as submit_module
+from pipeline import checkpoints
+from pipeline.config import config_record, load_config
+from pipeline.errors import DataError
+from pipeline.model import build_model, load_model
+from pipeline.orchestration import tracking
+from pipeline.orchestration.cli import main
+from pipeline.redaction import redact
+from tests.mlflow_server import Server, free_port
+from tests.synthetic import write_synthetic_coco
+
+SECRET = "s3cr3t-t0ken-4f9a"
+
+
+class _RunsCode:
+    """Unpickling this object creates `marker`: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
+
+
+def _crafted(path: Path, marker: Path) -> Path:
+    torch.save({"model": {}, "config": {}, "classes": [], "payload": _RunsCode(marker)}, path)
+    return path
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = _crafted(tmp_path / "model.pt", marker)
+    torch.load(path, weights_only=False)  # what unpickling it would do
+    assert marker.is_dir()
+    marker.rmdir()
+    with pytest.raises(DataError, match=r"model\.pt: refused: .*GLOBAL os\.makedirs.* without running code"):
+        checkpoints.load(path)
+    with pytest.raises(DataError, match="refused"):
+        load_model(path, torch.device("cpu"))
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    write_synthetic_coco(root / "data", {"train": 4, "val": 2})
+    overrides = [
+        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "model.arch=retinanet_r18",
+        "model.min_size=96", "model.max_size=96", "train.batch_size=2", "train.max_steps=2", "train.epochs=100",
+        "train.eval_every=2", "ray.workers=1", f"run.output_dir={root / 'runs'}"]
+    assert main(["prep", *overrides]) == 0
+    return root, overrides
+
+
+def test_resume_and_eval_refuse_crafted_files_with_one_line(prepared, tmp_path, capsys):
+    root, overrides = prepared
+    marker = tmp_path / "code-ran"
+    run = root / "runs" / "crafted"
+    (run / "checkpoints").mkdir(parents=True)
+    _crafted(run / "checkpoints" / "step-0000002.pt", marker)
+    (run / "checkpoints" / "index.json").write_text(json.dumps({"step-0000002.pt": None}))
+    _crafted(run / "model.pt", marker)
+    capsys.readouterr()
+    for command in ("train", "eval"):
+        assert main([command, *overrides, "run.name=crafted"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"aploss {command}: error: {run}" in line and "refused" in line
+    assert not marker.exists()
+
+
+def test_training_state_loads_weights_only_and_resumes(prepared, capsys):
+    root, overrides = prepared
+    assert main(["train", *overrides, "run.name=resumed", "train.max_steps=1"]) == 0
+    assert main(["train", *overrides, "run.name=resumed", "train.max_steps=2"]) == 0
+    state = torch.load(root / "runs" / "resumed" / "model.pt", weights_only=True)
+    assert set(state) == {"model", "config", "classes"}
+    saved = sorted((root / "runs" / "resumed" / "checkpoints").glob("step-*.pt"))
+    assert torch.load(saved[-1], weights_only=True)["step"] == 2
+
+
+def test_the_registered_model_loads_and_serves_from_weights(tmp_path):
+    config = load_config(None, ["model.arch=retinanet_r18", "model.min_size=96", "model.max_size=96",
+                                "model.score_thresh=0.0", f"run.output_dir={tmp_path}"])
+    torch.manual_seed(0)
+    model_path = tmp_path / "model.pt"
+    checkpoints.export_model({"model": build_model(config, 2).state_dict(), "config": config_record(config),
+                              "classes": ["square", "disc"]}, model_path)
+    with mlflow.start_run(experiment_id=tracking.configure(config)):
+        tracking.log_model(model_path, config)
+    logged = [path.name for path in (tmp_path / "mlartifacts").rglob("*") if path.is_file()]
+    assert "model.pt" in logged and not [name for name in logged if name.endswith((".pkl", ".pickle"))]
+
+    image = torch.rand(3, 80, 100, generator=torch.Generator().manual_seed(1))
+    eager, _, _ = load_model(model_path, torch.device("cpu"))
+    with torch.no_grad():
+        (expected,) = eager.eval()([image])
+    assert len(expected["scores"]) > 0
+    served = mlflow.pyfunc.load_model("models:/aploss-detector/1").predict(image.numpy())
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(torch.as_tensor(served[key]), expected[key])
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/aploss-detector/1",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": config.tracking_uri(),
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps({"inputs": {"image": image.tolist()}}).encode(),
+                                         {"Content-Type": "application/json"})
+        while True:
+            try:
+                answer = json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"]
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+    assert torch.allclose(torch.tensor(answer["boxes"]).reshape(-1, 4), expected["boxes"])
+    assert answer["labels"] == expected["labels"].tolist()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("http://alice:s3cr3t@127.0.0.1:5000", "http://REDACTED@127.0.0.1:5000"),
+    ("https://token@host/path", "https://REDACTED@host/path"),
+    ("postgresql://mlflow:pw@postgres:5432/mlflow", "postgresql://REDACTED@postgres:5432/mlflow"),
+    ("see s3://bucket/a.json?X-Amz-Credential=AK%2F1&X-Amz-Signature=ab12&v=1#x, then",
+     "see s3://bucket/a.json?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED&v=1#x, then"),
+    ("https://acct.blob.core.windows.net/c/f?sv=2022&sig=xyz", "https://acct.blob.core.windows.net/c/f?sv=2022&sig=REDACTED"),
+    ("sqlite:////tmp/runs/mlflow.db", "sqlite:////tmp/runs/mlflow.db"),
+    ("http://h:99999x/", "http://h:99999x/"),
+    ("/data/a@b/c.json and user@example.com", "/data/a@b/c.json and user@example.com"),
+])
+def test_redact(text, expected):
+    assert redact(text) == expected
+
+
+def test_credentials_never_travel_in_a_job(monkeypatch, capsys):
+    for name in runtime_env_module.PASSED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert SECRET not in json.dumps(runtime_env_module.runtime_env())
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@mlflow:5000")
+    assert runtime_env_module.main([]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "$MLFLOW_TRACKING_URI carries credentials" in line and SECRET not in line
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    entrypoint = ["python", "-m", "jobs.pipeline", f"tracking.uri=https://alice:{SECRET}@mlflow"]
+    assert submit_module.main(["--address", f"http://127.0.0.1:{free_port()}", "--", *entrypoint]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the entrypoint carries credentials" in line and SECRET not in line
+
+
+def _files_holding(directory: Path, secret: bytes) -> list[str]:
+    return [str(path) for path in directory.rglob("*") if path.is_file() and secret in path.read_bytes()]
+
+
+def test_credentials_in_the_tracking_uri_are_stored_and_printed_nowhere(prepared, tmp_path, monkeypatch, capfd):
+    root, overrides = prepared
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")  # undone after the test, whatever the run sets
+        monkeypatch.delenv(name)
+    server = Server(tmp_path / "server")
+    server.start()
+    try:
+        uri = server.uri.replace("http://", f"http://alice:{SECRET}@")
+        assert main(["pipeline", "run", *overrides, "run.name=secret", f"tracking.uri={uri}"]) == 0
+        session_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        ray.shutdown()
+    finally:
+        server.stop()
+    printed = capfd.readouterr()
+    assert "| AP50 |" in printed.out
+    assert SECRET not in printed.out + printed.err
+    leaks = [*_files_holding(root / "runs", SECRET.encode()), *_files_holding(tmp_path / "server", SECRET.encode()),
+             *_files_holding(session_logs, SECRET.encode())]
+    assert leaks == []
+
+    server.start()
+    try:
+        client = mlflow.MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("aploss").experiment_id
+        stages = {run.data.tags["aploss.stage"]: run for run in client.search_runs([experiment])}
+        assert {stage: run.info.status for stage, run in stages.items()} == {
+            stage: "FINISHED" for stage in ("pipeline", "data-prep", "train", "evaluate")}
+        assert stages["train"].data.params["tracking.uri"] == server.uri.replace("http://", "http://REDACTED@")
+    finally:
+        server.stop()
