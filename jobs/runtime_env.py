@@ -5,24 +5,43 @@
 import argparse
 import json
 import os
+import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+
+from pipeline.redaction import redact
 
 # The project root, so the upload does not depend on the submitter's working directory.
 PROJECT = Path(__file__).resolve().parents[1]
 # Local outputs and the environment: large, and rebuilt or written on the cluster.
 EXCLUDES = [".venv/", "runs/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"]
-# Where the job tracks and reads data, and the credentials of an S3 artifact store.
-PASSED_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "APLOSS_DATA_ROOT", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"]
+# Where the job tracks and reads data. Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, ...) are not passed: Ray keeps a job's runtime env
+# and entrypoint in its records (`ray job list`, the dashboard). The cluster's nodes hold them
+# (infra/: from Kubernetes Secrets, by name), and every process of a job inherits them.
+PASSED_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+              "APLOSS_DATA_ROOT"]
+
+
+class CredentialsInJob(ValueError):
+    """A value a job would carry holds credentials, which Ray would keep in the job's record."""
+
+
+def check_no_credentials(text: str, where: str) -> None:
+    if redact(text) != text:
+        raise CredentialsInJob(f"{where} carries credentials in a URI ({redact(text)}), and Ray keeps it in the "
+                               "job's record: give them to the cluster's nodes as environment variables instead "
+                               "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, the AWS variables)")
 
 
 def runtime_env(pip: bool = False) -> dict:
     """The project as working_dir, the submitter's settings of PASSED_ENV and, with `pip`, the
     project's dependencies installed per job (off: the cluster image should have them)."""
-    env = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES),
-           "env_vars": {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}}
+    passed = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
+    for name, value in passed.items():
+        check_no_credentials(value, f"${name}")
+    env = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES), "env_vars": passed}
     if pip:
         env["pip"] = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
     return env
@@ -32,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.runtime_env", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pip", action="store_true", help="install pyproject's dependencies in the job")
-    print(json.dumps(runtime_env(parser.parse_args(argv).pip)))
+    try:
+        print(json.dumps(runtime_env(parser.parse_args(argv).pip)))
+    except CredentialsInJob as error:
+        print(f"jobs.runtime_env: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

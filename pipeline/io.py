@@ -5,6 +5,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipeline.redaction import redact_tree
+
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
     """Write `data` to `path` through a temporary file in the same directory and a rename."""
@@ -24,5 +26,5 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
-    write_bytes_atomic(json.dumps(obj, indent=2).encode(), path)
+    """Write `obj` as indented JSON to `path` atomically; a record never holds credentials."""
+    write_bytes_atomic(json.dumps(redact_tree(obj), indent=2).encode(), path)

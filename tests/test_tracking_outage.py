@@ -2,13 +2,7 @@
 seconds with its URI named; gone during training, the metrics wait in the run's journal and
 reach MLflow once, when it is back."""
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -16,52 +10,18 @@ import pytest
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking import MetricsForwarder
 from pipeline.training.journal import MetricsJournal
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on loopback, stopped and started again on the same port and store."""
-
-    def __init__(self, directory, port):
-        self.directory, self.port, self.process = directory, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
-             "--default-artifact-root", str(self.directory / "artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self):
-        if self.process is not None:  # the server and its web workers, which hold the port
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self.process = None
+from tests.mlflow_server import Server, free_port
 
 
 @pytest.fixture
 def server(tmp_path):
-    server = Server(tmp_path, _free_port())
+    server = Server(tmp_path)
     yield server
     server.stop()
 
 
 def test_an_unreachable_server_at_start_fails_in_seconds_naming_it(tmp_path, capsys):
-    uri = f"http://user:secret@127.0.0.1:{_free_port()}"
+    uri = f"http://user:secret@127.0.0.1:{free_port()}"
     started = time.monotonic()
     assert main(["pipeline", "run", f"tracking.uri={uri}", f"run.output_dir={tmp_path}"]) == 2
     assert time.monotonic() - started < 15

@@ -3,7 +3,7 @@ data.prepared), written under the run directory (eval/, robustness/)."""
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config, config_record
 from pipeline.data.bindings import evaluation_config, split_dir
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader, read_manifest
@@ -56,7 +56,7 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
         if not path.exists():
             raise MissingInput(f"{path}: no trained model for run '{name}'; run its train stage first")
         models[name], classes, trained_config = load_model(path, device)
-        trained_with[name] = config_to_dict(trained_config)
+        trained_with[name] = config_record(trained_config)
         bound[name] = evaluation_config(config, trained_config)
         _check_classes(bound[name], classes, path, name)
     first, *others = bound.values()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError, one_line
+from pipeline.redaction import redact
 
 
 def _prep(config: Config) -> None:
@@ -151,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if arguments.debug:
             raise
-        print(f"aploss {command}: error: {error}", file=sys.stderr)
+        print(f"aploss {command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except (OSError, MlflowException, RayError, TrainingFailedError, TuneError) as error:
         # What the user meets rather than causes (disk full, a server gone): one line, and
         # --debug for the traceback. Anything else is a bug and keeps its traceback.
         if arguments.debug:
             raise
-        print(f"aploss {command}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"aploss {command}: error: {redact(one_line(error))} (--debug shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"aploss {command}: interrupted; rerunning the same command resumes", file=sys.stderr)

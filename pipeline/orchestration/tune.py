@@ -13,7 +13,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, save_config
+from pipeline.config import Config, apply_override, config_from_dict, config_record, config_to_dict, save_config
 from pipeline.data.prep import prepare
 from pipeline.errors import UserError
 from pipeline.orchestration import tracking
@@ -37,18 +37,17 @@ def trial_config(base: dict, params: dict) -> Config:
     return config_from_dict(data)
 
 
-def _run_trial(params: dict) -> None:
-    context = params.pop("_sweep")
-    config = trial_config(context["base"], params)
-    run_id = tracking.trial_run(context["tracking_uri"], context["experiment_id"], context["sweep_run_id"], config)
-    trainer = build_trainer(config, context["classes"], callbacks=[TuneReportCallback()])
+def _run_trial(params: dict, sweep: dict) -> None:
+    config = trial_config(sweep["base"], params)
+    run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
+    trainer = build_trainer(config, sweep["classes"], callbacks=[TuneReportCallback()])
     failed = True
     try:
         with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id,
-                                       context["tracking_uri"]):
+                                       sweep["tracking_uri"]):
             failed = trainer.fit().error is not None
     finally:  # ASHA stopping the trial, too, ends its run rather than leaving it RUNNING
-        tracking.finish(run_id, failed, context["tracking_uri"])
+        tracking.finish(run_id, failed, sweep["tracking_uri"])
 
 
 def _search_algorithm(config: Config):
@@ -83,14 +82,15 @@ def run_sweep(config: Config) -> SweepResult:
     train_images = manifest["splits"][config.data.train_split]["images"]
     name = f"{config.run.name}-sweep"
     path = storage_path(config) / "tune" / name
-    trainable = tune.with_resources(_run_trial, {"CPU": 1})
+    # What every trial shares travels through Ray's object store, not the search space, which Tune
+    # prints in its tables and keeps in its experiment state: the tracking URI may carry a token.
+    sweep = {"base": config_record(config.with_absolute_paths()), "classes": manifest["classes"],
+             "tracking_uri": config.tracking_uri(), "experiment_id": experiment, "sweep_run_id": sweep_run}
+    trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), {"CPU": 1})
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         space = {key: parse_domain(spec).to_tune() for key, spec in config.tune.space.items()}
-        space["_sweep"] = {"base": config_to_dict(config.with_absolute_paths()), "classes": manifest["classes"],
-                           "tracking_uri": config.tracking_uri(), "experiment_id": experiment,
-                           "sweep_run_id": sweep_run}
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=StepSchedule.of(config.train, train_images).validations,
                                   grace_period=config.tune.grace_period,
                                   reduction_factor=config.tune.reduction_factor)
@@ -102,7 +102,7 @@ def run_sweep(config: Config) -> SweepResult:
             run_config=tune.RunConfig(name=name, storage_path=str(path.parent)))
     results = tuner.fit()
     best = results.get_best_result(METRIC, "max", scope="all")
-    best_params = {key: value for key, value in best.config.items() if key != "_sweep"}
+    best_params = dict(best.config)
     data = config_to_dict(config)
     for key, value in best_params.items():
         apply_override(data, key, value)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import validation_ap
+from pipeline.redaction import redact
 from pipeline.training.journal import CURVES, METRICS_FILE, MetricsJournal
 from pipeline.training.loop import StepSchedule, Training
 
@@ -35,7 +36,7 @@ class LocalSink:
 
 def say(line: str) -> None:
     # Ray Train 2.60 echoes a worker's print() twice on the driver's console; a plain write once.
-    sys.stdout.write(line + "\n")
+    sys.stdout.write(redact(line) + "\n")
     sys.stdout.flush()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config, config_record
 from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
@@ -41,7 +41,7 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
     if (latest := store.latest()) is not None:
         training.load_state_dict(checkpoints.load(latest, device))
-    hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_to_dict(config), "classes": classes},
+    hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_record(config), "classes": classes},
                           progress=progress)
     try:
         fit(training, dataset, schedule, hooks)

@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
-from pipeline.config import Config, config_from_dict, config_to_dict
+from pipeline.config import Config, config_from_dict, config_record
 from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
@@ -93,7 +93,8 @@ def storage_path(config: Config) -> Path:
 def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict], None] = run_worker,
                   callbacks: list | None = None) -> TorchTrainer:
     """The Ray Train run of `config`, which must be bound to its prepared data (`training_data`)."""
-    payload = {"config": config_to_dict(config.with_absolute_paths()), "classes": classes}
+    # Workers need no credentials (the driver talks to MLflow), and Ray keeps what it is handed.
+    payload = {"config": config_record(config.with_absolute_paths()), "classes": classes}
     ray_config = config.ray
     return TorchTrainer(
         train_loop, train_loop_config=payload,
