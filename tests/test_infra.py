@@ -5,8 +5,12 @@ references (selectors, volumes, Secrets, ConfigMaps, PVCs, Services) resolve to 
 in infra/; images are pinned; the RayCluster / RayJob specs are well-formed (head without CPUs,
 worker groups within their bounds, GPU groups requesting GPUs); the job entrypoints run a
 `jobs.<stage>` module with a config file and overrides that `pipeline.config.load_config` accepts;
-the cluster-launcher and docker-compose files are consistent.
+the cluster-launcher and docker-compose files are consistent. The doors are shut: the MLflow
+server runs MLflow's basic-auth app, every Ray cluster has token auth, nothing is exposed outside
+the cluster (or, with compose, outside the machine), and credentials come from Secrets or the
+environment by name, never as values in a manifest.
 """
+import configparser
 import importlib.util
 import json
 import re
@@ -78,6 +82,10 @@ def _secret_keys() -> dict[str, set[str]]:
 
 def _configmap_keys() -> dict[str, set[str]]:
     return {doc["metadata"]["name"]: set(doc.get("data", {})) for _, doc in _objects("ConfigMap")}
+
+
+# Names of settings that hold credentials: they come from Secrets or the environment, by name.
+SECRET_LIKE = re.compile("PASSWORD|SECRET|KEY|TOKEN")
 
 
 # ----------------------------------------------------------------------------- pod templates
@@ -261,8 +269,158 @@ def test_secrets_are_placeholders_only():
         assert "example" in path.name, f"{_rel(path)}: Secrets belong in *.example.yaml files only"
         values = {**doc.get("stringData", {}), **doc.get("data", {})}
         for key, value in values.items():
-            if re.search("PASSWORD|SECRET|KEY|TOKEN", key):
+            if SECRET_LIKE.search(key):
                 assert "CHANGE-ME" in str(value), f"{_rel(path)}: {key} does not look like a placeholder"
+
+
+# ----------------------------------------------------------------------------- doors shut
+
+_K8S_REF = re.compile(r"\$\((\w+)\)")
+_URI_WITH_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+
+
+def test_credentials_come_from_secrets_by_name():
+    for path, doc in WORKLOADS:
+        for where, template in _pod_templates(doc):
+            for container in _containers(template):
+                at = f"{_rel(path)}: {where}/{container['name']}"
+                env = container.get("env", [])
+                for entry in env:
+                    if SECRET_LIKE.search(entry["name"]):
+                        assert "secretKeyRef" in entry.get("valueFrom", {}), \
+                            f"{at}: {entry['name']} must come from a Secret (secretKeyRef), not a value"
+                # A $(VAR) reference would copy a credential into a plain variable or onto a
+                # command line, where `kubectl describe` and process listings show it.
+                texts = [e.get("value", "") for e in env] + container.get("command", []) + container.get("args", [])
+                copied = [name for text in texts for name in _K8S_REF.findall(text) if SECRET_LIKE.search(name)]
+                assert not copied, f"{at}: {copied} expanded into a value or a command line"
+    for path, doc in _objects("ConfigMap"):
+        for key, value in doc.get("data", {}).items():
+            assert not SECRET_LIKE.search(key), f"{_rel(path)}: {key} belongs in a Secret, not a ConfigMap"
+            assert not _URI_WITH_PASSWORD.search(value), f"{_rel(path)}: {key} holds a URI with a password"
+
+
+def test_nothing_is_exposed_outside_the_cluster():
+    exposing = {"Ingress", "IngressRoute", "Route", "Gateway", "HTTPRoute"}
+    assert not [doc for _, doc in OBJECTS if doc["kind"] in exposing], "an Ingress/Route exposes a service"
+    for path, doc in SERVICES:
+        assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", \
+            f"{_rel(path)}: Service/{doc['metadata']['name']} is reachable from outside the cluster"
+        assert not doc["spec"].get("externalIPs"), f"{_rel(path)}: Service/{doc['metadata']['name']} has externalIPs"
+    for path, doc in WORKLOADS:
+        for where, template in _pod_templates(doc):
+            assert not template["spec"].get("hostNetwork"), f"{_rel(path)}: {where} uses the node's network"
+            for container in _containers(template):
+                assert not any("hostPort" in port for port in container.get("ports", [])), \
+                    f"{_rel(path)}: {where}/{container['name']} publishes a port on the node"
+
+
+def _auth_config(text: str, where: str) -> configparser.SectionProxy:
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    config = parser["mlflow"]
+    # Anonymous requests are refused whatever this is; it is what a logged-in user may do with
+    # what others created, and writing must not be part of it.
+    assert config["default_permission"] in ("READ", "NO_PERMISSIONS"), \
+        f"{where}: default_permission {config['default_permission']} lets any account change others' runs"
+    database = urlparse(config["database_uri"])
+    assert database.scheme.startswith("postgresql"), f"{where}: users must live in PostgreSQL, not {database.scheme}"
+    assert database.password is None, f"{where}: the database password belongs in the environment (PGPASSWORD)"
+    assert "admin_password" not in config, f"{where}: the admin's password belongs in a Secret"
+    assert config.get("authorization_function", "mlflow.server.auth:authenticate_request_basic_auth") \
+        == "mlflow.server.auth:authenticate_request_basic_auth"
+    return config
+
+
+def _env_entry(container: dict, name: str) -> dict:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == name] or [{}]
+    return entry
+
+
+def _mlflow_server() -> dict:
+    (_, server), = [(p, d) for p, d in _objects("Deployment") if d["metadata"]["name"] == "mlflow"]
+    return server["spec"]["template"]["spec"]
+
+
+def _kubernetes_auth_config() -> configparser.SectionProxy:
+    pod = _mlflow_server()
+    container = pod["containers"][0]
+    path = Path(_env_entry(container, "MLFLOW_AUTH_CONFIG_PATH").get("value", ""))
+    (mount,) = [m for m in container.get("volumeMounts", []) if Path(m["mountPath"]) == path.parent] or [None]
+    assert mount, f"MLFLOW_AUTH_CONFIG_PATH {str(path)!r} is on no mounted volume"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (_, configmap), = [(p, d) for p, d in _objects("ConfigMap") if d["metadata"]["name"] == volume["configMap"]["name"]]
+    return _auth_config(configmap["data"][path.name], f"ConfigMap/{configmap['metadata']['name']}")
+
+
+def test_the_mlflow_server_requires_a_login():
+    container = _mlflow_server()["containers"][0]
+    args = " ".join(container["command"] + container["args"])
+    assert re.search(r"--app-name[= ]basic-auth\b", args), "the MLflow server runs without authentication"
+    config = _kubernetes_auth_config()
+    backend = urlparse(next(a.partition("=")[2] for a in container["args"] if a.startswith("--backend-store-uri=")))
+    assert urlparse(config["database_uri"]).hostname == backend.hostname, \
+        "the users must live on the deployed PostgreSQL, beside the runs"
+    assert backend.password is None, "the database password would be on the server's command line"
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                 "PGUSER", "PGPASSWORD", "PGDATABASE"):
+        assert "secretKeyRef" in _env_entry(container, name).get("valueFrom", {}), f"{name} must come from a Secret"
+
+
+def _secret_ref(container: dict, name: str) -> tuple[str, str]:
+    ref = _env_entry(container, name).get("valueFrom", {}).get("secretKeyRef", {})
+    return ref.get("name"), ref.get("key")
+
+
+def test_the_jobs_account_job_creates_the_account_the_ray_pods_use():
+    (_, job), = [(p, d) for p, d in _objects("Job") if d["metadata"]["name"] == "mlflow-jobs-account"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    server = _mlflow_server()["containers"][0]
+    assert _secret_ref(container, "MLFLOW_TRACKING_USERNAME") == _secret_ref(server, "MLFLOW_AUTH_ADMIN_USERNAME")
+    assert _secret_ref(container, "MLFLOW_TRACKING_PASSWORD") == _secret_ref(server, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    account = {_secret_ref(container, "ACCOUNT_USERNAME"), _secret_ref(container, "ACCOUNT_PASSWORD")}
+    for _, doc in _objects("RayCluster") + _objects("RayJob"):
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        for where, template in _ray_cluster_templates(spec, f"{doc['kind']}/{doc['metadata']['name']}"):
+            ray = template["spec"]["containers"][0]
+            used = {_secret_ref(ray, "MLFLOW_TRACKING_USERNAME"), _secret_ref(ray, "MLFLOW_TRACKING_PASSWORD")}
+            assert used == account, f"{where}: logs to MLflow as {used}, the Job creates {account}"
+
+
+def _compose_interpolation(value) -> re.Match | None:
+    """`${NAME:?message}`: a value compose takes from the environment and refuses to run without."""
+    return re.fullmatch(r"\$\{(\w+):?\?[^}]*\}", str(value))
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=[_rel(p) for p in COMPOSE_FILES])
+def test_compose_keeps_its_doors_shut(path):
+    (doc,) = DOCS[path]
+    for name, service in doc["services"].items():
+        environment = service.get("environment", {})
+        if isinstance(environment, list):
+            environment = dict(item.partition("=")[::2] for item in environment)
+        for variable, value in environment.items():
+            if SECRET_LIKE.search(variable):
+                assert _compose_interpolation(value), \
+                    f"{name}: {variable} must be a required variable of the environment, not {value!r}"
+        commands = [service.get(key) or [] for key in ("command", "entrypoint")]
+        text = " ".join(c if isinstance(c, str) else " ".join(c) for c in commands)
+        # ${VAR} is filled in by compose (a secret would then show in `docker inspect`); $${VAR}
+        # is left to the container's shell, which reads it from the container's environment.
+        baked = [v for v in re.findall(r"(?<!\$)\$\{(\w+)", text) if SECRET_LIKE.search(v)]
+        assert not baked, f"{name}: {baked} written into the command line"
+        for port in service.get("ports", []):
+            bound = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
+            assert bound == "127.0.0.1", f"{name}: port {port} is published beyond this machine"
+
+    mlflow = doc["services"]["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"], "the MLflow server runs without authentication"
+    (mount,) = [c for c in mlflow.get("configs", []) if c["target"] == mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]]
+    config = _auth_config(doc["configs"][mount["source"]]["content"], f"{_rel(path)}: configs/{mount['source']}")
+    assert urlparse(config["database_uri"]).hostname in doc["services"], "the users must live on the stack's PostgreSQL"
+    kubernetes = _kubernetes_auth_config()
+    assert {k: v for k, v in config.items() if k != "database_uri"} == \
+        {k: v for k, v in kubernetes.items() if k != "database_uri"}, "compose and Kubernetes differ in their auth settings"
 
 
 def test_the_shared_volume_is_read_write_many():
@@ -286,6 +444,9 @@ def _gpus(container: dict) -> int:
 def _check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert spec.get("rayVersion") == _ray_version_of_image(), f"{where}: rayVersion differs from the image's Ray"
     assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: token auth is off"
+    assert spec["headGroupSpec"].get("serviceType") == "ClusterIP", \
+        f"{where}: the dashboard and job API must stay inside the cluster (head serviceType ClusterIP)"
+    assert not spec["headGroupSpec"].get("enableIngress"), f"{where}: an Ingress exposes the dashboard"
     assert spec.get("enableInTreeAutoscaling") is True, f"{where}: autoscaling is off"
     head = spec["headGroupSpec"]
     params = head["rayStartParams"]
@@ -321,6 +482,10 @@ def _check_ray_cluster_spec(spec: dict, where: str) -> None:
         assert SHARED_MOUNT in mounts, f"{template_where}: shared storage not mounted at {SHARED_MOUNT}"
         env = _env_names(template["spec"]["containers"][0])
         assert {"MLFLOW_TRACKING_URI", "APLOSS_DATA_ROOT"} <= env, f"{template_where}: tracking / data settings missing"
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            source = _env_entry(template["spec"]["containers"][0], name).get("valueFrom", {})
+            assert "secretKeyRef" in source and not source["secretKeyRef"].get("optional"), \
+                f"{template_where}: {name} must come from a Secret the pod cannot start without"
 
 
 RAY_CLUSTERS = _objects("RayCluster")
@@ -434,6 +599,7 @@ def test_tracking_uri_points_at_the_mlflow_service():
     (_, configmap), = [(p, d) for p, d in _objects("ConfigMap") if d["metadata"]["name"] == "aploss-env"]
     uri = urlparse(configmap["data"]["MLFLOW_TRACKING_URI"])
     assert uri.scheme == "http"
+    assert uri.username is None and uri.password is None, "credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD"
     service_name, namespace, *_ = uri.hostname.split(".")
     (_, service), = [(p, d) for p, d in SERVICES if d["metadata"]["name"] == service_name]
     assert service["metadata"]["namespace"] == namespace
@@ -483,6 +649,29 @@ def test_cluster_launcher_config(path):
     assert all(f":{_ray_version_of_image()}-" in image for image in images), "Ray version differs from the image's"
 
 
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=[_rel(p) for p in LAUNCHER_FILES])
+def test_cluster_launcher_keeps_ray_private(path):
+    (doc,) = DOCS[path]
+    # Ray's own security group opens SSH and the cluster's internal ports only; extra rules must
+    # not open anything else (the dashboard, say) to the world.
+    for rule in doc["provider"].get("security_group", {}).get("IpPermissions", []):
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        assert not {"0.0.0.0/0", "::/0"} & set(ranges), f"security group rule {rule} is open to the world"
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in doc[key] if "ray start" in c]
+    assert starts
+    mounted = set(doc.get("file_mounts", {}))
+    for command in starts:
+        assert "RAY_AUTH_MODE=token" in command, f"`{command}` starts Ray without token auth"
+        # The MLflow account reaches drivers and workers through the environment of `ray start`.
+        sourced = re.findall(r"(?:^|&&|;)\s*(?:\.|source)\s+(\S+)", command)
+        assert any(f.replace("~", "/home/ray", 1) in mounted for f in sourced), \
+            f"`{command}` loads no credentials file synced by file_mounts"
+    for key in ("initialization_commands", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for command in doc.get(key, []):
+            literal = [m for m in re.findall(r"(\w+)=([^\s$]\S*)", command) if SECRET_LIKE.search(m[0])]
+            assert not literal, f"{key}: credentials written into the config: {[name for name, _ in literal]}"
+
+
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=[_rel(p) for p in COMPOSE_FILES])
 def test_docker_compose(path):
     (doc,) = DOCS[path]
@@ -515,3 +704,10 @@ def test_readme_covers_every_infra_file():
     text = (INFRA / "README.md").read_text()
     for path in FILES:
         assert str(path.relative_to(INFRA)) in text, f"infra/README.md does not mention {path.relative_to(INFRA)}"
+
+
+def test_readme_says_how_to_reach_the_services():
+    text = (INFRA / "README.md").read_text()
+    for needed in ("port-forward svc/mlflow", "port-forward svc/aploss-head-svc", "RAY_AUTH_MODE=token",
+                   "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "--app-name=basic-auth"):
+        assert needed in text, f"infra/README.md does not say {needed!r}"
