@@ -28,7 +28,7 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
              "--default-artifact-root", str(self.directory / "artifacts"), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # a loaded 2-core machine starts it in ~10 s, at worst far slower
         while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=1)
