@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from aploss.architectures import ARCHITECTURES
+from aploss.anchors import AnchorLayout
+from aploss.architectures import ARCHITECTURES, IMAGENET_WEIGHTS
 from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
 from pipeline.errors import ConfigError
@@ -79,12 +80,53 @@ FIXED_INPUT_SIZES = {"ssd300_vgg16": 300, "ssd512_vgg16": 512, "ssdlite_mobilene
 
 
 @dataclass
+class AnchorConfig:
+    """RetinaNet's anchors (SSD keeps its default boxes). `auto` is fitted to the training split
+    when training starts and its sizes, ratios and lowest level are then filled in, so the run's
+    recorded config, checkpoints and model.pt hold the anchors it trained with."""
+
+    mode: Literal["paper", "auto", "explicit"] = "paper"
+    scales_per_octave: int = 2  # paper: sizes per octave at 4 x stride; 2 gives the paper's 6 per location
+    lowest_level: int = 3  # paper, explicit: 3 (P3, stride 8) or 2 (P2, stride 4: objects of ~16 px and less)
+    sizes: list[list[float]] = field(default_factory=list)  # per level up to P7, pixels at the network input
+    ratios: list[list[float]] = field(default_factory=list)  # per level, height / width
+
+    def layout(self) -> AnchorLayout:
+        if self.mode == "paper":
+            return AnchorLayout.paper(self.scales_per_octave, self.lowest_level)
+        if not self.sizes:
+            raise ConfigError("model.anchors: mode 'auto' is fitted to the training data when training starts "
+                              "(pipeline.data.anchors.fit_anchors); none is fitted yet")
+        try:
+            return AnchorLayout(tuple(map(tuple, self.sizes)), tuple(map(tuple, self.ratios)), self.lowest_level)
+        except ValueError as error:
+            raise ConfigError(f"model.anchors: {error}") from None
+
+    def validate(self) -> None:
+        _require(self.scales_per_octave >= 1, "model.anchors.scales_per_octave",
+                 f"must be >= 1, got {self.scales_per_octave}")
+        _require(self.lowest_level in (2, 3), "model.anchors.lowest_level", f"must be 2 or 3, got {self.lowest_level}")
+        _require(self.mode != "paper" or not (self.sizes or self.ratios), "model.anchors.sizes",
+                 "sizes and ratios are for mode 'explicit' (or filled by 'auto'), not 'paper'")
+        _require(self.mode != "explicit" or bool(self.sizes), "model.anchors.sizes",
+                 "mode 'explicit' needs sizes and ratios per level")
+        if self.sizes:
+            self.layout()
+
+
+@dataclass
 class ModelConfig:
     arch: Literal[ARCHITECTURES] = "retinanet_r18"
-    norm: Literal["group", "frozen_bn", "batch"] = "group"
+    # Where training starts: none (from scratch), imagenet (torchvision's weights of the trunk),
+    # a path or http(s) URL of a trunk's or a whole detector's state dict, run:NAME (that run's
+    # model.pt), or an MLflow model URI (models:/aploss-detector@champion, runs:/...).
+    init: str = "none"
+    # auto: group from scratch, frozen BN for a pretrained trunk (ImageNet statistics: batches of
+    # a few images cannot re-estimate them), a whole detector's own; made concrete when training starts.
+    norm: Literal["auto", "group", "frozen_bn", "batch"] = "auto"
     min_size: int = 256  # shorter side at training and test (RetinaNet); SSD uses its fixed size
     max_size: int = 342
-    anchor_scales: int = 2  # anchor sizes per octave: 2 gives the paper's 6 anchors per location
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     fg_iou: float = 0.5
     bg_iou: float = 0.4
     score_thresh: float = 0.05
@@ -96,7 +138,14 @@ class ModelConfig:
         _require(self.min_size >= 32, "model.min_size", f"must be >= 32, got {self.min_size}")
         _require(self.max_size >= self.min_size, "model.max_size",
                  f"must be >= model.min_size ({self.min_size}), got {self.max_size}")
-        _require(self.anchor_scales >= 1, "model.anchor_scales", f"must be >= 1, got {self.anchor_scales}")
+        self.anchors.validate()
+        _require(bool(self.init.strip()), "model.init", "must not be empty ('none' trains from scratch)")
+        _require(self.init != "run:" and not (self.init.startswith("run:") and "/" in self.init), "model.init",
+                 f"run:NAME names a run under run.output_dir, got {self.init!r}")
+        _require(self.init != "imagenet" or self.arch in IMAGENET_WEIGHTS, "model.init",
+                 f"no ImageNet weights for {self.arch}'s trunk; choose one of {sorted(IMAGENET_WEIGHTS)}")
+        _require(self.arch.startswith("retinanet") or self.anchors == AnchorConfig(), "model.anchors",
+                 f"{self.arch} has SSD's default boxes: leave model.anchors at its defaults")
         _require(0 < self.bg_iou <= self.fg_iou <= 1, "model.fg_iou",
                  f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={self.bg_iou}, fg_iou={self.fg_iou}")
         _require(0 <= self.score_thresh < 1, "model.score_thresh", f"must be in [0, 1), got {self.score_thresh}")

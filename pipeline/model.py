@@ -1,15 +1,26 @@
-"""The detector a config describes, built untrained or loaded from a run's model.pt."""
+"""The detector a config describes: built untrained, started from `model.init`'s weights, or
+loaded from a run's model.pt.
+
+`model.init` sources load as data only (weights_only), from a file, an http(s) URL (cached by
+torch.hub), torchvision's ImageNet weights or an earlier run; an MLflow model URI is fetched
+into a file by the orchestration layer first (`tracking.fetch_init`)."""
+import dataclasses
+import hashlib
+import urllib.error
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from aploss.architectures import build_detector
+from aploss.architectures import IMAGENET_WEIGHTS, WeightsMismatch, build_detector, load_detector_weights
 from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
 from aploss.engine import LocalBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict
-from pipeline.errors import UserError
+from pipeline.errors import DataError, MissingInput, UserError
+
+MLFLOW_URIS = ("models:/", "runs:/")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,7 +31,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: Config, num_classes: int, batch: LocalBatch | None = None) -> OneStageDetector:
+def build_model(config: Config, num_classes: int, batch: LocalBatch | None = None,
+                backbone_weights: dict[str, Tensor] | None = None) -> OneStageDetector:
     """The detector of `config.model`, trained with the loss of `config.loss` over `batch` (this
     process's, or a process group's). Its δ is set by `Training` at every step, from the schedule."""
     model, loss = config.model, config.loss
@@ -29,10 +41,10 @@ def build_model(config: Config, num_classes: int, batch: LocalBatch | None = Non
                               focal_gamma=loss.focal_gamma, box_beta=loss.box_beta, box_weight=loss.box_weight,
                               batch=batch)
     return build_detector(
-        model.arch, num_classes, norm=model.norm, min_size=model.min_size, max_size=model.max_size,
-        anchor_scales=model.anchor_scales, score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
+        model.arch, num_classes, norm=_norm(config), min_size=model.min_size, max_size=model.max_size,
+        anchors=model.anchors.layout() if model.arch.startswith("retinanet") else None, score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
         detections_per_image=model.detections_per_image, candidates_per_level=model.candidates_per_level,
-        train_input_size=config.train.input_size, criterion=criterion)
+        train_input_size=config.train.input_size, criterion=criterion, backbone_weights=backbone_weights)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list[str], Config]:
@@ -43,3 +55,95 @@ def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list
     model = build_model(config, len(saved["classes"])).to(device)
     model.load_state_dict(saved["model"])
     return model, saved["classes"], config
+
+
+def _norm(config: Config) -> str:
+    """model.norm, `auto` taken as `bind_init` would for a source other than a whole detector."""
+    norm = config.model.norm
+    return norm if norm != "auto" else "group" if config.model.init == "none" else "frozen_bn"
+
+
+def _source_path(config: Config) -> Path:
+    init = config.model.init
+    if init.startswith("run:"):
+        return Path(config.run.output_dir).expanduser().resolve() / init[len("run:"):] / "model.pt"
+    if init.startswith(MLFLOW_URIS):
+        return fetched_init_path(config)
+    return Path(init).expanduser()
+
+
+def fetched_init_path(config: Config) -> Path:
+    """Where the aploss commands put the model.pt of an MLflow model URI in model.init before
+    training (`pipeline.orchestration.tracking.fetch_init`): one file per URI under
+    run.output_dir, which a sweep's trials share."""
+    digest = hashlib.sha256(config.model.init.encode()).hexdigest()[:16]
+    return Path(config.run.output_dir).expanduser().resolve() / "init" / digest / "model.pt"
+
+
+def init_weights(config: Config) -> dict:
+    """What model.init names, as loaded: a state dict (a trunk's or a detector's), or one of
+    this project's checkpoint or model.pt dicts. Nothing in it is executed."""
+    init = config.model.init
+    try:
+        if init == "imagenet":
+            return IMAGENET_WEIGHTS[config.model.arch].get_state_dict(progress=True, check_hash=True,
+                                                                      weights_only=True)
+        if init.startswith(("http://", "https://")):
+            return torch.hub.load_state_dict_from_url(init, progress=True, weights_only=True)
+    except (urllib.error.URLError, OSError) as error:
+        raise MissingInput(f"model.init={init}: cannot download its weights ({error}); download the file "
+                           "elsewhere and give its path") from None
+    path = _source_path(config)
+    if not path.is_file():
+        why = (f" (run {init[4:]!r} has no model.pt under run.output_dir)" if init.startswith("run:") else
+               " (an MLflow model URI is fetched by the aploss training commands)" if init.startswith(MLFLOW_URIS)
+               else "")
+        raise MissingInput(f"model.init={init}: {path} does not exist{why}")
+    return checkpoints.load(path)
+
+
+def _state_dict(loaded: dict) -> dict[str, Tensor]:
+    """The tensors of a loaded file: this project's files keep them under "model", training
+    scripts often under "state_dict"."""
+    for key in ("model", "state_dict"):
+        if isinstance(loaded.get(key), dict):
+            return loaded[key]
+    return loaded
+
+
+def _is_detector(weights: dict[str, Tensor]) -> bool:
+    return any(key.startswith(("backbone.", "head.")) for key in weights)
+
+
+def bind_init(config: Config) -> Config:
+    """`config` with model.norm made concrete: `auto` is group from scratch, frozen BN for a
+    pretrained trunk, and a whole detector's own norm (this project's files record it;
+    torchvision's detectors use frozen BN). Recorded with the run, so evaluation builds the same."""
+    if config.model.norm != "auto":
+        return config
+    norm = _norm(config)
+    if config.model.init not in ("none", "imagenet"):
+        loaded = init_weights(config)
+        if _is_detector(_state_dict(loaded)):
+            norm = _norm(config_from_dict(loaded["config"])) if isinstance(loaded.get("config"), dict) else "frozen_bn"
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, norm=norm))
+
+
+def initial_model(config: Config, num_classes: int, batch: LocalBatch | None = None) -> OneStageDetector:
+    """The detector training starts from: untrained, or with model.init's weights (a trunk's
+    into the backbone; a whole detector's everywhere, the classification outputs re-initialised
+    when the class count differs, anything else that does not fit an error naming it)."""
+    if config.model.init == "none":
+        return build_model(config, num_classes, batch)
+    config = bind_init(config)
+    weights = _state_dict(init_weights(config))
+    try:
+        if not _is_detector(weights):
+            return build_model(config, num_classes, batch, backbone_weights=weights)
+        model = build_model(config, num_classes, batch)
+        reinitialised = load_detector_weights(model, weights)
+    except (WeightsMismatch, ValueError) as error:
+        raise DataError(f"model.init={config.model.init}: {error}") from None
+    if reinitialised:
+        print(f"model.init: {', '.join(reinitialised)} re-initialised for {num_classes} classes", flush=True)
+    return model

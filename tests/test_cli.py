@@ -67,7 +67,7 @@ def test_train_resumes_from_the_latest_checkpoint(workspace):
 
 def test_resuming_with_another_model_is_refused(workspace, capsys):
     _, config = workspace
-    assert main(["train", "--config", str(config), "model.anchor_scales=3"]) == 2
+    assert main(["train", "--config", str(config), "model.anchors.scales_per_octave=3"]) == 2
     assert "different model config" in capsys.readouterr().err
 
 

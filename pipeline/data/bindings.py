@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.data.anchors import fit_anchors
 from pipeline.data.prep import locate_prepared
 from pipeline.data.shards import read_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
+from pipeline.model import bind_init
 
 
 def split_dir(config: Config, split: str) -> Path:
@@ -21,15 +23,16 @@ def split_dir(config: Config, split: str) -> Path:
 
 
 def training_data(config: Config) -> tuple[Config, list[str]]:
-    """`config` bound to the prepared data it trains on, and the class names; refuses splits
-    that leave nothing to learn from or to validate against."""
+    """`config` as it trains: bound to its prepared data, `auto` anchors fitted to it and an
+    `auto` norm made concrete (`bind_init`); and the class names. Refuses splits that leave
+    nothing to learn from or to validate against."""
     config = config.with_prepared(locate_prepared(config))
     manifest = read_manifest(config.data.prepared)
     for split, use in ((config.data.train_split, "train on"), (config.data.val_split, "validate against")):
         summary = manifest["splits"][split]
         if summary["boxes"] == summary["crowd_boxes"]:
             raise DataError(f"{split_dir(config, split)}: split {split!r} has no ground-truth boxes to {use}")
-    return config, manifest["classes"]
+    return bind_init(fit_anchors(config)), manifest["classes"]
 
 
 RUN_RECORD = "run.json"

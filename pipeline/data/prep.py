@@ -346,6 +346,22 @@ class _SplitWriter:
                             "sha256": file_sha256(self.staging / relative)})
         self.pending = []
 
+    def _box_stats(self) -> dict[str, dict]:
+        """Per class, the 5/50/95 % quantiles of its boxes' width, height, sqrt(area) and aspect
+        (height / width) in image pixels: what anchors must reach (crowd boxes left out)."""
+        stats = {}
+        for id_, name in zip(self.category_ids, self.classes):
+            boxes = np.array([a["bbox"][2:] for a in self.annotations if a["category_id"] == id_ and not a["iscrowd"]],
+                             dtype=np.float64).reshape(-1, 2)
+            if not len(boxes):
+                continue
+            width, height = boxes[:, 0], boxes[:, 1]
+            measures = {"width": width, "height": height, "sqrt_area": np.sqrt(width * height),
+                        "aspect": height / np.maximum(width, 1e-6)}
+            stats[name] = {"boxes": len(boxes), **{key: np.round(np.quantile(values, [0.05, 0.5, 0.95]), 2).tolist()
+                                                   for key, values in measures.items()}}
+        return stats
+
     def finish(self) -> dict:
         """Write the last shard and the ground truth; the split's part of the manifest."""
         if self.pending:
@@ -366,6 +382,7 @@ class _SplitWriter:
             "boxes": len(self.annotations),
             "crowd_boxes": sum(a["iscrowd"] for a in self.annotations),
             "class_counts": {name: counts[id_] for id_, name in zip(self.category_ids, self.classes)},
+            "box_stats": self._box_stats(),
             "shards": self.shards,
             "ground_truth": {"file": relative, "sha256": file_sha256(self.staging / relative)},
             "dropped": self.dropped,

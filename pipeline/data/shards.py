@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, MissingInput
 
-SCHEMA_VERSION = 2  # 2: manifest category_ids, ground truth in the dataset's own category ids
+# 2: manifest category_ids, ground truth in the dataset's own category ids; 3: box statistics per class
+SCHEMA_VERSION = 3
 ROW_GROUP_IMAGES = 32
 MANIFEST = "manifest.json"
 _VERSION_KEY = b"aploss.schema_version"

@@ -10,6 +10,7 @@ from pipeline.redaction import redact
 
 
 def _prep(config: Config) -> None:
+    from pipeline.data.anchors import fit_anchors, report_anchor_recall
     from pipeline.data.prep import prepare
 
     result = prepare(config)
@@ -18,6 +19,7 @@ def _prep(config: Config) -> None:
     for split, summary in result.manifest["splits"].items():
         print(f"  {split}: {summary['images']} images, {summary['boxes']} boxes, "
               f"{len(summary['dropped'])} dropped, {len(summary['skipped'])} skipped")
+    report_anchor_recall(fit_anchors(config.with_prepared(result.directory)))
 
 
 def _train(config: Config) -> None:
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(arguments, "samples", None) is not None:
             overrides.append(f"tune.samples={arguments.samples}")
         config = load_config(arguments.config, overrides)
+        if command in ("train", "pipeline run", "pipeline train", "tune"):
+            from pipeline.orchestration.tracking import fetch_init
+
+            fetch_init(config)
         if command in ("report", "robustness"):
             COMMANDS[command](config, arguments.runs)
         else:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import ray
 
 from pipeline.config import Config
-from pipeline.data.bindings import record_training_run
+from pipeline.data.anchors import anchor_recall, fit_anchors, report_anchor_recall
+from pipeline.data.bindings import record_training_run, training_data
 from pipeline.data.prep import locate_prepared, prepare
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.stages import evaluate_stage, robustness_stage
@@ -83,8 +84,9 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
         with _stage("data-prep", run_id):
             prepared = prepare(config)
             tracking.log_prep(prepared.manifest, prepared.directory)
+            tracking.log_anchor_recall(report_anchor_recall(fit_anchors(config.with_prepared(prepared.directory))))
         directory = prepared.directory
-    config = config.with_prepared(directory)
+    config, _ = training_data(config.with_prepared(directory))  # and auto anchors fitted to it
 
     run_id, finished = tracking.stage_run(experiment, parent, "train")
     record_training_run(config)  # a finished run's model is only reused for the same model and data
@@ -93,6 +95,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     else:
         with _stage("train", run_id):
             tracking.log_train_params(config)
+            tracking.log_anchor_recall(anchor_recall(config, config.data.train_split))
             journal = run_dir / "train" / METRICS_FILE
             with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
                 if distributed:

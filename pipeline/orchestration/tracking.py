@@ -6,6 +6,7 @@ one is reopened, so a rerun resumes the same runs rather than scattering new one
 import importlib.metadata
 import math
 import os
+import tempfile
 import threading
 import time
 import urllib.error
@@ -17,6 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
@@ -24,8 +26,9 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 import aploss
 import pipeline
 from pipeline.config import Config, flatten
-from pipeline.errors import TrackingUnavailable, UserError, one_line
+from pipeline.errors import DataError, MissingInput, TrackingUnavailable, UserError, one_line
 from pipeline.evaluation.evaluate import Evaluation
+from pipeline.model import MLFLOW_URIS, fetched_init_path
 from pipeline.redaction import credentials, redact, redact_tree
 from pipeline.training.journal import CURVES, read_journal
 
@@ -192,6 +195,31 @@ def log_prep(manifest: dict, prepared_dir: Path) -> None:
         mlflow.log_input(dataset, context=split)
         mlflow.log_metrics({f"{split}_images": summary["images"], f"{split}_boxes": summary["boxes"],
                             f"{split}_dropped": len(summary["dropped"]), f"{split}_skipped": len(summary["skipped"])})
+
+
+def fetch_init(config: Config) -> None:
+    """When model.init is an MLflow model URI (models:/NAME@ALIAS, runs:/...), download the
+    model.pt it holds to where training reads it (`pipeline.model.fetched_init_path`): workers
+    read files, not the registry, and the config keeps the URI it was given."""
+    if not config.model.init.startswith(MLFLOW_URIS):
+        return
+    mlflow.set_tracking_uri(connect(config.tracking_uri()))
+    target = fetched_init_path(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=config.model.init, dst_path=scratch))
+        except MlflowException as error:
+            raise MissingInput(f"model.init={config.model.init}: {one_line(error)}") from None
+        weights = local / "artifacts" / "model.pt"  # the registered model's artifact (log_model)
+        if not weights.is_file():
+            raise DataError(f"model.init={config.model.init}: not a model of this project (no artifacts/model.pt)")
+        os.replace(weights, target)
+
+
+def log_anchor_recall(recall: dict) -> None:
+    """The anchor recall per class (pipeline.data.anchors) as metrics of the active run."""
+    mlflow.log_metrics({f"anchor_recall_{name}": value.recall for name, value in recall.items()})
 
 
 def log_train_params(config: Config) -> None:

@@ -14,8 +14,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, apply_override, config_from_dict, config_record, config_to_dict, save_config
+from pipeline.data.anchors import fit_anchors
 from pipeline.data.prep import prepare
 from pipeline.errors import UserError
+from pipeline.model import bind_init
 from pipeline.orchestration import tracking
 from pipeline.search_space import parse_domain
 from pipeline.training.journal import METRICS_FILE
@@ -38,7 +40,8 @@ def trial_config(base: dict, params: dict) -> Config:
 
 
 def _run_trial(params: dict, sweep: dict) -> None:
-    config = trial_config(sweep["base"], params)
+    # Fitted per trial: a trial may search model.min_size or the anchors themselves.
+    config = bind_init(fit_anchors(trial_config(sweep["base"], params)))
     run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
     trainer = build_trainer(config, sweep["classes"], callbacks=[TuneReportCallback()])
     failed = True

@@ -10,11 +10,12 @@ from pathlib import Path
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config, config_record
+from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged
-from pipeline.model import build_model, resolve_device
+from pipeline.model import build_model, initial_model, resolve_device
 from pipeline.training.hooks import LocalSink, TrainingHooks
 from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
 
@@ -30,6 +31,7 @@ class TrainSummary:
 def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     """Train in this process, resuming the run's latest checkpoint if there is one."""
     config, classes = training_data(config)
+    report_anchor_recall(config)
     record_training_run(config)
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
@@ -37,9 +39,11 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
                                seed=config.train.seed, augment=config.train.augment,
                                input_size=config.train.input_size)
     schedule = StepSchedule.of(config.train, len(dataset))
-    training = Training(config, build_model(config, len(classes)).to(device), device, schedule.total_steps)
     store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
-    if (latest := store.latest()) is not None:
+    latest = store.latest()
+    model = build_model(config, len(classes)) if latest else initial_model(config, len(classes))
+    training = Training(config, model.to(device), device, schedule.total_steps)
+    if latest is not None:
         training.load_state_dict(checkpoints.load(latest, device))
     hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_record(config), "classes": classes},
                           progress=progress)

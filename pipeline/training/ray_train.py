@@ -20,12 +20,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_record
+from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
-from pipeline.model import build_model
+from pipeline.model import build_model, initial_model
 from pipeline.training.hooks import TrainingHooks, say
 from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
 
@@ -60,13 +61,16 @@ def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
     seed_everything(config.train.seed)
     device = ray.train.torch.get_device()
     batch = ProcessGroupBatch() if world_size > 1 else None
-    model = ray.train.torch.prepare_model(build_model(config, len(payload["classes"]), batch))
+    checkpoint = ray.train.get_checkpoint()
+    # DDP hands every rank rank 0's weights when it wraps the model: only rank 0 reads model.init.
+    start = initial_model if checkpoint is None and rank == 0 else build_model
+    model = ray.train.torch.prepare_model(start(config, len(payload["classes"]), batch))
     dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
                                seed=config.train.seed, augment=config.train.augment,
                                input_size=config.train.input_size)
     schedule = StepSchedule.of(config.train, len(dataset))
     training = Training(config, model, device, schedule.total_steps)
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
+    if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
         if rank == 0:
@@ -151,6 +155,7 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
                       ) -> tuple[ray.train.Result, Path]:
     """Fit on Ray Train and write the best weights as the run's model.pt (as `train_stage` does)."""
     config, classes = training_data(config)
+    report_anchor_recall(config)
     record_training_run(config)
     _diverged_path(config).unlink(missing_ok=True)
     result = fit_run(config, build_trainer(config, classes, train_loop))
