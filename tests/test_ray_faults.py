@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 
 from tests.synthetic import write_synthetic_coco
@@ -69,6 +70,7 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=False)["model"]
 
 
+@pytest.mark.slow  # four runs of the pipeline: about 4 minutes on 2 cores (bash .ci/run -m slow)
 def test_killing_the_driver_three_times_ends_with_the_uninterrupted_weights(tmp_path):
     data = tmp_path / "data"
     write_synthetic_coco(data, {"train": 8, "val": 2})
