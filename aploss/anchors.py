@@ -184,14 +184,16 @@ def _rounded(layout: AnchorLayout) -> AnchorLayout:
                         layout.lowest_level)
 
 
-def fit_layout(truth: GroundTruth, fg_iou: float, num_classes: int, tolerance: float = 0.01) -> AnchorLayout:
+def fit_layout(truth: GroundTruth, fg_iou: float, num_classes: int, tolerance: float = 0.02) -> AnchorLayout:
     """The candidate layout with the highest class-averaged anchor recall; among those within
-    `tolerance` of it, the one with the fewest anchors (P2 quadruples them)."""
+    `tolerance` of it, the one with the fewest anchors (P2 quadruples them), then the one with
+    the largest anchors, closest to the paper's 4 x stride (each object stays on the level the
+    paper's layout puts it)."""
     scored = []
     for layout in _candidates(truth):
         recalls = [r for r in recall_per_class(layout, truth, fg_iou, num_classes) if not math.isnan(r)]
         cost = layout.per_location * sum(4 ** -level for level in range(layout.lowest_level, HIGHEST_LEVEL + 1))
-        scored.append((sum(recalls) / len(recalls), cost, layout))
-    best = max(score for score, _, _ in scored)
-    return min((cost, index, layout) for index, (score, cost, layout) in enumerate(scored)
-               if score >= best - tolerance)[2]
+        scored.append((sum(recalls) / len(recalls), cost, -layout.sizes[0][0] / layout.strides[0], layout))
+    best = max(score for score, *_ in scored)
+    return min((cost, smaller, index, layout) for index, (score, cost, smaller, layout) in enumerate(scored)
+               if score >= best - tolerance)[3]
