@@ -27,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from aploss.anchors import AnchorLayout
 from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
-from aploss.torchvision_private import resnet_fpn_extractor, vgg_extractor
+from aploss.torchvision_private import BackboneWithFPN, vgg_extractor
 
 Norm = Literal["group", "frozen_bn", "batch"]
 ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "retinanet_r101", "ssd300_vgg16",
@@ -119,18 +119,20 @@ def _init_classification_outputs(classification_head: nn.Module) -> None:
 
 
 def _retinanet_parts(arch: str, num_classes: int, norm: Norm, min_size: int, max_size: int, anchors: AnchorLayout,
-                     backbone_weights: Weights | None):
+                     fpn_channels: int, backbone_weights: Weights | None):
     norm_layer = _norm_layer(norm)
     trunk = _RESNETS[arch](weights=None, norm_layer=norm_layer)
     if backbone_weights is not None:
         _load_trunk(trunk, backbone_weights, arch, norm)
     fpn_norm = norm_layer if norm == "group" else None
     # C2-C5 feed P2-P5 (C3-C5: P3-P5); P6 and P7 are stride-2 convolutions of P5.
-    backbone = resnet_fpn_extractor(trunk, trainable_layers=5, returned_layers=list(range(anchors.lowest_level - 1, 5)),
-                                     extra_blocks=LastLevelP6P7(256, 256), norm_layer=fpn_norm)
+    returned = list(range(anchors.lowest_level - 1, 5))
+    backbone = BackboneWithFPN(trunk, {f"layer{k}": str(i) for i, k in enumerate(returned)},
+                               [trunk.inplanes // 8 * 2 ** (k - 1) for k in returned], fpn_channels,
+                               extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels), norm_layer=fpn_norm)
     anchor_generator = anchors.generator()
     head = RetinaNetHead(backbone.out_channels, anchors.per_location, num_classes,
-                         norm_layer=partial(nn.GroupNorm, 32) if norm == "group" else None)
+                         norm_layer=partial(nn.GroupNorm, math.gcd(32, fpn_channels)) if norm == "group" else None)
     transform = GeneralizedRCNNTransform(min_size, max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     return transform, backbone, head, anchor_generator
 
@@ -164,15 +166,16 @@ def _ssd_parts(arch: str, num_classes: int, norm: Norm, backbone_weights: Weight
 
 
 def build_detector(arch: str, num_classes: int, *, norm: Norm = "group", min_size: int = 512,
-                   max_size: int = 833, anchors: AnchorLayout | None = None, score_thresh: float = 0.05,
+                   max_size: int = 833, anchors: AnchorLayout | None = None, fpn_channels: int = 256,
+                   score_thresh: float = 0.05,
                    nms_thresh: float = 0.5, detections_per_image: int = 100, candidates_per_level: int = 1000,
                    train_input_size: int = 0, criterion: DetectionLoss | None = None,
                    backbone_weights: Weights | None = None) -> OneStageDetector:
     """An untrained detector of `arch` for `num_classes` classes (no background class), trained
     with `criterion` (default: the AP-loss over a batch held by this process).
 
-    `min_size`/`max_size` and `anchors` (default: the paper's, P3-P7 with 6 per location) apply
-    to RetinaNet; SSD keeps its fixed input size and default boxes. `backbone_weights`: a
+    `min_size`/`max_size`, `anchors` (default: the paper's, P3-P7 with 6 per location) and
+    `fpn_channels` (the pyramid's and the head's width; RetinaNet's 256) apply to RetinaNet; SSD keeps its fixed input size and default boxes. `backbone_weights`: a
     torchvision classification state dict of the trunk (ResNet, VGG16-BN), e.g. ImageNet's
     (`IMAGENET_WEIGHTS`), loaded before the trunk becomes the backbone; names or shapes that do
     not fit (a GroupNorm trunk has no BN statistics) raise `WeightsMismatch` naming them. `train_input_size` > 0: training inputs are that square size as
@@ -184,7 +187,7 @@ def build_detector(arch: str, num_classes: int, *, norm: Norm = "group", min_siz
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if arch.startswith("retinanet"):
         parts = _retinanet_parts(arch, num_classes, norm, min_size, max_size, anchors or AnchorLayout.paper(),
-                                 backbone_weights)
+                                 fpn_channels, backbone_weights)
     else:
         parts = _ssd_parts(arch, num_classes, norm, backbone_weights)
     criterion = criterion or DetectionLoss(num_classes)

@@ -127,6 +127,7 @@ class ModelConfig:
     min_size: int = 256  # shorter side at training and test (RetinaNet); SSD uses its fixed size
     max_size: int = 342
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    fpn_channels: int = 256  # RetinaNet's pyramid and head width; the head's convolutions cost its square
     fg_iou: float = 0.5
     bg_iou: float = 0.4
     score_thresh: float = 0.05
@@ -139,6 +140,8 @@ class ModelConfig:
         _require(self.max_size >= self.min_size, "model.max_size",
                  f"must be >= model.min_size ({self.min_size}), got {self.max_size}")
         self.anchors.validate()
+        _require(self.fpn_channels >= 32 and self.fpn_channels % 32 == 0, "model.fpn_channels",
+                 f"must be a multiple of 32 (GroupNorm's groups), got {self.fpn_channels}")
         _require(bool(self.init.strip()), "model.init", "must not be empty ('none' trains from scratch)")
         _require(self.init != "run:" and not (self.init.startswith("run:") and "/" in self.init), "model.init",
                  f"run:NAME names a run under run.output_dir, got {self.init!r}")

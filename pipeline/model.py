@@ -42,7 +42,8 @@ def build_model(config: Config, num_classes: int, batch: LocalBatch | None = Non
                               batch=batch)
     return build_detector(
         model.arch, num_classes, norm=_norm(config), min_size=model.min_size, max_size=model.max_size,
-        anchors=model.anchors.layout() if model.arch.startswith("retinanet") else None, score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
+        anchors=model.anchors.layout() if model.arch.startswith("retinanet") else None,
+        fpn_channels=model.fpn_channels, score_thresh=model.score_thresh, nms_thresh=model.nms_thresh,
         detections_per_image=model.detections_per_image, candidates_per_level=model.candidates_per_level,
         train_input_size=config.train.input_size, criterion=criterion, backbone_weights=backbone_weights)
 
