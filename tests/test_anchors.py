@@ -61,9 +61,9 @@ def test_explicit_anchors_are_validated():
         load_config(None, ["model.anchors.mode=explicit", "model.anchors.sizes=[[16], [32], [64], [128], [256, 300]]",
                            "model.anchors.ratios=[[1], [1], [1], [1], [1]]"])
     with pytest.raises(ConfigError, match="model.anchors: ssd300_vgg16 has SSD's default boxes"):
-        load_config(None, ["model.arch=ssd300_vgg16", "train.input_size=300", "model.anchors.mode=auto"])
-    with pytest.raises(ConfigError, match="none is fitted yet"):
-        build_model(load_config(None, ["model.anchors.mode=auto"]), 3)
+        load_config(None, ["model.arch=ssd300_vgg16", "train.input_size=300", "model.anchors.mode=paper"])
+    unfitted = build_model(load_config(None, ["model.anchors.mode=auto"]), 3).anchor_generator.sizes
+    assert unfitted == AnchorLayout.paper().sizes
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def bccd(tmp_path_factory):
     if not (DATA_ROOT / "bccd" / "BCCD").is_dir():
         pytest.skip("BCCD not in the data root")
     config = config_from_dict({"data": {"root": str(DATA_ROOT), "download": False},
+                               "model": {"anchors": {"mode": "paper"}},
                                "run": {"output_dir": str(tmp_path_factory.mktemp("bccd"))}})
     return config.with_prepared(prepare(config, progress=False).directory)
 

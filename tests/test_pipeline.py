@@ -52,7 +52,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     prep = children["data-prep"]
     assert "manifest.json" in _artifacts(client, prep.info.run_id)
     assert {i.dataset.name for i in prep.inputs.dataset_inputs} == {"coco-train", "coco-val"}
-    assert "anchor recall (IoU >= 0.5, P3-P7, paper): square " in printed
+    assert "anchor recall (IoU >= 0.5, P3-P7, auto): square " in printed
     assert {"anchor_recall_square", "anchor_recall_disc"} <= set(prep.data.metrics)
 
     train = children["train"]
