@@ -109,3 +109,10 @@ def test_a_corruption_that_cannot_run_is_reported_not_dropped(monkeypatch):
     chosen, unavailable = settings(RobustnessConfig(corruptions=["fog", "snow"], severities=[2]))
     assert unavailable == {"fog": "ImportError: no"}
     assert [s.label for s in chosen if s.family == "coco-c"] == ["snow@2"]
+
+
+def test_the_table_of_a_model_with_clean_ap_zero_has_no_rpc():
+    chosen, _ = robustness.settings(RobustnessConfig(occlusion=[], noise=[], corruptions=["contrast"], severities=[3]))
+    result = robustness.RobustnessResult({setting.label: 0.0 for setting in chosen}, chosen, clean_ap=0.0, mpc=0.0,
+                                         rpc=None)
+    assert "| mPC | 0.000 |\n| rPC | n/a |" in result.table()

@@ -47,8 +47,11 @@ def fit_anchors(config: Config) -> Config:
     anchors = config.model.anchors
     if anchors.mode != "auto" or anchors.sizes or not config.model.arch.startswith("retinanet"):
         return config
+    truth = ground_truth(config, config.data.train_split)
+    if not sum(len(boxes) for boxes in truth.boxes):
+        return config  # nothing to fit to; training refuses such a split (bindings.training_data)
     manifest = read_manifest(config.data.prepared)
-    layout = fit_layout(ground_truth(config, config.data.train_split), config.model.fg_iou, len(manifest["classes"]))
+    layout = fit_layout(truth, config.model.fg_iou, len(manifest["classes"]))
     fitted = dataclasses.replace(anchors, sizes=[list(s) for s in layout.sizes],
                                  ratios=[list(r) for r in layout.ratios], lowest_level=layout.lowest_level)
     return dataclasses.replace(config, model=dataclasses.replace(config.model, anchors=fitted))

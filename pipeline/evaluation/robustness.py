@@ -171,8 +171,8 @@ class RobustnessResult:
     def table(self) -> str:
         rows = [f"| {s.family} | {s.label} | {self.ap[s.label]:.3f} |" for s in self.settings]
         summary = [f"| P (clean AP) | {self.clean_ap:.3f} |"]
-        if self.mpc is not None:
-            summary += [f"| mPC | {self.mpc:.3f} |", f"| rPC | {self.rpc:.3f} |"]
+        if self.mpc is not None:  # rPC is undefined for a model of clean AP 0
+            summary += [f"| mPC | {self.mpc:.3f} |", f"| rPC | {'n/a' if self.rpc is None else f'{self.rpc:.3f}'} |"]
         return "\n".join(["| family | setting | AP |", "|---|---|---|", *rows, "", "| summary | value |",
                           "|---|---|", *summary])
 
