@@ -19,7 +19,21 @@ Each negative is placed in its bin once (`BinLocator`) and the placement is kept
 where the bins allow) so that backward only evaluates the linear functions. Past the
 placement everything runs in float64 on per-bin and per-positive arrays, with scores taken
 relative to the lowest positive of their cluster (positives chained by gaps of at most
-2 delta), so that no sum cancels large magnitudes, whatever the logits' scale.
+2 delta), so that no sum cancels large magnitudes, whatever the logits' scale. Negatives
+below every window (late in training, nearly all of them) cost one comparison. On a CPU the
+two passes over the pairs run as fused C++ kernels (`aploss.kernels`), bit for bit the
+PyTorch code here, which remains the path on GPUs and where no compiler is found.
+
+Defined on every input:
+  * ignored pairs (label -1) have no effect on anything, whatever their value (NaN, inf);
+  * +-inf among the ranked pairs gives the exact limits, finite: an infinity is above (or
+    below) every finite score, and equal scores tie with H = 1/2, infinities included;
+  * a NaN among the ranked pairs gives a NaN loss and NaN updates on every ranked pair (they
+    all depend on it through the ranks), on every process; never a silent zero;
+  * labels must be exactly -1, 0 or 1 (integer, bool or float tensors), anything else is a
+    ValueError; delta must be finite and >= 0, and below HARD_STEP_DELTA it is the hard step;
+  * in a global batch the inputs are checked on every process before any collective that
+    depends on them, so a bad input anywhere raises the same error on every process.
 """
 from dataclasses import dataclass
 
