@@ -7,7 +7,8 @@ process), places its own negatives locally, and one all-reduce sums the per-posi
 false-positive counts. Everything after that (precisions, weights, every pair's update) is
 computed identically on every process, and backward is local: no collective in it.
 Traffic per step is O(P): 8 bytes per positive gathered (padded to the largest process's
-count) and 8 bytes per positive all-reduced, whatever the number of negatives.
+count) and 8 bytes per positive all-reduced, whatever the number of negatives, after one
+4-byte flag that says whether every process's inputs are valid.
 
 Gradient scale: DistributedDataParallel averages gradients over processes, which would
 divide the single-process update by the world size. Backward therefore hands autograd
@@ -34,6 +35,20 @@ class ProcessGroupBatch(LocalBatch):
     @property
     def world_size(self) -> int:
         return dist.get_world_size(self.group)
+
+    def agree(self, problem: tuple[type[Exception], str] | None, device: torch.device) -> None:
+        # One flag per process: raising here alone would leave the others waiting in the next
+        # collective until gloo drops the connection (or forever, if the error is caught).
+        flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.bytes_sent += flag.element_size()
+        if not flag.item():
+            return
+        problems: list = [None] * self.world_size
+        dist.all_gather_object(problems, None if problem is None else (problem[0].__name__, problem[1]),
+                               group=self.group)
+        rank, (kind, message) = next((rank, found) for rank, found in enumerate(problems) if found is not None)
+        raise {"TypeError": TypeError}.get(kind, ValueError)(f"{message} (on rank {rank} of {self.world_size})")
 
     def gather_positives(self, scores: Tensor) -> tuple[Tensor, int]:
         count = torch.tensor([scores.numel()], dtype=torch.int64, device=scores.device)

@@ -19,17 +19,46 @@ Each negative is placed in its bin once (`BinLocator`) and the placement is kept
 where the bins allow) so that backward only evaluates the linear functions. Past the
 placement everything runs in float64 on per-bin and per-positive arrays, with scores taken
 relative to the lowest positive of their cluster (positives chained by gaps of at most
-2 delta), so that no sum cancels large magnitudes, whatever the logits' scale.
+2 delta), so that no sum cancels large magnitudes, whatever the logits' scale. Negatives
+below every window (late in training, nearly all of them) cost one comparison. On a CPU the
+two passes over the pairs run as fused C++ kernels (`aploss.kernels`), bit for bit the
+PyTorch code here, which remains the path on GPUs and where no compiler is found.
+
+Defined on every input:
+  * ignored pairs (label -1) have no effect on anything, whatever their value (NaN, inf);
+  * +-inf among the ranked pairs gives the exact limits, finite: an infinity is above (or
+    below) every finite score, and equal scores tie with H = 1/2, infinities included;
+  * a NaN among the ranked pairs gives a NaN loss and NaN updates on every ranked pair (they
+    all depend on it through the ranks), on every process; never a silent zero;
+  * labels must be exactly -1, 0 or 1 (integer, bool or float tensors), anything else is a
+    ValueError; delta must be finite and >= 0, and below HARD_STEP_DELTA it is the hard step;
+  * in a global batch the inputs are checked on every process before any collective that
+    depends on them, so a bad input anywhere raises the same error on every process.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from aploss.bin_locator import BinLocator
+from aploss import kernels
+from aploss.bin_locator import CELLS_PER_CUT, BinLocator
 
 # Pairs handled per step: bounds the float64 temporaries, and on a CPU keeps them in cache.
 _CHUNK_PAIRS = {"cpu": 1 << 17, "cuda": 1 << 24}
+# The fused kernel compares a value with the cuts of its cell in the same pass, so a coarser
+# grid costs it little, and its table stays small beside the logits.
+_FUSED_CELLS_PER_CUT = 16
+# A narrower linear part than this (logit units, far below float32's resolution of any trained
+# logit) is the hard step: 1 / (2 delta) would overflow for a denormal delta.
+HARD_STEP_DELTA = 1e-12
+# Infinite scores are ranked as the largest finite float64 of their sign: every finite score
+# compares with them as with an infinity, and two equal infinities tie (H = 1/2).
+_LARGEST = torch.finfo(torch.float64).max
+
+
+def _fused(device: torch.device) -> bool:
+    """Whether the fused CPU kernels (aploss.kernels) take the passes over the pairs."""
+    return device.type == "cpu" and kernels.loaded()
 
 
 class LocalBatch:
@@ -38,6 +67,11 @@ class LocalBatch:
     gathered for the ranking, counts summed, and each term scaled by the world size."""
 
     world_size = 1
+
+    def agree(self, problem: tuple[type[Exception], str] | None, device: torch.device) -> None:
+        """Raise `problem` (an input error found here), on every process if any has one."""
+        if problem is not None:
+            raise problem[0](problem[1])
 
     def gather_positives(self, scores: Tensor) -> tuple[Tensor, int]:
         """Every positive score of the batch, and where this process's own begin."""
@@ -75,7 +109,8 @@ def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
     cluster = torch.cat([gap.new_zeros(1), gap]).long().cumsum(0)
     cluster_start = scores[starts][cluster]
     raised, lowered = scores + delta, scores - delta
-    locator = BinLocator(torch.unique(torch.cat([lowered, raised])))
+    cells_per_cut = _FUSED_CELLS_PER_CUT if _fused(scores.device) else CELLS_PER_CUT
+    locator = BinLocator(torch.unique(torch.cat([lowered, raised])), cells_per_cut)
     # Which positives are below (H = 1) or in the window is constant on each bin: read it
     # at the bin's point, or at the middle of its open interval.
     cuts = locator.cuts
@@ -129,33 +164,41 @@ def _chunk_size(device: torch.device) -> int:
 def _clamp_range(ranking: _Ranking) -> tuple[float, float]:
     """Scores beyond these have the same H against every positive as the bounds themselves."""
     margin = 2 * ranking.delta + 1.0
-    return ranking.scores[0].item() - margin, ranking.scores[-1].item() + margin
+    return max(ranking.scores[0].item() - margin, -_LARGEST), min(ranking.scores[-1].item() + margin, _LARGEST)
 
 
 def _place_negatives(logits: Tensor, labels: Tensor, ranking: _Ranking, keep: bool
                      ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-    """Per-bin count and centred sum of the negatives; their bins if `keep`; whether any NaN."""
+    """Per-bin count and centred sum of the negatives; their bins if `keep`; whether any
+    negative is NaN. Positives, ignored pairs and negatives below every window (H = 0
+    against every positive) are left in the unscored bin after one comparison."""
     unscored = ranking.unscored_bin
     lowest, highest = _clamp_range(ranking)
-    # Negatives below every window have H = 0 against every positive: leave them unscored.
     prune_below = ranking.scores[0].item() - ranking.delta
+    size = _chunk_size(logits.device)
+    locator = ranking.locator
+    if _fused(logits.device):
+        count, offset, placed, has_nan = torch.ops.aploss.place_negatives(
+            logits.contiguous(), labels.contiguous(), locator.cuts, locator.cell_start, locator.low, locator.scale,
+            ranking.center, lowest, highest, prune_below, keep, size)
+        return count, offset, placed if keep else None, has_nan
     count = torch.zeros(unscored + 1, dtype=torch.float64, device=logits.device)
     offset = torch.zeros_like(count)
     bin_dtype = torch.int16 if unscored <= torch.iinfo(torch.int16).max else torch.int32
     placed = torch.empty(logits.shape, dtype=bin_dtype, device=logits.device) if keep else None
     has_nan = torch.zeros((), dtype=torch.bool, device=logits.device)
-    size = _chunk_size(logits.device)
     for start in range(0, logits.numel(), size):
-        scores = logits[start:start + size].to(torch.float64, copy=True)  # modified in place below
-        unscored_pairs = (labels[start:start + size] != 0) | (scores < prune_below)
-        has_nan |= scores.isnan().any()
-        scores.clamp_(lowest, highest)
-        bins = ranking.locator.locate(scores).masked_fill_(unscored_pairs, unscored)
-        chunk_count, chunk_offset = _bin_sums(ranking, scores, bins)
-        count += chunk_count
-        offset += chunk_offset
+        scores = logits[start:start + size].to(torch.float64, copy=True).clamp_(lowest, highest)
+        negative = labels[start:start + size] == 0
+        has_nan |= (scores.isnan() & negative).any()
+        # After the clamp, so that -inf ties with a positive at -inf (both at the lowest float).
+        ranked = (negative & (scores >= prune_below)).nonzero().squeeze(1)
+        scores = scores.index_select(0, ranked)
+        bins = locator.locate(scores)
+        count += torch.bincount(bins, minlength=unscored + 1)
+        offset += torch.bincount(bins, weights=scores - ranking.center.index_select(0, bins), minlength=unscored + 1)
         if placed is not None:
-            placed[start:start + size] = bins
+            placed[start:start + size].fill_(unscored).index_copy_(0, ranked, bins.to(bin_dtype))
     return count, offset, placed, bool(has_nan)
 
 
@@ -196,14 +239,14 @@ class _APLossFunction(torch.autograd.Function):
         loss_dtype = torch.promote_types(logits.dtype, torch.float32)
         flat_logits, flat_labels = logits.reshape(-1), labels.reshape(-1)
         positive_index = (flat_labels == 1).nonzero().squeeze(1)
-        local_positives = flat_logits[positive_index].double()
+        local_positives = flat_logits[positive_index].double().clamp_(-_LARGEST, _LARGEST)
         positives, offset = batch.gather_positives(local_positives)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        ctx.update = None
+        ctx.update, ctx.nan_labels = None, None
         if positives.numel() == 0:
             return logits.new_zeros((), dtype=loss_dtype)
         if positives.isnan().any():
-            return logits.new_full((), float("nan"), dtype=loss_dtype)
+            return _nan_loss(ctx, flat_labels, loss_dtype)
         ranking = _rank_positives(positives, delta)
         keep = ctx.needs_input_grad[0]
         count, offset_sum, placed, has_nan = _place_negatives(flat_logits, flat_labels, ranking, keep)
@@ -211,7 +254,9 @@ class _APLossFunction(torch.autograd.Function):
         if has_nan:  # NaN in, NaN out; summing spreads it to every process
             partial_false_positives.fill_(float("nan"))
         false_positives = batch.sum_over_processes(partial_false_positives)
-        positive_bins = ranking.locator.locate(ranking.scores)
+        if false_positives.isnan().any():
+            return _nan_loss(ctx, flat_labels, loss_dtype)
+        positive_bins = ranking.locator.search(ranking.scores)
         rank_plus = 0.5 + _step_sums(ranking, *_bin_sums(ranking, ranking.scores, positive_bins))
         rank = rank_plus + false_positives
         precision = rank_plus / rank
@@ -238,7 +283,10 @@ class _APLossFunction(torch.autograd.Function):
         update: _Update | None = ctx.update
         grad = None
         if ctx.needs_input_grad[0]:
-            if update is None:
+            if ctx.nan_labels is not None:
+                grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
+                grad.view(-1).masked_fill_(ctx.nan_labels >= 0, float("nan"))
+            elif update is None:
                 grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
             else:
                 flat_logits = ctx.saved_tensors[0].reshape(-1)
@@ -246,42 +294,68 @@ class _APLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _nan_loss(ctx, flat_labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """A NaN among the ranked pairs: NaN loss, and NaN for every ranked pair in backward, which
+    each depend on it through the ranks (ignored pairs keep a zero), never a silent zero."""
+    ctx.nan_labels = flat_labels
+    return flat_labels.new_full((), float("nan"), dtype=dtype)
+
+
 def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) -> Tensor:
     intercept = update.intercept * grad_output
     slope = update.slope * grad_output
-    grad = torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
-    size = _chunk_size(flat_logits.device)
-    for start in range(0, flat_logits.numel(), size):
-        bins = update.placed[start:start + size].int()
-        scores = flat_logits[start:start + size].to(torch.float64, copy=True)
-        scores.clamp_(update.lowest, update.highest)
-        scores -= update.center.index_select(0, bins)
-        grad[start:start + size] = scores.mul_(slope.index_select(0, bins)).add_(intercept.index_select(0, bins))
+    if _fused(flat_logits.device):
+        grad = torch.ops.aploss.evaluate_update(flat_logits.contiguous(), update.placed, intercept, slope,
+                                                update.center, update.lowest, update.highest)
+    else:
+        grad = torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
+        size = _chunk_size(flat_logits.device)
+        for start in range(0, flat_logits.numel(), size):
+            bins = update.placed[start:start + size].int()
+            scores = flat_logits[start:start + size].to(torch.float64, copy=True)
+            # Only an ignored pair can be NaN here (a ranked one makes the loss NaN): zero, as
+            # its unscored bin's function says.
+            scores.clamp_(update.lowest, update.highest).nan_to_num_(0.0)
+            scores -= update.center.index_select(0, bins)
+            grad[start:start + size] = scores.mul_(slope.index_select(0, bins)).add_(intercept.index_select(0, bins))
     grad[update.positive_index] = (update.positive_update * grad_output).to(grad.dtype)
     return grad
 
 
-def _check_inputs(logits: Tensor, labels: Tensor, delta: float) -> None:
+def _input_problem(logits: Tensor, labels: Tensor, delta: float) -> tuple[type[Exception], str] | None:
+    """What is wrong with the inputs, as the exception to raise, or None."""
     if not logits.is_floating_point():
-        raise TypeError(f"ap_loss: logits must be a floating-point tensor, got {logits.dtype}")
+        return TypeError, f"ap_loss: logits must be a floating-point tensor, got {logits.dtype}"
     if logits.shape != labels.shape:
-        raise ValueError(f"ap_loss: labels shape {tuple(labels.shape)} does not match "
-                         f"logits shape {tuple(logits.shape)}")
+        return ValueError, (f"ap_loss: labels shape {tuple(labels.shape)} does not match "
+                            f"logits shape {tuple(logits.shape)}")
     if not (delta >= 0 and delta < float("inf")):
-        raise ValueError(f"ap_loss: delta must be a finite number >= 0, got {delta}")
-    if labels.numel():
-        low, high = torch.aminmax(labels)
-        if low < -1 or high > 1:
-            raise ValueError("ap_loss: labels must be 1 (positive), 0 (negative) or -1 (ignored); "
-                             f"found values in [{low.item()}, {high.item()}]")
+        return ValueError, f"ap_loss: delta must be a finite number >= 0, got {delta}"
+    if not labels.numel() or labels.dtype == torch.bool:
+        return None
+    expected = "ap_loss: labels must be exactly 1 (positive), 0 (negative) or -1 (ignored)"
+    if labels.is_floating_point() or labels.is_complex():
+        wrong = (labels != 1) & (labels != 0) & (labels != -1)
+        if wrong.any():
+            return ValueError, f"{expected}; found {labels[wrong][0].item()}"
+        return None
+    low, high = torch.aminmax(labels)
+    if low < -1 or high > 1:
+        return ValueError, f"{expected}; found values in [{low.item()}, {high.item()}]"
+    return None
 
 
 def ranked_ap_loss(logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
                    batch: LocalBatch, grad_scale: float) -> Tensor:
     """`ap_loss` over a batch whose positives are shared through `batch`; backward's
-    update is multiplied by `grad_scale`."""
-    _check_inputs(logits, labels, delta)
-    return _APLossFunction.apply(logits, labels, float(delta), interpolate, batch, grad_scale)
+    update is multiplied by `grad_scale`. Inputs are checked on every process before any
+    collective that depends on them, so a bad one anywhere raises the same error everywhere."""
+    delta = float(delta)
+    batch.agree(_input_problem(logits, labels, delta), logits.device)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        labels = labels.to(torch.int8)  # exactly -1, 0 and 1 (checked), as the kernels take them
+    delta = 0.0 if delta < HARD_STEP_DELTA else delta
+    return _APLossFunction.apply(logits, labels, delta, interpolate, batch, grad_scale)
 
 
 def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True) -> Tensor:

@@ -2,6 +2,8 @@
 
 Kept as the independent check of the engine (tests, benchmark): every pairwise H is
 evaluated, in float64, over blocks of negatives so that N up to ~1e6 fits in memory.
+Infinite scores take their limits: +inf is above every finite score, and equal scores tie
+(H(0) = 1/2) even where both are the same infinity.
 """
 import torch
 from torch import Tensor
@@ -14,6 +16,11 @@ def step(x: Tensor, delta: float) -> Tensor:
     if delta > 0:
         return (x / (2 * delta) + 0.5).clamp(0.0, 1.0)
     return (x > 0).double() + 0.5 * (x == 0).double()
+
+
+def difference(above: Tensor, below: Tensor) -> Tensor:
+    """above - below, broadcast, with equal scores tying at 0 even where both are the same infinity."""
+    return torch.where(above == below, 0.0, above - below)
 
 
 def _negative_blocks(negatives: Tensor, num_pos: int):
@@ -35,10 +42,10 @@ def reference_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0,
         return scores.new_zeros(()), update.view(logits.shape)
 
     # rank+(i) = 1 + sum_{k != i} H(s_k - s_i): subtract the k = i term, H(0) = 1/2.
-    rank_plus = 1.0 + step(pos[None, :] - pos[:, None], delta).sum(1) - 0.5
+    rank_plus = 1.0 + step(difference(pos[None, :], pos[:, None]), delta).sum(1) - 0.5
     false_pos = torch.zeros_like(pos)
     for _, block in _negative_blocks(neg, num_pos):
-        false_pos += step(block[None, :] - pos[:, None], delta).sum(1)
+        false_pos += step(difference(block[None, :], pos[:, None]), delta).sum(1)
     rank = rank_plus + false_pos
     precision = rank_plus / rank
     if interpolate:
@@ -53,7 +60,7 @@ def reference_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0,
     weight[raised] = (1 - interpolated[raised]) / (1 - precision[raised])
     neg_update = torch.zeros_like(neg)
     for start, block in _negative_blocks(neg, num_pos):
-        pair_terms = step(block[None, :] - pos[:, None], delta) / rank[:, None]
+        pair_terms = step(difference(block[None, :], pos[:, None]), delta) / rank[:, None]
         neg_update[start:start + block.numel()] = (weight[:, None] * pair_terms).sum(0) / num_pos
     update[is_pos] = -(1 - interpolated) / num_pos
     update[is_neg] = neg_update

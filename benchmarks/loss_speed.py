@@ -1,14 +1,20 @@
-"""Speed and peak memory of the AP-loss engine against the O(P*N) reference and focal loss.
+"""Speed and peak memory of the AP-loss engine against focal loss (and the O(P*N) reference).
 
-Early-training, detection-shaped input: logits at the prior-bias init (-4.6) plus small
-noise, so every negative lies within delta of every positive and nothing is pruned.
-All methods run forward + backward in the same process, interleaved, median of repeats.
+Two detection-shaped inputs:
+  early  logits at the prior-bias init (-4.6) plus small noise: every negative lies within
+         delta of every positive and nothing is pruned;
+  late   positives well above the negatives (2 to 6 against -2 +- 1): about 0.1 % of the
+         negatives are within delta of the lowest positive.
+Each is timed with 1 and 2 threads, on a quiet machine and while other processes keep every
+core busy (a training job beside the benchmark). Forward + backward in the same process,
+interleaved, median of repeats; ratios are within a run.
 
-    python benchmarks/loss_speed.py                     # N in {1M, 8M, 32M}, P in {500, 2000, 4000}
-    python benchmarks/loss_speed.py --sizes 1e6 --positives 500 --repeats 3
+    python benchmarks/loss_speed.py                     # N in {1M, 8M}, P in {500, 2000}
+    python benchmarks/loss_speed.py --sizes 1e6 --positives 500 --repeats 3 --loads quiet
 """
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -20,19 +26,26 @@ from pathlib import Path
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from aploss import ap_loss
-from aploss.reference import reference_ap_loss
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The reference is timed only where it finishes in reasonable time (P * N pair terms).
+from aploss import ap_loss, kernels  # noqa: E402
+from aploss.reference import reference_ap_loss  # noqa: E402
+
+# The reference is timed once, on the smallest early-training input (P * N pair terms).
 REFERENCE_MAX_PAIR_TERMS = 1e9
 
 
-def detection_batch(num_pairs: int, num_pos: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def detection_batch(kind: str, num_pairs: int, num_pos: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    logits = (-4.6 + 0.05 * torch.randn(num_pairs, generator=g)).to(device)
     labels = torch.zeros(num_pairs, dtype=torch.int8)
-    labels[torch.randperm(num_pairs, generator=g)[:num_pos]] = 1
-    return logits, labels.to(device)
+    positive = torch.randperm(num_pairs, generator=g)[:num_pos]
+    labels[positive] = 1
+    if kind == "early":
+        logits = -4.6 + 0.05 * torch.randn(num_pairs, generator=g)
+    else:
+        logits = -2 + torch.randn(num_pairs, generator=g)
+        logits[positive] = 2 + 4 * torch.rand(num_pos, generator=g)
+    return logits.to(device), labels.to(device)
 
 
 def engine_step(logits, labels):
@@ -92,35 +105,34 @@ def timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def steps_for(num_pairs: int, num_pos: int, device: str) -> dict:
-    logits, labels = detection_batch(num_pairs, num_pos, device)
+def steps_for(kind: str, num_pairs: int, num_pos: int, device: str) -> dict:
+    logits, labels = detection_batch(kind, num_pairs, num_pos, device)
     targets = (labels == 1).to(logits.dtype)
-    steps = {"engine": lambda: engine_step(logits, labels),
-             "focal": lambda: focal_step(logits, labels, targets)}
-    if num_pos * num_pairs <= REFERENCE_MAX_PAIR_TERMS:
-        steps["reference"] = lambda: reference_step(logits, labels)
-    return steps
+    return {"engine": lambda: engine_step(logits, labels), "focal": lambda: focal_step(logits, labels, targets)}
 
 
-def measure_time(num_pairs: int, num_pos: int, repeats: int, device: str) -> dict:
-    steps = steps_for(num_pairs, num_pos, device)
+def measure_time(kind: str, num_pairs: int, num_pos: int, repeats: int, device: str) -> dict:
+    steps = steps_for(kind, num_pairs, num_pos, device)
     times = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up
-        seconds = timed(step, device)
-        if name == "reference":  # seconds long: one run measures it well enough
-            times[name].append(seconds)
+    for step in steps.values():  # warm-up
+        step()
     for _ in range(repeats):
         for name, step in steps.items():
-            if name != "reference":
-                times[name].append(timed(step, device))
+            times[name].append(timed(step, device))
     return {f"{name}_ms": 1000 * statistics.median(values) for name, values in times.items()}
 
 
-def measure_peaks(num_pairs: int, num_pos: int, device: str) -> dict:
+def measure_reference(num_pairs: int, num_pos: int, device: str) -> dict:
+    """The O(P*N) reference and the engine on the same early-training input, one run each."""
+    logits, labels = detection_batch("early", num_pairs, num_pos, device)
+    engine_step(logits, labels)
+    return {"engine_ms": 1000 * timed(lambda: engine_step(logits, labels), device),
+            "reference_ms": 1000 * timed(lambda: reference_step(logits, labels), device)}
+
+
+def measure_peaks(kind: str, num_pairs: int, num_pos: int, device: str) -> dict:
     peaks = {}
-    for name, step in steps_for(num_pairs, num_pos, device).items():
-        if name == "reference":
-            continue
+    for name, step in steps_for(kind, num_pairs, num_pos, device).items():
         step()  # warm-up: one-time allocations are not the step's
         with PeakMemory(device) as memory:
             step()
@@ -133,31 +145,54 @@ def peaks_in_child(args: argparse.Namespace) -> dict:
     (glibc would otherwise keep them, and later steps would show no growth). The timings
     stay in this process: serving every block by mmap would slow them with page faults."""
     if args.device == "cuda":
-        return {(n, p): measure_peaks(n, p, "cuda") for n, p in configs(args)}
+        return {(kind, n, p): measure_peaks(kind, n, p, "cuda") for kind in args.inputs for n, p in configs(args)}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    command = [sys.executable, __file__, "--peaks-only", "--device", "cpu",
+    command = [sys.executable, __file__, "--peaks-only", "--device", "cpu", "--inputs", *args.inputs,
                "--sizes", *map(str, args.sizes), "--positives", *map(str, args.positives)]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return {(row["pairs"], row["positives"]): row["peaks"] for row in json.loads(output)}
+    return {(row["input"], row["pairs"], row["positives"]): row["peaks"] for row in json.loads(output)}
 
 
 def configs(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(n, p) for n in sorted(int(size) for size in args.sizes) for p in sorted(args.positives)]
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+class BusyCores:
+    """Other processes keeping every core busy while the benchmark runs beside them."""
+
+    def __init__(self, busy: bool) -> None:
+        self.busy = busy
+        self.processes: list[multiprocessing.Process] = []
+
+    def __enter__(self):
+        if self.busy:
+            context = multiprocessing.get_context("spawn")
+            self.processes = [context.Process(target=_spin, daemon=True) for _ in range(os.cpu_count() or 1)]
+            for process in self.processes:
+                process.start()
+            time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.kill()
+            process.join()
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| N pairs | P | engine ms | focal ms | engine / focal | reference ms | reference / engine "
+    lines = ["| input | N pairs | P | threads | load | engine ms | focal ms | engine / focal "
              "| engine peak / logits | focal peak / logits |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ref = r.get("reference_ms")
-        ref_text = "n/a" if ref is None else f"{ref:,.0f}{' (extrap.)' if r['reference_extrapolated'] else ''}"
-        speedup = "n/a" if ref is None else f"{ref / r['engine_ms']:,.0f}x"
         lines.append(
-            f"| {r['pairs']:,} | {r['positives']:,} | {r['engine_ms']:.1f} | {r['focal_ms']:.1f} "
-            f"| {r['engine_ms'] / r['focal_ms']:.2f}x | {ref_text} | {speedup} "
-            f"| {r['engine_peak_bytes'] / r['logits_bytes']:.2f}x "
-            f"| {r['focal_peak_bytes'] / r['logits_bytes']:.2f}x |")
+            f"| {r['input']} | {r['pairs']:,} | {r['positives']:,} | {r['threads']} | {r['load']} "
+            f"| {r['engine_ms']:.1f} | {r['focal_ms']:.1f} | {r['engine_ms'] / r['focal_ms']:.2f}x "
+            f"| {r['engine_peak_bytes'] / r['logits_bytes']:.2f}x | {r['focal_peak_bytes'] / r['logits_bytes']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -170,38 +205,54 @@ def write_json_atomically(path: Path, payload: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 8e6, 32e6])
-    parser.add_argument("--positives", type=int, nargs="+", default=[500, 2000, 4000])
+    parser.add_argument("--inputs", nargs="+", choices=["early", "late"], default=["early", "late"])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 8e6])
+    parser.add_argument("--positives", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--loads", nargs="+", choices=["quiet", "busy"], default=["quiet", "busy"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/loss_speed.json"))
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peaks_only:
-        print(json.dumps([{"pairs": n, "positives": p, "peaks": measure_peaks(n, p, args.device)}
-                          for n, p in configs(args)]))
+        print(json.dumps([{"input": kind, "pairs": n, "positives": p, "peaks": measure_peaks(kind, n, p, args.device)}
+                          for kind in args.inputs for n, p in configs(args)]))
         return
 
+    fused = args.device == "cpu" and kernels.loaded()
     peaks = peaks_in_child(args)
-    rows, reference_rate = [], None
-    for num_pairs, num_pos in configs(args):
-        row = {"pairs": num_pairs, "positives": num_pos, "logits_bytes": 4 * num_pairs,
-               **measure_time(num_pairs, num_pos, args.repeats, args.device), **peaks[num_pairs, num_pos]}
-        if "reference_ms" in row:
-            row["reference_extrapolated"] = False
-            reference_rate = row["reference_ms"] / (num_pos * num_pairs)
-        elif reference_rate is not None:
-            row["reference_ms"] = reference_rate * num_pos * num_pairs
-            row["reference_extrapolated"] = True
-        rows.append(row)
-        print(f"N={num_pairs:,} P={num_pos:,}: engine {row['engine_ms']:.1f} ms, "
-              f"focal {row['focal_ms']:.1f} ms", flush=True)
+    rows = []
+    for load in args.loads:
+        with BusyCores(load == "busy"):
+            for kind in args.inputs:
+                for num_pairs, num_pos in configs(args):
+                    for threads in args.threads:
+                        torch.set_num_threads(threads)
+                        row = {"input": kind, "pairs": num_pairs, "positives": num_pos, "threads": threads,
+                               "load": load, "logits_bytes": 4 * num_pairs,
+                               **measure_time(kind, num_pairs, num_pos, args.repeats, args.device),
+                               **peaks[kind, num_pairs, num_pos]}
+                        rows.append(row)
+                        print(f"{kind} N={num_pairs:,} P={num_pos:,} threads={threads} {load}: "
+                              f"engine {row['engine_ms']:.1f} ms, focal {row['focal_ms']:.1f} ms", flush=True)
+    num_pairs, num_pos = configs(args)[0]
+    reference = None
+    if num_pairs * num_pos <= REFERENCE_MAX_PAIR_TERMS:
+        torch.set_num_threads(max(args.threads))
+        reference = {"pairs": num_pairs, "positives": num_pos, "threads": max(args.threads),
+                     **measure_reference(num_pairs, num_pos, args.device)}
     table = markdown(rows)
     print()
-    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device: {args.device}, torch {torch.__version__}, fused CPU kernels: {'yes' if fused else 'no'}, "
+          f"{os.cpu_count()} cores")
     print(table)
-    write_json_atomically(args.json, {"device": args.device, "torch": torch.__version__,
-                                      "threads": torch.get_num_threads(), "rows": rows})
+    if reference:
+        print(f"\nO(P*N) reference, early input, N={reference['pairs']:,} P={reference['positives']:,}, "
+              f"{reference['threads']} threads: {reference['reference_ms']:,.0f} ms, "
+              f"{reference['reference_ms'] / reference['engine_ms']:,.0f}x the engine's {reference['engine_ms']:.1f} ms")
+    write_json_atomically(args.json, {"device": args.device, "torch": torch.__version__, "fused_kernels": fused,
+                                      "cores": os.cpu_count(), "rows": rows, "reference": reference})
     print(f"\nwritten: {args.json}")
 
 

@@ -55,6 +55,24 @@ def run(rank: int, world_size: int, sizes: list[int], init_file: str, out_dir: s
     loss.backward()
     results["no_positives"] = (loss.item(), local.grad.clone())
 
+    # A bad label on the last rank only: every rank raises the same error, and they stay in step.
+    last = rank == world_size - 1
+    wrong = labels[start:stop].double()
+    if last:
+        wrong[0] = 0.5
+    try:
+        global_ap_loss(logits[start:stop], wrong)
+        results["bad_label"] = None
+    except ValueError as error:
+        results["bad_label"] = str(error)
+    poisoned = logits[start:stop].clone()
+    if last:
+        poisoned[(labels[start:stop] == 0).nonzero()[0]] = float("nan")
+    local = poisoned.requires_grad_()
+    loss = global_ap_loss(local, labels[start:stop])
+    loss.backward()
+    results["nan_on_last_rank"] = (loss.item(), local.grad.clone())
+
     features, feature_labels = features_batch(sizes)
     model = DistributedDataParallel(ddp_model())
     scores = model(features[start:stop]).squeeze(1)

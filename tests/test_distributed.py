@@ -1,4 +1,5 @@
 """The global-batch AP-loss in 2 and 3 gloo processes equals one process on the whole batch."""
+import math
 import time
 
 import pytest
@@ -41,9 +42,16 @@ def test_global_batch_equals_single_process(sizes, tmp_path):
             torch.testing.assert_close(update, whole.grad[bounds[rank]:bounds[rank + 1]],
                                        rtol=1e-9, atol=1e-12)
             assert bytes_sent <= 64 * num_pos, "AP-loss traffic must stay O(P)"
-    for result in results:
+    for rank, result in enumerate(results):
         loss, update = result["no_positives"]
         assert loss == 0.0 and (update == 0).all()
+        assert result["bad_label"] == results[0]["bad_label"]
+        assert "labels must be exactly 1" in result["bad_label"] and "found 0.5" in result["bad_label"]
+        assert f"(on rank {len(sizes) - 1} of {len(sizes)})" in result["bad_label"]
+        # A NaN negative on the last rank reaches every process's positives: NaN loss and updates.
+        loss, update = result["nan_on_last_rank"]
+        ranked = labels[bounds[rank]:bounds[rank + 1]] >= 0
+        assert math.isnan(loss) and update[ranked].isnan().all() and (update[~ranked] == 0).all()
 
 
 def test_ddp_parameter_update_equals_single_process(tmp_path):

@@ -241,7 +241,7 @@ def test_module_follows_its_delta():
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="labels shape"):
         ap_loss(torch.randn(4), torch.zeros(5))
-    with pytest.raises(ValueError, match="labels must be 1"):
+    with pytest.raises(ValueError, match="labels must be exactly 1"):
         ap_loss(torch.randn(4), torch.tensor([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="delta"):
         ap_loss(torch.randn(4), torch.zeros(4), delta=-1.0)
@@ -249,3 +249,134 @@ def test_bad_inputs_are_named():
         ap_loss(torch.randn(4), torch.zeros(4), delta=float("nan"))
     with pytest.raises(TypeError, match="floating-point"):
         ap_loss(torch.arange(4), torch.zeros(4))
+
+
+def engine_paths(logits, labels, delta=1.0, interpolate=True, monkeypatch=None):
+    """(loss, update) from the fused kernels and from the pure-PyTorch path."""
+    fused = engine_loss_and_update(logits, labels, delta, interpolate)
+    monkeypatch.setattr(engine, "_fused", lambda device: False)
+    plain = engine_loss_and_update(logits, labels, delta, interpolate)
+    monkeypatch.undo()
+    return fused, plain
+
+
+def late_training(n, num_pos, seed, dtype=torch.float32):
+    """Positives well above the negatives: a few negatives within delta of the lowest positive."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (-6 + torch.randn(n, generator=g)).to(dtype)
+    labels = random_labels(g, n, p_pos=num_pos / n, p_ignore=0.05)
+    positive = labels == 1
+    logits[positive] = (3 + torch.randn(int(positive.sum()), generator=g)).to(dtype)
+    return logits, labels
+
+
+@pytest.mark.skipif(not engine.kernels.loaded(), reason="no C++ compiler: the fused kernels are not built")
+@pytest.mark.parametrize("case", ["early", "late", "ties", "wide-bins", "deep-cells", "float64", "bfloat16"])
+def test_fused_kernels_equal_the_pytorch_path_bit_for_bit(case, monkeypatch):
+    g = torch.Generator().manual_seed(20)
+    labels = random_labels(g, 300_000)
+    logits = -4.6 + 0.05 * torch.randn(300_000, generator=g)
+    delta = 1.0
+    if case == "late":
+        logits, labels = late_training(300_000, 500, 21)
+    elif case == "ties":
+        logits, delta = torch.randint(-8, 8, (300_000,), generator=g).float() * 0.25, 0.5
+    elif case == "wide-bins":  # more than int16's bins: placements stored as int32
+        labels = random_labels(g, 300_000, p_pos=0.04)
+        logits = torch.randn(300_000, generator=g) * 50
+    elif case == "deep-cells":  # near-duplicate cuts: the binary-search lookup
+        logits = 1 + torch.randint(0, 30, (300_000,), generator=g).double() * 1e-13
+    elif case == "float64":
+        logits = logits.double()
+    elif case == "bfloat16":
+        logits = logits.bfloat16()
+    (fused_loss, fused), (plain_loss, plain) = engine_paths(logits, labels, delta, monkeypatch=monkeypatch)
+    assert torch.equal(fused_loss, plain_loss) and torch.equal(fused, plain)
+    if case != "bfloat16":
+        assert_matches_reference(logits[:20_000].double(), labels[:20_000], delta)
+
+
+@pytest.mark.skipif(not engine.kernels.loaded(), reason="no C++ compiler: the fused kernels are not built")
+def test_fused_result_does_not_depend_on_the_thread_count():
+    logits, labels = late_training(600_000, 800, 22)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engine_loss_and_update(logits, labels)
+        torch.set_num_threads(4)
+        four = engine_loss_and_update(logits, labels)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
+
+
+def test_late_training_prunes_unreachable_negatives_exactly():
+    logits, labels = late_training(50_000, 200, 23, torch.float64)
+    loss, update = assert_matches_reference(logits, labels)
+    lowest_positive = logits[labels == 1].min()
+    unreachable = (labels == 0) & (logits < lowest_positive - 1.0)
+    assert unreachable.float().mean() > 0.9 and (update[unreachable] == 0).all()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_ignored_pairs_have_no_effect_whatever_their_value(poison):
+    g = torch.Generator().manual_seed(24)
+    logits = torch.randn(3000, generator=g, dtype=torch.float64)
+    labels = random_labels(g, 3000, p_ignore=0.2)
+    clean_loss, clean_update = engine_loss_and_update(logits, labels)
+    poisoned = torch.where(labels == -1, poison, logits)
+    loss, update = engine_loss_and_update(poisoned, labels)
+    assert torch.equal(loss, clean_loss) and torch.equal(update, clean_update)
+    assert (update[labels == -1] == 0).all()
+    # the issue's own case
+    loss, update = engine_loss_and_update(torch.tensor([1.0, 0.0, 2.0, float("nan")]), torch.tensor([1, 0, 0, -1]))
+    assert math.isfinite(loss.item()) and torch.isfinite(update).all() and update[3] == 0
+
+
+@pytest.mark.parametrize("where", ["positive", "negative"])
+def test_nan_in_a_ranked_pair_gives_nan_loss_and_nan_updates(where):
+    labels = torch.tensor([1, 0, 0, 1, -1, 0])
+    logits = torch.tensor([1.0, 0.0, 2.0, 1.5, 0.3, -3.0])
+    logits[0 if where == "positive" else 1] = float("nan")
+    loss, update = engine_loss_and_update(logits, labels)
+    assert math.isnan(loss.item())
+    assert update[labels >= 0].isnan().all() and update[4] == 0
+
+
+def test_infinite_scores_give_the_exact_limits_finite():
+    inf = float("inf")
+    cases = [([inf, 0.0, 2.0, 1.0], [1, 0, 0, 1]),           # a positive above everything
+             ([inf, inf, 2.0, -inf], [1, 0, 0, 1]),          # tied with an infinite negative
+             ([-inf, 0.0, -inf, 1.0, inf], [1, 0, 0, 1, 1]),  # at the bottom, tied
+             ([inf, inf, -inf, -inf, 0.5], [1, 1, 0, 1, 0])]
+    for values, label_values in cases:
+        for delta in (0.0, 1.0):
+            logits = torch.tensor(values, dtype=torch.float64)
+            loss, update = assert_matches_reference(logits, torch.tensor(label_values), delta)
+            assert math.isfinite(loss.item()) and torch.isfinite(update).all()
+    float32 = torch.tensor([inf, -inf, 3e38, 0.0, inf], dtype=torch.float32)
+    loss, update = engine_loss_and_update(float32, torch.tensor([1, 0, 0, 1, 0]))
+    expected = reference_ap_loss(float32.double(), torch.tensor([1, 0, 0, 1, 0]))
+    assert loss.item() == pytest.approx(expected[0].item()) and torch.isfinite(update).all()
+
+
+def test_labels_must_be_exactly_minus_one_zero_or_one():
+    logits = torch.randn(6)
+    with pytest.raises(ValueError, match=r"labels must be exactly 1 .* found 0.5"):
+        ap_loss(logits, torch.tensor([1.0, 0.5, 0.0, 0.0, -1.0, 0.0]))
+    with pytest.raises(ValueError, match="found nan"):
+        ap_loss(logits, torch.tensor([1.0, float("nan"), 0.0, 0.0, -1.0, 0.0]))
+    integer = torch.tensor([1, 0, 0, 1, -1, 0])
+    assert torch.equal(ap_loss(logits, integer.float()), ap_loss(logits, integer))
+    assert torch.equal(ap_loss(logits, integer.clamp(min=0).bool()), ap_loss(logits, integer.clamp(min=0)))
+
+
+@pytest.mark.parametrize("delta", [1e-320, 1e-300, 1e-13])
+def test_a_vanishing_delta_is_the_hard_step(delta):
+    labels = torch.tensor([1, 1, 0, 0, 1])
+    logits = torch.tensor([1.0, 1.0, 2.0, 1.0, 0.5], dtype=torch.float64)  # ties between all kinds
+    loss, update = engine_loss_and_update(logits, labels, delta)
+    ref_loss, ref_update = reference_ap_loss(logits, labels, 0.0)
+    assert torch.isfinite(update).all()
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    torch.testing.assert_close(update, ref_update, **TOL)

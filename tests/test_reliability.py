@@ -8,6 +8,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
+from aploss import detection_loss
 from pipeline.config import load_config
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
@@ -177,3 +178,28 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
     assert lines == [next(line for line in done.stderr.splitlines() if line.startswith("aploss prep: error:"))]
     assert "File too large" in lines[0] and "Traceback" not in done.stderr
     assert not [p for p in (output / "data").iterdir()]  # no prepared directory, whole or half
+
+
+def test_a_nan_logit_stops_training_at_its_step_naming_the_term(tmp_path, capsys, monkeypatch):
+    # The AP-loss makes a NaN in one negative's logit a NaN loss (never a silent zero gradient),
+    # and the trainer stops at that step with the last good checkpoint.
+    data = tmp_path / "data"
+    write_synthetic_coco(data, {"train": 8, "val": 2})
+    output = tmp_path / "runs"
+    overrides = [*_overrides(data, output), "train.checkpoint_every=2", "train.max_steps=6"]
+    assert main(["prep", *overrides]) == 0
+    real_loss, calls = detection_loss.global_ap_loss, []
+
+    def poisoned_at_step_5(logits, labels, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            logits = logits.clone()
+            logits.view(-1)[(labels.reshape(-1) == 0).nonzero()[0]] = float("nan")
+        return real_loss(logits, labels, *args, **kwargs)
+
+    monkeypatch.setattr(detection_loss, "global_ap_loss", poisoned_at_step_5)
+    assert main(["train", *overrides]) == 2
+    error = capsys.readouterr().err
+    assert "training diverged at step 5: classification loss is nan" in error
+    assert f"last good checkpoint: {output / 'run' / 'checkpoints' / 'step-0000004.pt'}" in error
+    assert not (output / "run" / "model.pt").exists()
