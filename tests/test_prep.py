@@ -2,6 +2,7 @@
 import json
 import pickle
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from pipeline.data import prep as prep_module
 from pipeline.data.prep import prepare
 from pipeline.data.shards import SCHEMA_VERSION, ShardReader, read_manifest
 from pipeline.data.sources import VOC_CLASSES, PrepError
+from pipeline.orchestration.cli import main
 from tests.conftest import DATA_ROOT
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; prep still uses them.
@@ -397,3 +399,19 @@ def test_fetch_downloads_what_the_splits_need(tmp_path, monkeypatch, dataset, sp
     assert calls == urls  # present now: nothing fetched again
     if dataset == "bccd":
         assert sorted(p.name for p in (tmp_path / "source" / "bccd").iterdir()) == ["BCCD"]
+
+
+@pytest.mark.parametrize("failure", [URLError("[Errno -3] Temporary failure in name resolution"),
+                                     RuntimeError("File not found or corrupted.")])
+def test_offline_download_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys, failure):
+    def offline(url, download_root, **kwargs):
+        (Path(download_root) / "master.zip.partial").write_text("half")
+        raise failure
+
+    monkeypatch.setattr(fetch_module, "download_and_extract_archive", offline)
+    root = tmp_path / "data"
+    assert main(["prep", f"data.root={root}", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("aploss prep: error: ")
+    assert f"could not download {fetch_module.BCCD.url}" in error[0] and "APLOSS_DATA_ROOT" in error[0]
+    assert not root.exists()

@@ -85,12 +85,34 @@ def fetch(data: DataConfig, splits: Sequence[str]) -> None:
 
 
 def _download(archive: Archive, root: Path) -> None:
+    """Download and extract `archive` into `root`, or raise PrepError leaving nothing behind:
+    it is extracted into a scratch folder first and moved into place only once complete."""
     target = root / archive.into
+    created = [folder for folder in (root, target) if not folder.exists()]
     target.mkdir(parents=True, exist_ok=True)
-    if not archive.subfolder:
-        download_and_extract_archive(archive.url, download_root=target, md5=archive.md5, remove_finished=True)
-        return
-    # Extract next to the target (same filesystem), so the wanted part is moved by a rename.
-    with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as scratch:
-        download_and_extract_archive(archive.url, download_root=scratch, md5=archive.md5, remove_finished=True)
-        os.replace(Path(scratch) / archive.subfolder, target / Path(archive.subfolder).name)
+    try:
+        # Next to the target (same filesystem), so that the parts are moved by renames.
+        with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as scratch:
+            download_and_extract_archive(archive.url, download_root=scratch, md5=archive.md5, remove_finished=True)
+            if archive.subfolder:
+                os.replace(Path(scratch) / archive.subfolder, target / Path(archive.subfolder).name)
+            else:
+                _merge(Path(scratch), target)
+    except (OSError, RuntimeError) as error:  # offline, refused, truncated or corrupt (md5)
+        for folder in reversed(created):
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        reason = getattr(error, "reason", None) or error
+        raise PrepError(root, f"could not download {archive.url} ({reason}); without network access, set "
+                              "APLOSS_DATA_ROOT or data.root to a folder that holds the dataset") from None
+
+
+def _merge(source: Path, destination: Path) -> None:
+    """Move `source`'s tree into `destination`, keeping what is there (VOC's test archive
+    extracts into the folders its trainval archive made)."""
+    for entry in source.iterdir():
+        into = destination / entry.name
+        if not into.exists():
+            os.replace(entry, into)
+        elif entry.is_dir() and into.is_dir():
+            _merge(entry, into)
