@@ -59,11 +59,12 @@ def export_model(state: dict[str, Any], path: Path) -> Path:
 
 
 class CheckpointStore:
-    """step-<N>.pt files in `directory` and an index.json of their validation scores."""
+    """step-<N>.pt files in `directory` and an index.json of their validation scores; at most
+    `keep` of them: the latest (to resume from) and the best `keep - 1` (as Ray Train keeps them)."""
 
-    def __init__(self, directory: Path, keep_best: int) -> None:
+    def __init__(self, directory: Path, keep: int) -> None:
         self.directory = Path(directory)
-        self.keep_best = keep_best
+        self.keep = keep
         self.index_path = self.directory / "index.json"
 
     def _index(self) -> dict[str, float | None]:
@@ -82,10 +83,15 @@ class CheckpointStore:
     def _prune(self, index: dict[str, float | None], latest: str) -> dict[str, float | None]:
         scored = sorted((name for name, score in index.items() if score is not None),
                         key=lambda name: index[name], reverse=True)
-        keep = set(scored[:self.keep_best]) | {latest}
+        keep = set(scored[:self.keep - 1]) | {latest}
         for name in set(index) - keep:
             (self.directory / name).unlink(missing_ok=True)
         return {name: index[name] for name in index if name in keep}
+
+    def entries(self) -> list[tuple[int, float | None, str]]:
+        """(step, validation AP, path) of every checkpoint kept, by step."""
+        return [(int(name.removeprefix("step-").removesuffix(".pt")), score, str(self.directory / name))
+                for name, score in sorted(self._index().items())]
 
     def latest(self) -> Path | None:
         names = sorted(self._index())

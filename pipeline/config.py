@@ -240,7 +240,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 means once per epoch
     eval_every: int = 100  # steps between validation AP; 0 means once per epoch
-    keep_checkpoints: int = 2  # best K by validation AP
+    keep_checkpoints: int = 2  # kept in all: the latest (to resume) and the best by validation AP
 
     def validate(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -253,7 +253,8 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
-        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _require(self.keep_checkpoints >= 2, "train.keep_checkpoints",
+                 f"must be >= 2 (the latest, to resume, and the best), got {self.keep_checkpoints}")
 
 
 @dataclass

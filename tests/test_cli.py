@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.config import load_config
 from pipeline.orchestration.cli import main
 from tests.synthetic import write_synthetic_coco
 
@@ -175,3 +176,38 @@ def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
     assert saved["voc_area_map"] == pytest.approx(evaluation.voc.map_area)
     assert set(saved["per_class_voc07_11point"]) == {"square", "disc"}
     assert abs(saved["voc_area_map"] - saved["metrics"]["AP50"]) < 0.05  # both AP at IoU 0.5
+
+
+def test_help_describes_every_command_with_examples(capsys):
+    from pipeline.orchestration.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for command in COMMANDS:
+        group = command.split()[0]
+        assert f"\n    {group} " in top or f"\n    {group}\n" in top, command
+        with pytest.raises(SystemExit):
+            main([*command.split(), "--help"])
+        text = capsys.readouterr().out
+        assert f"usage: aploss {command} " in text and "\nexamples:\n  aploss " in text, command
+
+
+def test_a_wrong_argument_gets_its_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["pipeline", "run", "--samples", "2"])
+    assert exit_code.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: aploss pipeline run ") and "unrecognized arguments: --samples" in error
+
+
+def test_config_show_prints_the_effective_config_that_config_takes(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.02}\ntracking: {uri: 'http://alice:s3cret@mlflow:5000'}\n")
+    assert main(["config", "show", "--config", str(tmp_path / "base.yaml"), "train.epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "s3cret" not in printed
+    (tmp_path / "shown.yaml").write_text(printed)
+    shown = load_config(tmp_path / "shown.yaml")
+    assert shown.optim.lr == 0.02 and shown.train.epochs == 3 and shown.model.arch == "retinanet_r18"
+    assert main(["config", "show", "optim.lr=-1"]) == 2
+    assert "optim.lr: must be > 0" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """The main job end to end on a synthetic set: MLflow run tree, registered model, rerun skips."""
+import json
 import os
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -16,7 +18,8 @@ def pipeline_config(tmp_path_factory):
     overrides = [
         "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
         "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
-        "train.batch_size=4", "train.max_steps=4", "train.epochs=100", "train.eval_every=2", "train.log_every=1", "eval.sample_images=1",
+        "train.batch_size=4", "train.max_steps=4", "train.epochs=100", "train.eval_every=1", "train.log_every=1",
+        "train.keep_checkpoints=2", "eval.sample_images=1",
         "ray.workers=2", "ray.local_cpus=4", f"run.output_dir={root / 'runs'}", "run.name=pipeline-test"]
     yield root, overrides
     ray.shutdown()
@@ -60,13 +63,30 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert train.data.metrics["anchor_recall_square"] == prep.data.metrics["anchor_recall_square"]
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    assert [m.step for m in client.get_metric_history(train.info.run_id, 'val_ap')] == [2, 4]
-    assert any(p.startswith("checkpoints/") for p in _artifacts(client, train.info.run_id))
+    assert [m.step for m in client.get_metric_history(train.info.run_id, 'val_ap')] == [1, 2, 3, 4]
+    assert train.data.params["data.root"] == str(root / "data")
+    # Checkpoints are stored once, in Ray's storage; MLflow holds where they are, and the best
+    # weights as the registered model. keep_checkpoints=2 keeps at most two of the four: the
+    # latest, and the best if that is another.
+    train_artifacts = _artifacts(client, train.info.run_id)
+    assert not any(p.startswith("checkpoints/") for p in train_artifacts) and "checkpoints.json" in train_artifacts
+    kept = json.loads(Path(client.download_artifacts(train.info.run_id, "checkpoints.json")).read_text())["checkpoints"]
+    assert 1 <= len(kept) <= 2 and 4 in [c["step"] for c in kept] and all(os.path.isdir(c["path"]) for c in kept)
+    stored = [p for p in (root / "runs" / "ray" / "pipeline-test").rglob("checkpoint_*") if p.is_dir()]
+    assert sorted(map(str, stored)) == sorted(c["path"] for c in kept)
     (version,) = client.search_model_versions("name = 'aploss-detector'")
     assert version.run_id == train.info.run_id
 
     evaluation = children["evaluate"]
     assert "AP" in evaluation.data.metrics and any(k.startswith("AP50_") for k in evaluation.data.metrics)
+    assert evaluation.data.params["eval.split"] == "val" and evaluation.data.params["model.score_thresh"] == "0.05"
+    # The parent run compares at a glance: headline params and the test metrics.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["loss.classification"] == "ap" and parent.data.params["train.steps"] == "4"
+    assert parent.data.params["loss.delta"] == "ConstantDelta(value=1.0)"
+    assert parent.data.params["data.root"] == str(root / "data") and parent.data.params["model.arch"] == "retinanet_r18"
+    assert parent.data.metrics["AP"] == evaluation.data.metrics["AP"]
     artifacts = _artifacts(client, evaluation.info.run_id)
     assert "detections.json" in artifacts and "metrics.json" in artifacts
     assert any(p.startswith("pr_curves/") for p in artifacts) and any(p.startswith("samples/") for p in artifacts)
@@ -74,7 +94,20 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert main(["pipeline", "run", *overrides]) == 0
     assert "skipped (already done): data-prep, train, evaluate" in capsys.readouterr().out
     assert _children(client, experiment.experiment_id, parent.info.run_id).keys() == children.keys()
+    assert client.get_run(parent.info.run_id).info.end_time == parent.info.end_time  # a skipped rerun leaves it
     assert len(client.search_model_versions("name = 'aploss-detector'")) == 1
+
+
+def test_a_failed_pipeline_ends_its_runs_failed(pipeline_config, capsys):
+    root, overrides = pipeline_config
+    assert main(["pipeline", "run", *overrides, "run.name=broken", "train.batch_size=64"]) == 2
+    assert "train.batch_size (64) is larger than the training split" in capsys.readouterr().err
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aploss").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`aploss.run_name` = 'broken' and tags.`aploss.stage` = 'pipeline'")
+    children = _children(client, experiment, parent.info.run_id)
+    assert parent.info.status == "FAILED" and children["train"].info.status == "FAILED"
+    assert children["data-prep"].info.status == "FINISHED"
 
 
 def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
@@ -93,7 +126,7 @@ def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
     train = children["train"]
     # The curves Ray's rank 0 logs while training, here from the run's metrics.jsonl.
     assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_ap")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_ap")] == [1, 2, 3, 4]
     assert set(CURVES) <= set(client.get_run(train.info.run_id).data.metrics)
     assert train.data.params["ray.workers"] == "2"  # the config as given, though one process trained
     (version,) = client.search_model_versions("name = 'aploss-detector'")

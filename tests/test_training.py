@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -46,11 +47,11 @@ def test_learning_rate_warmup_and_decay():
 
 
 def test_checkpoint_store_keeps_latest_and_best(tmp_path):
-    store = CheckpointStore(tmp_path, keep_best=2)
+    store = CheckpointStore(tmp_path, keep=3)
     for step, score in [(1, 0.1), (2, 0.5), (3, None), (4, 0.3), (5, 0.2)]:
         store.save(step, {"step": step}, score)
     kept = sorted(p.name for p in tmp_path.glob("*.pt"))
-    assert kept == ["step-0000002.pt", "step-0000004.pt", "step-0000005.pt"]
+    assert kept == ["step-0000002.pt", "step-0000004.pt", "step-0000005.pt"]  # keep=3 keeps 3
     assert store.latest().name == "step-0000005.pt" and store.best().name == "step-0000002.pt"
     assert torch.load(store.best())["step"] == 2
     assert not list(tmp_path.glob("*.tmp"))
@@ -86,7 +87,9 @@ def test_training_steps_follow_the_delta_and_lr_schedules():
 def test_batches_without_positives_are_skipped_and_counted():
     training = _tiny_training()
     before = {k: v.clone() for k, v in training.detector.state_dict().items()}
-    metrics = training.train_step(*_batch(False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning the user cannot act on (the scheduler's)
+        metrics = training.train_step(*_batch(False))
     assert metrics["positives"] == 0 and training.skipped == 1 and training.step == 1
     assert all(torch.equal(before[k], v) for k, v in training.detector.state_dict().items())
     training.train_step(*_batch(True))

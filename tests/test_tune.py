@@ -54,6 +54,8 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     assert sorted(t.data.params["optim.lr"] for t in trials) == ["0.02", "1e-06"]
     reports = sorted(len(client.get_metric_history(t.info.run_id, "val_ap")) for t in trials)
     assert reports == [2, 4]  # the stopped trial validated twice (grace period), the other to the end
+    statuses = {t.data.params["optim.lr"]: t.info.status for t in trials}
+    assert statuses == {"0.02": "FINISHED", "1e-06": "KILLED"} and sweep.info.status == "FINISHED"
 
     # Rerunning the same sweep restores it from its Tune state: no trial runs again.
     try:

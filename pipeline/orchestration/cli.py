@@ -1,7 +1,8 @@
-"""`aploss prep | train | eval | pipeline run`: the stages, or the whole distributed pipeline,
-on one config (a YAML file plus key=value overrides)."""
+"""`aploss <command>`: the stages, the whole distributed pipeline, sweeps and reports, each on
+one config (the defaults, a YAML file and key=value overrides); `aploss --help` lists them."""
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from pipeline.config import Config, load_config
@@ -90,22 +91,81 @@ def _tune(config: Config) -> None:
           f"train it: aploss pipeline run --config {result.best_config_path}")
 
 
+def _config_show(config: Config) -> None:
+    import yaml
+
+    from pipeline.config import config_record
+
+    print(yaml.safe_dump(config_record(config), sort_keys=False), end="")
+
+
 COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline,
-            "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness, "report": _report}
-HELP = {"prep": "data-prep: a dataset to Parquet shards, ground truth and manifest",
-        "train": "train in this process (CPU or one GPU)", "eval": "COCO evaluation of the trained model",
-        "pipeline run": "prep -> Ray Train DDP -> evaluate, tracked in MLflow",
-        "pipeline train": "Ray Train DDP on prepared data (writes the run's model.pt)",
-        "tune": "Ray Tune sweep (ASHA on validation AP) over tune.space",
-        "robustness": "AP under occlusion, Gaussian noise and COCO-C (P, mPC, rPC) of one or more runs, logged to MLflow",
-        "report": "one markdown table and plots from the MLflow runs of a comparison"}
+            "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness, "report": _report,
+            "config show": _config_show}
+# command: (one line for the command list, what it does, examples)
+HELP = {
+    "prep": ("data-prep: a dataset to Parquet shards, ground truth and manifest",
+             "Reads a named dataset (bccd, voc2007, voc2012, voc0712, coco2017; fetched into the data root when "
+             "missing) or a COCO json of your own, and writes per split Parquet shards, a COCO ground-truth json and "
+             "a manifest under run.output_dir/data/<dataset>-<input hash>. Rerunning with the same inputs reuses "
+             "them. Prints the share of each class's boxes that the anchors reach.",
+             ["aploss prep", "aploss prep data.dataset=voc2007 data.root=/data/voc"]),
+    "train": ("train in this process (CPU or one GPU)",
+              "Trains on the prepared data (prepared first if needed) in this process, checkpointing under "
+              "run.output_dir/run.name; the best weights by validation AP become its model.pt. Rerunning resumes "
+              "from the latest checkpoint.",
+              ["aploss train train.epochs=2 run.name=quick", "aploss train loss.classification=focal run.name=focal"]),
+    "eval": ("COCO evaluation of a run's model",
+             "Evaluates run.name's model.pt on eval.split (the test split by default): COCO metrics per class, PR "
+             "curves, drawn samples and a detections json under the run's eval/ folder.",
+             ["aploss eval run.name=quick", "aploss eval run.name=quick eval.split=val"]),
+    "pipeline run": ("the main job: prep -> Ray Train DDP -> evaluate, tracked in MLflow",
+                     "Runs data-prep, distributed training on Ray Train (ray.workers processes, one AP-loss ranking "
+                     "over the global batch) and evaluation, each as a child run of one MLflow run named run.name, "
+                     "and registers the model. Rerunning skips the finished stages and resumes an interrupted "
+                     "training.",
+                     ["aploss pipeline run", "aploss pipeline run ray.workers=4 run.name=bccd-4-workers",
+                      "aploss pipeline run --config configs/retinanet500_voc0712_ap.yaml"]),
+    "pipeline train": ("the Ray Train stage alone (writes the run's model.pt)",
+                       "Distributed training on Ray Train on the prepared data, without MLflow's pipeline run.",
+                       ["aploss pipeline train ray.workers=2 run.name=ddp-only"]),
+    "tune": ("Ray Tune sweep over tune.space, ASHA on validation AP",
+             "Each trial is a Ray Train run of the config with the searched keys sampled from tune.space (dotted "
+             "key -> choice(...), grid(...), uniform(a, b), loguniform(a, b) or randint(a, b)); ASHA stops the "
+             "trials that trail on validation AP. Writes the best trial's config as a YAML that --config takes; "
+             "one MLflow run with a child run per trial.",
+             ["aploss tune --config configs/bccd_sweep.yaml",
+              "aploss tune --samples 8 'tune.space={optim.lr: \"loguniform(1e-3, 3e-2)\"}'"]),
+    "robustness": ("AP under occlusion, noise and COCO-C (P, mPC, rPC) of one or more runs",
+                   "Evaluates the models of the given runs on perturbed test images (occlusion, Gaussian noise, the "
+                   "15 COCO-C corruptions at robustness.severities), all in one pass, and logs P, mPC and rPC to "
+                   "each run's MLflow record.",
+                   ["aploss robustness --run bccd-ap --run bccd-focal 'robustness.severities=[3]'"]),
+    "report": ("one table and plots from the MLflow runs of a comparison",
+               "Gathers the pipeline runs' test AP and robustness from MLflow into one markdown table (per run, and "
+               "mean +- std per loss) with plots under run.output_dir/report.",
+               ["aploss report", "aploss report --run bccd-ap-seed0 --run bccd-focal-seed0"]),
+    "config show": ("print the effective config (defaults, file and overrides)",
+                    "Prints the config a command would run with: the defaults, the --config file and the overrides "
+                    "merged and validated, as YAML that --config takes.",
+                    ["aploss config show", "aploss config show --config configs/ssd300_voc0712_ap.yaml train.epochs=1"]),
+}
+
+
+def _command_parser(commands, name: str, label: str | None = None) -> argparse.ArgumentParser:
+    summary, description, examples = HELP[name]
+    return commands.add_parser(label or name, help=summary,
+                               description=textwrap.fill(f"{summary[0].upper()}{summary[1:]}. {description}", 88),
+                               epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     command.add_argument("overrides", nargs="*", metavar="section.key=value",
-                         help="config overrides, e.g. optim.lr=0.02 train.epochs=3")
+                         help="config overrides, e.g. optim.lr=0.02 train.epochs=3 ('aploss config show' lists "
+                              "every key with its value)")
 
 
 def _add_runs_argument(command: argparse.ArgumentParser, help: str) -> None:
@@ -113,30 +173,57 @@ def _add_runs_argument(command: argparse.ArgumentParser, help: str) -> None:
     command.add_argument("--run", action="append", default=[], dest="runs", metavar="RUN_NAME", help=help)
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="aploss", description=__doc__)
-    commands = root.add_subparsers(dest="command", required=True)
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The CLI's parser, and each command's own (to report a mistake with that command's usage)."""
+    root = argparse.ArgumentParser(
+        prog="aploss", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill("Train one-stage detectors (RetinaNet, SSD) with the AP-loss, as a Ray + MLflow "
+                                  "pipeline. Every command takes one config: the defaults, a YAML file (--config) "
+                                  "and section.key=value overrides.", 88),
+        epilog="examples:\n  aploss pipeline run                       # the main job on BCCD\n"
+               "  aploss config show train.epochs=2          # the effective config\n"
+               "  aploss <command> --help                   # what a command does, with examples")
+    commands = root.add_subparsers(dest="command", required=True, metavar="<command>")
+    parsers = {}
     for name in ("prep", "train", "eval"):
-        _add_config_arguments(commands.add_parser(name, help=HELP[name]))
-    robustness = commands.add_parser("robustness", help=HELP["robustness"])
-    _add_runs_argument(robustness, "a run whose model to evaluate, repeated: all in one pass over the perturbed "
-                                   "images (default: run.name)")
-    _add_config_arguments(robustness)
-    sweep = commands.add_parser("tune", help=HELP["tune"])
-    sweep.add_argument("--samples", type=int, help="number of trials (tune.samples)")
-    _add_config_arguments(sweep)
-    report = commands.add_parser("report", help=HELP["report"])
-    _add_runs_argument(report, "a pipeline run to compare, repeated (default: every pipeline run of the experiment)")
-    _add_config_arguments(report)
-    actions = commands.add_parser("pipeline", help=HELP["pipeline run"]).add_subparsers(dest="action", required=True)
-    for action in ("run", "train"):
-        _add_config_arguments(actions.add_parser(action, help=HELP[f"pipeline {action}"]))
-    return root
+        parsers[name] = _command_parser(commands, name)
+        _add_config_arguments(parsers[name])
+    groups = {"pipeline": ("run", "train"), "config": ("show",)}
+    pipeline_group = commands.add_parser("pipeline", help="run: " + HELP["pipeline run"][0] + "; train: the Ray "
+                                         "Train stage alone").add_subparsers(dest="action", required=True,
+                                                                             metavar="<action>")
+    config_group = commands.add_parser("config", help="show: " + HELP["config show"][0]).add_subparsers(
+        dest="action", required=True, metavar="<action>")
+    for group, actions in groups.items():
+        for action in actions:
+            name = f"{group} {action}"
+            parsers[name] = _command_parser(pipeline_group if group == "pipeline" else config_group, name, action)
+            _add_config_arguments(parsers[name])
+    parsers["tune"] = _command_parser(commands, "tune")
+    parsers["tune"].add_argument("--samples", type=int, help="number of trials (tune.samples)")
+    _add_config_arguments(parsers["tune"])
+    parsers["robustness"] = _command_parser(commands, "robustness")
+    _add_runs_argument(parsers["robustness"], "a run whose model to evaluate, repeated: all in one pass over the "
+                                              "perturbed images (default: run.name)")
+    _add_config_arguments(parsers["robustness"])
+    parsers["report"] = _command_parser(commands, "report")
+    _add_runs_argument(parsers["report"], "a pipeline run to compare, repeated (default: every pipeline run of the "
+                                          "experiment)")
+    _add_config_arguments(parsers["report"])
+    return root, parsers
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
+    root, parsers = parser()
+    arguments, unknown = root.parse_known_args(argv)
+    command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
+    if unknown:  # with the command's own usage, not the top-level one
+        parsers[command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return arguments, command
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parser().parse_args(argv)
-    command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
+    arguments, command = _parse(argv)
     from mlflow.exceptions import MlflowException
     from ray.exceptions import RayError
     from ray.train import TrainingFailedError

@@ -10,16 +10,19 @@ from dataclasses import dataclass
 
 import ray
 
+from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
 from pipeline.data.anchors import anchor_recall, fit_anchors, report_anchor_recall
 from pipeline.data.bindings import record_training_run, training_data
 from pipeline.data.prep import locate_prepared, prepare
+from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.stages import evaluate_stage, robustness_stage
 from pipeline.orchestration import tracking
 from pipeline.redaction import redact
 from pipeline.training.journal import METRICS_FILE
 from pipeline.training.local import train_stage
+from pipeline.training.loop import StepSchedule
 from pipeline.training.ray_train import train_distributed
 
 
@@ -58,6 +61,22 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
           flush=True)
 
 
+def training_steps(config: Config) -> int:
+    """The number of optimiser steps `config` trains, bound to its prepared data."""
+    images = read_manifest(config.data.prepared)["splits"][config.data.train_split]["images"]
+    return StepSchedule.of(config.train, images).total_steps
+
+
+def kept_checkpoints(config: Config, result: ray.train.Result | None) -> list[tuple[int, float | None, str]]:
+    """(step, validation AP, path) of the checkpoints a training kept: Ray Train's, or the
+    local CheckpointStore's when it trained in this process (`result` None)."""
+    if result is not None:
+        return sorted((metrics["step"], metrics.get("val_ap"), checkpoint.path)
+                      for checkpoint, metrics in result.best_checkpoints)
+    store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
+    return store.entries()
+
+
 def _stage(name: str, run_id: str):
     print(f"== {name}", flush=True)
     return tracking.active(run_id)
@@ -72,49 +91,53 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     metrics_path = run_dir / "eval" / "metrics.json"
     skipped = []
 
-    run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
-    if finished:
-        # Locating the prepared data hashes the inputs (their address) but not every shard again.
-        try:
-            directory = locate_prepared(config)
-            skipped.append("data-prep")
-        except MissingInput:  # the inputs changed since: the run's record below says whether that may be
-            directory = prepare(config).directory
-    else:
-        with _stage("data-prep", run_id):
-            prepared = prepare(config)
-            tracking.log_prep(prepared.manifest, prepared.directory)
-            tracking.log_anchor_recall(report_anchor_recall(fit_anchors(config.with_prepared(prepared.directory))))
-        directory = prepared.directory
-    config, _ = training_data(config.with_prepared(directory))  # and auto anchors fitted to it
+    with tracking.parent_run(parent) as progress:
+        run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
+        if finished:
+            # Locating the prepared data hashes the inputs (their address) but not every shard again.
+            try:
+                directory = locate_prepared(config)
+                skipped.append("data-prep")
+            except MissingInput:  # the inputs changed since: the run's record below says whether that may be
+                directory = prepare(config).directory
+        else:
+            progress.ran = True
+            with _stage("data-prep", run_id):
+                prepared = prepare(config)
+                tracking.log_prep(prepared.manifest, prepared.directory)
+                tracking.log_anchor_recall(report_anchor_recall(fit_anchors(config.with_prepared(prepared.directory))))
+            directory = prepared.directory
+        config, _ = training_data(config.with_prepared(directory))  # and auto anchors fitted to it
 
-    run_id, finished = tracking.stage_run(experiment, parent, "train")
-    record_training_run(config)  # a finished run's model is only reused for the same model and data
-    if finished and model_path.exists():
-        skipped.append("train")
-    else:
-        with _stage("train", run_id):
-            tracking.log_train_params(config)
-            tracking.log_anchor_recall(anchor_recall(config, config.data.train_split))
-            journal = run_dir / "train" / METRICS_FILE
-            with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
-                if distributed:
-                    start_ray(config)
-                    result, model_path = train_distributed(config)
-                else:
-                    model_path = train_stage(config, progress=False).model_path
-            if distributed:
-                tracking.log_checkpoints([(metrics["step"], checkpoint.path)
-                                          for checkpoint, metrics in result.best_checkpoints])
-            tracking.log_model(model_path, config)
+        run_id, finished = tracking.stage_run(experiment, parent, "train")
+        record_training_run(config)  # a finished run's model is only reused for the same model and data
+        if finished and model_path.exists():
+            skipped.append("train")
+        else:
+            progress.ran = True
+            with _stage("train", run_id):
+                tracking.log_train_params(config)
+                tracking.log_headline(parent, config, training_steps(config))
+                tracking.log_anchor_recall(anchor_recall(config, config.data.train_split))
+                journal = run_dir / "train" / METRICS_FILE
+                with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
+                    if distributed:
+                        start_ray(config)
+                        result, model_path = train_distributed(config)
+                    else:
+                        model_path = train_stage(config, progress=False).model_path
+                tracking.log_checkpoints(kept_checkpoints(config, result if distributed else None))
+                tracking.log_model(model_path, config)
 
-    run_id, finished = tracking.stage_run(experiment, parent, "evaluate")
-    if finished and metrics_path.exists():
-        skipped.append("evaluate")
-    else:
-        with _stage("evaluate", run_id):
-            tracking.log_evaluation(evaluate_stage(config))
-    tracking.finish(parent)
+        run_id, finished = tracking.stage_run(experiment, parent, "evaluate")
+        if finished and metrics_path.exists():
+            skipped.append("evaluate")
+        else:
+            progress.ran = True
+            with _stage("evaluate", run_id):
+                evaluation = evaluate_stage(config)
+                tracking.log_evaluation(evaluation, config)
+            tracking.log_test_metrics(parent, evaluation)
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
 

@@ -3,12 +3,14 @@
 A stage whose child run finished (and whose outputs exist) is skipped on rerun; an unfinished
 one is reopened, so a rerun resumes the same runs rather than scattering new ones.
 """
+import contextlib
 import importlib.metadata
 import math
 import os
 import tempfile
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -120,14 +122,60 @@ def stage_run(experiment_id: str, parent_id: str, stage: str) -> tuple[str, bool
     return run.info.run_id, False
 
 
+@contextlib.contextmanager
 def active(run_id: str):
-    """Log to run `run_id` inside the block (`mlflow.start_run` reopening it); the run is marked
-    FINISHED when the block ends, FAILED when it raises."""
-    return mlflow.start_run(run_id=run_id)
+    """Log to run `run_id` inside the block (`mlflow.start_run` reopening it); the run ends
+    FINISHED with the block, FAILED when it raises, KILLED when interrupted (Ctrl-C)."""
+    with mlflow.start_run(run_id=run_id):
+        try:
+            yield
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
 
 
 def finish(run_id: str, failed: bool = False, tracking_uri: str | None = None) -> None:
     mlflow.MlflowClient(tracking_uri and connect(tracking_uri)).set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str):
+    """A parent run (pipeline, sweep) around its stages: ended FINISHED when the block ran a
+    stage, untouched when every stage was skipped (a rerun leaves a finished run as it was),
+    FAILED when it raises and KILLED when interrupted. The block says whether it ran anything
+    by setting `.ran` on what it is given."""
+    state = types.SimpleNamespace(ran=False)
+    client = mlflow.MlflowClient()
+    try:
+        yield state
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if state.ran or client.get_run(run_id).info.status != "FINISHED":
+        client.set_terminated(run_id, "FINISHED")
+
+
+# What the runs table shows of every pipeline run, to compare them at a glance.
+HEADLINE_PARAMS = ("data.dataset", "data.root", "model.arch", "model.init", "loss.classification", "optim.lr",
+                   "train.batch_size", "train.seed", "ray.workers")
+
+
+def log_headline(parent_id: str, config: Config, steps: int) -> None:
+    """The headline params of the config that trained (dataset and the data root actually
+    used, architecture, loss and its delta schedule, learning rate, steps, seed)."""
+    params = param_safe(config)
+    headline = {key: params[key] for key in HEADLINE_PARAMS}
+    headline |= {"loss.delta": str(config.loss.delta.build()), "train.steps": str(steps)}
+    mlflow.MlflowClient().log_batch(parent_id, params=[Param(key, value) for key, value in headline.items()])
+
+
+def log_test_metrics(parent_id: str, evaluation: Evaluation) -> None:
+    """The test metrics on the parent run too, beside its headline params."""
+    mlflow.MlflowClient().log_batch(parent_id, metrics=[
+        Metric(key, value, int(time.time() * 1000), 0) for key, value in _evaluation_metrics(evaluation).items()])
 
 
 def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: Config) -> str:
@@ -139,6 +187,17 @@ def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: 
     return run_id
 
 
+def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]]) -> None:
+    """Set each trial run of the sweep (by run name) to its (status, end time in seconds)."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(sweep_run_id).info.experiment_id
+    for run in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}' "
+                                                f"and tags.`{STAGE_TAG}` = 'trial'"):
+        if run.info.run_name in outcomes:
+            status, ended = outcomes[run.info.run_name]
+            client.set_terminated(run.info.run_id, status, end_time=int(ended * 1000) if ended else None)
+
+
 def log_sweep_result(sweep_run_id: str, best_config_path: Path, best_params: dict, metric: str, value: float) -> None:
     client = mlflow.MlflowClient()
     client.log_artifact(sweep_run_id, str(best_config_path))
@@ -146,10 +205,12 @@ def log_sweep_result(sweep_run_id: str, best_config_path: Path, best_params: dic
                      params=[Param(f"best.{key}", str(value)) for key, value in best_params.items()])
 
 
-def log_checkpoints(checkpoints: list[tuple[int, str]]) -> None:
-    """Checkpoint directories (step, path) of a finished training as artifacts of the active run."""
-    for step, path in checkpoints:
-        mlflow.log_artifacts(path, artifact_path=f"checkpoints/step-{step:07d}")
+def log_checkpoints(checkpoints: list[tuple[int, float | None, str]]) -> None:
+    """Where a finished training's checkpoints (step, validation AP, path) are, as the active
+    run's checkpoints.json: a reference, not a second copy (the best weights are the registered
+    model's artifact)."""
+    mlflow.log_dict({"checkpoints": [{"step": step, "val_ap": score, "path": redact(path)}
+                                     for step, score, path in checkpoints]}, "checkpoints.json")
 
 
 @dataclass
@@ -180,7 +241,10 @@ def pipeline_records(experiment_id: str, names: list[str]) -> list[PipelineRecor
 
 
 def param_safe(config: Config) -> dict[str, str]:
-    return {key: redact(str(value)) for key, value in flatten(config).items()}
+    params = {key: redact(str(value)) for key, value in flatten(config).items()}
+    # The root the data came from, where APLOSS_DATA_ROOT (or the default) chose it.
+    params["data.root"] = redact(str(config.data.resolved_root()))
+    return params
 
 
 def log_prep(manifest: dict, prepared_dir: Path) -> None:
@@ -315,12 +379,24 @@ def _requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "torch", "torchvision", "pyyaml")]
 
 
-def log_evaluation(evaluation: Evaluation) -> None:
+def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
     result = evaluation.result
     metrics = {name: value for name, value in result.metrics.items() if not math.isnan(value)}
     metrics |= {f"AP_{name}": value for name, value in result.per_class_ap.items() if not math.isnan(value)}
     metrics |= {f"AP50_{name}": value for name, value in result.per_class_ap50.items() if not math.isnan(value)}
-    mlflow.log_metrics(metrics)
+    return metrics
+
+
+# What an evaluation depends on beside the model: the evaluate run's params.
+EVALUATION_PARAMS = ("data.dataset", "data.root", "eval.split", "model.min_size", "model.max_size", "model.score_thresh",
+                     "model.nms_thresh", "model.detections_per_image")
+
+
+def log_evaluation(evaluation: Evaluation, config: Config) -> None:
+    params = param_safe(config)
+    mlflow.log_params({key: params[key] for key in EVALUATION_PARAMS}
+                      | {"eval.split": config.eval.split or config.data.test_split})
+    mlflow.log_metrics(_evaluation_metrics(evaluation))
     mlflow.log_artifact(str(evaluation.detections_path))
     mlflow.log_artifact(str(evaluation.metrics_path))
     for path in evaluation.pr_curves:

@@ -65,6 +65,21 @@ def _search_algorithm(config: Config):
     return ConcurrencyLimiter(OptunaSearch(), max_concurrent=config.tune.max_concurrent)
 
 
+def _trial_outcomes(config: Config, results, validations: int) -> dict[str, tuple[str, float | None]]:
+    """Each trial's MLflow run name with its status and end time (seconds): FINISHED after every
+    validation, KILLED when ASHA stopped it, FAILED when it raised. Tune ends a trial's actor
+    as soon as it stops it, before the trial could close its own run."""
+    outcomes = {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id is None:
+            continue
+        done = result.metrics.get("training_iteration", 0) >= validations
+        status = "FAILED" if result.error else "FINISHED" if done else "KILLED"
+        outcomes[f"{config.run.name}-{trial_id}"] = (status, result.metrics.get("timestamp"))
+    return outcomes
+
+
 @dataclass
 class SweepResult:
     best_config: Config
@@ -80,6 +95,13 @@ def run_sweep(config: Config) -> SweepResult:
         raise UserError("tune.space: a sweep needs at least one key to search")
     experiment = tracking.configure(config)
     sweep_run = tracking.pipeline_run(config, experiment, stage="sweep")
+    with tracking.parent_run(sweep_run) as progress:
+        progress.ran = True
+        result = _sweep(config, experiment, sweep_run)
+    return result
+
+
+def _sweep(config: Config, experiment: str, sweep_run: str) -> SweepResult:
     prepared = prepare(config, progress=False)
     config, manifest = config.with_prepared(prepared.directory), prepared.manifest
     train_images = manifest["splits"][config.data.train_split]["images"]
@@ -112,9 +134,9 @@ def run_sweep(config: Config) -> SweepResult:
     best_config = config_from_dict(data)
     best_path = config.run.directory().parent / f"{name}-best.yaml"
     save_config(best_config, best_path)
-    stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0) <
-                  StepSchedule.of(config.train, train_images).validations)
+    validations = StepSchedule.of(config.train, train_images).validations
+    stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0) < validations)
     best_ap = max(v for v in best.metrics_dataframe[METRIC] if not math.isnan(v))
     tracking.log_sweep_result(sweep_run, best_path, best_params, METRIC, best_ap)
-    tracking.finish(sweep_run)
+    tracking.end_trials(sweep_run, _trial_outcomes(config, results, validations))
     return SweepResult(best_config, best_ap, best_path, len(results), stopped)

@@ -8,6 +8,7 @@ Train worker; only the `Hooks` that log, validate and checkpoint differ.
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -132,7 +133,11 @@ class Training:
                 raise TrainingDiverged(self.step + 1, "gradient norm", norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows steps, skipped ones included: PyTorch's warning about a
+            # scheduler stepping before its optimizer tells the user nothing to act on.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
         self.step += 1
         cls_loss, box_loss = terms.tolist()
         return {"loss": cls_loss + box_loss, "cls_loss": cls_loss, "box_loss": box_loss,

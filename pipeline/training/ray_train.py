@@ -108,7 +108,8 @@ def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict
         run_config=RunConfig(
             name=config.run.name, storage_path=str(storage_path(config)), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints + 1,
+            # Ray keeps the latest beside the best num_to_keep.
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints - 1,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="max")))
 
 
