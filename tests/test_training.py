@@ -1,4 +1,5 @@
 import math
+import re
 import warnings
 
 import pytest
@@ -107,3 +108,17 @@ def test_training_state_round_trips():
     after_original = training.train_step(*batch)
     after_resumed = resumed.train_step(*batch)
     assert after_resumed["loss"] == pytest.approx(after_original["loss"], rel=1e-6)
+
+
+def test_log_lines_carry_the_step_time_and_eta(tmp_path, capsys):
+    from pipeline.training.hooks import TrainingHooks
+    from pipeline.training.loop import StepSchedule
+
+    training = _tiny_training(f"run.output_dir={tmp_path}")
+    schedule = StepSchedule(steps_per_epoch=4, total_steps=4, log_every=2, eval_every=100, checkpoint_every=100)
+    hooks = TrainingHooks(training.config, schedule, sink=None, extra_state={}, progress=False)
+    for _ in range(2):
+        hooks.after_step(training, training.train_step(*_batch(True)))
+    (line,) = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"step 2/4 loss=\S+ cls_loss=\S+ box_loss=\S+ .*images_per_s=\S+ \| "
+                        r"\d+\.\d\d s/step, ETA 0m\d\ds", line), line

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config
@@ -42,14 +43,17 @@ def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], 
 
 
 def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
-            category_ids: Sequence[int], indices: list[int] | None = None) -> list[dict]:
-    """COCO result dicts of `model` on `indices` of `dataset` (default all)."""
+            category_ids: Sequence[int], indices: list[int] | None = None, progress: bool = False) -> list[dict]:
+    """COCO result dicts of `model` on `indices` of `dataset` (default all), with a progress
+    bar if asked."""
     model.eval()
     indices = list(range(len(dataset))) if indices is None else indices
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     results = []
-    for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
-        results += detect(model, images, image_ids, device, category_ids)
+    with tqdm(total=len(indices), desc="evaluate", unit="img", disable=not progress) as bar:
+        for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
+            results += detect(model, images, image_ids, device, category_ids)
+            bar.update(len(images))
     return results
 
 
@@ -96,10 +100,10 @@ def _defined(values: dict[str, float]) -> dict[str, float | None]:
 
 def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_truth: Path, classes: list[str],
                    out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0,
-                   voc: bool = False) -> Evaluation:
+                   voc: bool = False, progress: bool = True) -> Evaluation:
     """Everything the evaluate stage writes, under `out_dir`; with `voc`, Pascal VOC AP on the
     same detections as well."""
-    detections = predict(model, dataset, batch_size, device, category_ids(ground_truth))
+    detections = predict(model, dataset, batch_size, device, category_ids(ground_truth), progress=progress)
     result = evaluate_detections(ground_truth, detections)
     voc_result = voc_map(ground_truth, detections) if voc else None
     detections_path = out_dir / "detections.json"

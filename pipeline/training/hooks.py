@@ -34,6 +34,12 @@ class LocalSink:
         self.store.save(step, state, val_ap)
 
 
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def say(line: str) -> None:
     # Ray Train 2.60 echoes a worker's print() twice on the driver's console; a plain write once.
     sys.stdout.write(redact(line) + "\n")
@@ -55,10 +61,13 @@ class TrainingHooks:
         self.bar: tqdm | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.last_metrics: dict[str, float] = {}
+        # This process's pace, validation and checkpoints included: what the steps left will take.
+        self.pace_start, self.pace_steps = time.perf_counter(), 0
 
     def after_step(self, training: Training, metrics: dict[str, float]) -> None:
         step = training.step
         self.window_steps += 1
+        self.pace_steps += 1
         if self.progress:
             if self.bar is None:
                 self.bar = tqdm(total=self.schedule.total_steps, initial=step - 1, desc="train", unit="step")
@@ -86,14 +95,21 @@ class TrainingHooks:
                                  box=f"{metrics['box_loss']:.3f}", lr=f"{metrics['lr']:.2g}",
                                  img_s=f"{metrics['images_per_s']:.1f}")
         else:
-            say(f"step {step}/{self.schedule.total_steps} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES))
+            seconds_per_step = (time.perf_counter() - self.pace_start) / self.pace_steps
+            left = seconds_per_step * (self.schedule.total_steps - step)
+            say(f"step {step}/{self.schedule.total_steps} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES)
+                + f" | {seconds_per_step:.2f} s/step, ETA {_duration(left)}")
 
     def _checkpoint(self, training: Training, step: int) -> None:
         training.check_weights()  # the same weights on every rank: all of them stop, or none
         val_ap = state = None
         if self.rank == 0:
             if self.schedule.validates(step):
+                started = time.perf_counter()
                 val_ap = validation_ap(training.detector, self.config, training.device)
                 self.journal.write(step, {"val_ap": val_ap})
+                if self.bar is None:
+                    say(f"validation at step {step}: AP {val_ap:.3f} on {self.config.data.val_split} "
+                        f"({time.perf_counter() - started:.0f} s)")
             state = {**training.state_dict(), **self.extra_state}
         self.sink.save(step, state, val_ap)
