@@ -211,3 +211,29 @@ def test_config_show_prints_the_effective_config_that_config_takes(tmp_path, cap
     assert shown.optim.lr == 0.02 and shown.train.epochs == 3 and shown.model.arch == "retinanet_r18"
     assert main(["config", "show", "optim.lr=-1"]) == 2
     assert "optim.lr: must be > 0" in capsys.readouterr().err
+
+
+def test_third_party_notices_are_hidden_unless_verbose(monkeypatch):
+    import logging
+    import warnings
+
+    from ray.train.v2._internal.execution import context
+
+    from pipeline.quiet import quiet_third_party
+
+    report_log = logging.getLogger(context.__file__)
+    monkeypatch.setattr(report_log, "level", logging.NOTSET)
+    monkeypatch.setenv("APLOSS_VERBOSE", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn("An input example was not provided when logging the model.", UserWarning)
+    assert len(caught) == 1 and report_log.level == logging.NOTSET
+    monkeypatch.delenv("APLOSS_VERBOSE")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn("An input example was not provided when logging the model.", UserWarning)
+        warnings.warn("something the user should see", UserWarning)
+    assert [str(w.message) for w in caught] == ["something the user should see"]
+    assert report_log.level == logging.WARNING

@@ -1,12 +1,14 @@
 """`aploss <command>`: the stages, the whole distributed pipeline, sweeps and reports, each on
 one config (the defaults, a YAML file and key=value overrides); `aploss --help` lists them."""
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError, one_line
+from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
 
 
@@ -183,6 +185,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         epilog="examples:\n  aploss pipeline run                       # the main job on BCCD\n"
                "  aploss config show train.epochs=2          # the effective config\n"
                "  aploss <command> --help                   # what a command does, with examples")
+    root.add_argument("-v", "--verbose", action="store_true",
+                      help="show third-party notices and warnings that are hidden by default")
     commands = root.add_subparsers(dest="command", required=True, metavar="<command>")
     parsers = {}
     for name in ("prep", "train", "eval"):
@@ -216,6 +220,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     root, parsers = parser()
     arguments, unknown = root.parse_known_args(argv)
+    if arguments.verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"
+    quiet_third_party()
     command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
     if unknown:  # with the command's own usage, not the top-level one
         parsers[command].error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -27,6 +27,7 @@ from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
+from pipeline.quiet import quiet_third_party
 from pipeline.training.hooks import TrainingHooks, say
 from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
 
@@ -55,6 +56,7 @@ class RaySink:
 def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
     """One Ray Train worker: DDP model, its share of every global batch, resumed if Ray hands
     it a checkpoint."""
+    quiet_third_party()
     config = config_from_dict(payload["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
