@@ -9,15 +9,44 @@ set for worker processes. RAY_ADDRESS is therefore what tells an entrypoint to j
 (`pipeline.orchestration.run.start_ray`); MLFLOW_TRACKING_URI, passed through by the runtime env, points it
 at the tracking server (`Config.tracking_uri`).
 """
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from jobs.runtime_env import SUBMIT_DIR
 from pipeline.orchestration import cli
 
 
 def run_command(command: Sequence[str], argv: Sequence[str] | None = None) -> int:
-    """`aploss <command> [--config FILE] [overrides]` with this entrypoint's arguments."""
-    return cli.main([*command, *(sys.argv[1:] if argv is None else argv)])
+    """`aploss <command> [--config FILE] [overrides]` with this entrypoint's arguments, relative
+    paths taken from the submitter's working directory (`jobs.runtime_env.SUBMIT_DIR`) where this
+    node sees it, and refused where it does not."""
+    arguments = [*command, *(sys.argv[1:] if argv is None else argv)]
+    submitted_from = os.environ.get(SUBMIT_DIR)
+    if submitted_from:
+        if Path(submitted_from).is_dir():
+            os.chdir(submitted_from)
+        elif relative := _relative_paths(arguments):
+            print(f"jobs: error: {', '.join(relative)} relative to {submitted_from} on the submitting machine, "
+                  "which this cluster's node does not see: give absolute paths on storage the cluster shares "
+                  "(or an object-store URI)", file=sys.stderr)
+            return 2
+    return cli.main(arguments)
+
+
+def _relative_paths(arguments: list[str]) -> list[str]:
+    """The settings among `arguments` (and the environment) that name a relative local path."""
+    paths = {"APLOSS_DATA_ROOT": os.environ.get("APLOSS_DATA_ROOT", "")}
+    for index, argument in enumerate(arguments):
+        if argument == "--config" and index + 1 < len(arguments):
+            paths["--config"] = arguments[index + 1]
+        key, _, value = argument.partition("=")
+        if key in ("run.output_dir", "data.root", "data.prepared"):
+            paths[key] = value
+    paths.setdefault("run.output_dir", "runs")  # the default
+    return [f"{key}={value}" for key, value in paths.items()
+            if value and "://" not in value and not os.path.isabs(os.path.expanduser(value))]
 
 
 def entrypoint(*command: str) -> Callable[[Sequence[str] | None], int]:

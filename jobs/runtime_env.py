@@ -15,13 +15,17 @@ from pipeline.redaction import redact
 # The project root, so the upload does not depend on the submitter's working directory.
 PROJECT = Path(__file__).resolve().parents[1]
 # Local outputs and the environment: large, and rebuilt or written on the cluster.
-EXCLUDES = [".venv/", "runs/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"]
+EXCLUDES = [".venv/", "runs/", "data/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"]
 # Where the job tracks and reads data. Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 # MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, ...) are not passed: Ray keeps a job's runtime env
 # and entrypoint in its records (`ray job list`, the dashboard). The cluster's nodes hold them
 # (infra/: from Kubernetes Secrets, by name), and every process of a job inherits them.
 PASSED_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
               "APLOSS_DATA_ROOT"]
+# The submitter's working directory: a job resolves relative paths (in its arguments, a config
+# file, APLOSS_DATA_ROOT) against it, as the same command would have on the submitting machine,
+# rather than against Ray's temporary copy of the project (jobs.run_command).
+SUBMIT_DIR = "APLOSS_SUBMIT_DIR"
 
 
 class CredentialsInJob(ValueError):
@@ -41,6 +45,9 @@ def runtime_env(pip: bool = False) -> dict:
     passed = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
     for name, value in passed.items():
         check_no_credentials(value, f"${name}")
+    if "APLOSS_DATA_ROOT" in passed:
+        passed["APLOSS_DATA_ROOT"] = os.path.abspath(os.path.expanduser(passed["APLOSS_DATA_ROOT"]))
+    passed[SUBMIT_DIR] = os.getcwd()
     env = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES), "env_vars": passed}
     if pip:
         env["pip"] = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]

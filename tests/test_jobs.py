@@ -14,6 +14,7 @@ import mlflow
 import pytest
 from ray.job_submission import JobSubmissionClient
 
+import jobs
 from jobs import prep, report, robustness, train
 from jobs import runtime_env as runtime_env_module
 from jobs import submit as submit_module
@@ -28,7 +29,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in [*PASSED_ENV, "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]:
+    for name in [*PASSED_ENV, "APLOSS_SUBMIT_DIR", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -39,12 +40,38 @@ def test_runtime_env_ships_the_project_and_only_set_variables(clean_env, capsys)
     env = runtime_env()
     assert env["working_dir"] == str(PROJECT)
     assert {".venv/", "runs/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"} <= set(env["excludes"])
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "APLOSS_SUBMIT_DIR": os.getcwd()}
     assert "pip" not in env
     assert any(requirement.startswith("torch") for requirement in runtime_env(pip=True)["pip"])
 
     assert runtime_env_module.main(["--pip"]) == 0
     assert json.loads(capsys.readouterr().out) == runtime_env(pip=True)
+
+
+def test_a_job_sees_paths_as_the_submitter_gave_them(clean_env, tmp_path, monkeypatch, capsys):
+    # APLOSS_DATA_ROOT=../shared/datasets was passed verbatim and resolved in Ray's copy of the
+    # project; run.output_dir=runs put every output under /tmp/ray/session_*/working_dir_files.
+    monkeypatch.chdir(tmp_path)
+    clean_env.setenv("APLOSS_DATA_ROOT", "../shared/datasets")
+    env = runtime_env()["env_vars"]
+    assert env["APLOSS_DATA_ROOT"] == str(tmp_path.parent / "shared" / "datasets")
+    assert env["APLOSS_SUBMIT_DIR"] == str(tmp_path)
+
+    seen = {}
+    monkeypatch.setattr(jobs.cli, "main", lambda arguments: seen.update(cwd=os.getcwd(), arguments=arguments) or 0)
+    monkeypatch.chdir(PROJECT)  # where Ray runs the entrypoint: its copy of the project
+    clean_env.setenv("APLOSS_SUBMIT_DIR", str(tmp_path))
+    assert jobs.run_command(["pipeline", "run"], ["run.output_dir=runs"]) == 0
+    assert seen == {"cwd": str(tmp_path), "arguments": ["pipeline", "run", "run.output_dir=runs"]}
+
+    # A cluster node that does not see the submitter's folder refuses relative paths.
+    clean_env.setenv("APLOSS_SUBMIT_DIR", str(tmp_path / "elsewhere"))
+    seen.clear()
+    assert jobs.run_command(["pipeline", "run"], ["data.root=/shared/data"]) == 2
+    error = capsys.readouterr().err
+    assert "APLOSS_DATA_ROOT=../shared/datasets, run.output_dir=runs relative to" in error and not seen
+    clean_env.delenv("APLOSS_DATA_ROOT")
+    assert jobs.run_command(["pipeline", "run"], ["run.output_dir=s3://bucket/runs", "data.root=/shared/data"]) == 0
 
 
 def test_entrypoint_passes_config_and_overrides(clean_env, tmp_path, monkeypatch):
