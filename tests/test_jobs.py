@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 import jobs
@@ -25,6 +26,7 @@ from pipeline.orchestration import cli
 from tests.synthetic import write_synthetic_coco
 
 PROJECT = Path(__file__).resolve().parents[1]
+TOKEN = "aploss-test-" + "0" * 20
 
 
 @pytest.fixture
@@ -139,8 +141,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A head node of its own: its own ports, and a temp dir so that no other local `ray.init()`
-    finds it. Stopped by SIGTERM to its `ray start --block`, which takes down the processes it
-    started; `ray stop` would also kill every other Ray on this machine."""
+    finds it, with token auth on (its own token, which this module's clients send), started
+    with the venv first on PATH as the README says. Stopped by SIGTERM to its `ray start
+    --block`, which takes down the processes it started; `ray stop` would also kill every other
+    Ray on this machine."""
     # Short: Ray's unix sockets live under it (path length limit).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     dashboard = _free_port()
@@ -152,8 +156,11 @@ def cluster() -> Iterator[str]:
          *map(str, ports), "--num-cpus", "4", "--include-dashboard", "true", "--temp-dir", temp_dir,
          "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
         # No 30 s drain on SIGTERM: nothing here needs a graceful handover.
-        env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+        env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_AUTH_MODE": "token",
+             "RAY_AUTH_TOKEN": TOKEN, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     address = f"http://127.0.0.1:{dashboard}"
+    earlier_token = os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = TOKEN
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -166,10 +173,40 @@ def cluster() -> Iterator[str]:
                 time.sleep(1)
         yield address
     finally:
+        if earlier_token is None:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN"] = earlier_token
         head.terminate()
         head.wait(timeout=60)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_readme_job_line_runs_as_written_with_token_auth(cluster, tmp_path):
+    (line,) = [line.strip() for line in (PROJECT / "README.md").read_text().splitlines()
+               if "ray job submit" in line and line.strip().startswith("RAY_AUTH_MODE=token")]
+    assert "--address http://127.0.0.1:8265" in line
+    with pytest.raises(AuthenticationError):  # the head does require the token
+        JobSubmissionClient(cluster, headers={}).list_jobs()
+    write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})
+    output = f"runs/readme-job-{tmp_path.name}"  # relative: it must land in the submitter's ./runs
+    overrides = [
+        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "'data.annotations={train: train.json, val: val.json}'",
+        "'data.images={train: train, val: val}'", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        "train.batch_size=4", "train.max_steps=2", "train.epochs=100", "train.eval_every=2", "ray.workers=2",
+        f"run.output_dir={output}", "run.name=readme-job"]
+    command = line.replace("http://127.0.0.1:8265", cluster) + " " + " ".join(overrides)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "MLFLOW"))}
+    try:
+        finished = subprocess.run(["bash", "-c", command], cwd=PROJECT, env=environment, capture_output=True,
+                                  text=True, timeout=600)
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+        assert "succeeded" in finished.stdout.lower()
+        assert (PROJECT / output / "readme-job" / "model.pt").is_file()
+        assert (PROJECT / output / "readme-job" / "eval" / "metrics.json").is_file()
+    finally:
+        shutil.rmtree(PROJECT / output, ignore_errors=True)
 
 
 def test_submit_failing_entrypoint_returns_1(cluster, capsys):
