@@ -11,14 +11,27 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
 
 
+def ray_log_level() -> str:
+    """The level of the Python loggers in the Ray processes a run starts (Train's controller and
+    workers): their resource and worker-group notes are INFO."""
+    return "INFO" if verbose() else "WARNING"
+
+
+# MLflow on logging a pyfunc from code (advice on type hints and input examples for a model whose
+# signature this project sets) and on the prepared shards logged as datasets.
+MLFLOW_ADVICE = (r".*(type hints to the `predict` method|input example was not provided|source can be interpreted "
+                 r"in multiple ways|Inferred schema contains integer column)")
+
+
 def quiet_third_party() -> None:
     """Silence, in this process, what repeats every run without telling the user anything."""
     if verbose():
         return
-    # MLflow on logging a pyfunc from code: advice on type hints and input examples for models
-    # whose signature this project sets itself.
-    warnings.filterwarnings("ignore", message=r".*(type hints to the `predict` method|input example was not "
-                                              r"provided)", category=UserWarning)
+    warnings.filterwarnings("ignore", message=MLFLOW_ADVICE, category=UserWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+    # Ray Train's notes on moving the model, wrapping it in DDP and persisting each checkpoint.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:
         # Ray Train prints each ray.train.report() call in full ("Reporting training result N:
         # TrainingReport(...)"); the run's own step and validation lines say it better.

@@ -7,14 +7,16 @@ without ground truth has NaN AP and a NaN curve, and a metric whose area range h
 ground truth (COCOeval's -1) is NaN. No detections at all is not undefined: every class with
 ground truth then scores 0.
 """
+import builtins
 import contextlib
+import functools
 import io
 import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -65,16 +67,29 @@ def evaluate_detections(ground_truth: str | Path | COCO,
         raise DataError(f"{where}: no ground-truth boxes to evaluate against (AP is undefined)")
     results = load_detections(detections)
     check_detections(results, gt)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _captured_prints():
         # loadRes indexes results[0], so no detections needs an empty result set of its own.
         dt = gt.loadRes(results) if results else _empty_results(gt)
         evaluator = COCOeval(gt, dt, iouType="bbox")
         evaluator.evaluate()
         evaluator.accumulate()
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
+    with _captured_prints() as summary:
         evaluator.summarize()
     return _collect(evaluator, gt, summary.getvalue())
+
+
+@contextlib.contextmanager
+def _captured_prints() -> Iterator[io.StringIO]:
+    """pycocotools reports through print(): into the returned buffer, off the console. Ray Train
+    workers send print() to stdout to their logger, `redirect_stdout` or not, so print itself is
+    pointed at the buffer (a file other than stdout, which they leave to print)."""
+    buffer = io.StringIO()
+    real_print = builtins.print
+    builtins.print = functools.partial(real_print, file=buffer)
+    try:
+        yield buffer
+    finally:
+        builtins.print = real_print
 
 
 def category_ids(ground_truth: str | Path) -> list[int]:
@@ -100,7 +115,7 @@ def load_ground_truth(source: str | Path | COCO) -> COCO:
                 raise DataError(f"{path}: {section}[{index}] lacks {', '.join(missing)}")
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _captured_prints():
         coco.createIndex()
     return coco
 

@@ -19,6 +19,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.stages import evaluate_stage, robustness_stage
 from pipeline.orchestration import tracking
+from pipeline.quiet import ray_log_level
 from pipeline.redaction import redact
 from pipeline.training.journal import METRICS_FILE
 from pipeline.training.local import train_stage
@@ -43,7 +44,8 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
     address = config.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else "")
     if address:
         try:
-            ray.init(address=address, configure_logging=False)
+            ray.init(address=address, configure_logging=False,
+                     logging_config=ray.LoggingConfig(log_level=ray_log_level()))
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UserError(f"ray.address={address}: cannot join a Ray cluster ({str(error).splitlines()[0]}); "
                             "start one (ray start --head), or leave ray.address empty for a local instance") from None
@@ -56,7 +58,8 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
     cpus = config.ray.local_cpus or int(config.ray.workers * config.ray.cpus_per_worker) + 2 + extra_cpus
     # "local" starts an instance of this run's own even where a cluster already runs on the
     # machine (which a plain ray.init() would join, refusing num_cpus).
-    ray.init(address="local", num_cpus=cpus, configure_logging=False)
+    ray.init(address="local", num_cpus=cpus, configure_logging=False,
+             logging_config=ray.LoggingConfig(log_level=ray_log_level()))
     print(f"started a local Ray instance with {cpus} CPUs (ray.address=auto joins a running cluster instead)",
           flush=True)
 
