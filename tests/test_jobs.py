@@ -249,6 +249,8 @@ def test_start_ray_joins_the_cluster_of_the_job(clean_env, monkeypatch):
     clean_env.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what the job supervisor gives an entrypoint
     start_ray(load_config(None, []))
     start_ray(load_config(None, ["ray.address=ray://head:10001"]))
+    # The run's Ray processes log at WARNING: their INFO notes are not the user's business.
+    assert [call.pop("logging_config").log_level for call in calls] == ["WARNING"] * 3
     # "local": an instance of its own even where a cluster runs on the machine (ray.address=auto joins it).
     assert calls == [{"address": "local", "num_cpus": 4, "configure_logging": False},
                      {"address": "auto", "configure_logging": False},
