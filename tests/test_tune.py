@@ -53,7 +53,9 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")
     assert sorted(t.data.params["optim.lr"] for t in trials) == ["0.02", "1e-06"]
     reports = sorted(len(client.get_metric_history(t.info.run_id, "val_ap")) for t in trials)
-    assert reports == [2, 4]  # the stopped trial validated twice (grace period), the other to the end
+    # The stopped trial validated at least twice (grace period), and not to the end: Ray Train's
+    # worker goes on while Tune decides, so one more validation may land before the stop.
+    assert 2 <= reports[0] < 4 and reports[1] == 4
     statuses = {t.data.params["optim.lr"]: t.info.status for t in trials}
     assert statuses == {"0.02": "FINISHED", "1e-06": "KILLED"} and sweep.info.status == "FINISHED"
 
