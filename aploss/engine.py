@@ -283,11 +283,10 @@ class _APLossFunction(torch.autograd.Function):
         update: _Update | None = ctx.update
         grad = None
         if ctx.needs_input_grad[0]:
-            if ctx.nan_labels is not None:
+            if update is None:  # no positives, or a NaN among the ranked pairs
                 grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
-                grad.view(-1).masked_fill_(ctx.nan_labels >= 0, float("nan"))
-            elif update is None:
-                grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
+                if ctx.nan_labels is not None:
+                    grad.view(-1).masked_fill_(ctx.nan_labels >= 0, float("nan"))
             else:
                 flat_logits = ctx.saved_tensors[0].reshape(-1)
                 grad = _evaluate_update(update, flat_logits, grad_output.double()).view(ctx.shape)

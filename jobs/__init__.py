@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jobs.runtime_env import SUBMIT_DIR
+from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.orchestration import cli
 
 
@@ -36,17 +38,23 @@ def run_command(command: Sequence[str], argv: Sequence[str] | None = None) -> in
 
 
 def _relative_paths(arguments: list[str]) -> list[str]:
-    """The settings among `arguments` (and the environment) that name a relative local path."""
-    paths = {"APLOSS_DATA_ROOT": os.environ.get("APLOSS_DATA_ROOT", "")}
-    for index, argument in enumerate(arguments):
-        if argument == "--config" and index + 1 < len(arguments):
-            paths["--config"] = arguments[index + 1]
-        key, _, value = argument.partition("=")
-        if key in ("run.output_dir", "data.root", "data.prepared"):
-            paths[key] = value
-    paths.setdefault("run.output_dir", "runs")  # the default
-    return [f"{key}={value}" for key, value in paths.items()
-            if value and "://" not in value and not os.path.isabs(os.path.expanduser(value))]
+    """The settings the job would run with (its config file, overrides and environment) that
+    name a relative local path."""
+    parsed, _ = cli.parser()[0].parse_known_args(arguments)
+    paths = {"APLOSS_DATA_ROOT": os.environ.get("APLOSS_DATA_ROOT", ""), "--config": parsed.config or ""}
+    if not _relative(paths["--config"]):
+        try:
+            config = load_config(parsed.config, parsed.overrides)
+        except UserError:
+            config = None  # the command itself says what is wrong with it
+        if config is not None:
+            paths |= {"run.output_dir": config.run.output_dir, "data.root": config.data.root,
+                      "data.prepared": config.data.prepared}
+    return [f"{key}={value}" for key, value in paths.items() if _relative(value)]
+
+
+def _relative(path: str) -> bool:
+    return bool(path) and "://" not in path and not os.path.isabs(os.path.expanduser(path))
 
 
 def entrypoint(*command: str) -> Callable[[Sequence[str] | None], int]:

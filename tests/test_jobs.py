@@ -74,6 +74,11 @@ def test_a_job_sees_paths_as_the_submitter_gave_them(clean_env, tmp_path, monkey
     assert "APLOSS_DATA_ROOT=../shared/datasets, run.output_dir=runs relative to" in error and not seen
     clean_env.delenv("APLOSS_DATA_ROOT")
     assert jobs.run_command(["pipeline", "run"], ["run.output_dir=s3://bucket/runs", "data.root=/shared/data"]) == 0
+    (tmp_path / "job.yaml").write_text("run: {output_dir: outputs}\ndata: {root: /shared/data}\n")
+    assert jobs.run_command(["pipeline", "run"], ["--config", str(tmp_path / "job.yaml")]) == 2
+    assert "run.output_dir=outputs relative to" in capsys.readouterr().err
+    assert jobs.run_command(["pipeline", "run"], ["--config", "configs/job.yaml"]) == 2
+    assert "--config=configs/job.yaml relative to" in capsys.readouterr().err
 
 
 def test_entrypoint_passes_config_and_overrides(clean_env, tmp_path, monkeypatch):

@@ -121,4 +121,4 @@ def test_log_lines_carry_the_step_time_and_eta(tmp_path, capsys):
         hooks.after_step(training, training.train_step(*_batch(True)))
     (line,) = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step 2/4 loss=\S+ cls_loss=\S+ box_loss=\S+ .*images_per_s=\S+ \| "
-                        r"\d+\.\d\d s/step, ETA 0m\d\ds", line), line
+                        r"\d+\.\d\d s/step, ETA 00:\d\d", line), line

@@ -154,20 +154,20 @@ HELP = {
 }
 
 
-def _command_parser(commands, name: str, label: str | None = None) -> argparse.ArgumentParser:
+def _command_parser(commands, name: str) -> argparse.ArgumentParser:
+    """`name`'s parser under `commands` (`pipeline run` as `run` under `pipeline`), with its
+    description, examples and the config arguments every command takes."""
     summary, description, examples = HELP[name]
-    return commands.add_parser(label or name, help=summary,
-                               description=textwrap.fill(f"{summary[0].upper()}{summary[1:]}. {description}", 88),
-                               epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def _add_config_arguments(command: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(name.split()[-1], help=summary,
+                                  description=textwrap.fill(f"{summary[0].upper()}{summary[1:]}. {description}", 88),
+                                  epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     command.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     command.add_argument("overrides", nargs="*", metavar="section.key=value",
                          help="config overrides, e.g. optim.lr=0.02 train.epochs=3 ('aploss config show' lists "
                               "every key with its value)")
+    return command
 
 
 def _add_runs_argument(command: argparse.ArgumentParser, help: str) -> None:
@@ -188,32 +188,20 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     root.add_argument("-v", "--verbose", action="store_true",
                       help="show third-party notices and warnings that are hidden by default")
     commands = root.add_subparsers(dest="command", required=True, metavar="<command>")
-    parsers = {}
-    for name in ("prep", "train", "eval"):
-        parsers[name] = _command_parser(commands, name)
-        _add_config_arguments(parsers[name])
-    groups = {"pipeline": ("run", "train"), "config": ("show",)}
-    pipeline_group = commands.add_parser("pipeline", help="run: " + HELP["pipeline run"][0] + "; train: the Ray "
-                                         "Train stage alone").add_subparsers(dest="action", required=True,
-                                                                             metavar="<action>")
-    config_group = commands.add_parser("config", help="show: " + HELP["config show"][0]).add_subparsers(
-        dest="action", required=True, metavar="<action>")
-    for group, actions in groups.items():
-        for action in actions:
-            name = f"{group} {action}"
-            parsers[name] = _command_parser(pipeline_group if group == "pipeline" else config_group, name, action)
-            _add_config_arguments(parsers[name])
-    parsers["tune"] = _command_parser(commands, "tune")
+    groups, parsers = {}, {}
+    for name in HELP:  # `pipeline run` and `pipeline train` as actions of a `pipeline` group
+        group, _, action = name.partition(" ")
+        if action and group not in groups:
+            summary = "; ".join(f"{other.split()[-1]}: {HELP[other][0]}" for other in HELP
+                                if other.startswith(f"{group} "))
+            groups[group] = commands.add_parser(group, help=summary).add_subparsers(
+                dest="action", required=True, metavar="<action>")
+        parsers[name] = _command_parser(groups[group] if action else commands, name)
     parsers["tune"].add_argument("--samples", type=int, help="number of trials (tune.samples)")
-    _add_config_arguments(parsers["tune"])
-    parsers["robustness"] = _command_parser(commands, "robustness")
     _add_runs_argument(parsers["robustness"], "a run whose model to evaluate, repeated: all in one pass over the "
                                               "perturbed images (default: run.name)")
-    _add_config_arguments(parsers["robustness"])
-    parsers["report"] = _command_parser(commands, "report")
     _add_runs_argument(parsers["report"], "a pipeline run to compare, repeated (default: every pipeline run of the "
                                           "experiment)")
-    _add_config_arguments(parsers["report"])
     return root, parsers
 
 

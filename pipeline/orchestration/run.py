@@ -80,6 +80,9 @@ def kept_checkpoints(config: Config, result: ray.train.Result | None) -> list[tu
     return store.entries()
 
 
+STAGES = ("data-prep", "train", "evaluate")
+
+
 def _stage(name: str, run_id: str):
     print(f"== {name}", flush=True)
     return tracking.active(run_id)
@@ -94,7 +97,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     metrics_path = run_dir / "eval" / "metrics.json"
     skipped = []
 
-    with tracking.parent_run(parent) as progress:
+    with tracking.parent_run(parent) as outcome:
         run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
         if finished:
             # Locating the prepared data hashes the inputs (their address) but not every shard again.
@@ -104,7 +107,6 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             except MissingInput:  # the inputs changed since: the run's record below says whether that may be
                 directory = prepare(config).directory
         else:
-            progress.ran = True
             with _stage("data-prep", run_id):
                 prepared = prepare(config)
                 tracking.log_prep(prepared.manifest, prepared.directory)
@@ -117,7 +119,6 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
         if finished and model_path.exists():
             skipped.append("train")
         else:
-            progress.ran = True
             with _stage("train", run_id):
                 tracking.log_train_params(config)
                 tracking.log_headline(parent, config, training_steps(config))
@@ -136,11 +137,11 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
         if finished and metrics_path.exists():
             skipped.append("evaluate")
         else:
-            progress.ran = True
             with _stage("evaluate", run_id):
                 evaluation = evaluate_stage(config)
                 tracking.log_evaluation(evaluation, config)
             tracking.log_test_metrics(parent, evaluation)
+        outcome.ran = len(skipped) < len(STAGES)
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
 

@@ -95,8 +95,8 @@ def run_sweep(config: Config) -> SweepResult:
         raise UserError("tune.space: a sweep needs at least one key to search")
     experiment = tracking.configure(config)
     sweep_run = tracking.pipeline_run(config, experiment, stage="sweep")
-    with tracking.parent_run(sweep_run) as progress:
-        progress.ran = True
+    with tracking.parent_run(sweep_run) as outcome:
+        outcome.ran = True
         result = _sweep(config, experiment, sweep_run)
     return result
 

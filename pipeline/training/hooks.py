@@ -34,12 +34,6 @@ class LocalSink:
         self.store.save(step, state, val_ap)
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
 def say(line: str) -> None:
     # Ray Train 2.60 echoes a worker's print() twice on the driver's console; a plain write once.
     sys.stdout.write(redact(line) + "\n")
@@ -98,7 +92,7 @@ class TrainingHooks:
             seconds_per_step = (time.perf_counter() - self.pace_start) / self.pace_steps
             left = seconds_per_step * (self.schedule.total_steps - step)
             say(f"step {step}/{self.schedule.total_steps} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES)
-                + f" | {seconds_per_step:.2f} s/step, ETA {_duration(left)}")
+                + f" | {seconds_per_step:.2f} s/step, ETA {tqdm.format_interval(left)}")
 
     def _checkpoint(self, training: Training, step: int) -> None:
         training.check_weights()  # the same weights on every rank: all of them stop, or none
