@@ -44,13 +44,12 @@ def _run_trial(params: dict, sweep: dict) -> None:
     config = bind_init(fit_anchors(trial_config(sweep["base"], params)))
     run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
     trainer = build_trainer(config, sweep["classes"], callbacks=[TuneReportCallback()])
-    failed = True
-    try:
-        with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id,
-                                       sweep["tracking_uri"]):
-            failed = trainer.fit().error is not None
-    finally:  # ASHA stopping the trial, too, ends its run rather than leaving it RUNNING
-        tracking.finish(run_id, failed, sweep["tracking_uri"])
+    with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id, sweep["tracking_uri"]):
+        result = trainer.fit()
+    # A trial that ASHA stops, or that raises, never gets here: the sweep driver ends its run
+    # (`_trial_outcomes`). Ending it on the way out as well raced with the driver, and a stopped
+    # trial's interrupted fit could overwrite the driver's KILLED with FAILED.
+    tracking.finish(run_id, result.error is not None, sweep["tracking_uri"])
 
 
 def _search_algorithm(config: Config):
