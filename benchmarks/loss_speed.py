@@ -130,13 +130,18 @@ def measure_reference(num_pairs: int, num_pos: int, device: str) -> dict:
             "reference_ms": 1000 * timed(lambda: reference_step(logits, labels), device)}
 
 
-def measure_peaks(kind: str, num_pairs: int, num_pos: int, device: str) -> dict:
+def measure_peaks(kind: str, num_pairs: int, num_pos: int, device: str, repeats: int = 5) -> dict:
+    """Median peak over repeats: on CPU, which pages a step touches first varies by a few hundred
+    KB from call to call (per-thread arenas, the order in which blocks are handed back)."""
     peaks = {}
     for name, step in steps_for(kind, num_pairs, num_pos, device).items():
         step()  # warm-up: one-time allocations are not the step's
-        with PeakMemory(device) as memory:
-            step()
-        peaks[f"{name}_peak_bytes"] = memory.peak
+        values = []
+        for _ in range(repeats):
+            with PeakMemory(device) as memory:
+                step()
+            values.append(memory.peak)
+        peaks[f"{name}_peak_bytes"] = statistics.median(values)
     return peaks
 
 
@@ -210,7 +215,7 @@ def main() -> None:
     parser.add_argument("--positives", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--loads", nargs="+", choices=["quiet", "busy"], default=["quiet", "busy"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/loss_speed.json"))
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
