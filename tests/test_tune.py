@@ -43,6 +43,9 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
         ray.shutdown()
     printed = capsys.readouterr().out
     assert "2 trials, 1 stopped early by ASHA" in printed
+    # Tune's last progress table: the searched key and the metric, not every key a trial reports.
+    header = [line for line in printed.splitlines() if "Trial name" in line][-1].split()
+    assert "optim.lr" in header and "val_ap" in header and not {"score", "step"} & set(header)
     best = load_config(tmp_path / "runs" / "sweep-test-sweep-best.yaml")
     assert best.optim.lr == 0.02 and best.train.max_steps == 24
 

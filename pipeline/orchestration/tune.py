@@ -39,11 +39,19 @@ def trial_config(base: dict, params: dict) -> Config:
     return config_from_dict(data)
 
 
+class _ReportValidationAP(TuneReportCallback):
+    """Forwards rank 0's validation AP alone: Tune's progress table shows every numeric key a
+    trial reports, and the searched keys with the metric are what a sweep is read by."""
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        super().after_report(run_context, [{METRIC: metrics[0][METRIC]}], None)
+
+
 def _run_trial(params: dict, sweep: dict) -> None:
     # Fitted per trial: a trial may search model.min_size or the anchors themselves.
     config = bind_init(fit_anchors(trial_config(sweep["base"], params)))
     run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
-    trainer = build_trainer(config, sweep["classes"], callbacks=[TuneReportCallback()])
+    trainer = build_trainer(config, sweep["classes"], callbacks=[_ReportValidationAP()])
     with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id, sweep["tracking_uri"]):
         result = trainer.fit()
     # A trial that ASHA stops, or that raises, never gets here: the sweep driver ends its run
