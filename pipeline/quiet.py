@@ -2,6 +2,7 @@
 console; `aploss -v` (APLOSS_VERBOSE=1, which Ray workers started by the run inherit) shows them."""
 import logging
 import os
+import re
 import warnings
 
 VERBOSE_VARIABLE = "APLOSS_VERBOSE"
@@ -23,6 +24,19 @@ MLFLOW_ADVICE = (r".*(type hints to the `predict` method|input example was not p
                  r"in multiple ways|Inferred schema contains integer column)")
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+# Ray's note that token authentication is on, as it should be; its warning that it is off stays.
+_TOKEN_AUTH_ON = _DropMessages(r"Token authentication is enabled")
+
+
 def quiet_third_party() -> None:
     """Silence, in this process, what repeats every run without telling the user anything."""
     if verbose():
@@ -32,6 +46,7 @@ def quiet_third_party() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
     # Ray Train's notes on moving the model, wrapping it in DDP and persisting each checkpoint.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
     try:
         # Ray Train prints each ray.train.report() call in full ("Reporting training result N:
         # TrainingReport(...)"); the run's own step and validation lines say it better.
