@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from aploss.distributed import ProcessGroupBatch
@@ -27,7 +27,7 @@ from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
-from pipeline.quiet import quiet_third_party
+from pipeline.quiet import quiet_third_party, ray_log_level
 from pipeline.training.hooks import TrainingHooks, say
 from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
 
@@ -110,6 +110,8 @@ def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict
         run_config=RunConfig(
             name=config.run.name, storage_path=str(storage_path(config)), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
+            # Ray Train's controller configures its own loggers (resource requests, worker group).
+            logging_config=LoggingConfig(log_level=ray_log_level()),
             # Ray keeps the latest beside the best num_to_keep.
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints - 1,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="max")))
