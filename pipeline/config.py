@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
+from pipeline.storage import Location, absolute
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -363,10 +364,10 @@ class RunConfig:
         """Where this run's checkpoints and evaluation outputs go."""
         return Path(self.output_dir).expanduser().resolve() / self.name
 
-    def prepared_root(self) -> Path:
+    def prepared_root(self) -> Location:
         """Where data-prep writes: one directory per dataset and content, shared by every run
-        under the same output_dir."""
-        return Path(self.output_dir).expanduser().resolve() / "data"
+        under the same output_dir (a local path or an object-store URI)."""
+        return Location(self.output_dir) / "data"
 
 
 @dataclass
@@ -415,14 +416,14 @@ class Config:
         """This config with run.output_dir and data.root resolved here (data.root from
         $APLOSS_DATA_ROOT too), for a process that starts elsewhere: Ray Train workers and Tune
         trials run in Ray's own directories, without this process's variables."""
-        prepared = str(Path(self.data.prepared).expanduser().resolve()) if self.data.prepared else ""
+        prepared = absolute(self.data.prepared) if self.data.prepared else ""
         return dataclasses.replace(
             self, data=dataclasses.replace(self.data, root=str(self.data.resolved_root()), prepared=prepared),
             run=dataclasses.replace(self.run, output_dir=str(Path(self.run.output_dir).expanduser().resolve())))
 
-    def with_prepared(self, directory: Path) -> "Config":
+    def with_prepared(self, directory: "Path | Location") -> "Config":
         """This config bound to the prepared data in `directory` (recorded with the run's model)."""
-        return dataclasses.replace(self, data=dataclasses.replace(self.data, prepared=str(Path(directory).resolve())))
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, prepared=str(Location(directory))))
 
     def for_run(self, name: str) -> "Config":
         """This config for another run under the same output_dir (a run of a comparison)."""

@@ -43,7 +43,7 @@ def set_file_name(json_path: Path, image_id: int, file_name: str) -> None:
 
 
 def shard_bytes(directory: Path) -> bytes:
-    return b"".join(path.read_bytes() for path in sorted(directory.rglob("*.parquet")))
+    return b"".join(path.read_bytes() for path in sorted(Path(directory).rglob("*.parquet")))
 
 
 @pytest.fixture

@@ -254,9 +254,9 @@ def test_bccd(tmp_path):
 def test_rerun_reuses_and_changes_reprepare(tmp_path, voc):
     config = make_config(tmp_path)
     first = prepare(config, progress=False)
-    before = snapshot(first.directory)
+    before = snapshot(Path(first.directory))
     second = prepare(config, progress=False)
-    assert second.reused and second.manifest == first.manifest and snapshot(first.directory) == before
+    assert second.reused and second.manifest == first.manifest and snapshot(Path(first.directory)) == before
 
     (voc / "Annotations" / "a.xml").write_text(voc_xml("a", (40, 30), [("dog", (2, 3, 21, 25), False)]))
     changed = prepare(config, progress=False)
@@ -324,7 +324,7 @@ def test_skip_bad_skips_and_reports(tmp_path, voc):
 def test_failure_mid_write_keeps_the_previous_dataset(tmp_path, voc, monkeypatch):
     config = make_config(tmp_path, shard_images=1)
     previous = prepare(config, progress=False)
-    before = {path: path.read_bytes() for path in previous.directory.rglob("*") if path.is_file()}
+    before = {path: path.read_bytes() for path in Path(previous.directory).rglob("*") if path.is_file()}
 
     real_write = prep_module.write_shard
     calls = []
@@ -339,8 +339,8 @@ def test_failure_mid_write_keeps_the_previous_dataset(tmp_path, voc, monkeypatch
     (voc / "Annotations" / "e.xml").write_text(voc_xml("e", (32, 24), []))
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(config, progress=False)
-    assert {path: path.read_bytes() for path in previous.directory.rglob("*") if path.is_file()} == before
-    assert [p.name for p in previous.directory.parent.iterdir()] == [previous.directory.name]  # no staging left
+    assert {path: path.read_bytes() for path in Path(previous.directory).rglob("*") if path.is_file()} == before
+    assert [p.name for p in Path(previous.directory).parent.iterdir()] == [previous.directory.name]  # no staging left
     assert read_manifest(previous.directory) == previous.manifest
 
 

@@ -15,11 +15,12 @@ from pipeline.data.shards import read_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
 from pipeline.model import bind_init
+from pipeline.storage import Location
 
 
-def split_dir(config: Config, split: str) -> Path:
+def split_dir(config: Config, split: str) -> Location:
     """A split of the prepared data `config` is bound to (`data.prepared`)."""
-    return Path(config.data.prepared) / split
+    return Location(config.data.prepared) / split
 
 
 def training_data(config: Config) -> tuple[Config, list[str]]:

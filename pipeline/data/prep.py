@@ -13,13 +13,16 @@ clipped or dropped box, and each image skipped under data.skip_bad, is listed in
 Idempotent: when the manifest's input hash matches and every file still has its recorded
 sha256, the prepared data is returned untouched. Atomic: a new version is written into a
 temporary sibling directory and renamed into place only once complete, so an interrupted prep
-never leaves a half-written dataset and the previous version survives until then.
+never leaves a half-written dataset and the previous version survives until then. In an object
+store (run.output_dir=s3://...), which has no rename, it is written locally, then uploaded with
+the manifest last: readers take a directory without a manifest for one not prepared yet.
 """
 import hashlib
 import io
 import json
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections import Counter
@@ -45,12 +48,13 @@ from pipeline.data.shards import (
 )
 from pipeline.data.sources import PrepError, Source, SourceImage, check_splits, open_source
 from pipeline.errors import MissingInput
+from pipeline.storage import Location
 
 
 @dataclass
 class PrepResult:
     manifest: dict
-    directory: Path
+    directory: Location
     reused: bool  # the existing prepared data matched its inputs and was returned untouched
 
 
@@ -67,13 +71,20 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     if manifest is not None:
         return PrepResult(manifest, directory, reused=True)
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
     _check_not_empty(source, splits)
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}")
+    if directory.remote:  # staged here, then uploaded with the manifest last
+        with tempfile.TemporaryDirectory(prefix="aploss-prep-") as staging:
+            manifest = _write(Path(staging), data, source, settings, input_hash, progress)
+            directory.delete_tree()  # a reader finds no manifest, then the complete new version
+            directory.upload(Path(staging), last=MANIFEST)
+        return PrepResult(manifest, directory, reused=False)
+    local = directory.local()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    staging = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
         manifest = _write(staging, data, source, settings, input_hash, progress)
-        _swap(staging, directory)
+        _swap(staging, local)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in
     return PrepResult(manifest, directory, reused=False)
@@ -89,16 +100,16 @@ def _settings(data: DataConfig, source: Source, splits: list[str]) -> dict:
     }
 
 
-def prepared_directory(config: Config, input_hash: str) -> Path:
+def prepared_directory(config: Config, input_hash: str) -> Location:
     """Prepared data is addressed by what it was made of: other data never lands in its place."""
     return config.run.prepared_root() / f"{config.data.dataset}-{input_hash[:12]}"
 
 
-def locate_prepared(config: Config) -> Path:
+def locate_prepared(config: Config) -> Location:
     """The prepared data a stage works on: data.prepared if set, else the directory data-prep
     made of the data.* settings and their current inputs (an error if it has not run)."""
     if config.data.prepared:
-        directory = Path(config.data.prepared).expanduser().resolve()
+        directory = Location(config.data.prepared)
         if not (directory / MANIFEST).is_file():
             raise MissingInput(f"data.prepared: {directory} holds no prepared data (no {MANIFEST})")
         return directory
@@ -156,7 +167,7 @@ def _files(splits: dict) -> list[dict]:
     return [item for split in splits.values() for item in [*split["shards"], split["ground_truth"]]]
 
 
-def _reusable(directory: Path, input_hash: str) -> dict | None:
+def _reusable(directory: Location, input_hash: str) -> dict | None:
     """The existing manifest, if made from the same inputs and with every file intact."""
     try:
         manifest = read_manifest(directory)

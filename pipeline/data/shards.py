@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, MissingInput
+from pipeline.storage import Location
 
 # 2: manifest category_ids, ground truth in the dataset's own category ids; 3: box statistics per class
 SCHEMA_VERSION = 3
@@ -64,9 +65,12 @@ class ImageRecord:
     crowd: np.ndarray  # bool [n]
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def file_sha256(path: Path | Location) -> str:
+    digest = hashlib.sha256()
+    with Location(path).open_input() as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _table(records: Sequence[ImageRecord]) -> pa.Table:
@@ -93,7 +97,7 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
             writer.write_table(_table(records[start:start + ROW_GROUP_IMAGES]), row_group_size=ROW_GROUP_IMAGES)
 
 
-def _check_version(version: Any, where: Path) -> None:
+def _check_version(version: Any, where: Path | Location) -> None:
     if str(version) != str(SCHEMA_VERSION):
         raise DataError(f"{where}: prepared with schema version {version}, this code reads version "
                          f"{SCHEMA_VERSION}; run data-prep again")
@@ -125,13 +129,16 @@ class ShardReader:
     dropped on pickling and files are opened per row-group read, so no handle crosses over.
     """
 
-    def __init__(self, directory: str | Path, cache_row_groups: int = 4):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | Path | Location, cache_row_groups: int = 4):
+        self.directory = Location(directory)
         if not self.directory.is_dir():
             raise MissingInput(f"{self.directory}: no prepared split here; run data-prep first")
         self.cache_row_groups = max(1, cache_row_groups)
-        self._shards = sorted(self.directory.glob("part-*.parquet"))
-        self._metadata = [pq.read_metadata(path) for path in self._shards]
+        self._shards = self.directory.files("part-*.parquet")
+        self._metadata = []
+        for shard in self._shards:
+            with shard.open_input() as handle:
+                self._metadata.append(pq.read_metadata(handle))
         self._groups: list[tuple[int, int]] = []  # (shard, row group within it), in row order
         self._starts: list[int] = []  # first row of each group
         rows = 0
@@ -172,8 +179,8 @@ class ShardReader:
             self._cache.move_to_end(group)
             return self._cache[group]
         shard, within = self._groups[group]
-        parquet = pq.ParquetFile(self._shards[shard], metadata=self._metadata[shard])
-        records = _records(parquet.read_row_group(within))
+        with self._shards[shard].open_input() as handle:
+            records = _records(pq.ParquetFile(handle, metadata=self._metadata[shard]).read_row_group(within))
         self._cache[group] = records
         while len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
@@ -185,9 +192,9 @@ class ShardReader:
         return state
 
 
-def read_manifest(prepared_dir: str | Path) -> dict:
+def read_manifest(prepared_dir: str | Path | Location) -> dict:
     """The manifest data-prep wrote for a dataset directory, checked to be of this schema."""
-    path = Path(prepared_dir) / MANIFEST
+    path = Location(prepared_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:

@@ -30,6 +30,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from pipeline.errors import DataError, MissingInput
 from pipeline.io import write_bytes_atomic
+from pipeline.storage import Location
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -63,7 +64,7 @@ def evaluate_detections(ground_truth: str | Path | COCO,
     as xywh, score; or a JSON file of them) against a ground-truth instances file or COCO."""
     gt = load_ground_truth(ground_truth)
     if not any(not annotation.get("iscrowd") for annotation in gt.dataset["annotations"]):
-        where = ground_truth if isinstance(ground_truth, (str, Path)) else "the ground truth"
+        where = ground_truth if isinstance(ground_truth, (str, Path, Location)) else "the ground truth"
         raise DataError(f"{where}: no ground-truth boxes to evaluate against (AP is undefined)")
     results = load_detections(detections)
     check_detections(results, gt)
@@ -92,16 +93,16 @@ def _captured_prints() -> Iterator[io.StringIO]:
         builtins.print = real_print
 
 
-def category_ids(ground_truth: str | Path) -> list[int]:
+def category_ids(ground_truth: str | Path | Location) -> list[int]:
     """The category id of each class of a prepared split's ground truth, in class order."""
-    return [category["id"] for category in _read_json(Path(ground_truth))["categories"]]
+    return [category["id"] for category in _read_json(ground_truth)["categories"]]
 
 
-def load_ground_truth(source: str | Path | COCO) -> COCO:
+def load_ground_truth(source: str | Path | Location | COCO) -> COCO:
     """A COCO index of an instances JSON file; errors name the file."""
     if isinstance(source, COCO):
         return source
-    path = Path(source)
+    path = Location(source)
     data = _read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a COCO instances file (expected a JSON object)")
@@ -120,10 +121,9 @@ def load_ground_truth(source: str | Path | COCO) -> COCO:
     return coco
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path | Location) -> Any:
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        return json.loads(Location(path).read_bytes())
     except FileNotFoundError:
         raise MissingInput(f"{path}: no such file") from None
     except OSError as error:

@@ -1,0 +1,181 @@
+"""Where the pipeline's files live: a local directory, or an object store named by a URI that
+`pyarrow.fs` opens (`s3://bucket/prefix`, `gs://...`, `hdfs://...`).
+
+Object stores are reached with their standard settings and nothing of this project's: for S3 the
+AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` for
+an S3-compatible server), which `pyarrow.fs.FileSystem.from_uri` reads. A `Location` pickles as
+its address alone, so credentials never travel with it: each process opens the store itself.
+"""
+import fnmatch
+import os
+import posixpath
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.io import write_bytes_atomic
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_STREAM_BYTES = 1 << 20
+
+
+def is_uri(where: str | os.PathLike) -> bool:
+    """Whether `where` names an object store rather than a local path (file:// is local)."""
+    text = os.fspath(where)
+    return bool(_URI.match(text)) and not text.startswith("file://")
+
+
+def absolute(where: str | os.PathLike) -> str:
+    """A local path made absolute here (it means this process's directory, not a worker's); a URI
+    as it is."""
+    text = os.fspath(where)
+    if is_uri(text):
+        return text.rstrip("/")
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return str(Path(text).expanduser().resolve())
+
+
+# Opened once per bucket and endpoint: a row-group read should not set up a client.
+_filesystems: dict[tuple[str, str, str], tuple[pafs.FileSystem, str]] = {}
+
+
+def _open(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a URI's bucket and the path within it."""
+    scheme, rest = uri.split("://", 1)
+    root = f"{scheme}://{rest.split('/', 1)[0]}"
+    key = (root, os.environ.get("AWS_ENDPOINT_URL", ""), os.environ.get("AWS_ENDPOINT_URL_S3", ""))
+    if key not in _filesystems:
+        try:
+            _filesystems[key] = pafs.FileSystem.from_uri(root)
+        except (OSError, ValueError) as error:
+            raise OSError(f"{root}: cannot open this storage: {error}") from None
+    filesystem, bucket = _filesystems[key]
+    return filesystem, posixpath.join(bucket, rest.split("/", 1)[1]) if "/" in rest else bucket
+
+
+class Location:
+    """A file or directory, local or in an object store, with the few operations the pipeline
+    needs on both. Object stores have no rename, but an object appears only once it is complete,
+    so a write is atomic on both."""
+
+    def __init__(self, where: "str | os.PathLike | Location") -> None:
+        self.address = where.address if isinstance(where, Location) else absolute(where)
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.address)
+
+    def __truediv__(self, part: str) -> "Location":
+        joined = posixpath.join(self.address, part) if self.remote else os.path.join(self.address, part)
+        return Location(joined)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.address) if self.remote else Path(self.address).name
+
+    @property
+    def parent(self) -> "Location":
+        return Location(posixpath.dirname(self.address) if self.remote else str(Path(self.address).parent))
+
+    def __str__(self) -> str:
+        return self.address
+
+    def __repr__(self) -> str:
+        return f"Location({self.address!r})"
+
+    def __fspath__(self) -> str:
+        """A local location is a path to everything that takes one (open, Path, shutil)."""
+        return str(self.local())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (str, os.PathLike)) and not isinstance(other, Location):
+            other = Location(other)
+        return isinstance(other, Location) and other.address == self.address
+
+    def __hash__(self) -> int:
+        return hash(self.address)
+
+    def local(self) -> Path:
+        """The local path; a remote location is a mistake of the caller's."""
+        if self.remote:
+            raise ValueError(f"{self.address}: a local path is needed here")
+        return Path(self.address)
+
+    def _info(self) -> pafs.FileInfo:
+        filesystem, path = _open(self.address)
+        return filesystem.get_file_info(path)
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File if self.remote else Path(self.address).is_file()
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory if self.remote else Path(self.address).is_dir()
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound if self.remote else Path(self.address).exists()
+
+    def read_bytes(self) -> bytes:
+        if not self.remote:
+            return Path(self.address).read_bytes()
+        with self.open_input() as handle:
+            return handle.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def open_input(self):
+        """A seekable binary file: a local file, or a pyarrow random-access stream."""
+        if not self.remote:
+            return open(self.address, "rb")
+        filesystem, path = _open(self.address)
+        try:
+            return filesystem.open_input_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.address}: no such file") from None
+
+    def write_bytes(self, data: bytes) -> None:
+        if not self.remote:
+            write_bytes_atomic(data, self.address)
+            return
+        filesystem, path = _open(self.address)
+        with filesystem.open_output_stream(path) as handle:
+            handle.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def files(self, pattern: str = "*") -> list["Location"]:
+        """The files directly in this directory whose names match `pattern`, sorted by name."""
+        if not self.remote:
+            return [Location(path) for path in sorted(Path(self.address).glob(pattern)) if path.is_file()]
+        filesystem, path = _open(self.address)
+        infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        names = sorted(info.base_name for info in infos
+                       if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern))
+        return [self / name for name in names]
+
+    def delete_tree(self) -> None:
+        """Remove this directory and everything under it, if it exists."""
+        if not self.remote:
+            shutil.rmtree(self.address, ignore_errors=True)
+            return
+        filesystem, path = _open(self.address)
+        if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+            filesystem.delete_dir(path)
+
+    def upload(self, source: Path, last: str) -> None:
+        """Copy the local directory `source` here, the file named `last` after every other one, so
+        that a reader who finds `last` finds everything else complete."""
+        files = sorted(path for path in source.rglob("*") if path.is_file())
+        for path in sorted(files, key=lambda path: path.name == last):
+            target = self / path.relative_to(source).as_posix()
+            if not self.remote:
+                target.local().parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target.local())
+                continue
+            filesystem, key = _open(target.address)
+            with open(path, "rb") as reader, filesystem.open_output_stream(key) as writer:
+                shutil.copyfileobj(reader, writer, _STREAM_BYTES)

@@ -1,0 +1,52 @@
+"""An S3-compatible server on loopback (moto's server mode) for the tests of object storage."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.fs as pafs
+
+from tests.mlflow_server import free_port
+
+# Credentials the server accepts (moto takes any); the variables are the standard AWS ones.
+S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "aploss-test", "AWS_SECRET_ACCESS_KEY": "aploss-test-secret",
+                "AWS_REGION": "us-east-1"}
+
+
+class S3Server:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("moto server did not start")
+
+    def environment(self) -> dict[str, str]:
+        return {**S3_VARIABLES, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        """The server's store, opened apart from the code under test."""
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, access_key=S3_VARIABLES["AWS_ACCESS_KEY_ID"],
+                                 secret_key=S3_VARIABLES["AWS_SECRET_ACCESS_KEY"], region=S3_VARIABLES["AWS_REGION"],
+                                 allow_bucket_creation=True)
+
+    def create_bucket(self, name: str) -> None:
+        self.filesystem().create_dir(name)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None

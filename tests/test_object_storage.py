@@ -1,0 +1,87 @@
+"""Prepared data in an object store (run.output_dir=s3://...), against an S3-compatible server
+on loopback: written with its manifest last, reused when intact, streamed a row group at a time."""
+import dataclasses
+import pickle
+
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.data.bindings import split_dir
+from pipeline.data.prep import locate_prepared, prepare
+from pipeline.data.shards import MANIFEST, ShardReader, read_manifest
+from pipeline.errors import MissingInput
+from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
+from tests.object_store import S3Server
+from tests.synthetic import write_synthetic_coco
+
+BUCKET = "aploss-test"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server = S3Server()
+    server.start()
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+def coco_config(tmp_path, output_dir: str):
+    if not (tmp_path / "data").exists():
+        write_synthetic_coco(tmp_path / "data", {"train": 40, "val": 6})
+    return config_from_dict({
+        "data": {"dataset": "coco", "root": str(tmp_path / "data"), "download": False, "shard_images": 16,
+                 "annotations": {"train": "train.json", "val": "val.json"}, "images": {"train": "train", "val": "val"},
+                 "test_split": "val"},
+        "run": {"output_dir": output_dir}})
+
+
+def records(reader: ShardReader) -> list[tuple]:
+    return [(r.image_id, r.file_name, r.image, r.boxes.tolist(), r.class_ids.tolist())
+            for r in (reader.read(index) for index in range(len(reader)))]
+
+
+def test_prepared_data_in_s3_reads_back_as_the_local_copy(s3, tmp_path):
+    local = prepare(coco_config(tmp_path, str(tmp_path / "runs")), progress=False)
+    config = coco_config(tmp_path, f"s3://{BUCKET}/{tmp_path.name}/runs")
+    remote = prepare(config, progress=False)
+    assert remote.directory.remote and str(remote.directory).startswith(f"s3://{BUCKET}/")
+    assert remote.manifest == local.manifest and remote.directory.name == local.directory.name
+    assert read_manifest(remote.directory) == local.manifest
+
+    bound = config.with_prepared(locate_prepared(config))
+    assert bound.data.prepared == str(remote.directory)
+    reader = ShardReader(split_dir(bound, "train"), cache_row_groups=1)
+    assert len(reader.row_groups()) == 3  # 40 images in shards of 16 (row groups of 32 within)
+    # Pickled as its address (Ray workers, loader processes), then streamed from the store.
+    assert records(pickle.loads(pickle.dumps(reader))) == records(ShardReader(local.directory / "train"))
+    ground_truth = split_dir(bound, "val") / "ground_truth.json"
+    assert category_ids(ground_truth) == category_ids(local.directory / "val" / "ground_truth.json")
+    assert len(load_ground_truth(ground_truth).getImgIds()) == 6
+
+    again = prepare(config, progress=False)  # intact: every file's sha256 checked in the store
+    assert again.reused and again.manifest == remote.manifest
+
+
+def test_damaged_or_unfinished_prepared_data_in_s3_is_never_used(s3, tmp_path):
+    config = coco_config(tmp_path, f"s3://{BUCKET}/{tmp_path.name}/runs")
+    result = prepare(config, progress=False)
+    first_image = ShardReader(result.directory / "train").read(0).image
+    (result.directory / "train" / "part-00000.parquet").write_bytes(b"damaged")
+    again = prepare(config, progress=False)  # every file's sha256 is checked in the store
+    assert not again.reused and ShardReader(result.directory / "train").read(0).image == first_image
+
+    # An upload cut short before its manifest (written last) is no prepared data.
+    s3.filesystem().delete_file(str(result.directory / MANIFEST)[len("s3://"):])
+    with pytest.raises(MissingInput, match="no prepared 'coco' data"):
+        locate_prepared(config)
+    with pytest.raises(MissingInput, match="holds no prepared data"):
+        locate_prepared(dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                            prepared=str(result.directory))))
