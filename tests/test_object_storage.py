@@ -4,13 +4,18 @@ import dataclasses
 import pickle
 
 import pytest
+import ray
+import torch
 
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, load_config
 from pipeline.data.bindings import split_dir
 from pipeline.data.prep import locate_prepared, prepare
 from pipeline.data.shards import MANIFEST, ShardReader, read_manifest
 from pipeline.errors import MissingInput
 from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
+from pipeline.evaluation.stages import evaluate_stage
+from pipeline.model import load_model
+from pipeline.training.ray_train import train_distributed
 from tests.object_store import S3Server
 from tests.synthetic import write_synthetic_coco
 
@@ -85,3 +90,19 @@ def test_damaged_or_unfinished_prepared_data_in_s3_is_never_used(s3, tmp_path):
     with pytest.raises(MissingInput, match="holds no prepared data"):
         locate_prepared(dataclasses.replace(config, data=dataclasses.replace(config.data,
                                                                             prepared=str(result.directory))))
+
+
+def test_ray_workers_train_on_data_streamed_from_s3_and_it_evaluates(s3, tmp_path):
+    prepared = prepare(coco_config(tmp_path, f"s3://{BUCKET}/{tmp_path.name}/runs"), progress=False).directory
+    config = load_config(None, [
+        f"data.prepared={prepared}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        "train.batch_size=4", "train.max_steps=2", "optim.warmup_steps=1", "train.eval_every=1000", "ray.workers=2",
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=from-s3"])
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # its workers get this process's AWS_*
+    try:
+        _, model_path = train_distributed(config)
+    finally:
+        ray.shutdown()
+    assert load_model(model_path, torch.device("cpu"))[2].data.prepared == str(prepared)
+    evaluation = evaluate_stage(config, model_path)
+    assert 0 <= evaluation.result.metrics["AP"] <= 1 and evaluation.metrics_path.is_file()

@@ -5,13 +5,13 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from aploss.anchors import GroundTruth, covered, fit_layout, scaled_ground_truth
 from pipeline.config import Config
 from pipeline.data.shards import read_manifest
+from pipeline.storage import Location
 
 # Fitting and recall look at this many training images at most (a seeded sample): enough for
 # box statistics, and seconds rather than minutes on COCO's 118k.
@@ -21,7 +21,7 @@ LOW_RECALL = 0.5
 
 def ground_truth(config: Config, split: str) -> GroundTruth:
     """The split's non-crowd boxes at the network input (the evaluation resize of model.*)."""
-    prepared = Path(config.data.prepared)
+    prepared = Location(config.data.prepared)
     manifest = read_manifest(prepared)
     index = {category: i for i, category in enumerate(manifest["category_ids"])}
     coco = json.loads((prepared / manifest["splits"][split]["ground_truth"]["file"]).read_text())

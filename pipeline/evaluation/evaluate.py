@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config
+from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.data.shards import ShardReader
 from pipeline.evaluation.coco_metrics import (
@@ -59,7 +60,7 @@ def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int,
 
 def validation_ap(model: OneStageDetector, config: Config, device: torch.device) -> float:
     """COCO AP of `model` on the validation split of the prepared data `config` is bound to."""
-    split = Path(config.data.prepared) / config.data.val_split
+    split = split_dir(config, config.data.val_split)
     ground_truth = split / "ground_truth.json"
     detections = predict(model, DetectionDataset(ShardReader(split)), config.eval.batch_size, device,
                          category_ids(ground_truth))
