@@ -237,7 +237,10 @@ class TrainConfig:
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
     augment: Literal[AUGMENTATIONS] = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.data.augment)
     input_size: int = 0  # square training input after augmentation; 0: model.min_size/max_size resize
-    loader_workers: int = 0
+    # Processes decoding and augmenting beside each training process; -1 (auto): one per whole CPU
+    # beyond the step's own, of ray.cpus_per_worker on Ray workers, of this machine's (at most 4)
+    # for a local run. The batches are the same whatever the number.
+    loader_workers: int = -1
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 means once per epoch
     eval_every: int = 100  # steps between validation AP; 0 means once per epoch
@@ -250,7 +253,8 @@ class TrainConfig:
         _require(0 <= self.hflip <= 1, "train.hflip", f"must be in [0, 1], got {self.hflip}")
         _require(self.input_size == 0 or self.input_size >= 32, "train.input_size",
                  f"must be 0 (the model's sizes) or >= 32, got {self.input_size}")
-        _require(self.loader_workers >= 0, "train.loader_workers", "must be >= 0")
+        _require(self.loader_workers >= -1, "train.loader_workers",
+                 f"must be >= 0, or -1 (auto), got {self.loader_workers}")
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")

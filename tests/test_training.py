@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.checkpoints import CheckpointStore
-from pipeline.data.dataset import GlobalBatchSampler, epoch_order
+from pipeline.data.dataset import GlobalBatchSampler, RunBatchSampler, epoch_order
 from pipeline.training.loop import LearningRateFactor
 
 GROUPS = [range(0, 4), range(4, 8), range(8, 11)]
@@ -29,6 +29,14 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
         assert all(epoch == 2 for _, epoch in batch)
     resumed = list(GlobalBatchSampler(GROUPS, 4, 1, 2, start=1))
     assert resumed == single[1:]
+
+
+def test_a_run_takes_the_epochs_batches_in_turn_and_resumes_at_any_step():
+    epochs = [batch for epoch in range(3) for batch in GlobalBatchSampler(GROUPS, 4, 1, epoch, rank=1, world_size=2)]
+    run = RunBatchSampler(GROUPS, 4, 1, start=0, stop=5, rank=1, world_size=2)
+    assert len(run) == 5 and list(run) == epochs[:5]
+    for start in range(5):
+        assert list(RunBatchSampler(GROUPS, 4, 1, start=start, stop=5, rank=1, world_size=2)) == epochs[start:5]
 
 
 def test_batch_must_split_evenly_over_processes():

@@ -5,9 +5,13 @@ inside each, so reads stay within a cached row group while every epoch sees a ne
 global batch is a run of consecutive images of that order, and a process of a world of W takes
 its 1/W slice of each. So the global batches, and the augmentation drawn per image (from
 (seed, epoch, index) alone), are the same whatever the number of processes, and a run can resume
-at any batch of an epoch.
+at any batch of an epoch. Each image is decoded and augmented in one thread wherever it is made
+(in this process or in a loader process): some of torch's CPU kernels (a bilinear resize, the
+mean of a contrast change) round differently with the number of threads, and the batches must
+not depend on how many loader processes make them.
 """
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -24,6 +28,16 @@ Target = dict[str, Tensor]
 
 def _generator(*seeds: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class DetectionDataset(Dataset):
@@ -50,13 +64,14 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Target, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.reader.read(index)
-        image = decode_image(torch.frombuffer(bytearray(record.image), dtype=torch.uint8), ImageReadMode.RGB)
         keep = ~record.crowd
         boxes = torch.from_numpy(record.boxes[keep]).reshape(-1, 4)
         labels = torch.from_numpy(record.class_ids[keep]).to(torch.int64)
-        image, boxes, labels = augment_sample(image.float().div_(255), boxes, labels,
-                                              _generator(self.seed, epoch, index), self.augment, self.hflip,
-                                              self.input_size)
+        with _one_thread():
+            image = decode_image(torch.frombuffer(bytearray(record.image), dtype=torch.uint8), ImageReadMode.RGB)
+            image, boxes, labels = augment_sample(image.float().div_(255), boxes, labels,
+                                                  _generator(self.seed, epoch, index), self.augment, self.hflip,
+                                                  self.input_size)
         return image, {"boxes": boxes, "labels": labels}, record.image_id
 
 
@@ -99,3 +114,27 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             first = batch * self.global_batch + self.rank * self.share
             yield [(index, self.epoch) for index in self.order[first:first + self.share]]
 
+
+class RunBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's share of the global batches of run steps `start` to `stop`, epoch after
+    epoch (`GlobalBatchSampler`'s): one sampler, and so one loader, for the rest of a run."""
+
+    def __init__(self, row_groups: list[range], global_batch: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.row_groups, self.global_batch, self.seed = row_groups, global_batch, seed
+        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+        self.steps_per_epoch = sum(map(len, row_groups)) // global_batch
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while step < self.stop:
+            epoch, within = divmod(step, self.steps_per_epoch)
+            for batch in GlobalBatchSampler(self.row_groups, self.global_batch, self.seed, epoch, self.rank,
+                                            self.world_size, within):
+                if step == self.stop:
+                    return
+                yield batch
+                step += 1

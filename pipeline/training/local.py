@@ -4,6 +4,7 @@ Outputs go under the run directory (`run.output_dir/run.name`): checkpoints/, tr
 and model.pt (the best weights by validation AP with the config and class names). Rerunning with
 the same run name resumes from the latest checkpoint.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged
 from pipeline.model import build_model, initial_model, resolve_device
 from pipeline.training.hooks import LocalSink, TrainingHooks
-from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
+from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
+
+# A local run is given no share of the machine, as a Ray worker is: on a large one, a few loader
+# processes keep up with one training process, and more would take the step's own threads.
+MOST_LOCAL_LOADERS = 4
 
 
 @dataclass
@@ -48,9 +53,14 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_record(config), "classes": classes},
                           progress=progress)
     try:
-        fit(training, dataset, schedule, hooks)
+        fit(training, dataset, schedule, hooks, loaders=loader_processes(config.train, _cpus(), MOST_LOCAL_LOADERS))
     except TrainingDiverged as error:
         latest = store.latest()
         raise TrainingDiverged(error.step, error.term, error.value, str(latest) if latest else None) from None
     model_path = checkpoints.export_model(checkpoints.load(store.best(), device), config.run.directory() / "model.pt")
     return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

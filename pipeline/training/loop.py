@@ -6,6 +6,7 @@ schedule, gradient clipping, AMP on CUDA, skipping batches without positives.
 Train worker; only the `Hooks` that log, validate and checkpoint differ.
 """
 import math
+import multiprocessing
 import random
 import time
 import warnings
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config, TrainConfig
-from pipeline.data.dataset import DetectionDataset, GlobalBatchSampler, collate
+from pipeline.data.dataset import DetectionDataset, RunBatchSampler, collate
 from pipeline.errors import DataError, TrainingDiverged
 
 
@@ -214,21 +215,43 @@ class Hooks(Protocol):
     def after_step(self, training: Training, metrics: dict[str, float]) -> None: ...
 
 
+def loader_processes(train: TrainConfig, cpus: float, most: int | None = None) -> int:
+    """`train.loader_workers`, or for -1 (auto) one loader process per whole CPU of the `cpus` a
+    training process has beyond the one its step runs on, at most `most`."""
+    if train.loader_workers >= 0:
+        return train.loader_workers
+    auto = max(0, math.floor(cpus) - 1)
+    return auto if most is None else min(auto, most)
+
+
+# Each loader process keeps this many batches made ahead: enough to hide an image that takes
+# longer (an SSD crop's retries), while a batch of 8 images at 512 px is 25 MB of shared memory.
+PREFETCH_BATCHES = 2
+
+
+def training_batches(dataset: DetectionDataset, sampler: RunBatchSampler, loaders: int, pin_memory: bool
+                     ) -> DataLoader:
+    """The batches of `sampler`, made by `loaders` processes (0: by this one), in its order."""
+    if not loaders:
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory)
+    # Not fork: a child forked from a process with other threads (a Ray worker's gRPC, torch's
+    # pools) may wait forever on a lock one of them held, and Ray's docs ask for forkserver. The
+    # server imports the main module and the data path once and forks every loader from it.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", DetectionDataset.__module__])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory, num_workers=loaders,
+                      multiprocessing_context=context, prefetch_factor=PREFETCH_BATCHES)
+
+
 def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, hooks: Hooks, rank: int = 0,
-        world_size: int = 1) -> None:
-    """Train from `training.step` to its last step; the data position follows from the step."""
+        world_size: int = 1, loaders: int = 0) -> None:
+    """Train from `training.step` to its last step; the data position follows from the step.
+    One loader serves every remaining epoch, so its processes start once."""
     config = training.config.train
-    steps_per_epoch = schedule.steps_per_epoch
-    row_groups = dataset.reader.row_groups()
-    while training.step < training.total_steps:
-        epoch, start = divmod(training.step, steps_per_epoch)
-        sampler = GlobalBatchSampler(row_groups, config.batch_size, config.seed, epoch, rank, world_size, start)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.loader_workers,
-                            pin_memory=training.device.type == "cuda")
-        for images, targets, _ in loader:
-            started = time.perf_counter()
-            metrics = training.train_step(images, targets)
-            metrics["step_seconds"] = time.perf_counter() - started
-            hooks.after_step(training, metrics)
-            if training.step >= training.total_steps:
-                return
+    sampler = RunBatchSampler(dataset.reader.row_groups(), config.batch_size, config.seed, training.step,
+                              schedule.total_steps, rank, world_size)
+    for images, targets, _ in training_batches(dataset, sampler, loaders, training.device.type == "cuda"):
+        started = time.perf_counter()
+        metrics = training.train_step(images, targets)
+        metrics["step_seconds"] = time.perf_counter() - started
+        hooks.after_step(training, metrics)

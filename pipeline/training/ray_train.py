@@ -29,7 +29,7 @@ from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
 from pipeline.quiet import quiet_third_party, ray_log_level
 from pipeline.training.hooks import TrainingHooks, say
-from pipeline.training.loop import StepSchedule, Training, fit, seed_everything
+from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
 
 STATE_FILE = "state.pt"
 SCORE = "score"
@@ -80,7 +80,8 @@ def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
     hooks = hooks_class(config, schedule, RaySink(), {"config": payload["config"], "classes": payload["classes"]},
                         rank=rank)
     try:
-        fit(training, dataset, schedule, hooks, rank, world_size)
+        fit(training, dataset, schedule, hooks, rank, world_size,
+            loader_processes(config.train, config.ray.cpus_per_worker))
     except TrainingDiverged as error:
         # Every rank sees the same global values, so all stop at this step. Returning rather than
         # raising keeps Ray from restarting the group to diverge again; the driver reads this.
