@@ -11,17 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.redaction import redact
+from pipeline.storage import absolute
 
 # The project root, so the upload does not depend on the submitter's working directory.
 PROJECT = Path(__file__).resolve().parents[1]
-# Local outputs and the environment: large, and rebuilt or written on the cluster.
-EXCLUDES = [".venv/", "runs/", "data/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"]
+# Local outputs and the environment: large, and rebuilt or written on the cluster. Anchored at the
+# project root: Ray matches them as .gitignore does, and "data/" alone also matched pipeline/data/.
+EXCLUDES = ["/.venv/", "/runs/", "/data/", "/mlruns/", "/mlflow.db", "/.git/", "/benchmarks/results/", "*.egg-info"]
 # Where the job tracks and reads data. Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 # MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, ...) are not passed: Ray keeps a job's runtime env
 # and entrypoint in its records (`ray job list`, the dashboard). The cluster's nodes hold them
 # (infra/: from Kubernetes Secrets, by name), and every process of a job inherits them.
-PASSED_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-              "APLOSS_DATA_ROOT"]
+PASSED_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+              "AWS_REGION", "AWS_DEFAULT_REGION", "APLOSS_DATA_ROOT"]
 # The submitter's working directory: a job resolves relative paths (in its arguments, a config
 # file, APLOSS_DATA_ROOT) against it, as the same command would have on the submitting machine,
 # rather than against Ray's temporary copy of the project (jobs.run_command).
@@ -46,7 +48,7 @@ def runtime_env(pip: bool = False) -> dict:
     for name, value in passed.items():
         check_no_credentials(value, f"${name}")
     if "APLOSS_DATA_ROOT" in passed:
-        passed["APLOSS_DATA_ROOT"] = os.path.abspath(os.path.expanduser(passed["APLOSS_DATA_ROOT"]))
+        passed["APLOSS_DATA_ROOT"] = absolute(passed["APLOSS_DATA_ROOT"])
     passed[SUBMIT_DIR] = os.getcwd()
     env = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES), "env_vars": passed}
     if pip:

@@ -11,21 +11,23 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.io import write_bytes_atomic, write_json_atomic
+from pipeline.storage import Location
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
+def save_atomic(state: dict[str, Any], path: Path | Location) -> None:
     """A crash while saving never leaves half a checkpoint (pipeline.io writes, then renames)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes_atomic(buffer.getvalue(), path)
 
 
-def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load(path: Path | Location, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint's tensors and plain data. Nothing in the file runs: unpickling is limited to
     tensors, numbers, strings and containers (weights_only), so a file crafted to run code on
     load, as any pickle can, is refused."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with Location(path).open_input() as handle:
+            return torch.load(io.BytesIO(handle.read()), map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise DataError(f"{path}: refused: it holds Python objects other than tensors and plain data "
                         f"({_unsupported(error)}), and checkpoints are loaded without running code") from None
@@ -51,7 +53,7 @@ def best(scored: Sequence[tuple[float | None, T]]) -> T | None:
     return scored[-1][1] if scored else None
 
 
-def export_model(state: dict[str, Any], path: Path) -> Path:
+def export_model(state: dict[str, Any], path: Path | Location) -> Path | Location:
     """The trained detector as the run's model.pt: weights, the config it was trained with
     (bound to its prepared data) and the class names, from a checkpoint's state."""
     save_atomic({key: state[key] for key in ("model", "config", "classes")}, path)
@@ -62,8 +64,8 @@ class CheckpointStore:
     """step-<N>.pt files in `directory` and an index.json of their validation scores; at most
     `keep` of them: the latest (to resume from) and the best `keep - 1` (as Ray Train keeps them)."""
 
-    def __init__(self, directory: Path, keep: int) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Path | Location, keep: int) -> None:
+        self.directory = Location(directory)
         self.keep = keep
         self.index_path = self.directory / "index.json"
 
@@ -72,7 +74,7 @@ class CheckpointStore:
             return {}
         return json.loads(self.index_path.read_text())
 
-    def save(self, step: int, state: dict[str, Any], score: float | None = None) -> Path:
+    def save(self, step: int, state: dict[str, Any], score: float | None = None) -> Location:
         path = self.directory / f"step-{step:07d}.pt"
         save_atomic(state, path)
         index = self._index()
@@ -85,7 +87,7 @@ class CheckpointStore:
                         key=lambda name: index[name], reverse=True)
         keep = set(scored[:self.keep - 1]) | {latest}
         for name in set(index) - keep:
-            (self.directory / name).unlink(missing_ok=True)
+            (self.directory / name).delete()
         return {name: index[name] for name in index if name in keep}
 
     def entries(self) -> list[tuple[int, float | None, str]]:
@@ -93,10 +95,10 @@ class CheckpointStore:
         return [(int(name.removeprefix("step-").removesuffix(".pt")), score, str(self.directory / name))
                 for name, score in sorted(self._index().items())]
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Location | None:
         names = sorted(self._index())
         return self.directory / names[-1] if names else None
 
-    def best(self) -> Path | None:
+    def best(self) -> Location | None:
         index = self._index()
         return best([(index[name], self.directory / name) for name in sorted(index)])

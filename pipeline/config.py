@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
-from pipeline.storage import Location, absolute
+from pipeline.storage import Location, absolute, is_uri
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -357,16 +357,18 @@ class TuneConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs"  # prepared data, checkpoints, evaluation outputs, the MLflow store
+    # prepared data, checkpoints, evaluation outputs, the default MLflow store: a local (on a
+    # cluster, shared) path or an object-store URI (s3://bucket/prefix, any pyarrow.fs URI)
+    output_dir: str = "runs"
     name: str = "default"
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name",
                  f"must be a non-empty name without '/', got {self.name!r}")
 
-    def directory(self) -> Path:
+    def directory(self) -> Location:
         """Where this run's checkpoints and evaluation outputs go."""
-        return Path(self.output_dir).expanduser().resolve() / self.name
+        return Location(self.output_dir) / self.name
 
     def prepared_root(self) -> Location:
         """Where data-prep writes: one directory per dataset and content, shared by every run
@@ -423,7 +425,7 @@ class Config:
         prepared = absolute(self.data.prepared) if self.data.prepared else ""
         return dataclasses.replace(
             self, data=dataclasses.replace(self.data, root=str(self.data.resolved_root()), prepared=prepared),
-            run=dataclasses.replace(self.run, output_dir=str(Path(self.run.output_dir).expanduser().resolve())))
+            run=dataclasses.replace(self.run, output_dir=absolute(self.run.output_dir)))
 
     def with_prepared(self, directory: "Path | Location") -> "Config":
         """This config bound to the prepared data in `directory` (recorded with the run's model)."""
@@ -436,8 +438,14 @@ class Config:
     def tracking_uri(self) -> str:
         """tracking.uri, else MLflow's own $MLFLOW_TRACKING_URI (how a job submitter passes its
         server), else a local store under run.output_dir."""
-        return (self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{Path(self.run.output_dir).expanduser().resolve() / 'mlflow.db'}")
+        uri = self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        if is_uri(self.run.output_dir):
+            raise ConfigError(f"tracking.uri: run.output_dir is an object store ({self.run.output_dir}), which "
+                              "cannot hold MLflow's sqlite store; set tracking.uri or $MLFLOW_TRACKING_URI to a "
+                              "tracking server")
+        return f"sqlite:///{Location(self.run.output_dir) / 'mlflow.db'}"
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -19,6 +19,7 @@ from aploss.engine import LocalBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import DataError, MissingInput, UserError
+from pipeline.storage import Location
 
 MLFLOW_URIS = ("models:/", "runs:/")
 
@@ -64,21 +65,21 @@ def _norm(config: Config) -> str:
     return norm if norm != "auto" else "group" if config.model.init == "none" else "frozen_bn"
 
 
-def _source_path(config: Config) -> Path:
+def _source_path(config: Config) -> Path | Location:
     init = config.model.init
     if init.startswith("run:"):
-        return Path(config.run.output_dir).expanduser().resolve() / init[len("run:"):] / "model.pt"
+        return Location(config.run.output_dir) / init[len("run:"):] / "model.pt"
     if init.startswith(MLFLOW_URIS):
         return fetched_init_path(config)
     return Path(init).expanduser()
 
 
-def fetched_init_path(config: Config) -> Path:
+def fetched_init_path(config: Config) -> Location:
     """Where the aploss commands put the model.pt of an MLflow model URI in model.init before
     training (`pipeline.orchestration.tracking.fetch_init`): one file per URI under
     run.output_dir, which a sweep's trials share."""
     digest = hashlib.sha256(config.model.init.encode()).hexdigest()[:16]
-    return Path(config.run.output_dir).expanduser().resolve() / "init" / digest / "model.pt"
+    return Location(config.run.output_dir) / "init" / digest / "model.pt"
 
 
 def init_weights(config: Config) -> dict:

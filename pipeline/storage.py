@@ -11,11 +11,10 @@ import os
 import posixpath
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
-
-from pipeline.io import write_bytes_atomic
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _STREAM_BYTES = 1 << 20
@@ -75,6 +74,10 @@ class Location:
     @property
     def name(self) -> str:
         return posixpath.basename(self.address) if self.remote else Path(self.address).name
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit(".", 1)[0] if "." in self.name.lstrip(".") else self.name
 
     @property
     def parent(self) -> "Location":
@@ -138,11 +141,22 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         if not self.remote:
-            write_bytes_atomic(data, self.address)
+            _write_local(data, Path(self.address))
             return
         filesystem, path = _open(self.address)
         with filesystem.open_output_stream(path) as handle:
             handle.write(data)
+
+    def delete(self) -> None:
+        """Remove this file, if it exists."""
+        if not self.remote:
+            Path(self.address).unlink(missing_ok=True)
+            return
+        filesystem, path = _open(self.address)
+        try:
+            filesystem.delete_file(path)
+        except FileNotFoundError:
+            pass
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
@@ -179,3 +193,19 @@ class Location:
             filesystem, key = _open(target.address)
             with open(path, "rb") as reader, filesystem.open_output_stream(key) as writer:
                 shutil.copyfileobj(reader, writer, _STREAM_BYTES)
+
+
+def _write_local(data: bytes, path: Path) -> None:
+    """Through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name lets concurrent writers of the same path each rename a complete file;
+    # open() rather than mkstemp() so the result gets the usual umask permissions, not 0600.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

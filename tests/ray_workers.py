@@ -3,8 +3,8 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
+from pipeline.storage import Location
 from pipeline.training.hooks import TrainingHooks
 from pipeline.training.ray_train import run_worker
 
@@ -14,17 +14,18 @@ class FlakyHooks(TrainingHooks):
     kills its own process at the step <output_dir>/kill_at names."""
 
     def after_step(self, training, metrics):
-        output = Path(self.config.run.output_dir)
+        output = Location(self.config.run.output_dir)  # a local directory or an object store
         killed = output / "killed"
         attempt = 2 if killed.exists() else 1
         if self.rank == 0:
-            with (output / "steps.jsonl").open("a") as log:
-                log.write(json.dumps({"attempt": attempt, "step": training.step}) + "\n")
+            log = output / "steps.jsonl"
+            before = log.read_text() if log.exists() else ""
+            log.write_text(before + json.dumps({"attempt": attempt, "step": training.step}) + "\n")
         if attempt == 1 and self.rank == 1 and training.step == int((output / "kill_at").read_text()):
             # Ray restarts from the latest checkpoint its controller has registered; give it the
             # moment it takes to collect the last report, as a real failure would.
             time.sleep(3)
-            killed.touch()
+            killed.write_bytes(b"")
             os.kill(os.getpid(), signal.SIGKILL)
         super().after_step(training, metrics)
 

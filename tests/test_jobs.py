@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from ray._private.runtime_env.packaging import _get_excludes
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
@@ -41,7 +42,13 @@ def test_runtime_env_ships_the_project_and_only_set_variables(clean_env, capsys)
     clean_env.setenv("AWS_SESSION_TOKEN", "")
     env = runtime_env()
     assert env["working_dir"] == str(PROJECT)
-    assert {".venv/", "runs/", "mlruns/", "mlflow.db", ".git/", "benchmarks/results/", "*.egg-info"} <= set(env["excludes"])
+    # Ray matches the excludes as .gitignore does: every file of the project's code goes with the
+    # job, and the local outputs and environment stay behind.
+    excluded = _get_excludes(PROJECT, env["excludes"])
+    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
+    assert tracked and not [name for name in tracked if excluded(PROJECT / name)]
+    for local in ("runs/x/model.pt", "data/bccd/x.jpg", ".venv/bin/python", "mlflow.db", "benchmarks/results/x.json"):
+        assert excluded(PROJECT / local), local
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "APLOSS_SUBMIT_DIR": os.getcwd()}
     assert "pip" not in env
     assert any(requirement.startswith("torch") for requirement in runtime_env(pip=True)["pip"])

@@ -1,11 +1,11 @@
 """Prepared data in an object store (run.output_dir=s3://...), against an S3-compatible server
 on loopback: written with its manifest last, reused when intact, streamed a row group at a time."""
 import dataclasses
+import json
 import pickle
 
 import pytest
 import ray
-import torch
 
 from pipeline.config import config_from_dict, load_config
 from pipeline.data.bindings import split_dir
@@ -14,8 +14,10 @@ from pipeline.data.shards import MANIFEST, ShardReader, read_manifest
 from pipeline.errors import MissingInput
 from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
 from pipeline.evaluation.stages import evaluate_stage
-from pipeline.model import load_model
+from pipeline.storage import Location
+from pipeline.training.journal import METRICS_FILE, read_journal
 from pipeline.training.ray_train import train_distributed
+from tests import ray_workers
 from tests.object_store import S3Server
 from tests.synthetic import write_synthetic_coco
 
@@ -92,17 +94,37 @@ def test_damaged_or_unfinished_prepared_data_in_s3_is_never_used(s3, tmp_path):
                                                                             prepared=str(result.directory))))
 
 
-def test_ray_workers_train_on_data_streamed_from_s3_and_it_evaluates(s3, tmp_path):
-    prepared = prepare(coco_config(tmp_path, f"s3://{BUCKET}/{tmp_path.name}/runs"), progress=False).directory
+def test_a_run_lives_in_s3_through_a_killed_worker_and_evaluation(s3, tmp_path, monkeypatch):
+    """prep -> 2 Ray Train workers, one killed and resumed from the checkpoints Ray keeps in the
+    store -> evaluation: every output in s3://, nothing written in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})  # the raw input stays local
+    output = Location(f"s3://{BUCKET}/{tmp_path.name}/runs")
     config = load_config(None, [
-        f"data.prepared={prepared}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
-        "train.batch_size=4", "train.max_steps=2", "optim.warmup_steps=1", "train.eval_every=1000", "ray.workers=2",
-        f"run.output_dir={tmp_path / 'runs'}", "run.name=from-s3"])
+        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "data.download=false", "model.min_size=96",
+        "model.max_size=96", "train.batch_size=4", "train.max_steps=6", "train.checkpoint_every=2",
+        "optim.warmup_steps=2", "train.eval_every=1000", "train.log_every=1", "ray.workers=2", "ray.max_failures=1",
+        f"run.output_dir={output}", "run.name=in-s3"])
+    prepare(config, progress=False)
+    (output / "kill_at").write_text("5")
+    before = sorted(path.name for path in tmp_path.iterdir())
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # its workers get this process's AWS_*
+    ray.cloudpickle.register_pickle_by_value(ray_workers)
     try:
-        _, model_path = train_distributed(config)
+        result, model_path = train_distributed(config, train_loop=ray_workers.flaky_worker)
     finally:
         ray.shutdown()
-    assert load_model(model_path, torch.device("cpu"))[2].data.prepared == str(prepared)
-    evaluation = evaluate_stage(config, model_path)
-    assert 0 <= evaluation.result.metrics["AP"] <= 1 and evaluation.metrics_path.is_file()
+    steps = [json.loads(line) for line in (output / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["attempt"] == 1] == [1, 2, 3, 4, 5]
+    assert [s["step"] for s in steps if s["attempt"] == 2] == [5, 6]  # resumed from the step-4 checkpoint
+    assert result.metrics["step"] == 6 and str(result.checkpoint.path).startswith(f"{BUCKET}/{tmp_path.name}/runs/ray/")
+    assert model_path == output / "in-s3" / "model.pt" and model_path.is_file()
+    # The journal, rewritten whole in the store at each record, holds each step once across the restart.
+    journal = read_journal(output / "in-s3" / "train" / METRICS_FILE)
+    assert [r["step"] for r in journal if "val_ap" not in r] == [1, 2, 3, 4, 5, 6]
+
+    evaluation = evaluate_stage(config)
+    assert evaluation.metrics_path == output / "in-s3" / "eval" / "metrics.json"
+    assert json.loads(evaluation.metrics_path.read_text())["metrics"]["AP"] == evaluation.result.metrics["AP"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == before  # no local output

@@ -6,7 +6,6 @@ the model and data it trains in its directory, and refuses to resume with others
 """
 import dataclasses
 import json
-from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data.anchors import fit_anchors

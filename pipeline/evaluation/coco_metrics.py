@@ -197,7 +197,7 @@ def _mean_defined(values: np.ndarray) -> float:
 def plot_pr_curves(result: CocoResult, out_dir: Path) -> list[Path]:
     """One PNG per class with ground truth (precision vs recall at each PR_IOU_THRESHOLDS),
     then one of all those classes at IoU 0.5; returns the paths written."""
-    out_dir = Path(out_dir)
+    out_dir = Location(out_dir)
     written = []
     overview, overview_axes = _pr_figure("all classes, IoU 0.50")
     for index, (name, curves) in enumerate(result.precision.items()):

@@ -35,6 +35,7 @@ from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections
 from pipeline.evaluation.evaluate import detect
 from pipeline.io import write_bytes_atomic, write_json_atomic
+from pipeline.storage import Location
 
 FAMILIES = ("occlusion", "noise", "coco-c")
 # The benchmark's corruptions (Hendrycks & Dietterich 2019; Michaelis et al. 2019), in its order.
@@ -247,7 +248,7 @@ def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:
 
 def read_result(path: Path) -> RobustnessResult:
     """A RobustnessResult as `write_result` saved it."""
-    saved = json.loads(Path(path).read_text())
+    saved = json.loads(Location(path).read_text())
     return RobustnessResult(saved["ap"], [Setting(**setting) for setting in saved["settings"]], saved["P"],
                             saved["mPC"], saved["rPC"], saved["unavailable"], saved.get("trained_with", {}))
 

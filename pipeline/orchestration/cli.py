@@ -4,12 +4,12 @@ import argparse
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError, one_line
 from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
+from pipeline.storage import Location
 
 
 def _prep(config: Config) -> None:
@@ -63,7 +63,7 @@ def _report(config: Config, runs: list[str]) -> None:
 
     summaries = collect(config, runs)
     print(markdown(summaries))
-    print(f"report: {write_report(summaries, Path(config.run.output_dir).expanduser().resolve() / 'report')}")
+    print(f"report: {write_report(summaries, Location(config.run.output_dir) / 'report')}")
 
 
 def _pipeline_train(config: Config) -> None:

@@ -13,6 +13,7 @@ import time
 import types
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from pipeline.errors import DataError, MissingInput, TrackingUnavailable, UserEr
 from pipeline.evaluation.evaluate import Evaluation
 from pipeline.model import MLFLOW_URIS, fetched_init_path
 from pipeline.redaction import credentials, redact, redact_tree
+from pipeline.storage import Location
 from pipeline.training.journal import CURVES, read_journal
 
 RUN_NAME_TAG = "aploss.run_name"
@@ -87,10 +89,11 @@ def configure(config: Config) -> str:
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    # With the local default store, keep artifacts beside it rather than in the working directory.
+    # With the local default store, keep artifacts beside it rather than in the working directory;
+    # a tracking server keeps them in its own artifact store.
     location = None
-    if not config.tracking.uri:
-        location = (Path(config.run.output_dir).expanduser().resolve() / "mlartifacts").as_uri()
+    if config.tracking_uri().startswith("sqlite:"):
+        location = Path(Location(config.run.output_dir) / "mlartifacts").as_uri()
     return mlflow.create_experiment(config.tracking.experiment, artifact_location=location)
 
 
@@ -198,9 +201,32 @@ def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]])
             client.set_terminated(run.info.run_id, status, end_time=int(ended * 1000) if ended else None)
 
 
-def log_sweep_result(sweep_run_id: str, best_config_path: Path, best_params: dict, metric: str, value: float) -> None:
+@contextlib.contextmanager
+def _local_copy(path: Path | Location) -> Iterator[str]:
+    """`path` as a local file, as MLflow logs artifacts from: itself, or a copy of an object
+    store's file under the same name."""
+    location = Location(path)
+    if not location.remote:
+        yield str(location)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / location.name
+        local.write_bytes(location.read_bytes())
+        yield str(local)
+
+
+def _log_artifact(path: Path | Location, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    with _local_copy(path) as local:
+        if run_id is None:
+            mlflow.log_artifact(local, artifact_path=artifact_path)
+        else:
+            mlflow.MlflowClient().log_artifact(run_id, local, artifact_path)
+
+
+def log_sweep_result(sweep_run_id: str, best_config_path: Path | Location, best_params: dict, metric: str,
+                     value: float) -> None:
     client = mlflow.MlflowClient()
-    client.log_artifact(sweep_run_id, str(best_config_path))
+    _log_artifact(best_config_path, run_id=sweep_run_id)
     client.log_batch(sweep_run_id, metrics=[Metric(f"best_{metric}", value, int(time.time() * 1000), 0)],
                      params=[Param(f"best.{key}", str(value)) for key, value in best_params.items()])
 
@@ -268,9 +294,7 @@ def fetch_init(config: Config) -> None:
     if not config.model.init.startswith(MLFLOW_URIS):
         return
     mlflow.set_tracking_uri(connect(config.tracking_uri()))
-    target = fetched_init_path(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=config.model.init, dst_path=scratch))
         except MlflowException as error:
@@ -278,7 +302,7 @@ def fetch_init(config: Config) -> None:
         weights = local / "artifacts" / "model.pt"  # the registered model's artifact (log_model)
         if not weights.is_file():
             raise DataError(f"model.init={config.model.init}: not a model of this project (no artifacts/model.pt)")
-        os.replace(weights, target)
+        fetched_init_path(config).write_bytes(weights.read_bytes())
 
 
 def log_anchor_recall(recall: dict) -> None:
@@ -300,9 +324,9 @@ class MetricsForwarder:
     within `flush_seconds` and says what stayed behind in the journal.
     """
 
-    def __init__(self, journal: Path, run_id: str, tracking_uri: str, interval: float = 2.0,
+    def __init__(self, journal: Path | Location, run_id: str, tracking_uri: str, interval: float = 2.0,
                  flush_seconds: float = 15.0, keys: tuple[str, ...] = (*CURVES, "val_ap")) -> None:
-        self.journal, self.run_id, self.tracking_uri = Path(journal), run_id, connect(tracking_uri)
+        self.journal, self.run_id, self.tracking_uri = Location(journal), run_id, connect(tracking_uri)
         self.interval, self.flush_seconds, self.keys = interval, flush_seconds, keys
         self.sent_through: dict[str, int] | None = None  # key -> highest step MLflow holds
         self.error: Exception | None = None
@@ -359,7 +383,7 @@ class MetricsForwarder:
                   flush=True)
 
 
-def log_model(model_path: Path, config: Config) -> None:
+def log_model(model_path: Path | Location, config: Config) -> None:
     """The trained detector (a run's model.pt) registered in the model registry as a pyfunc
     model logged from code: its weights load without unpickling code, and the package's source
     travels with it, so it serves where aploss is not installed."""
@@ -367,10 +391,11 @@ def log_model(model_path: Path, config: Config) -> None:
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
                                                TensorSpec(np.dtype(np.float32), (-1,), "scores"),
                                                TensorSpec(np.dtype(np.int64), (-1,), "labels")]))
-    mlflow.pyfunc.log_model(name="model", python_model=_REGISTERED_MODEL_CODE,
-                            artifacts={"detector": str(model_path)}, code_paths=_PACKAGE_CODE,
-                            pip_requirements=_requirements(), signature=signature,
-                            registered_model_name=config.tracking.registered_model)
+    with _local_copy(model_path) as weights:
+        mlflow.pyfunc.log_model(name="model", python_model=_REGISTERED_MODEL_CODE,
+                                artifacts={"detector": weights}, code_paths=_PACKAGE_CODE,
+                                pip_requirements=_requirements(), signature=signature,
+                                registered_model_name=config.tracking.registered_model)
 
 
 def _requirements() -> list[str]:
@@ -397,12 +422,12 @@ def log_evaluation(evaluation: Evaluation, config: Config) -> None:
     mlflow.log_params({key: params[key] for key in EVALUATION_PARAMS}
                       | {"eval.split": config.eval.split or config.data.test_split})
     mlflow.log_metrics(_evaluation_metrics(evaluation))
-    mlflow.log_artifact(str(evaluation.detections_path))
-    mlflow.log_artifact(str(evaluation.metrics_path))
+    _log_artifact(evaluation.detections_path)
+    _log_artifact(evaluation.metrics_path)
     for path in evaluation.pr_curves:
-        mlflow.log_artifact(str(path), artifact_path="pr_curves")
+        _log_artifact(path, "pr_curves")
     for path in evaluation.samples:
-        mlflow.log_artifact(str(path), artifact_path="samples")
+        _log_artifact(path, "samples")
 
 
 def log_robustness(result, paths: list[Path]) -> None:
@@ -411,4 +436,4 @@ def log_robustness(result, paths: list[Path]) -> None:
     summary = {"P": result.clean_ap, "mPC": result.mpc, "rPC": result.rpc}
     mlflow.log_metrics({key: value for key, value in summary.items() if value is not None})
     for path in paths:
-        mlflow.log_artifact(str(path), artifact_path="robustness")
+        _log_artifact(path, "robustness")

@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from pipeline.storage import Location
+
 METRICS_FILE = "metrics.jsonl"
 # The per-step curves of a run, as MLflow shows them (with "val_ap" at validations).
 CURVES = ("loss", "cls_loss", "box_loss", "delta", "lr", "images_per_s")
@@ -21,11 +23,11 @@ def _kind(record: dict) -> str:
     return VALIDATION if "val_ap" in record else TRAINING
 
 
-def read_journal(path: Path) -> list[dict]:
+def read_journal(path: Path | Location) -> list[dict]:
     """The complete records of the journal at `path` (a torn last line, left by a killed
     writer, is not one); [] if there is none."""
     try:
-        text = Path(path).read_text()
+        text = Location(path).read_text()
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
@@ -33,24 +35,29 @@ def read_journal(path: Path) -> list[dict]:
 
 class MetricsJournal:
     """Appends records {"step": N, ...} to `path`, each step of each kind (training metrics,
-    validation AP) once."""
+    validation AP) once. In an object store, which cannot append, each record rewrites the
+    journal whole (a few hundred bytes per logged step)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_torn_line()
+    def __init__(self, path: Path | Location) -> None:
+        self.path = Location(path)
+        records = read_journal(self.path)
+        self._text = "".join(json.dumps(record) + "\n" for record in records) if self.path.remote else ""
+        if not self.path.remote:
+            self.path.local().parent.mkdir(parents=True, exist_ok=True)
+            self._truncate_torn_line()
         self.last_step = {TRAINING: 0, VALIDATION: 0}
-        for record in read_journal(self.path):
+        for record in records:
             kind = _kind(record)
             self.last_step[kind] = max(self.last_step[kind], record["step"])
 
     def _truncate_torn_line(self) -> None:
-        if not self.path.exists():
+        path = self.path.local()
+        if not path.exists():
             return
-        data = self.path.read_bytes()
+        data = path.read_bytes()
         complete = data.rfind(b"\n") + 1
         if complete < len(data):
-            with open(self.path, "r+b") as handle:
+            with open(path, "r+b") as handle:
                 handle.truncate(complete)
 
     def write(self, step: int, metrics: dict[str, float]) -> bool:
@@ -59,9 +66,14 @@ class MetricsJournal:
         kind = _kind(record)
         if step <= self.last_step[kind]:
             return False
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        line = json.dumps(record) + "\n"
+        if self.path.remote:
+            self.path.write_text(self._text + line)
+            self._text += line
+        else:
+            with open(self.path.local(), "a") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
         self.last_step[kind] = step
         return True

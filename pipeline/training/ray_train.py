@@ -28,6 +28,7 @@ from pipeline.errors import TrainingDiverged, TrainingFailed
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
 from pipeline.quiet import quiet_third_party, ray_log_level
+from pipeline.storage import Location
 from pipeline.training.hooks import TrainingHooks, say
 from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
 
@@ -89,12 +90,14 @@ def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
             write_json_atomic({"step": error.step, "term": error.term, "value": error.value}, _diverged_path(config))
 
 
-def _diverged_path(config: Config) -> Path:
+def _diverged_path(config: Config) -> Location:
     return config.run.directory() / "train" / "diverged.json"
 
 
-def storage_path(config: Config) -> Path:
-    return Path(config.run.output_dir).expanduser().resolve() / "ray"
+def storage_path(config: Config) -> Location:
+    """Ray Train's checkpoints and state, beside the run's other outputs (Ray opens an object
+    store's URI with pyarrow.fs, as this project does)."""
+    return Location(config.run.output_dir) / "ray"
 
 
 def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict], None] = run_worker,
@@ -158,11 +161,11 @@ def fit_run(config: Config, trainer: TorchTrainer) -> ray.train.Result:
 
 
 def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_worker
-                      ) -> tuple[ray.train.Result, Path]:
+                      ) -> tuple[ray.train.Result, Location]:
     """Fit on Ray Train and write the best weights as the run's model.pt (as `train_stage` does)."""
     config, classes = training_data(config)
     report_anchor_recall(config)
     record_training_run(config)
-    _diverged_path(config).unlink(missing_ok=True)
+    _diverged_path(config).delete()
     result = fit_run(config, build_trainer(config, classes, train_loop))
     return result, checkpoints.export_model(best_state(result), config.run.directory() / "model.pt")
