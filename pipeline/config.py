@@ -8,6 +8,7 @@ values raise `ConfigError` naming the dotted key (and the file). `config_to_dict
 is stored or shipped (MLflow params, checkpoints, Ray payloads), without credentials.
 """
 import dataclasses
+import hashlib
 import os
 import types
 import typing
@@ -70,8 +71,19 @@ class DataConfig:
     def splits(self) -> list[str]:
         return list(dict.fromkeys([self.train_split, self.val_split, self.test_split]))
 
+    def root_location(self) -> str:
+        """data.root, else $APLOSS_DATA_ROOT, else ./data: a local path made absolute, or an
+        object-store URI."""
+        return absolute(self.root or os.environ.get("APLOSS_DATA_ROOT") or "data")
+
     def resolved_root(self) -> Path:
-        return Path(self.root or os.environ.get("APLOSS_DATA_ROOT") or "data").expanduser().resolve()
+        """Where the dataset's files are read: the data root, or for one in an object store this
+        machine's copy of it, which data-prep makes (`pipeline.data.fetch`)."""
+        root = self.root_location()
+        if not is_uri(root):
+            return Path(root)
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+        return cache / "aploss" / "data" / hashlib.sha256(root.encode()).hexdigest()[:16]
 
 
 AUGMENTATIONS = ("flip", "ssd")  # pipeline.data.augment
@@ -424,7 +436,7 @@ class Config:
         trials run in Ray's own directories, without this process's variables."""
         prepared = absolute(self.data.prepared) if self.data.prepared else ""
         return dataclasses.replace(
-            self, data=dataclasses.replace(self.data, root=str(self.data.resolved_root()), prepared=prepared),
+            self, data=dataclasses.replace(self.data, root=self.data.root_location(), prepared=prepared),
             run=dataclasses.replace(self.run, output_dir=absolute(self.run.output_dir)))
 
     def with_prepared(self, directory: "Path | Location") -> "Config":

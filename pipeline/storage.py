@@ -98,6 +98,9 @@ class Location:
             other = Location(other)
         return isinstance(other, Location) and other.address == self.address
 
+    def __lt__(self, other: "Location") -> bool:
+        return self.address < Location(other).address
+
     def __hash__(self) -> int:
         return hash(self.address)
 
@@ -179,6 +182,34 @@ class Location:
         filesystem, path = _open(self.address)
         if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
             filesystem.delete_dir(path)
+
+    def mirror(self, local: Path) -> None:
+        """Copy this file, or this directory's files, from an object store to `local`, each
+        unless it is there already with the same size and modification time; the copy takes
+        the object's time, so it is the same input wherever it is made (prep hashes them)."""
+        filesystem, path = _open(self.address)
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{self.address}: no such file or folder")
+        if info.type == pafs.FileType.File:
+            files = [(info, local)]
+        else:
+            selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+            files = [(entry, local / entry.path[len(path):].lstrip("/"))
+                     for entry in filesystem.get_file_info(selector) if entry.type == pafs.FileType.File]
+        for entry, target in files:
+            stamp = entry.mtime_ns or 0
+            if target.is_file() and target.stat().st_size == entry.size and target.stat().st_mtime_ns == stamp:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                with filesystem.open_input_stream(entry.path) as reader, open(temporary, "wb") as writer:
+                    shutil.copyfileobj(reader, writer, _STREAM_BYTES)
+                os.utime(temporary, ns=(stamp, stamp))
+                os.replace(temporary, target)
+            finally:
+                temporary.unlink(missing_ok=True)
 
     def upload(self, source: Path, last: str) -> None:
         """Copy the local directory `source` here, the file named `last` after every other one, so

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pickle
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 
@@ -11,9 +12,11 @@ from pipeline.config import config_from_dict, load_config
 from pipeline.data.bindings import split_dir
 from pipeline.data.prep import locate_prepared, prepare
 from pipeline.data.shards import MANIFEST, ShardReader, read_manifest
+from pipeline.data.sources import PrepError
 from pipeline.errors import MissingInput
 from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
 from pipeline.evaluation.stages import evaluate_stage
+from pipeline.orchestration.tracking import param_safe
 from pipeline.storage import Location
 from pipeline.training.journal import METRICS_FILE, read_journal
 from pipeline.training.ray_train import train_distributed
@@ -128,3 +131,29 @@ def test_a_run_lives_in_s3_through_a_killed_worker_and_evaluation(s3, tmp_path, 
     assert evaluation.metrics_path == output / "in-s3" / "eval" / "metrics.json"
     assert json.loads(evaluation.metrics_path.read_text())["metrics"]["AP"] == evaluation.result.metrics["AP"]
     assert sorted(path.name for path in tmp_path.iterdir()) == before  # no local output
+
+
+def test_a_data_root_in_s3_is_copied_once_and_prepares_alike_on_every_machine(s3, tmp_path, monkeypatch):
+    write_synthetic_coco(tmp_path / "data", {"train": 6, "val": 2})
+    raw = f"{BUCKET}/{tmp_path.name}/raw"
+    pafs.copy_files(str(tmp_path / "data"), raw, destination_filesystem=s3.filesystem())
+    local = prepare(coco_config(tmp_path, str(tmp_path / "runs")), progress=False)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-1"))
+    config = dataclasses.replace(coco_config(tmp_path, f"s3://{BUCKET}/{tmp_path.name}/runs"), data=dataclasses.replace(
+        coco_config(tmp_path, "").data, root=f"s3://{BUCKET}/{tmp_path.name}/raw"))
+    first = prepare(config, progress=False)
+    assert first.manifest["content_hash"] == local.manifest["content_hash"]  # the same images and boxes
+    copies = sorted((tmp_path / "machine-1").rglob("*.png"))
+    assert len(copies) == 8 and param_safe(config)["data.root"] == f"s3://{BUCKET}/{tmp_path.name}/raw"
+    stamps = [path.stat().st_mtime_ns for path in copies]
+    assert prepare(config, progress=False).reused  # nothing copied again, nothing prepared again
+    assert [path.stat().st_mtime_ns for path in copies] == stamps
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-2"))  # another machine's copy hashes alike
+    again = prepare(config, progress=False)
+    assert again.reused and again.directory == first.directory
+
+    missing = dataclasses.replace(config, data=dataclasses.replace(config.data, root=f"s3://{BUCKET}/nothing-here"))
+    with pytest.raises(PrepError, match="nothing-here/train: the data root holds no 'train' for dataset 'coco'"):
+        prepare(missing, progress=False)

@@ -13,6 +13,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from pipeline.config import DataConfig
 from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths
+from pipeline.storage import Location, is_uri
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,41 @@ def _missing(dataset: str, root: Path, splits: Sequence[str]) -> dict[Archive, l
     return missing
 
 
+def _inputs(data: DataConfig, splits: Sequence[str]) -> list[str]:
+    """The files and folders, relative to the data root, that the sources read for `splits`."""
+    if data.dataset in VOC_LAYOUTS:
+        return sorted({folder for split in splits for folder in VOC_LAYOUTS[data.dataset].splits[split]})
+    if data.dataset == "coco2017":
+        return sorted({str(path) for split in splits for path in coco2017_paths(Path(), split)})
+    inputs = set()
+    for split in splits:
+        annotations = Path(data.annotations[split])
+        inputs |= {str(annotations), str(Path(data.images[split]) if split in data.images else annotations.parent)}
+    return sorted(inputs)
+
+
+def copy_from_store(data: DataConfig, splits: Sequence[str]) -> None:
+    """A data root in an object store: the inputs of `splits` copied to this machine's copy of
+    it (`DataConfig.resolved_root`), each file once; what the store lacks is left missing."""
+    store, local = Location(data.root_location()), data.resolved_root()
+    for relative in _inputs(data, splits):
+        if relative.startswith("/") or ".." in Path(relative).parts:
+            raise PrepError(local, f"data root {store}: {relative!r} is outside it")
+        try:
+            (store / relative).mirror(local / relative)
+        except FileNotFoundError:
+            raise PrepError(store / relative, f"the data root holds no {relative!r} for dataset {data.dataset!r}; "
+                                              "put the dataset there in its own layout") from None
+        except OSError as error:
+            raise PrepError(store / relative, f"cannot copy it here: {error}") from None
+
+
 def fetch(data: DataConfig, splits: Sequence[str]) -> None:
     """Make sure a named dataset's `splits` are in the data root, downloading what is missing
-    when data.download allows; `coco` datasets given by path are never fetched."""
+    when data.download allows; `coco` datasets given by path are never fetched. A data root in
+    an object store is copied to this machine first."""
+    if is_uri(data.root_location()):
+        copy_from_store(data, splits)
     if data.dataset == "coco":
         return
     root = data.resolved_root()

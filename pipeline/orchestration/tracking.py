@@ -269,7 +269,7 @@ def pipeline_records(experiment_id: str, names: list[str]) -> list[PipelineRecor
 def param_safe(config: Config) -> dict[str, str]:
     params = {key: redact(str(value)) for key, value in flatten(config).items()}
     # The root the data came from, where APLOSS_DATA_ROOT (or the default) chose it.
-    params["data.root"] = redact(str(config.data.resolved_root()))
+    params["data.root"] = redact(config.data.root_location())
     return params
 
 
