@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pickle
 
+import mlflow
 import pyarrow.fs as pafs
 import pytest
 import ray
@@ -16,11 +17,13 @@ from pipeline.data.sources import PrepError
 from pipeline.errors import MissingInput
 from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
 from pipeline.evaluation.stages import evaluate_stage
+from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking import param_safe
 from pipeline.storage import Location
 from pipeline.training.journal import METRICS_FILE, read_journal
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
+from tests.mlflow_server import Server
 from tests.object_store import S3Server
 from tests.synthetic import write_synthetic_coco
 
@@ -157,3 +160,39 @@ def test_a_data_root_in_s3_is_copied_once_and_prepares_alike_on_every_machine(s3
     missing = dataclasses.replace(config, data=dataclasses.replace(config.data, root=f"s3://{BUCKET}/nothing-here"))
     with pytest.raises(PrepError, match="nothing-here/train: the data root holds no 'train' for dataset 'coco'"):
         prepare(missing, progress=False)
+
+
+@pytest.mark.slow  # ~1.5 min; the run through a killed worker above covers the stages in the store
+def test_the_pipeline_runs_with_its_outputs_in_s3_and_mlflow_on_a_server(s3, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})
+    output = Location(f"s3://{BUCKET}/{tmp_path.name}/runs")
+    overrides = [
+        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        "train.batch_size=4", "train.max_steps=2", "train.eval_every=2", "eval.sample_images=1", "ray.workers=2",
+        "ray.local_cpus=4", f"run.output_dir={output}", "run.name=s3-pipeline"]
+    assert main(["pipeline", "run", *overrides]) == 2  # the default sqlite store cannot live in a bucket
+    assert "tracking.uri: run.output_dir is an object store" in capsys.readouterr().err
+
+    server = Server(tmp_path / "mlflow")
+    server.start()
+    try:
+        local_files = sorted(path.name for path in tmp_path.iterdir())
+        assert main(["pipeline", "run", *overrides, f"tracking.uri={server.uri}"]) == 0
+        assert "| AP50 |" in capsys.readouterr().out
+        for written in ("model.pt", "eval/metrics.json", "eval/detections.json", "train/metrics.jsonl"):
+            assert (output / "s3-pipeline" / written).is_file(), written
+        assert sorted(path.name for path in tmp_path.iterdir()) == local_files  # no local output
+
+        client = mlflow.MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("aploss").experiment_id
+        (parent,) = client.search_runs([experiment], "tags.`aploss.stage` = 'pipeline'")
+        assert parent.info.status == "FINISHED" and "AP50" in parent.data.metrics
+        assert client.get_registered_model("aploss-detector").latest_versions
+        assert main(["pipeline", "run", *overrides, f"tracking.uri={server.uri}"]) == 0  # reread from the store
+        assert "skipped (already done): data-prep, train, evaluate" in capsys.readouterr().out
+    finally:
+        server.stop()
+        ray.shutdown()
