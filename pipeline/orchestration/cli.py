@@ -2,7 +2,9 @@
 one config (the defaults, a YAML file and key=value overrides); `aploss --help` lists them."""
 import argparse
 import os
+import re
 import sys
+import tempfile
 import textwrap
 
 from pipeline.config import Config, load_config
@@ -93,6 +95,26 @@ def _tune(config: Config) -> None:
           f"train it: aploss pipeline run --config {result.best_config_path}")
 
 
+def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], overrides: list[str]) -> None:
+    from pipeline.evaluation.predict import model_location, predict_stage
+    from pipeline.model import MLFLOW_URIS
+    from pipeline.orchestration.tracking import fetch_model
+
+    out = Location(arguments.out)
+    draw = Location(arguments.draw) if arguments.draw else None
+    if not inputs:
+        raise UserError("predict: give the images: files, folders, globs or an object-store URI")
+    if arguments.model.startswith(MLFLOW_URIS):
+        with tempfile.TemporaryDirectory() as scratch:
+            model_path = Location(scratch) / "model.pt"
+            fetch_model(arguments.model, config.tracking_uri(), model_path, "--model")
+            detections = predict_stage(config, model_path, inputs, overrides, out, draw)
+    else:
+        detections = predict_stage(config, model_location(arguments.model, config), inputs, overrides, out, draw)
+    print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images: {out}"
+          + (f"; drawn: {draw}" if draw else ""))
+
+
 def _config_show(config: Config) -> None:
     import yaml
 
@@ -101,9 +123,10 @@ def _config_show(config: Config) -> None:
     print(yaml.safe_dump(config_record(config), sort_keys=False), end="")
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline,
             "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness, "report": _report,
-            "config show": _config_show}
+            "predict": _predict, "config show": _config_show}
 # command: (one line for the command list, what it does, examples)
 HELP = {
     "prep": ("data-prep: a dataset to Parquet shards, ground truth and manifest",
@@ -147,6 +170,15 @@ HELP = {
                "Gathers the pipeline runs' test AP and robustness from MLflow into one markdown table (per run, and "
                "mean +- std per loss) with plots under run.output_dir/report.",
                ["aploss report", "aploss report --run bccd-ap-seed0 --run bccd-focal-seed0"]),
+    "predict": ("apply a trained detector to images: COCO-format detections json",
+                "Runs the model (a run's name, a model.pt or checkpoint, or an MLflow model URI such as "
+                "models:/aploss-detector@champion) on image files, folders, globs or an object-store URI, and writes "
+                "their detections as a COCO json in the dataset's own category ids and names (bbox x, y, w, h in "
+                "pixels, with a score), and with --draw the images with their boxes. model.score_thresh, "
+                "model.nms_thresh and model.detections_per_image are the model's own unless overridden.",
+                ["aploss predict --model bccd-ap images/ --out detections.json",
+                 "aploss predict --model models:/aploss-detector@champion 'photos/*.jpg' --draw drawn/ "
+                 "model.score_thresh=0.3"]),
     "config show": ("print the effective config (defaults, file and overrides)",
                     "Prints the config a command would run with: the defaults, the --config file and the overrides "
                     "merged and validated, as YAML that --config takes.",
@@ -200,6 +232,11 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     parsers["tune"].add_argument("--samples", type=int, help="number of trials (tune.samples)")
     _add_runs_argument(parsers["robustness"], "a run whose model to evaluate, repeated: all in one pass over the "
                                               "perturbed images (default: run.name)")
+    predict = parsers["predict"]
+    predict.add_argument("--model", required=True, help="a run name, a model.pt or checkpoint, or an MLflow model URI")
+    predict.add_argument("--out", default="detections.json", help="the detections json (default: %(default)s)")
+    predict.add_argument("--draw", metavar="DIR", help="also write each image with its detections here")
+    predict.usage = "aploss predict --model MODEL [--out FILE] [--draw DIR] IMAGES... [section.key=value ...]"
     _add_runs_argument(parsers["report"], "a pipeline run to compare, repeated (default: every pipeline run of the "
                                           "experiment)")
     return root, parsers
@@ -212,6 +249,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
         os.environ[VERBOSE_VARIABLE] = "1"
     quiet_third_party()
     command = " ".join(filter(None, [arguments.command, getattr(arguments, "action", None)]))
+    if command == "predict":  # images and overrides after an option are positionals all the same
+        arguments.overrides += [item for item in unknown if not item.startswith("-")]
+        unknown = [item for item in unknown if item.startswith("-")]
     if unknown:  # with the command's own usage, not the top-level one
         parsers[command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return arguments, command
@@ -226,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = list(arguments.overrides)
+        inputs = []
+        if command == "predict":  # the images and the overrides share the positional arguments
+            inputs = [item for item in overrides if not _OVERRIDE.match(item)]
+            overrides = [item for item in overrides if _OVERRIDE.match(item)]
         if getattr(arguments, "samples", None) is not None:
             overrides.append(f"tune.samples={arguments.samples}")
         config = load_config(arguments.config, overrides)
@@ -235,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             fetch_init(config)
         if command in ("report", "robustness"):
             COMMANDS[command](config, arguments.runs)
+        elif command == "predict":
+            _predict(config, arguments, inputs, overrides)
         else:
             COMMANDS[command](config)
     except UserError as error:

@@ -287,22 +287,27 @@ def log_prep(manifest: dict, prepared_dir: Path) -> None:
                             f"{split}_dropped": len(summary["dropped"]), f"{split}_skipped": len(summary["skipped"])})
 
 
-def fetch_init(config: Config) -> None:
-    """When model.init is an MLflow model URI (models:/NAME@ALIAS, runs:/...), download the
-    model.pt it holds to where training reads it (`pipeline.model.fetched_init_path`): workers
-    read files, not the registry, and the config keeps the URI it was given."""
-    if not config.model.init.startswith(MLFLOW_URIS):
-        return
-    mlflow.set_tracking_uri(connect(config.tracking_uri()))
+def fetch_model(uri: str, tracking_uri: str, target: Path | Location, setting: str) -> None:
+    """The model.pt a registered model of this project holds (models:/NAME@ALIAS, runs:/...),
+    downloaded to `target`; errors name the `setting` that gave the URI."""
+    mlflow.set_tracking_uri(connect(tracking_uri))
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=config.model.init, dst_path=scratch))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
         except MlflowException as error:
-            raise MissingInput(f"model.init={config.model.init}: {one_line(error)}") from None
+            raise MissingInput(f"{setting}={uri}: {one_line(error)}") from None
         weights = local / "artifacts" / "model.pt"  # the registered model's artifact (log_model)
         if not weights.is_file():
-            raise DataError(f"model.init={config.model.init}: not a model of this project (no artifacts/model.pt)")
-        fetched_init_path(config).write_bytes(weights.read_bytes())
+            raise DataError(f"{setting}={uri}: not a model of this project (no artifacts/model.pt)")
+        Location(target).write_bytes(weights.read_bytes())
+
+
+def fetch_init(config: Config) -> None:
+    """When model.init is an MLflow model URI, download the model.pt it holds to where training
+    reads it (`pipeline.model.fetched_init_path`): workers read files, not the registry, and the
+    config keeps the URI it was given."""
+    if config.model.init.startswith(MLFLOW_URIS):
+        fetch_model(config.model.init, config.tracking_uri(), fetched_init_path(config), "model.init")
 
 
 def log_anchor_recall(recall: dict) -> None:

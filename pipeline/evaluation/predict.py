@@ -1,0 +1,192 @@
+"""A trained detector applied to a user's images: image files, folders, globs, local or in an
+object store, to COCO-format detections in the dataset's own category ids and names.
+
+The detections file is a COCO instances file whose annotations carry a score: `images` (id,
+file_name, width, height), `categories` (the dataset's ids and names) and `annotations` (bbox as
+x, y, w, h in pixels, score). pycocotools loads it as it is, and `loadRes` takes its annotations.
+"""
+import glob
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+from aploss.detector import OneStageDetector
+from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, parse_override
+from pipeline.data.shards import read_manifest
+from pipeline.errors import DataError, MissingInput
+from pipeline.evaluation.coco_metrics import draw_detections
+from pipeline.io import write_json_atomic
+from pipeline.model import load_model, resolve_device
+from pipeline.storage import Location, is_uri
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DRAW_SCORE = 0.3  # detections drawn on the images: the confident ones, as on evaluation samples
+
+
+def image_files(inputs: Sequence[str]) -> list[Location]:
+    """Every image the inputs name, in order: files as given, a folder's images (not its
+    subfolders'), sorted by name, a local glob's matches sorted; each once."""
+    found: dict[Location, None] = {}
+    for given in inputs:
+        if not is_uri(given) and glob.has_magic(given):
+            matches = sorted(glob.glob(str(Path(given).expanduser()), recursive=True))
+            if not matches:
+                raise MissingInput(f"{given}: no file matches")
+            found |= dict.fromkeys(Location(match) for match in matches if _is_image(match))
+            continue
+        location = Location(given)
+        if location.is_dir():
+            images = [file for file in location.files() if _is_image(file.name)]
+            if not images:
+                raise MissingInput(f"{location}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
+            found |= dict.fromkeys(images)
+        elif location.is_file():
+            found[location] = None
+        else:
+            raise MissingInput(f"{location}: no such file or folder")
+    return list(found)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def decode(data: bytes, name: str) -> Tensor:
+    """An encoded image as the detector takes it: RGB, float CHW in [0, 1]; DataError naming it
+    when it is not an image."""
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        try:  # formats torchvision does not decode (GIF frames, TIFF, ...)
+            with Image.open(io.BytesIO(data)) as opened:
+                image = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{name}: not a readable image ({error})") from None
+    return image.float().div_(255)
+
+
+@dataclass
+class ImageDetections:
+    """One image's detections: boxes as xyxy pixels, scores, 0-based labels and their names."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+
+@torch.no_grad()
+def detect(model: OneStageDetector, images: list[Tensor], classes: Sequence[str],
+           device: torch.device) -> list[ImageDetections]:
+    model.eval()
+    results = []
+    for found in model([image.to(device) for image in images]):
+        labels = found["labels"].cpu().numpy()
+        results.append(ImageDetections(found["boxes"].cpu().numpy(), found["scores"].cpu().numpy(), labels,
+                                       [classes[label] for label in labels.tolist()]))
+    return results
+
+
+def with_postprocessing(model: OneStageDetector, trained: Config, overrides: Sequence[str]) -> OneStageDetector:
+    """The detector with the score threshold, NMS IoU and detections per image it was trained
+    with, or those `overrides` give."""
+    data = config_to_dict(trained)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    settings = config_from_dict(data).model
+    model.score_thresh = settings.score_thresh
+    model.nms_thresh = settings.nms_thresh
+    model.detections_per_image = settings.detections_per_image
+    return model
+
+
+def model_location(spec: str, config: Config) -> Location:
+    """The model.pt `spec` names: `run:NAME` or a run's name under run.output_dir, a model.pt
+    or checkpoint file, or a run's folder (local or in an object store)."""
+    name = spec.removeprefix("run:")
+    run_model = Location(config.run.output_dir) / name / "model.pt"
+    if spec.startswith("run:") or ("/" not in spec and run_model.is_file()):
+        if not run_model.is_file():
+            raise MissingInput(f"--model {spec}: run {name!r} has no model.pt under run.output_dir ({run_model})")
+        return run_model
+    location = Location(spec)
+    if location.is_dir():
+        location = location / "model.pt"
+    if not location.is_file():
+        raise MissingInput(f"--model {spec}: no such model file (give a run name, a model.pt or checkpoint, or an "
+                           "MLflow model URI)")
+    return location
+
+
+def category_ids(trained: Config, classes: Sequence[str]) -> list[int]:
+    """The dataset's category id of each class, from the prepared data the model was trained
+    on; 1..K when that data is not reachable from here."""
+    try:
+        ids = read_manifest(trained.data.prepared)["category_ids"] if trained.data.prepared else None
+    except (MissingInput, DataError, OSError):
+        ids = None
+    return list(ids) if ids and len(ids) == len(classes) else list(range(1, len(classes) + 1))
+
+
+def _batches(files: list[Location], batch_size: int) -> Iterator[list[Location]]:
+    for start in range(0, len(files), batch_size):
+        yield files[start:start + batch_size]
+
+
+def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence[int], files: list[Location],
+                  batch_size: int, device: torch.device, draw_dir: Location | None = None,
+                  progress: bool = True) -> dict:
+    """The COCO-format detections of `files`, image ids 1..n in order; drawn images in
+    `draw_dir` if given."""
+    images, annotations = [], []
+    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
+        for batch in _batches(files, batch_size):
+            tensors = [decode(file.read_bytes(), str(file)) for file in batch]
+            for file, tensor, found in zip(batch, tensors, detect(model, tensors, classes, device)):
+                image_id = len(images) + 1
+                images.append({"id": image_id, "file_name": str(file), "height": tensor.shape[1],
+                               "width": tensor.shape[2]})
+                annotations += _annotations(found, image_id, ids, first_id=len(annotations) + 1)
+                if draw_dir is not None:
+                    _draw(tensor, found, draw_dir / f"{image_id:06d}-{Path(file.name).stem}.png")
+            bar.update(len(batch))
+    categories = [{"id": category, "name": name} for category, name in zip(ids, classes)]
+    return {"images": images, "categories": categories, "annotations": annotations}
+
+
+def _annotations(found: ImageDetections, image_id: int, ids: Sequence[int], first_id: int) -> list[dict]:
+    annotations = []
+    for offset, (box, score, label) in enumerate(zip(found.boxes.tolist(), found.scores.tolist(),
+                                                     found.labels.tolist())):
+        width, height = box[2] - box[0], box[3] - box[1]
+        annotations.append({"id": first_id + offset, "image_id": image_id, "category_id": ids[label],
+                            "bbox": [box[0], box[1], width, height], "area": width * height, "iscrowd": 0,
+                            "score": score})
+    return annotations
+
+
+def _draw(image: Tensor, found: ImageDetections, path: Location) -> None:
+    confident = found.scores >= DRAW_SCORE
+    draw_detections((image * 255).to(torch.uint8), torch.from_numpy(found.boxes[confident]),
+                    [name for name, keep in zip(found.names, confident) if keep],
+                    torch.from_numpy(found.scores[confident]), path)
+
+
+def predict_stage(config: Config, model_path: Location, inputs: Sequence[str], overrides: Sequence[str],
+                  out: Location, draw_dir: Location | None = None, progress: bool = True) -> dict:
+    """Detections of the model at `model_path` on the images `inputs` name, written to `out`."""
+    device = resolve_device(config.train.device)
+    model, classes, trained = load_model(model_path, device)
+    files = image_files(inputs)
+    detections = predict_files(with_postprocessing(model, trained, overrides), classes, category_ids(trained, classes),
+                               files, config.eval.batch_size, device, draw_dir, progress)
+    write_json_atomic(detections, out)
+    return detections

@@ -1,0 +1,84 @@
+"""`aploss predict`: a trained detector on a user's image files, equal to its evaluation on the
+same images, in the dataset's own category ids."""
+import json
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.bindings import split_dir
+from pipeline.data.dataset import DetectionDataset
+from pipeline.data.prep import prepare
+from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.evaluation.evaluate import predict
+from pipeline.model import load_model
+from pipeline.orchestration.cli import main
+from pipeline.training.local import train_stage
+from tests.synthetic import write_synthetic_coco
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    write_synthetic_coco(root / "data", {"train": 4, "val": 3})
+    overrides = [
+        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        "train.batch_size=2", "train.max_steps=1", "train.eval_every=1000", f"run.output_dir={root / 'runs'}",
+        "run.name=predict-test"]
+    config = load_config(None, overrides)
+    prepare(config, progress=False)
+    return root, overrides[-2:], train_stage(config, progress=False).model_path
+
+
+def _rounded(box: list[float], score: float) -> tuple:
+    return tuple(round(value, 3) for value in box) + (round(score, 5),)
+
+
+def test_predict_on_image_files_equals_the_evaluation_of_the_same_images(trained, tmp_path, capsys):
+    root, run_settings, model_path = trained
+    out, drawn = tmp_path / "detections.json", tmp_path / "drawn"
+    assert main(["predict", "--model", "predict-test", str(root / "data" / "val"), "--out", str(out),
+                 "--draw", str(drawn), *run_settings, "model.score_thresh=0.01", "eval.batch_size=2"]) == 0
+    detections = json.loads(out.read_text())
+    assert f"detections on 3 images: {out}" in capsys.readouterr().out
+
+    model, classes, config = load_model(model_path, torch.device("cpu"))
+    manifest = read_manifest(config.data.prepared)
+    assert detections["categories"] == [{"id": i, "name": n} for i, n in zip(manifest["category_ids"], classes)]
+    assert [image["file_name"] for image in detections["images"]] == sorted(
+        str(path) for path in (root / "data" / "val").iterdir())
+    assert sorted(path.name for path in drawn.iterdir()) == [f"{i:06d}-{p.stem}.png" for i, p in enumerate(
+        sorted((root / "data" / "val").iterdir()), start=1)]
+
+    # The same detector on the prepared copies of the same files, as evaluation runs it (in batches
+    # of the same size: a convolution's rounding depends on the batch).
+    model.score_thresh = 0.01
+    ground_truth = json.loads((split_dir(config, "val") / "ground_truth.json").read_text())
+    names = {image["id"]: image["file_name"] for image in ground_truth["images"]}
+    evaluated = predict(model, DetectionDataset(ShardReader(split_dir(config, "val"))), 2, torch.device("cpu"),
+                        manifest["category_ids"])
+    files = {image["id"]: image["file_name"].rsplit("/", 1)[-1] for image in detections["images"]}
+    assert evaluated and sorted((files[a["image_id"]], a["category_id"], _rounded(a["bbox"], a["score"]))
+                                for a in detections["annotations"]) == sorted(
+        (names[r["image_id"]], r["category_id"], _rounded(r["bbox"], r["score"])) for r in evaluated)
+
+    # Post-processing from the model's config unless overridden.
+    assert main(["predict", "--model", str(model_path), str(root / "data" / "val" / "*.png"), "--out", str(out),
+                 "model.detections_per_image=2", "model.score_thresh=0.0"]) == 0
+    counts = [sum(a["image_id"] == image["id"] for a in json.loads(out.read_text())["annotations"])
+              for image in detections["images"]]
+    assert counts == [2, 2, 2]
+
+
+def test_predict_refuses_what_is_not_there_or_not_an_image(trained, tmp_path, capsys):
+    root, run_settings, _ = trained
+    assert main(["predict", "--model", "no-such-run", str(root / "data" / "val"), *run_settings]) == 2
+    assert "--model no-such-run: no such model file" in capsys.readouterr().err
+    assert main(["predict", "--model", "run:predict-test", str(tmp_path / "missing.jpg"), *run_settings]) == 2
+    assert f"{tmp_path / 'missing.jpg'}: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "notes.jpg").write_text("not an image")
+    assert main(["predict", "--model", "run:predict-test", str(tmp_path / "notes.jpg"),
+                 "--out", str(tmp_path / "d.json"), *run_settings]) == 2
+    assert f"{tmp_path / 'notes.jpg'}: not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists()
