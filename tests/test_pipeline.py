@@ -87,6 +87,8 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert parent.data.params["loss.delta"] == "ConstantDelta(value=1.0)"
     assert parent.data.params["data.root"] == str(root / "data") and parent.data.params["model.arch"] == "retinanet_r18"
     assert parent.data.metrics["AP"] == evaluation.data.metrics["AP"]
+    champion = client.get_model_version_by_alias("aploss-detector", "champion")  # the best test AP
+    assert champion.version == version.version and float(champion.tags["test_AP"]) == parent.data.metrics["AP"]
     artifacts = _artifacts(client, evaluation.info.run_id)
     assert "detections.json" in artifacts and "metrics.json" in artifacts
     assert any(p.startswith("pr_curves/") for p in artifacts) and any(p.startswith("samples/") for p in artifacts)

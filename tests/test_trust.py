@@ -1,5 +1,6 @@
 """Trust boundaries: loading a checkpoint or a registered model runs no code from the file, and
 credentials in a URI are stored and printed nowhere."""
+import base64
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -22,6 +24,7 @@ from pipeline.model import build_model, load_model
 from pipeline.orchestration import tracking
 from pipeline.orchestration.cli import main
 from pipeline.redaction import redact
+from tests.conftest import DATA_ROOT
 from tests.mlflow_server import Server, free_port
 from tests.synthetic import write_synthetic_coco
 
@@ -95,42 +98,48 @@ def test_training_state_loads_weights_only_and_resumes(prepared, capsys):
     assert torch.load(saved[-1], weights_only=True)["step"] == 2
 
 
-def test_the_registered_model_loads_and_serves_from_weights(tmp_path):
+def test_the_registered_model_loads_and_serves_from_weights(tmp_path, capsys):
+    """Registered as code plus weights, no pickle; the champion version served by `mlflow models
+    serve` answers a POST of a BCCD image (base64 in JSON) with what `aploss predict` finds."""
     config = load_config(None, ["model.arch=retinanet_r18", "model.min_size=96", "model.max_size=96",
                                 "model.score_thresh=0.0", f"run.output_dir={tmp_path}"])
     torch.manual_seed(0)
     model_path = tmp_path / "model.pt"
-    checkpoints.export_model({"model": build_model(config, 2).state_dict(), "config": config_record(config),
-                              "classes": ["square", "disc"]}, model_path)
-    with mlflow.start_run(experiment_id=tracking.configure(config)):
+    checkpoints.export_model({"model": build_model(config, 3).state_dict(), "config": config_record(config),
+                              "classes": ["RBC", "WBC", "Platelets"]}, model_path)
+    with mlflow.start_run(experiment_id=tracking.configure(config)) as run:
         tracking.log_model(model_path, config)
+    tracking.promote(config, run.info.run_id, 0.5)
     logged = [path.name for path in (tmp_path / "mlartifacts").rglob("*") if path.is_file()]
     assert "model.pt" in logged and not [name for name in logged if name.endswith((".pkl", ".pickle"))]
+    client = mlflow.MlflowClient(config.tracking_uri())
+    assert int(client.get_model_version_by_alias("aploss-detector", "champion").version) == 1
+    assert mlflow.pyfunc.load_model("models:/aploss-detector/latest").metadata.run_id == run.info.run_id
 
-    image = torch.rand(3, 80, 100, generator=torch.Generator().manual_seed(1))
-    eager, _, _ = load_model(model_path, torch.device("cpu"))
-    with torch.no_grad():
-        (expected,) = eager.eval()([image])
-    assert len(expected["scores"]) > 0
-    served = mlflow.pyfunc.load_model("models:/aploss-detector/1").predict(image.numpy())
-    for key in ("boxes", "scores", "labels"):
-        assert torch.equal(torch.as_tensor(served[key]), expected[key])
+    image = DATA_ROOT / "bccd" / "BCCD" / "JPEGImages" / "BloodImage_00000.jpg"
+    assert main(["predict", "--model", "models:/aploss-detector@champion", str(image), "--out",
+                 str(tmp_path / "predicted.json"), f"run.output_dir={tmp_path}", "eval.batch_size=1"]) == 0
+    predicted = json.loads((tmp_path / "predicted.json").read_text())["annotations"]
+    assert predicted and capsys.readouterr()
+    loaded = mlflow.pyfunc.load_model("models:/aploss-detector@champion").predict(
+        pd.DataFrame({"image": [image.read_bytes()]}))
+    assert loaded["scores"][0] == [a["score"] for a in predicted]
 
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/aploss-detector/1",
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/aploss-detector@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "MLFLOW_TRACKING_URI": config.tracking_uri(),
              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         json.dumps({"inputs": {"image": image.tolist()}}).encode(),
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         while True:
             try:
-                answer = json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"]
+                (answer,) = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
@@ -138,8 +147,11 @@ def test_the_registered_model_loads_and_serves_from_weights(tmp_path):
     finally:
         os.killpg(server.pid, 9)
         server.wait()
-    assert torch.allclose(torch.tensor(answer["boxes"]).reshape(-1, 4), expected["boxes"])
-    assert answer["labels"] == expected["labels"].tolist()
+    assert answer["scores"] == [a["score"] for a in predicted]
+    assert answer["names"] == [["RBC", "WBC", "Platelets"][label] for label in answer["labels"]]
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in predicted)]
+    assert torch.allclose(torch.tensor(answer["boxes"]), torch.tensor(boxes), atol=1e-4)
+    assert [a["category_id"] for a in predicted] == [label + 1 for label in answer["labels"]]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

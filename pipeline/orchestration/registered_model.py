@@ -3,15 +3,22 @@
 MLflow runs this file when it loads the model (`mlflow.pyfunc.load_model`, `mlflow models
 serve`); the detector is then rebuilt by this package's code from the weights-only model.pt
 the model carries (`pipeline.model.load_model`), so nothing in the logged files but this
-package's own source is ever executed. Input: one image, float32 CHW in [0, 1]; output: its
-boxes (xyxy pixels), scores and labels.
+package's own source is ever executed. The class names and the preprocessing (the detector's
+own resize and normalisation) travel in model.pt.
+
+Input: a column `image` of encoded image files (JPEG, PNG, ...; base64 strings in a JSON request,
+which MLflow decodes for a binary column). Output: per image, `boxes` (xyxy pixels), `scores`,
+`labels` (0-based) and `names`, each image on its own, so an answer never depends on what else
+the request held.
 """
 from pathlib import Path
 
 import mlflow
-import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
+
+OUTPUT_COLUMNS = ("boxes", "scores", "labels", "names")
 
 
 class RegisteredDetector(PythonModel):
@@ -22,13 +29,15 @@ class RegisteredDetector(PythonModel):
         self.detector, self.classes, _ = load_model(Path(model_path), torch.device("cpu"))
         self.detector.eval()
 
-    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
-        if isinstance(model_input, dict):
-            model_input = model_input["image"]
-        image = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        with torch.no_grad():
-            (detections,) = self.detector([image])
-        return {key: detections[key].numpy() for key in ("boxes", "scores", "labels")}
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from pipeline.evaluation.predict import decode, detect
+
+        rows = []
+        for index, encoded in enumerate(model_input["image"]):
+            (found,) = detect(self.detector, [decode(bytes(encoded), f"image {index}")], self.classes,
+                              torch.device("cpu"))
+            rows.append((found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), found.names))
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
 mlflow.models.set_model(RegisteredDetector())

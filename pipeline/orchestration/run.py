@@ -115,6 +115,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
         config, _ = training_data(config.with_prepared(directory))  # and auto anchors fitted to it
 
         run_id, finished = tracking.stage_run(experiment, parent, "train")
+        train_run_id = run_id
         record_training_run(config)  # a finished run's model is only reused for the same model and data
         if finished and model_path.exists():
             skipped.append("train")
@@ -141,6 +142,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                 evaluation = evaluate_stage(config)
                 tracking.log_evaluation(evaluation, config)
             tracking.log_test_metrics(parent, evaluation)
+            tracking.promote(config, train_run_id, evaluation.result.metrics["AP"])
         outcome.ran = len(skipped) < len(STAGES)
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)

@@ -5,6 +5,7 @@ one is reopened, so a rerun resumes the same runs rather than scattering new one
 """
 import contextlib
 import importlib.metadata
+import io
 import math
 import os
 import tempfile
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+from PIL import Image
 
 import aploss
 import pipeline
@@ -388,19 +390,46 @@ class MetricsForwarder:
                   flush=True)
 
 
+# What the registered model takes and gives (registered_model.py): encoded images in, per image
+# the boxes (xyxy pixels), scores, 0-based labels and class names out.
+MODEL_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema([ColSpec(Array(Array(DataType.double)), "boxes"), ColSpec(Array(DataType.double), "scores"),
+                    ColSpec(Array(DataType.long), "labels"), ColSpec(Array(DataType.string), "names")]))
+# The version with the best test AP; the newest is MLflow's own models:/NAME/latest (an alias
+# may not be called `latest`).
+CHAMPION = "champion"
+TEST_AP_TAG = "test_AP"
+
+
+def _input_example() -> pd.DataFrame:
+    """One small encoded image, as a request carries it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 96, 160)).save(buffer, format="png")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
+
+
 def log_model(model_path: Path | Location, config: Config) -> None:
     """The trained detector (a run's model.pt) registered in the model registry as a pyfunc
     model logged from code: its weights load without unpickling code, and the package's source
     travels with it, so it serves where aploss is not installed."""
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (3, -1, -1), "image")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
-                                               TensorSpec(np.dtype(np.float32), (-1,), "scores"),
-                                               TensorSpec(np.dtype(np.int64), (-1,), "labels")]))
     with _local_copy(model_path) as weights:
-        mlflow.pyfunc.log_model(name="model", python_model=_REGISTERED_MODEL_CODE,
-                                artifacts={"detector": weights}, code_paths=_PACKAGE_CODE,
-                                pip_requirements=_requirements(), signature=signature,
+        mlflow.pyfunc.log_model(name="model", python_model=_REGISTERED_MODEL_CODE, artifacts={"detector": weights},
+                                code_paths=_PACKAGE_CODE, pip_requirements=_requirements(),
+                                signature=MODEL_SIGNATURE, input_example=_input_example(),
                                 registered_model_name=config.tracking.registered_model)
+
+
+def promote(config: Config, train_run_id: str, test_ap: float) -> None:
+    """Record the test AP of the versions a training run registered, and point `champion` at
+    the version with the best test AP of the registered model."""
+    client, name = mlflow.MlflowClient(), config.tracking.registered_model
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{train_run_id}'"):
+        client.set_model_version_tag(name, version.version, TEST_AP_TAG, str(test_ap))
+    scored = [(float(version.tags[TEST_AP_TAG]), int(version.version))
+              for version in client.search_model_versions(f"name = '{name}'") if TEST_AP_TAG in version.tags]
+    if scored:
+        client.set_registered_model_alias(name, CHAMPION, str(max(scored)[1]))
 
 
 def _requirements() -> list[str]:
