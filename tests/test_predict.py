@@ -2,7 +2,9 @@
 same images, in the dataset's own category ids."""
 import json
 
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from pipeline.config import load_config
@@ -14,6 +16,7 @@ from pipeline.evaluation.evaluate import predict
 from pipeline.model import load_model
 from pipeline.orchestration.cli import main
 from pipeline.training.local import train_stage
+from tests.conftest import DATA_ROOT
 from tests.synthetic import write_synthetic_coco
 
 
@@ -82,3 +85,40 @@ def test_predict_refuses_what_is_not_there_or_not_an_image(trained, tmp_path, ca
                  "--out", str(tmp_path / "d.json"), *run_settings]) == 2
     assert f"{tmp_path / 'notes.jpg'}: not a readable image" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists()
+
+
+def test_predict_on_ray_equals_the_single_process_predictions_on_bccd_test(trained, tmp_path, capsys):
+    root, run_settings, _ = trained
+    folder = DATA_ROOT / "bccd" / "BCCD"
+    names = (folder / "ImageSets" / "Main" / "test.txt").read_text().split()
+    images = [str(folder / "JPEGImages" / f"{name}.jpg") for name in names]
+    settings = [*run_settings, "model.score_thresh=0.01", "eval.batch_size=1"]  # a batch's rounding is its own
+    single = tmp_path / "single.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in an actor with one CPU: a convolution's rounding depends on the threads
+    try:
+        assert main(["predict", "--model", "predict-test", *images, "--out", str(single), *settings]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        assert main(["predict", "--ray", "--model", "predict-test", *images, "--out", str(tmp_path / "shards"),
+                     *settings, "ray.workers=2", "ray.local_cpus=3"]) == 0
+    finally:
+        ray.shutdown()
+    assert f"detections of 72 images: {tmp_path / 'shards'}" in capsys.readouterr().out
+
+    expected = json.loads(single.read_text())
+    by_file = {image["file_name"]: [] for image in expected["images"]}
+    ids = {image["id"]: image["file_name"] for image in expected["images"]}
+    for annotation in expected["annotations"]:
+        by_file[ids[annotation["image_id"]]].append(annotation)
+    rows = pq.read_table(tmp_path / "shards").to_pylist()
+    assert len(rows) == 72 and sorted(row["file_name"] for row in rows) == sorted(by_file)
+    assert sum(len(row["scores"]) for row in rows) == len(expected["annotations"]) > 0
+    for row in rows:
+        wanted = by_file[row["file_name"]]
+        assert row["scores"] == [a["score"] for a in wanted]
+        assert row["category_ids"] == [a["category_id"] for a in wanted]
+        corners = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in wanted)]  # x + w: rounding only
+        assert torch.allclose(torch.tensor(row["boxes"]).reshape(-1, 4), torch.tensor(corners).reshape(-1, 4),
+                              atol=1e-4)

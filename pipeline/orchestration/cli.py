@@ -100,17 +100,26 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
     from pipeline.model import MLFLOW_URIS
     from pipeline.orchestration.tracking import fetch_model
 
-    out = Location(arguments.out)
+    out = Location(arguments.out or ("detections" if arguments.ray else "detections.json"))
     draw = Location(arguments.draw) if arguments.draw else None
     if not inputs:
         raise UserError("predict: give the images: files, folders, globs or an object-store URI")
-    if arguments.model.startswith(MLFLOW_URIS):
-        with tempfile.TemporaryDirectory() as scratch:
+    if arguments.ray and draw:
+        raise UserError("predict: --draw is for a single process; leave out --ray to draw the detections")
+    with tempfile.TemporaryDirectory() as scratch:
+        if arguments.model.startswith(MLFLOW_URIS):
             model_path = Location(scratch) / "model.pt"
             fetch_model(arguments.model, config.tracking_uri(), model_path, "--model")
-            detections = predict_stage(config, model_path, inputs, overrides, out, draw)
-    else:
-        detections = predict_stage(config, model_location(arguments.model, config), inputs, overrides, out, draw)
+        else:
+            model_path = model_location(arguments.model, config)
+        if arguments.ray:
+            from pipeline.evaluation.batch_predict import predict_on_ray
+            from pipeline.orchestration.run import start_ray
+
+            start_ray(config)
+            print(f"detections of {predict_on_ray(config, model_path, inputs, overrides, out)} images: {out}")
+            return
+        detections = predict_stage(config, model_path, inputs, overrides, out, draw)
     print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images: {out}"
           + (f"; drawn: {draw}" if draw else ""))
 
@@ -177,6 +186,8 @@ HELP = {
                 "pixels, with a score), and with --draw the images with their boxes. model.score_thresh, "
                 "model.nms_thresh and model.detections_per_image are the model's own unless overridden.",
                 ["aploss predict --model bccd-ap images/ --out detections.json",
+                 "aploss predict --ray --model run:bccd-ap s3://bucket/photos/ --out s3://bucket/detections "
+                 "ray.workers=8 ray.use_gpu=true",
                  "aploss predict --model models:/aploss-detector@champion 'photos/*.jpg' --draw drawn/ "
                  "model.score_thresh=0.3"]),
     "config show": ("print the effective config (defaults, file and overrides)",
@@ -234,9 +245,14 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                                               "perturbed images (default: run.name)")
     predict = parsers["predict"]
     predict.add_argument("--model", required=True, help="a run name, a model.pt or checkpoint, or an MLflow model URI")
-    predict.add_argument("--out", default="detections.json", help="the detections json (default: %(default)s)")
+    predict.add_argument("--out", help="the detections json (default: detections.json), or with --ray the folder of "
+                                       "Parquet shards (default: detections)")
     predict.add_argument("--draw", metavar="DIR", help="also write each image with its detections here")
-    predict.usage = "aploss predict --model MODEL [--out FILE] [--draw DIR] IMAGES... [section.key=value ...]"
+    predict.add_argument("--ray", action="store_true",
+                         help="run on Ray: Ray Data reads the images, ray.workers actors detect (one GPU each with "
+                              "ray.use_gpu), Parquet shards out")
+    predict.usage = ("aploss predict --model MODEL [--out PATH] [--draw DIR | --ray] IMAGES... "
+                     "[section.key=value ...]")
     _add_runs_argument(parsers["report"], "a pipeline run to compare, repeated (default: every pipeline run of the "
                                           "experiment)")
     return root, parsers
