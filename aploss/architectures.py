@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Callable, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import (
     ResNet18_Weights,
@@ -20,7 +21,7 @@ from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -58,6 +59,34 @@ class WeightsMismatch(ValueError):
         parts = [f"{label} {_listed(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if keys]
         super().__init__(f"{what}: {'; '.join(parts)}")
+
+
+class ResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, its resize scale computed in float64 scripted as in eager Python:
+    torchvision's own scripted resize computes it in float32, which makes some images a pixel
+    smaller than eager does (101 x 67 to 95 x 63 rather than 96 x 63), and the detections differ.
+    Otherwise torchvision's resize, for targets of boxes (no masks or keypoints)."""
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
+               ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        height, width = image.shape[-2], image.shape[-1]
+        if self.training:
+            if self._skip_resize:
+                return image, target
+            shorter = self.torch_choice(self.min_size)  # drawn even for a fixed size: the same random stream
+        else:
+            shorter = self.min_size[-1]
+        size: list[int] | None = None
+        scale: float | None = None
+        if self.fixed_size is not None:
+            size = [self.fixed_size[1], self.fixed_size[0]]
+        else:
+            scale = min(shorter / min(height, width), self.max_size / max(height, width))
+        resized = F.interpolate(image[None], size=size, scale_factor=scale, mode="bilinear",
+                                recompute_scale_factor=scale is not None, align_corners=False)[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), (resized.shape[-2], resized.shape[-1]))
+        return resized, target
 
 
 def _listed(keys: list[str], shown: int = 5) -> str:
@@ -133,7 +162,7 @@ def _retinanet_parts(arch: str, num_classes: int, norm: Norm, min_size: int, max
     anchor_generator = anchors.generator()
     head = RetinaNetHead(backbone.out_channels, anchors.per_location, num_classes,
                          norm_layer=partial(nn.GroupNorm, math.gcd(32, fpn_channels)) if norm == "group" else None)
-    transform = GeneralizedRCNNTransform(min_size, max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    transform = ResizeTransform(min_size, max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     return transform, backbone, head, anchor_generator
 
 

@@ -22,7 +22,13 @@ class OneStageDetector(nn.Module):
 
     Detections are dicts of "boxes" [D, 4] (x1, y1, x2, y2 in input-image pixels), "scores"
     (sigmoid) and "labels" (0-based classes), best first.
+
+    `detect` (what eval-mode `forward` runs) compiles with `torch.jit.script`; the loss is plain
+    Python, so scripting leaves out the training path and the parts only it uses.
     """
+
+    __jit_ignored_attributes__ = ["criterion", "train_transform"]
+    __jit_unused_properties__ = ["train_input_size"]
 
     def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, head: nn.Module,
                  anchor_generator: nn.Module, criterion: DetectionLoss, score_thresh: float = 0.05,
@@ -35,14 +41,11 @@ class OneStageDetector(nn.Module):
         self.head = head
         self.anchor_generator = anchor_generator
         self.criterion = criterion
+        self.box_coder: BoxCoder = criterion.box_coder  # an attribute, not a property: scripting needs its type
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
         self.candidates_per_level = candidates_per_level
-
-    @property
-    def box_coder(self) -> BoxCoder:
-        return self.criterion.box_coder
 
     @property
     def train_input_size(self) -> int:
@@ -58,18 +61,27 @@ class OneStageDetector(nn.Module):
             self.train_transform = copy.copy(self.transform)  # no parameters: a shallow copy is enough
             self.train_transform.fixed_size = (size, size)
 
+    @torch.jit.unused
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if self.training and targets is None:
+        if not self.training:
+            return self.detect(images)
+        if targets is None:
             raise ValueError("OneStageDetector: training needs targets (boxes and labels per image)")
-        original_sizes = [tuple(image.shape[-2:]) for image in images]
-        transform = self.train_transform if self.training else self.transform
-        batch, targets = transform(images, targets if self.training else None)
+        batch, targets = self.train_transform(images, targets)
         features = list(self.backbone(batch.tensors).values())
         outputs = self.head(features)
         anchors = self.anchor_generator(batch, features)
-        if self.training:
-            return self.criterion(outputs["cls_logits"], outputs["bbox_regression"], anchors, targets)
+        return self.criterion(outputs["cls_logits"], outputs["bbox_regression"], anchors, targets)
+
+    @torch.jit.export
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections of each image, in its own pixels."""
+        original_sizes: list[tuple[int, int]] = [(image.shape[-2], image.shape[-1]) for image in images]
+        batch, _ = self.transform(images, None)
+        features = list(self.backbone(batch.tensors).values())
+        outputs = self.head(features)
+        anchors = self.anchor_generator(batch, features)
         level_sizes = [f.shape[-2] * f.shape[-1] * n for f, n in
                        zip(features, self.anchor_generator.num_anchors_per_location())]
         detections = [self._detect(logits.split(level_sizes), deltas.split(level_sizes),
@@ -78,20 +90,22 @@ class OneStageDetector(nn.Module):
                       zip(outputs["cls_logits"], outputs["bbox_regression"], anchors, batch.image_sizes)]
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
-    def _detect(self, logits: tuple[Tensor, ...], deltas: tuple[Tensor, ...], anchors: tuple[Tensor, ...],
+    def _detect(self, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
                 image_size: tuple[int, int]) -> dict[str, Tensor]:
-        boxes, scores, labels = [], [], []
+        boxes: list[Tensor] = []
+        scores: list[Tensor] = []
+        labels: list[Tensor] = []
         for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
             num_classes = level_logits.shape[-1]
             level_scores = torch.sigmoid(level_logits.float()).flatten()
             candidates = torch.nonzero(level_scores > self.score_thresh).squeeze(1)
-            top = level_scores[candidates].topk(min(self.candidates_per_level, candidates.numel()))
-            candidates = candidates[top.indices]
+            top_scores, top = level_scores[candidates].topk(min(self.candidates_per_level, candidates.numel()))
+            candidates = candidates[top]
             anchor_index = torch.div(candidates, num_classes, rounding_mode="floor")
             decoded = self.box_coder.decode_single(level_deltas[anchor_index].float(), level_anchors[anchor_index])
             boxes.append(clip_boxes_to_image(decoded, image_size))
-            scores.append(top.values)
+            scores.append(top_scores)
             labels.append(candidates % num_classes)
-        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        keep = batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_image]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        all_boxes, all_scores, all_labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = batched_nms(all_boxes, all_scores, all_labels, self.nms_thresh)[:self.detections_per_image]
+        return {"boxes": all_boxes[keep], "scores": all_scores[keep], "labels": all_labels[keep]}
