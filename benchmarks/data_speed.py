@@ -73,12 +73,15 @@ def step_images_per_s(config: Config, classes: list[str], steps: int) -> float:
 
 def table(results: dict) -> str:
     step = results["train_step_images_per_s"]
-    lines = ["| path | loader processes | images/s | × the training step's |", "|---|---:|---:|---:|"]
+    lines = ["| path | loader processes | images/s | rounds' range | × the training step's |",
+             "|---|---:|---:|---:|---:|"]
     for row in results["data_path"]:
+        rounds = [r["images_per_s"] for r in row["rounds"]]
         lines.append(f"| {row['augment']}: read, decode, augment to {results['size']} px | {row['loaders']} | "
-                     f"{row['images_per_s']:.1f} | {row['images_per_s'] / step:.0f}x |")
+                     f"{row['images_per_s']:.1f} | {min(rounds):.1f}–{max(rounds):.1f} | "
+                     f"{row['images_per_s'] / step:.0f}x |")
     lines.append(f"| training step: {results['arch']} at {results['size']} px, batch {results['batch']}, CPU, "
-                 f"{results['torch_threads']} threads | – | {step:.2f} | 1x |")
+                 f"{results['torch_threads']} threads | – | {step:.2f} | – | 1x |")
     return "\n".join(lines)
 
 
