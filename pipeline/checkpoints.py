@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, one_line
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.storage import Location
 
@@ -29,16 +29,18 @@ def load(path: Path | Location, device: torch.device | str = "cpu") -> dict[str,
         with Location(path).open_input() as handle:
             return torch.load(io.BytesIO(handle.read()), map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
+        if (wanted := _unsupported(error)) is None:  # not a pickle at all
+            raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
         raise DataError(f"{path}: refused: it holds Python objects other than tensors and plain data "
-                        f"({_unsupported(error)}), and checkpoints are loaded without running code") from None
-    except (OSError, RuntimeError, EOFError) as error:
-        raise DataError(f"{path}: not a readable checkpoint ({error})") from None
+                        f"({wanted}), and checkpoints are loaded without running code") from None
+    except (OSError, RuntimeError, EOFError, KeyError) as error:  # KeyError: torch.load of a non-torch file
+        raise DataError(f"{path}: not a readable checkpoint ({error!r})") from None
 
 
-def _unsupported(error: pickle.UnpicklingError) -> str:
+def _unsupported(error: pickle.UnpicklingError) -> str | None:
     """torch's line naming what the file wanted to load, out of its page of advice."""
     lines = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
-    return lines[0].rstrip(".") if lines else "not a weights-only file"
+    return lines[0].rstrip(".") if lines else None
 
 
 T = TypeVar("T")

@@ -12,6 +12,7 @@ from pipeline.config import config_record, load_config
 from pipeline.errors import MissingInput
 from pipeline.evaluation.export import export_detector
 from pipeline.model import build_model, load_model
+from pipeline.orchestration.cli import main
 
 CLASSES = ["RBC", "WBC", "Platelets"]
 
@@ -79,3 +80,18 @@ def test_a_missing_model_file_is_one_line_naming_it(tmp_path):
     message = str(raised.value)
     assert str(tmp_path / "missing" / "model.pt") in message and "\n" not in message
     assert not (tmp_path / "detector.pt").exists()
+
+
+def test_aploss_export_from_the_cli_and_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    model_path = _model_pt(tmp_path, "retinanet_r18")
+    assert main(["export", "--model", str(model_path), "--out", str(tmp_path / "detector.pt"),
+                 "model.detections_per_image=3"]) == 0
+    assert f"TorchScript program: {tmp_path / 'detector.pt'}" in capsys.readouterr().out
+    program = torch.jit.load(str(tmp_path / "detector.pt"))
+    (found,) = program([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))])
+    assert program.classes == CLASSES and len(found["scores"]) == 3  # the override is in the program
+
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert main(["export", "--model", str(tmp_path / "notes.pt"), "--out", str(tmp_path / "d.pt")]) == 2
+    assert f"{tmp_path / 'notes.pt'}: not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "d.pt").exists()

@@ -1,11 +1,13 @@
 """`aploss <command>`: the stages, the whole distributed pipeline, sweeps and reports, each on
 one config (the defaults, a YAML file and key=value overrides); `aploss --help` lists them."""
 import argparse
+import contextlib
 import os
 import re
 import sys
 import tempfile
 import textwrap
+from collections.abc import Iterator
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError, one_line
@@ -95,10 +97,32 @@ def _tune(config: Config) -> None:
           f"train it: aploss pipeline run --config {result.best_config_path}")
 
 
-def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], overrides: list[str]) -> None:
-    from pipeline.evaluation.predict import model_location, predict_stage
+@contextlib.contextmanager
+def _model_file(spec: str, config: Config) -> Iterator[Location]:
+    """The model.pt `--model` names: a run's, a file, or an MLflow model URI's (fetched for the
+    command's duration)."""
+    from pipeline.evaluation.predict import model_location
     from pipeline.model import MLFLOW_URIS
     from pipeline.orchestration.tracking import fetch_model
+
+    if not spec.startswith(MLFLOW_URIS):
+        yield model_location(spec, config)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Location(scratch) / "model.pt"
+        fetch_model(spec, config.tracking_uri(), path, "--model")
+        yield path
+
+
+def _export(config: Config, arguments: argparse.Namespace, overrides: list[str]) -> None:
+    from pipeline.evaluation.export import export_detector
+
+    with _model_file(arguments.model, config) as model_path:
+        print(f"TorchScript program: {export_detector(model_path, Location(arguments.out), overrides)}")
+
+
+def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], overrides: list[str]) -> None:
+    from pipeline.evaluation.predict import predict_stage
 
     out = Location(arguments.out or ("detections" if arguments.ray else "detections.json"))
     draw = Location(arguments.draw) if arguments.draw else None
@@ -106,12 +130,7 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
         raise UserError("predict: give the images: files, folders, globs or an object-store URI")
     if arguments.ray and draw:
         raise UserError("predict: --draw is for a single process; leave out --ray to draw the detections")
-    with tempfile.TemporaryDirectory() as scratch:
-        if arguments.model.startswith(MLFLOW_URIS):
-            model_path = Location(scratch) / "model.pt"
-            fetch_model(arguments.model, config.tracking_uri(), model_path, "--model")
-        else:
-            model_path = model_location(arguments.model, config)
+    with _model_file(arguments.model, config) as model_path:
         if arguments.ray:
             from pipeline.evaluation.batch_predict import predict_on_ray
             from pipeline.orchestration.run import start_ray
@@ -135,7 +154,7 @@ def _config_show(config: Config) -> None:
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 COMMANDS = {"prep": _prep, "train": _train, "eval": _eval, "pipeline run": _pipeline,
             "pipeline train": _pipeline_train, "tune": _tune, "robustness": _robustness, "report": _report,
-            "predict": _predict, "config show": _config_show}
+            "predict": _predict, "export": _export, "config show": _config_show}
 # command: (one line for the command list, what it does, examples)
 HELP = {
     "prep": ("data-prep: a dataset to Parquet shards, ground truth and manifest",
@@ -190,6 +209,15 @@ HELP = {
                  "ray.workers=8 ray.use_gpu=true",
                  "aploss predict --model models:/aploss-detector@champion 'photos/*.jpg' --draw drawn/ "
                  "model.score_thresh=0.3"]),
+    "export": ("write a trained detector as one TorchScript file that runs with torch and torchvision alone",
+               "The program takes a list of RGB float [3, H, W] images in [0, 1] of any sizes and returns per image "
+               "boxes (x1, y1, x2, y2 in its pixels), scores and labels, as aploss predict finds them; its classes "
+               "attribute names the labels. Load it with `import torch, torchvision; torch.jit.load(FILE)`. "
+               "model.score_thresh, model.nms_thresh and model.detections_per_image are the model's own unless "
+               "overridden.",
+               ["aploss export --model bccd-ap --out detector.pt",
+                "aploss export --model models:/aploss-detector@champion --out s3://bucket/detector.pt "
+                "model.score_thresh=0.3"]),
     "config show": ("print the effective config (defaults, file and overrides)",
                     "Prints the config a command would run with: the defaults, the --config file and the overrides "
                     "merged and validated, as YAML that --config takes.",
@@ -253,6 +281,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                               "ray.use_gpu), Parquet shards out")
     predict.usage = ("aploss predict --model MODEL [--out PATH] [--draw DIR | --ray] IMAGES... "
                      "[section.key=value ...]")
+    parsers["export"].add_argument("--model", required=True, help="a run name, a model.pt, or an MLflow model URI")
+    parsers["export"].add_argument("--out", required=True, help="the program file (local or object-store URI)")
     _add_runs_argument(parsers["report"], "a pipeline run to compare, repeated (default: every pipeline run of the "
                                           "experiment)")
     return root, parsers
@@ -297,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[command](config, arguments.runs)
         elif command == "predict":
             _predict(config, arguments, inputs, overrides)
+        elif command == "export":
+            _export(config, arguments, overrides)
         else:
             COMMANDS[command](config)
     except UserError as error:
