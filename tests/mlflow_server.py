@@ -15,6 +15,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for(url: str, seconds: float, what: str) -> None:
+    """Until `url` answers; RuntimeError naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not start")
+
+
 class Server:
     """`mlflow server` on loopback, stopped and started again on the same port and store."""
 
@@ -28,14 +40,8 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
              "--default-artifact-root", str(self.directory / "artifacts"), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120  # a loaded 2-core machine starts it in ~10 s, at worst far slower
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("mlflow server did not start")
+        # A loaded 2-core machine starts it in ~10 s, at worst far slower.
+        wait_for(f"{self.uri}/health", 120, "mlflow server")
 
     def stop(self) -> None:
         if self.process is not None:  # the server and its web workers, which hold the port

@@ -3,12 +3,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pyarrow.fs as pafs
 
-from tests.mlflow_server import free_port
+from tests.mlflow_server import free_port, wait_for
 
 # Credentials the server accepts (moto takes any); the variables are the standard AWS ones.
 S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "aploss-test", "AWS_SECRET_ACCESS_KEY": "aploss-test-secret",
@@ -24,14 +22,7 @@ class S3Server:
     def start(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("moto server did not start")
+        wait_for(f"{self.endpoint}/moto-api/", 60, "moto server")
 
     def environment(self) -> dict[str, str]:
         return {**S3_VARIABLES, "AWS_ENDPOINT_URL": self.endpoint}
