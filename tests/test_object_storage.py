@@ -193,6 +193,14 @@ def test_the_pipeline_runs_with_its_outputs_in_s3_and_mlflow_on_a_server(s3, tmp
         assert client.get_registered_model("aploss-detector").latest_versions
         assert main(["pipeline", "run", *overrides, f"tracking.uri={server.uri}"]) == 0  # reread from the store
         assert "skipped (already done): data-prep, train, evaluate" in capsys.readouterr().out
+
+        tracked = [*overrides, f"tracking.uri={server.uri}"]
+        assert main(["robustness", *tracked, "robustness.occlusion=[0.5]", "robustness.noise=[]",
+                     "robustness.corruptions=[]", "robustness.severities=[3]"]) == 0
+        assert main(["report", "--run", "s3-pipeline", *tracked]) == 0
+        for written in ("s3-pipeline/robustness/robustness.json", "report/report.md", "report/ap.png"):
+            assert (output / written).is_file(), written
+        assert sorted(path.name for path in tmp_path.iterdir()) == local_files
     finally:
         server.stop()
         ray.shutdown()
