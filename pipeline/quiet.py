@@ -44,6 +44,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=MLFLOW_ADVICE, category=UserWarning)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example against ..."
     # Ray Train's notes on moving the model, wrapping it in DDP and persisting each checkpoint.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)

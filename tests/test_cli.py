@@ -236,7 +236,7 @@ def test_third_party_notices_are_hidden_unless_verbose(monkeypatch):
         warnings.warn("An input example was not provided when logging the model.", UserWarning)
         warnings.warn("something the user should see", UserWarning)
     assert [str(w.message) for w in caught] == ["something the user should see"]
-    assert report_log.level == logging.WARNING
+    assert report_log.level == logging.WARNING and logging.getLogger("mlflow.pyfunc").level == logging.WARNING
     token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     enabled, disabled = (token_log.makeRecord(token_log.name, logging.WARNING, __file__, 0, message, (), None)
                          for message in ("Token authentication is enabled for this Ray cluster.",
