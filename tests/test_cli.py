@@ -223,6 +223,7 @@ def test_third_party_notices_are_hidden_unless_verbose(monkeypatch):
 
     report_log = logging.getLogger(context.__file__)
     monkeypatch.setattr(report_log, "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger("mlflow.pyfunc"), "level", logging.NOTSET)
     monkeypatch.setenv("APLOSS_VERBOSE", "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
