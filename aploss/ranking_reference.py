@@ -16,20 +16,10 @@ same infinity, as in `aploss.reference`.
 import torch
 from torch import Tensor
 
+from aploss.reference import difference, step  # aLRP's H is AP-loss's: hard step, H(0) = 1/2, at delta = 0
+
 ALRP_EPS = 1e-5  # aLRP: a positive's update is applied only if FP(i) > this
 RS_EPS = 1e-10  # RS: ranking update if FP(i) > this, sorting update if sum_j M_ij > this
-
-
-def _difference(above: Tensor, below: Tensor) -> Tensor:
-    """above - below, broadcast, with equal scores (infinities included) tying at 0."""
-    return torch.where(above == below, 0.0, above - below)
-
-
-def _alrp_step(x: Tensor, delta: float) -> Tensor:
-    """aLRP's (and AP-loss's) H_delta; delta = 0, undefined in the release, is the hard step with H(0) = 1/2."""
-    if delta > 0:
-        return (x / (2 * delta) + 0.5).clamp(0.0, 1.0)
-    return (x > 0).double() + 0.5 * (x == 0).double()
 
 
 def _rs_step(x: Tensor, delta: float) -> Tensor:
@@ -91,9 +81,9 @@ def alrp_reference(logits: Tensor, labels: Tensor, loc_errors: Tensor,
     kept = _kept_negatives(neg, pos, delta)
     neg = neg[kept]
 
-    h_pos = _alrp_step(_difference(pos[None, :], pos[:, None]), delta)  # [i, j]: H(s_j - s_i)
+    h_pos = step(difference(pos[None, :], pos[:, None]), delta)  # [i, j]: H(s_j - s_i)
     h_pos.fill_diagonal_(0.0)  # j != i
-    h_neg = _alrp_step(_difference(neg[None, :], pos[:, None]), delta)  # [i, j]
+    h_neg = step(difference(neg[None, :], pos[:, None]), delta)  # [i, j]
     rank_plus = 1.0 + h_pos.sum(1)
     false_pos = h_neg.sum(1)
     rank = rank_plus + false_pos
@@ -143,8 +133,8 @@ def rs_reference(logits: Tensor, labels: Tensor, targets: Tensor,
     kept = _kept_negatives(neg, pos, delta)
     neg = neg[kept]
 
-    h_pos = _rs_step(_difference(pos[None, :], pos[:, None]), delta)  # [i, j], i itself included
-    h_neg = _rs_step(_difference(neg[None, :], pos[:, None]), delta)
+    h_pos = _rs_step(difference(pos[None, :], pos[:, None]), delta)  # [i, j], i itself included
+    h_neg = _rs_step(difference(neg[None, :], pos[:, None]), delta)
     rank_plus = h_pos.sum(1)
     false_pos = h_neg.sum(1)
     rank = rank_plus + false_pos
