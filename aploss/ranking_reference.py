@@ -13,6 +13,8 @@ in the flattened order of the positives, or a tensor of the logits' shape read a
 (the two agree where they coincide). Equal scores tie at difference 0 even where both are the
 same infinity, as in `aploss.reference`.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -27,13 +29,6 @@ def _rs_step(x: Tensor, delta: float) -> Tensor:
     if delta > 0:
         return (x / (2 * delta) + 0.5).clamp(0.0, 1.0)
     return (x >= 0).double()
-
-
-def _split(logits: Tensor, labels: Tensor):
-    scores = logits.detach().reshape(-1).double()
-    flat_labels = labels.reshape(-1)
-    is_pos, is_neg = flat_labels == 1, flat_labels == 0
-    return scores, is_pos, is_neg
 
 
 def _per_positive(values: Tensor, is_pos: Tensor, shape: torch.Size, name: str) -> Tensor:
@@ -54,6 +49,47 @@ def _kept_negatives(neg: Tensor, pos: Tensor, delta: float) -> Tensor:
     return neg >= pos.min() - delta
 
 
+@dataclass
+class _Pairs:
+    """The ranked pairs of one call: positives' scores and per-positive values, the negatives
+    that can matter, and where each sits among the logits."""
+
+    pos: Tensor
+    neg: Tensor  # the kept negatives
+    values: Tensor  # loc_errors or targets, one per positive
+    is_pos: Tensor
+    is_neg: Tensor
+    kept: Tensor  # which negatives are in `neg`
+    shape: torch.Size
+
+    def update(self, pos_update: Tensor, neg_update: Tensor) -> Tensor:
+        """The per-pair update divided by |P|, in the logits' shape; ignored and dropped pairs 0."""
+        update = torch.zeros(self.is_pos.numel(), dtype=torch.float64, device=self.pos.device)
+        negatives = torch.zeros(int(self.is_neg.sum()), dtype=torch.float64, device=self.pos.device)
+        negatives[self.kept] = neg_update
+        update[self.is_pos] = pos_update / self.pos.numel()
+        update[self.is_neg] = negatives / self.pos.numel()
+        return update.view(self.shape)
+
+
+def _pairs(logits: Tensor, labels: Tensor, values: Tensor, name: str, delta: float) -> _Pairs | None:
+    """The pairs to rank, or None without positives (both losses are then 0, the update zero)."""
+    scores = logits.detach().reshape(-1).double()
+    flat_labels = labels.reshape(-1)
+    is_pos, is_neg = flat_labels == 1, flat_labels == 0
+    per_positive = _per_positive(values, is_pos, logits.shape, name)
+    pos, neg = scores[is_pos], scores[is_neg]
+    if pos.numel() == 0:
+        return None
+    kept = _kept_negatives(neg, pos, delta)
+    return _Pairs(pos, neg[kept], per_positive, is_pos, is_neg, kept, logits.shape)
+
+
+def _no_positives(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    zero = torch.zeros((), dtype=torch.float64, device=logits.device)
+    return zero, zero.clone(), torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
+
+
 def alrp_reference(logits: Tensor, labels: Tensor, loc_errors: Tensor,
                    delta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """(classification loss, localisation loss, update) of aLRP in float64.
@@ -70,16 +106,10 @@ def alrp_reference(logits: Tensor, labels: Tensor, loc_errors: Tensor,
     """
     if not delta >= 0:
         raise ValueError(f"delta must be >= 0, got {delta}")
-    scores, is_pos, is_neg = _split(logits, labels)
-    update = torch.zeros_like(scores)
-    pos, neg = scores[is_pos], scores[is_neg]
-    loc = _per_positive(loc_errors, is_pos, logits.shape, "loc_errors")
-    num_pos = pos.numel()
-    if num_pos == 0:
-        zero = scores.new_zeros(())
-        return zero, zero.clone(), update.view(logits.shape)
-    kept = _kept_negatives(neg, pos, delta)
-    neg = neg[kept]
+    pairs = _pairs(logits, labels, loc_errors, "loc_errors", delta)
+    if pairs is None:
+        return _no_positives(logits)
+    pos, neg, loc = pairs.pos, pairs.neg, pairs.values
 
     h_pos = step(difference(pos[None, :], pos[:, None]), delta)  # [i, j]: H(s_j - s_i)
     h_pos.fill_diagonal_(0.0)  # j != i
@@ -94,15 +124,9 @@ def alrp_reference(logits: Tensor, labels: Tensor, loc_errors: Tensor,
     share = torch.where(applied, -pos_update / torch.where(applied, false_pos, 1.0), 0.0)
     neg_update = (h_neg * share[:, None]).sum(0)
 
-    order = sorted(range(num_pos), key=lambda i: (-pos[i].item(), i))
-    order = torch.tensor(order, dtype=torch.long)
+    order = torch.sort(pos, descending=True, stable=True).indices  # ties: the earlier pair first
     loc_loss = (torch.cumsum(loc[order], 0) / rank[order]).mean()
-
-    neg_full = torch.zeros(int(is_neg.sum()), dtype=torch.float64)
-    neg_full[kept] = neg_update
-    update[is_pos] = pos_update / num_pos
-    update[is_neg] = neg_full / num_pos
-    return cls_loss, loc_loss, update.view(logits.shape)
+    return cls_loss, loc_loss, pairs.update(pos_update, neg_update)
 
 
 def rs_reference(logits: Tensor, labels: Tensor, targets: Tensor,
@@ -122,16 +146,10 @@ def rs_reference(logits: Tensor, labels: Tensor, targets: Tensor,
     gradient alone. Positives are the labels' 1s whatever their target (the released ATSS head
     makes a target of exactly 0 a negative before calling the loss).
     """
-    scores, is_pos, is_neg = _split(logits, labels)
-    update = torch.zeros_like(scores)
-    pos, neg = scores[is_pos], scores[is_neg]
-    t = _per_positive(targets, is_pos, logits.shape, "targets")
-    num_pos = pos.numel()
-    if num_pos == 0:
-        zero = scores.new_zeros(())
-        return zero, zero.clone(), update.view(logits.shape)
-    kept = _kept_negatives(neg, pos, delta)
-    neg = neg[kept]
+    pairs = _pairs(logits, labels, targets, "targets", delta)
+    if pairs is None:
+        return _no_positives(logits)
+    pos, neg, t = pairs.pos, pairs.neg, pairs.values
 
     h_pos = _rs_step(difference(pos[None, :], pos[:, None]), delta)  # [i, j], i itself included
     h_neg = _rs_step(difference(neg[None, :], pos[:, None]), delta)
@@ -158,8 +176,4 @@ def rs_reference(logits: Tensor, labels: Tensor, targets: Tensor,
     pmf = torch.where(sorted_, sorting_error / torch.where(sorted_, denom, 1.0), 0.0)
     pos_update = pos_update + (missorted * pmf[:, None]).sum(0)
 
-    neg_full = torch.zeros(int(is_neg.sum()), dtype=torch.float64)
-    neg_full[kept] = neg_update
-    update[is_pos] = pos_update / num_pos
-    update[is_neg] = neg_full / num_pos
-    return ranking_error.mean(), sorting_error.mean(), update.view(logits.shape)
+    return ranking_error.mean(), sorting_error.mean(), pairs.update(pos_update, neg_update)

@@ -12,7 +12,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
@@ -77,7 +77,7 @@ class Location:
 
     @property
     def stem(self) -> str:
-        return self.name.rsplit(".", 1)[0] if "." in self.name.lstrip(".") else self.name
+        return PurePosixPath(self.name).stem
 
     @property
     def parent(self) -> "Location":

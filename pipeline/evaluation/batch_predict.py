@@ -17,7 +17,7 @@ import ray.data
 import torch
 
 from pipeline.config import Config
-from pipeline.evaluation.predict import category_ids, decode, detect, image_files, with_postprocessing
+from pipeline.evaluation.predict import decode, detect, image_files, trained_category_ids, with_postprocessing
 from pipeline.model import load_model
 from pipeline.storage import Location
 
@@ -32,7 +32,7 @@ class _Detector:
             model_path.write_bytes(ray.get(weights))
             model, self.classes, trained = load_model(model_path, self.device)
         self.model = with_postprocessing(model, trained, overrides)
-        self.ids = category_ids(trained, self.classes)
+        self.ids = trained_category_ids(trained, self.classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         images = [decode(bytes(data), path) for data, path in zip(batch["bytes"], batch["path"])]

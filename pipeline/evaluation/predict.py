@@ -126,7 +126,7 @@ def model_location(spec: str, config: Config) -> Location:
     return location
 
 
-def category_ids(trained: Config, classes: Sequence[str]) -> list[int]:
+def trained_category_ids(trained: Config, classes: Sequence[str]) -> list[int]:
     """The dataset's category id of each class, from the prepared data the model was trained
     on; 1..K when that data is not reachable from here."""
     try:
@@ -186,7 +186,8 @@ def predict_stage(config: Config, model_path: Location, inputs: Sequence[str], o
     device = resolve_device(config.train.device)
     model, classes, trained = load_model(model_path, device)
     files = image_files(inputs)
-    detections = predict_files(with_postprocessing(model, trained, overrides), classes, category_ids(trained, classes),
-                               files, config.eval.batch_size, device, draw_dir, progress)
+    detections = predict_files(with_postprocessing(model, trained, overrides), classes,
+                               trained_category_ids(trained, classes), files, config.eval.batch_size, device, draw_dir,
+                               progress)
     write_json_atomic(detections, out)
     return detections
