@@ -1,4 +1,5 @@
-"""The AP-loss over the global batch of all processes, as if one process held it all.
+"""The ranking losses (AP, aLRP, Rank & Sort) over the global batch of all processes, as if one
+process held it all.
 
 The ranking couples every positive with every negative of the batch, but a negative only
 needs the positives' scores, and a positive only needs sums over the negatives. So each
@@ -6,9 +7,10 @@ process gathers the positives' scores (a few thousand numbers, in varying counts
 process), places its own negatives locally, and one all-reduce sums the per-positive
 false-positive counts. Everything after that (precisions, weights, every pair's update) is
 computed identically on every process, and backward is local: no collective in it.
-Traffic per step is O(P): 8 bytes per positive gathered (padded to the largest process's
-count) and 8 bytes per positive all-reduced, whatever the number of negatives, after one
-4-byte flag that says whether every process's inputs are valid.
+Traffic per step is O(P): 8 bytes per positive gathered (16 where aLRP's localisation error or
+RS's target travels beside the score; padded to the largest process's count) and 8 bytes per
+positive all-reduced, whatever the number of negatives, after one 4-byte flag that says whether
+every process's inputs are valid.
 
 Gradient scale: DistributedDataParallel averages gradients over processes, which would
 divide the single-process update by the world size. Backward therefore hands autograd
@@ -22,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from aploss.engine import LocalBatch, ap_loss, ranked_ap_loss
+from aploss.alrp import ranked_alrp_loss
+from aploss.engine import LocalBatch, ranked_ap_loss
+from aploss.rank_sort import ranked_rs_loss
 
 
 @dataclass
@@ -51,13 +55,13 @@ class ProcessGroupBatch(LocalBatch):
         raise {"TypeError": TypeError}.get(kind, ValueError)(f"{message} (on rank {rank} of {self.world_size})")
 
     def gather_positives(self, scores: Tensor) -> tuple[Tensor, int]:
-        count = torch.tensor([scores.numel()], dtype=torch.int64, device=scores.device)
+        count = torch.tensor([scores.shape[0]], dtype=torch.int64, device=scores.device)
         counts = [torch.empty_like(count) for _ in range(self.world_size)]
         dist.all_gather(counts, count, group=self.group)
         counts = [int(c) for c in counts]
         # all_gather needs equal sizes (gloo rejects ragged ones): pad to the largest count.
-        padded = scores.new_zeros(max(counts))
-        padded[:scores.numel()] = scores
+        padded = scores.new_zeros((max(counts), *scores.shape[1:]))
+        padded[:scores.shape[0]] = scores
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded, group=self.group)
         self.bytes_sent += count.element_size() + padded.numel() * padded.element_size()
@@ -68,6 +72,15 @@ class ProcessGroupBatch(LocalBatch):
         dist.all_reduce(partial, group=self.group)
         self.bytes_sent += partial.numel() * partial.element_size()
         return partial
+
+
+def _global(group: dist.ProcessGroup | None, grad_scale: float | None,
+            batch: LocalBatch | None) -> tuple[LocalBatch, float]:
+    """Where the global batch lives and backward's scale (`global_ap_loss`)."""
+    if batch is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        batch = ProcessGroupBatch(group) if initialised else LocalBatch()
+    return batch, float(batch.world_size) if grad_scale is None else float(grad_scale)
 
 
 def global_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True,
@@ -82,9 +95,21 @@ def global_ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpola
     `bytes_sent` afterwards), or this process alone (`LocalBatch`); without either an initialised
     process group or a `batch`, this is `ap_loss`.
     """
-    if batch is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return ap_loss(logits, labels, delta, interpolate)
-        batch = ProcessGroupBatch(group)
-    scale = float(batch.world_size) if grad_scale is None else float(grad_scale)
-    return ranked_ap_loss(logits, labels, delta, interpolate, batch, scale)
+    return ranked_ap_loss(logits, labels, delta, interpolate, *_global(group, grad_scale, batch))
+
+
+def global_alrp_loss(logits: Tensor, labels: Tensor, loc_errors: Tensor, delta: float = 1.0,
+                     group: dist.ProcessGroup | None = None, grad_scale: float | None = None,
+                     batch: LocalBatch | None = None) -> tuple[Tensor, Tensor]:
+    """`alrp_loss` ranked over every process's pairs as one batch, as `global_ap_loss`: each
+    positive's localisation error travels with its score, and the localisation loss's gradient
+    is scaled as the update is."""
+    return ranked_alrp_loss(logits, labels, loc_errors, delta, *_global(group, grad_scale, batch))
+
+
+def global_rs_loss(logits: Tensor, labels: Tensor, targets: Tensor, delta: float = 0.5,
+                   group: dist.ProcessGroup | None = None, grad_scale: float | None = None,
+                   batch: LocalBatch | None = None) -> tuple[Tensor, Tensor]:
+    """`rs_loss` ranked over every process's pairs as one batch, as `global_ap_loss`: each
+    positive's target travels with its score."""
+    return ranked_rs_loss(logits, labels, targets, delta, *_global(group, grad_scale, batch))

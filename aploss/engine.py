@@ -36,6 +36,7 @@ Defined on every input:
     depends on them, so a bad input anywhere raises the same error on every process.
 """
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +83,7 @@ class LocalBatch:
 
 
 @dataclass
-class _Ranking:
+class Ranking:
     """The positives of the batch in ascending score order, and the bins their kinks cut."""
 
     scores: Tensor          # float64 [P], sorted
@@ -93,6 +94,8 @@ class _Ranking:
     window: Tensor          # bin m: positives [below[m], window[m]) have H linear
     center: Tensor          # bin m: its scores are summed relative to this (unscored bin: 0)
     delta: float
+    tie: float              # H(0): 1/2, or 1 for Rank & Sort's hard step (delta = 0 only)
+    positive_bins: Tensor   # the bin of every positive, in score order
 
     @property
     def unscored_bin(self) -> int:
@@ -100,7 +103,7 @@ class _Ranking:
         return self.locator.num_bins
 
 
-def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
+def _rank_positives(positive_scores: Tensor, delta: float, tie: float = 0.5) -> Ranking:
     scores, order = torch.sort(positive_scores, stable=True)
     # A window [s - delta, s + delta] never spans a gap wider than 2 delta, so all the
     # positives in it share one cluster and one reference score.
@@ -123,19 +126,28 @@ def _rank_positives(positive_scores: Tensor, delta: float) -> _Ranking:
     first_in_window = below.clamp(max=scores.numel() - 1)
     center = torch.where(window > below, cluster_start[first_in_window], 0.0)
     center = torch.cat([center, center.new_zeros(1)])
-    return _Ranking(scores, order, cluster_start, locator, below, window, center, delta)
+    return Ranking(scores, order, cluster_start, locator, below, window, center, delta, tie,
+                    locator.search(scores))
 
 
-def _bin_sums(ranking: _Ranking, scores: Tensor, bins: Tensor) -> tuple[Tensor, Tensor]:
-    """Per bin (the unscored bin last): how many scores, and their sum relative to the centre."""
+def positive_step_sums(ranking: Ranking, weights: Tensor | None = None) -> Tensor:
+    """sum_{k in P} w_k H(s_k - s_i) for every positive i (score order), k = i included (as H(0) w_i),
+    in O(P log P): the positives placed in the bins as the negatives are. Weights must be >= 0."""
+    bins = ranking.positive_bins
     size = ranking.unscored_bin + 1
-    count = torch.bincount(bins, minlength=size).double()
-    offset = torch.bincount(bins, weights=scores - ranking.center.index_select(0, bins), minlength=size)
-    return count, offset
+    relative = ranking.scores - ranking.center.index_select(0, bins)
+    if weights is None:
+        count = torch.bincount(bins, minlength=size).double()
+        offset = torch.bincount(bins, weights=relative, minlength=size)
+    else:
+        count = torch.bincount(bins, weights=weights, minlength=size)
+        offset = torch.bincount(bins, weights=weights * relative, minlength=size)
+    return _step_sums(ranking, count, offset)
 
 
-def _step_sums(ranking: _Ranking, count: Tensor, offset: Tensor) -> Tensor:
-    """sum_j H(s_j - s_i) for every positive i, from per-bin counts and centred sums."""
+def _step_sums(ranking: Ranking, count: Tensor, offset: Tensor) -> Tensor:
+    """sum_j H(s_j - s_i) for every positive i, from per-bin counts and centred sums (of weights
+    and weighted scores, for a weighted sum)."""
     num_pos = ranking.scores.numel()
     count, offset = count[:-1], offset[:-1]
     offset = torch.where(ranking.window > ranking.below, offset, 0.0)
@@ -149,7 +161,7 @@ def _step_sums(ranking: _Ranking, count: Tensor, offset: Tensor) -> Tensor:
     starts_at = count.new_zeros(num_pos + 1).index_add_(0, ranking.below, count)
     fully_above = starts_at.flip(0).cumsum(0).flip(0)[1:]
     in_window = spread(count)
-    steps = fully_above + 0.5 * in_window
+    steps = fully_above + ranking.tie * in_window
     if ranking.delta > 0:
         slope = spread(offset) + in_window * (ranking.cluster_start - ranking.scores)
         # Each pair in a window adds a value in [0, 1]; the clamp removes only rounding.
@@ -161,13 +173,13 @@ def _chunk_size(device: torch.device) -> int:
     return _CHUNK_PAIRS.get(device.type, _CHUNK_PAIRS["cuda"])
 
 
-def _clamp_range(ranking: _Ranking) -> tuple[float, float]:
+def _clamp_range(ranking: Ranking) -> tuple[float, float]:
     """Scores beyond these have the same H against every positive as the bounds themselves."""
     margin = 2 * ranking.delta + 1.0
     return max(ranking.scores[0].item() - margin, -_LARGEST), min(ranking.scores[-1].item() + margin, _LARGEST)
 
 
-def _place_negatives(logits: Tensor, labels: Tensor, ranking: _Ranking, keep: bool
+def _place_negatives(logits: Tensor, labels: Tensor, ranking: Ranking, keep: bool
                      ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
     """Per-bin count and centred sum of the negatives; their bins if `keep`; whether any
     negative is NaN. Positives, ignored pairs and negatives below every window (H = 0
@@ -216,11 +228,11 @@ class _Update:
     positive_update: Tensor
 
 
-def _negative_update(ranking: _Ranking, weight: Tensor) -> tuple[Tensor, Tensor]:
+def _negative_update(ranking: Ranking, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Per bin: sum_i weight_i H(s - s_i) = intercept + slope * (s - center)."""
     cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
     in_window = cumulative[ranking.window] - cumulative[ranking.below]
-    intercept = cumulative[ranking.below] + 0.5 * in_window
+    intercept = cumulative[ranking.below] + ranking.tie * in_window
     slope = torch.zeros_like(intercept)
     if ranking.delta > 0:
         relative = weight * (ranking.scores - ranking.cluster_start)
@@ -232,22 +244,93 @@ def _negative_update(ranking: _Ranking, weight: Tensor) -> tuple[Tensor, Tensor]
     return torch.cat([intercept, zero]), torch.cat([slope, zero])
 
 
-class _APLossFunction(torch.autograd.Function):
+@dataclass
+class Ranked:
+    """What a loss's rule sees once the negatives are placed: the global batch's positives ranked,
+    and per positive (in `ranking`'s score order) its false positives and its value."""
+
+    ranking: Ranking
+    false_positives: Tensor  # FP(i) = sum_{j in N} H(s_j - s_i), float64 [P]
+    values: Tensor | None    # the loss's per-positive input (aLRP's loc errors, RS's targets), float64 [P]
+
+
+@dataclass
+class RuleResult:
+    """A loss's outputs and its update, per positive in score order, everything divided by |P|."""
+
+    outputs: tuple[Tensor, ...]       # float64 scalars; backward scales the update by the first's gradient
+    positive_update: Tensor           # the update of each positive
+    negative_weight: Tensor           # c_i: negative j gets sum_i c_i H(s_j - s_i)
+    value_gradient: Tensor | None = None  # d outputs[1] / d value_i, for a differentiable value
+
+
+class RankingRule(Protocol):
+    """What one ranking loss computes from the ranked positives (`AveragePrecisionRule`,
+    `aploss.alrp.ALRPRule`, `aploss.rank_sort.RankSortRule`)."""
+
+    name: str                 # the function's name, for error messages
+    num_outputs: int
+    value_name: str | None    # the per-positive input's name, None without one
+
+    def tie(self, delta: float) -> float:
+        """H(0) of the loss's step at this delta."""
+
+    def __call__(self, ranked: Ranked) -> RuleResult: ...
+
+
+@dataclass(frozen=True)
+class AveragePrecisionRule:
+    """AP-loss: p_i = rank+(i) / rank(i), q_i = max{p_k : s_k <= s_i}, loss 1 - mean q."""
+
+    interpolate: bool = True
+    name = "ap_loss"
+    num_outputs = 1
+    value_name = None
+
+    def tie(self, delta: float) -> float:
+        return 0.5
+
+    def __call__(self, ranked: Ranked) -> RuleResult:
+        num_pos = ranked.ranking.scores.numel()
+        rank_plus = 0.5 + positive_step_sums(ranked.ranking)  # the own term H(0) = 1/2 made 1
+        rank = rank_plus + ranked.false_positives
+        precision = rank_plus / rank
+        interpolated = precision.cummax(0).values if self.interpolate else precision
+        # Rescaling keeps each positive's total push on the negatives at 1 - q_i.
+        weight = torch.where(interpolated > precision, (1 - interpolated) / (1 - precision), 1.0)
+        return RuleResult((1.0 - interpolated.mean(),), -(1 - interpolated) / num_pos, weight / rank / num_pos)
+
+
+def _per_positive(values: Tensor, positive_index: Tensor, shape: torch.Size) -> Tensor:
+    """One value per positive (flattened order), from either accepted layout (`_input_problem`)."""
+    flat = values.detach().reshape(-1)
+    if values.shape == shape:
+        flat = flat[positive_index]
+    return flat.double()
+
+
+class _RankingLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
-                batch: LocalBatch, grad_scale: float) -> Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, values: Tensor | None, rule: RankingRule, delta: float,
+                batch: LocalBatch, grad_scale: float) -> tuple[Tensor, ...]:
         loss_dtype = torch.promote_types(logits.dtype, torch.float32)
         flat_logits, flat_labels = logits.reshape(-1), labels.reshape(-1)
         positive_index = (flat_labels == 1).nonzero().squeeze(1)
         local_positives = flat_logits[positive_index].double().clamp_(-_LARGEST, _LARGEST)
-        positives, offset = batch.gather_positives(local_positives)
+        shared = local_positives
+        if values is not None:  # one gather for both: the values travel beside their scores
+            shared = torch.stack([local_positives, _per_positive(values, positive_index, logits.shape)], 1)
+        gathered, offset = batch.gather_positives(shared)
+        positives = gathered if values is None else gathered[:, 0].contiguous()
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        ctx.update, ctx.nan_labels = None, None
+        ctx.update, ctx.nan_labels, ctx.value_gradient = None, None, None
+        ctx.values_shape = None if values is None else values.shape
+        ctx.positive_index = positive_index
         if positives.numel() == 0:
-            return logits.new_zeros((), dtype=loss_dtype)
+            return tuple(logits.new_zeros((), dtype=loss_dtype) for _ in range(rule.num_outputs))
         if positives.isnan().any():
-            return _nan_loss(ctx, flat_labels, loss_dtype)
-        ranking = _rank_positives(positives, delta)
+            return _nan_loss(ctx, flat_labels, loss_dtype, rule.num_outputs)
+        ranking = _rank_positives(positives, delta, rule.tie(delta))
         keep = ctx.needs_input_grad[0]
         count, offset_sum, placed, has_nan = _place_negatives(flat_logits, flat_labels, ranking, keep)
         partial_false_positives = _step_sums(ranking, count, offset_sum)
@@ -255,49 +338,63 @@ class _APLossFunction(torch.autograd.Function):
             partial_false_positives.fill_(float("nan"))
         false_positives = batch.sum_over_processes(partial_false_positives)
         if false_positives.isnan().any():
-            return _nan_loss(ctx, flat_labels, loss_dtype)
-        positive_bins = ranking.locator.search(ranking.scores)
-        rank_plus = 0.5 + _step_sums(ranking, *_bin_sums(ranking, ranking.scores, positive_bins))
-        rank = rank_plus + false_positives
-        precision = rank_plus / rank
-        interpolated = precision.cummax(0).values if interpolate else precision
-        loss = 1.0 - interpolated.mean()
+            return _nan_loss(ctx, flat_labels, loss_dtype, rule.num_outputs)
+        sorted_values = None if values is None else gathered[:, 1][ranking.order]
+        result = rule(Ranked(ranking, false_positives, sorted_values))
+
+        def local(per_positive: Tensor) -> Tensor:
+            """This process's share of a per-positive array given in score order."""
+            gathered_order = torch.empty_like(per_positive)
+            gathered_order[ranking.order] = per_positive
+            return gathered_order[offset:offset + positive_index.numel()] * grad_scale
+
         if keep:
-            num_pos = ranking.scores.numel()
-            # Rescaling keeps each positive's total push on the negatives at 1 - q_i.
-            weight = torch.where(interpolated > precision,
-                                 (1 - interpolated) / (1 - precision), 1.0)
-            intercept, slope = _negative_update(ranking, weight / rank / num_pos)
-            sorted_update = -(1 - interpolated) / num_pos
-            gathered_update = torch.empty_like(sorted_update)
-            gathered_update[ranking.order] = sorted_update
-            local_update = gathered_update[offset:offset + positive_index.numel()]
+            intercept, slope = _negative_update(ranking, result.negative_weight)
             lowest, highest = _clamp_range(ranking)
             ctx.update = _Update(placed, intercept * grad_scale, slope * grad_scale, ranking.center,
-                                 lowest, highest, positive_index, local_update * grad_scale)
+                                 lowest, highest, positive_index, local(result.positive_update))
             ctx.save_for_backward(logits)
-        return loss.to(loss_dtype)
+        if values is not None and ctx.needs_input_grad[2] and result.value_gradient is not None:
+            ctx.value_gradient = local(result.value_gradient)
+        return tuple(output.to(loss_dtype) for output in result.outputs)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, *grad_outputs: Tensor):
         update: _Update | None = ctx.update
-        grad = None
+        grad = value_grad = None
         if ctx.needs_input_grad[0]:
             if update is None:  # no positives, or a NaN among the ranked pairs
-                grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_output.device)
+                grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_outputs[0].device)
                 if ctx.nan_labels is not None:
                     grad.view(-1).masked_fill_(ctx.nan_labels >= 0, float("nan"))
             else:
                 flat_logits = ctx.saved_tensors[0].reshape(-1)
-                grad = _evaluate_update(update, flat_logits, grad_output.double()).view(ctx.shape)
-        return grad, None, None, None, None, None
+                grad = _evaluate_update(update, flat_logits, grad_outputs[0].double()).view(ctx.shape)
+        if ctx.values_shape is not None and ctx.needs_input_grad[2]:
+            value_grad = _value_grad(ctx, grad_outputs[1] if len(grad_outputs) > 1 else None)
+        return grad, None, value_grad, None, None, None, None
 
 
-def _nan_loss(ctx, flat_labels: Tensor, dtype: torch.dtype) -> Tensor:
-    """A NaN among the ranked pairs: NaN loss, and NaN for every ranked pair in backward, which
+def _value_grad(ctx, grad_output: Tensor | None) -> Tensor:
+    """The gradient of the per-positive values, in their own layout: zero without positives or
+    where the rule's outputs do not depend on them, NaN after a NaN among the ranked pairs."""
+    per_positive = torch.zeros(ctx.positive_index.numel(), dtype=torch.float64, device=ctx.positive_index.device)
+    if ctx.nan_labels is not None:
+        per_positive.fill_(float("nan"))
+    elif ctx.value_gradient is not None and grad_output is not None:
+        per_positive = ctx.value_gradient * grad_output.double()
+    if ctx.values_shape == ctx.shape:
+        grad = torch.zeros(ctx.shape, dtype=torch.float64, device=per_positive.device)
+        grad.view(-1)[ctx.positive_index] = per_positive
+        return grad
+    return per_positive.view(ctx.values_shape)
+
+
+def _nan_loss(ctx, flat_labels: Tensor, dtype: torch.dtype, num_outputs: int) -> tuple[Tensor, ...]:
+    """A NaN among the ranked pairs: NaN outputs, and NaN for every ranked pair in backward, which
     each depend on it through the ranks (ignored pairs keep a zero), never a silent zero."""
     ctx.nan_labels = flat_labels
-    return flat_labels.new_full((), float("nan"), dtype=dtype)
+    return tuple(flat_labels.new_full((), float("nan"), dtype=dtype) for _ in range(num_outputs))
 
 
 def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) -> Tensor:
@@ -321,18 +418,27 @@ def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) 
     return grad
 
 
-def _input_problem(logits: Tensor, labels: Tensor, delta: float) -> tuple[type[Exception], str] | None:
+def _input_problem(logits: Tensor, labels: Tensor, delta: float, rule: RankingRule,
+                   values: Tensor | None) -> tuple[type[Exception], str] | None:
     """What is wrong with the inputs, as the exception to raise, or None."""
+    name = rule.name
     if not logits.is_floating_point():
-        return TypeError, f"ap_loss: logits must be a floating-point tensor, got {logits.dtype}"
+        return TypeError, f"{name}: logits must be a floating-point tensor, got {logits.dtype}"
     if logits.shape != labels.shape:
-        return ValueError, (f"ap_loss: labels shape {tuple(labels.shape)} does not match "
+        return ValueError, (f"{name}: labels shape {tuple(labels.shape)} does not match "
                             f"logits shape {tuple(logits.shape)}")
     if not (delta >= 0 and delta < float("inf")):
-        return ValueError, f"ap_loss: delta must be a finite number >= 0, got {delta}"
+        return ValueError, f"{name}: delta must be a finite number >= 0, got {delta}"
+    problem = _label_problem(labels, name)
+    if problem is None and rule.value_name is not None:
+        problem = _value_problem(values, labels, rule)
+    return problem
+
+
+def _label_problem(labels: Tensor, name: str) -> tuple[type[Exception], str] | None:
     if not labels.numel() or labels.dtype == torch.bool:
         return None
-    expected = "ap_loss: labels must be exactly 1 (positive), 0 (negative) or -1 (ignored)"
+    expected = f"{name}: labels must be exactly 1 (positive), 0 (negative) or -1 (ignored)"
     if labels.is_floating_point() or labels.is_complex():
         wrong = (labels != 1) & (labels != 0) & (labels != -1)
         if wrong.any():
@@ -344,17 +450,42 @@ def _input_problem(logits: Tensor, labels: Tensor, delta: float) -> tuple[type[E
     return None
 
 
-def ranked_ap_loss(logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
-                   batch: LocalBatch, grad_scale: float) -> Tensor:
-    """`ap_loss` over a batch whose positives are shared through `batch`; backward's
+def _value_problem(values: Tensor | None, labels: Tensor, rule: RankingRule) -> tuple[type[Exception], str] | None:
+    """The per-positive values: one per positive in flattened order, or the logits' shape (read at
+    the positives); in [0, 1], as an IoU or a normalised localisation error is, at every positive."""
+    what = f"{rule.name}: {rule.value_name}"
+    if values is None or not values.is_floating_point():
+        return TypeError, f"{what} must be a floating-point tensor, got {None if values is None else values.dtype}"
+    is_positive = labels.reshape(-1) == 1
+    num_pos = int(is_positive.sum())
+    if values.shape == labels.shape:
+        values = values.detach().reshape(-1)[is_positive]
+    elif values.numel() != num_pos or values.ndim != 1:
+        return ValueError, (f"{what} must hold one value per positive ({num_pos}) or have the logits' shape "
+                            f"{tuple(labels.shape)}, got shape {tuple(values.shape)}")
+    outside = ~((values >= 0) & (values <= 1))  # NaN included
+    if outside.any():
+        return ValueError, f"{what} must be in [0, 1] at every positive; found {values[outside][0].item()}"
+    return None
+
+
+def ranked_loss(logits: Tensor, labels: Tensor, values: Tensor | None, rule: RankingRule, delta: float,
+                batch: LocalBatch, grad_scale: float) -> tuple[Tensor, ...]:
+    """The outputs of `rule` over a batch whose positives are shared through `batch`; backward's
     update is multiplied by `grad_scale`. Inputs are checked on every process before any
     collective that depends on them, so a bad one anywhere raises the same error everywhere."""
     delta = float(delta)
-    batch.agree(_input_problem(logits, labels, delta), logits.device)
+    batch.agree(_input_problem(logits, labels, delta, rule, values), logits.device)
     if labels.is_floating_point() or labels.dtype == torch.bool:
         labels = labels.to(torch.int8)  # exactly -1, 0 and 1 (checked), as the kernels take them
     delta = 0.0 if delta < HARD_STEP_DELTA else delta
-    return _APLossFunction.apply(logits, labels, delta, interpolate, batch, grad_scale)
+    return _RankingLossFunction.apply(logits, labels, values, rule, delta, batch, grad_scale)
+
+
+def ranked_ap_loss(logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
+                   batch: LocalBatch, grad_scale: float) -> Tensor:
+    """`ap_loss` over a batch whose positives are shared through `batch` (`ranked_loss`)."""
+    return ranked_loss(logits, labels, None, AveragePrecisionRule(interpolate), delta, batch, grad_scale)[0]
 
 
 def ap_loss(logits: Tensor, labels: Tensor, delta: float = 1.0, interpolate: bool = True) -> Tensor:

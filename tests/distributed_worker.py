@@ -6,9 +6,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aploss.distributed import ProcessGroupBatch, global_ap_loss
+from aploss.distributed import ProcessGroupBatch, global_alrp_loss, global_ap_loss, global_rs_loss
 
 DELTAS = (0.0, 0.5, 1.0)
+# aLRP and Rank & Sort, with the per-positive value (localisation error, target) each ranks with.
+FAMILY = {"alrp": global_alrp_loss, "rs": global_rs_loss}
+
+
+def positive_values(total: int, seed: int = 3) -> torch.Tensor:
+    """A value in [0, 1] for every pair (read at the positives), on a grid of 1/4 for ties."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(total, generator=g, dtype=torch.float64) * 4).round() / 4
 
 
 def global_batch(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +40,19 @@ def features_batch(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return features, labels
 
 
-def ddp_model() -> nn.Module:
+def ddp_model(outputs: int = 1) -> nn.Module:
     torch.manual_seed(2)
-    return nn.Linear(8, 1).double()
+    return nn.Linear(8, outputs).double()
+
+
+def family_objective(name: str, outputs: torch.Tensor, labels: torch.Tensor, loss) -> torch.Tensor:
+    """What a detector backpropagates: aLRP's two terms, its localisation errors from the model;
+    RS's two terms, its targets the model's detached output."""
+    values = torch.sigmoid(outputs[:, 1])
+    if name == "rs":
+        values = values.detach()
+    first, second = loss(outputs[:, 0], labels, values, 0.5)
+    return first + second
 
 
 def run(rank: int, world_size: int, sizes: list[int], init_file: str, out_dir: str) -> None:
@@ -49,6 +67,18 @@ def run(rank: int, world_size: int, sizes: list[int], init_file: str, out_dir: s
         loss = global_ap_loss(local, labels[start:stop], delta, grad_scale=1.0, batch=exchange)
         loss.backward()
         results[delta] = (loss.item(), local.grad.clone(), exchange.bytes_sent)
+
+    values = positive_values(len(logits))
+    for name, loss_function in FAMILY.items():
+        for delta in DELTAS:
+            local = logits[start:stop].clone().requires_grad_()
+            local_values = values[start:stop].clone().requires_grad_()
+            exchange = ProcessGroupBatch()
+            first, second = loss_function(local, labels[start:stop], local_values, delta, grad_scale=1.0,
+                                          batch=exchange)
+            (first + second).backward()
+            results[name, delta] = (first.item(), second.item(), local.grad.clone(), local_values.grad.clone(),
+                                    exchange.bytes_sent)
 
     local = logits[start:stop].clone().requires_grad_()
     loss = global_ap_loss(local, torch.zeros_like(labels[start:stop]))
@@ -78,6 +108,10 @@ def run(rank: int, world_size: int, sizes: list[int], init_file: str, out_dir: s
     scores = model(features[start:stop]).squeeze(1)
     global_ap_loss(scores, feature_labels[start:stop], 0.5).backward()
     results["ddp"] = [p.grad.clone() for p in model.parameters()]
+    for name, loss_function in FAMILY.items():
+        model = DistributedDataParallel(ddp_model(2))
+        family_objective(name, model(features[start:stop]), feature_labels[start:stop], loss_function).backward()
+        results["ddp", name] = [p.grad.clone() for p in model.parameters()]
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # without it, some runs hang in destroy_process_group

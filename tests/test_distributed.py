@@ -1,4 +1,4 @@
-"""The global-batch AP-loss in 2 and 3 gloo processes equals one process on the whole batch."""
+"""The global-batch ranking losses in 2 and 3 gloo processes equal one process on the whole batch."""
 import math
 import time
 
@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from aploss import ap_loss
-from tests.distributed_worker import DELTAS, ddp_model, features_batch, global_batch, run
+from aploss import alrp_loss, ap_loss, rs_loss
+from tests.distributed_worker import (
+    DELTAS,
+    ddp_model,
+    family_objective,
+    features_batch,
+    global_batch,
+    positive_values,
+    run,
+)
 
 SPAWN_TIMEOUT_S = 120
 
@@ -42,6 +50,20 @@ def test_global_batch_equals_single_process(sizes, tmp_path):
             torch.testing.assert_close(update, whole.grad[bounds[rank]:bounds[rank + 1]],
                                        rtol=1e-9, atol=1e-12)
             assert bytes_sent <= 64 * num_pos, "AP-loss traffic must stay O(P)"
+    values = positive_values(len(logits))
+    for name, loss_function in {"alrp": alrp_loss, "rs": rs_loss}.items():
+        for delta in DELTAS:
+            whole, whole_values = logits.clone().requires_grad_(), values.clone().requires_grad_()
+            first, second = loss_function(whole, labels, whole_values, delta)
+            (first + second).backward()
+            for rank, result in enumerate(results):
+                got_first, got_second, update, value_grad, bytes_sent = result[name, delta]
+                assert got_first == pytest.approx(first.item(), abs=1e-12)
+                assert got_second == pytest.approx(second.item(), abs=1e-12)
+                part = slice(bounds[rank], bounds[rank + 1])
+                torch.testing.assert_close(update, whole.grad[part], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(value_grad, whole_values.grad[part], rtol=1e-9, atol=1e-12)
+                assert bytes_sent <= 64 * num_pos, f"{name} traffic must stay O(P)"
     for rank, result in enumerate(results):
         loss, update = result["no_positives"]
         assert loss == 0.0 and (update == 0).all()
@@ -63,3 +85,9 @@ def test_ddp_parameter_update_equals_single_process(tmp_path):
     for result in results:
         for got, expected in zip(result["ddp"], model.parameters()):
             torch.testing.assert_close(got, expected.grad, rtol=1e-9, atol=1e-12)
+    for name, loss_function in {"alrp": alrp_loss, "rs": rs_loss}.items():
+        model = ddp_model(2)
+        family_objective(name, model(features), labels, loss_function).backward()
+        for result in results:
+            for got, expected in zip(result["ddp", name], model.parameters()):
+                torch.testing.assert_close(got, expected.grad, rtol=1e-9, atol=1e-12)
