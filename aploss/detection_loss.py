@@ -1,5 +1,13 @@
 """The detector's training loss: a classification term over every anchor-class pair of the
-batch, ranked together, plus smooth-L1 box regression on the positives.
+batch, ranked together, plus box regression on the positives.
+
+  * "ap" (AP-loss) and "focal": smooth-L1 on the encoded box deltas.
+  * "alrp": each positive's GIoU localisation error l = (1 - GIoU) / 2 enters the ranking, and the
+    box term is aLRP's localisation loss times its self-balancing weight (`SelfBalance`).
+  * "rs" (Rank & Sort): each positive's target is the IoU of its predicted box (detached) with its
+    ground truth (a positive whose IoU is 0 is ranked as a negative, as in the release); the box
+    term is the GIoU loss weighted by the anchor's detached best class score, scaled every step
+    to the ranking and sorting losses' value (self-balance).
 
 Every term is normalised by batch-wide counts, and the batch may span several processes: with a
 `ProcessGroupBatch` the counts are summed over processes and each process's terms are scaled
@@ -11,34 +19,40 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from aploss.alrp import ranked_alrp_loss
 from aploss.anchor_assignment import assign_anchors, pair_labels
 from aploss.distributed import global_ap_loss
 from aploss.engine import LocalBatch
+from aploss.rank_sort import ranked_rs_loss
+from aploss.self_balance import SelfBalance
 from aploss.torchvision_private import BoxCoder
 
-Classification = Literal["ap", "focal"]
+Classification = Literal["ap", "focal", "alrp", "rs"]
+CLASSIFICATIONS = ("ap", "focal", "alrp", "rs")
 # Encoded-delta scales 1 / (0.1, 0.1, 0.2, 0.2), the released code's (and SSD's) box encoding.
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 class DetectionLoss(nn.Module):
-    """Classification ("ap": the AP-loss engine; "focal": torchvision's sigmoid focal loss) plus
-    box regression.
+    """Classification ("ap", "alrp", "rs": the ranking engine; "focal": torchvision's sigmoid
+    focal loss) plus box regression (module docstring).
 
     `delta` may be changed between steps (a schedule). The returned dict holds the two terms to
     backpropagate and `positives`, the number of positive pairs in the whole batch (a step with
-    none has nothing to learn from and is skipped by the trainer).
+    none has nothing to learn from and is skipped by the trainer). aLRP's self-balancing weight
+    is a buffer of `self_balance`, updated every `self_balance_period` training steps.
     """
 
     def __init__(self, num_classes: int, box_coder: BoxCoder | None = None, classification: Classification = "ap",
                  delta: float = 1.0, interpolate: bool = True, fg_iou: float = 0.5, bg_iou: float = 0.4,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_beta: float = 1.0,
-                 box_weight: float = 1.0, batch: LocalBatch | None = None) -> None:
+                 box_weight: float = 1.0, batch: LocalBatch | None = None, self_balance_initial: float = 50.0,
+                 self_balance_period: int = 1) -> None:
         super().__init__()
-        if classification not in ("ap", "focal"):
-            raise ValueError(f"classification loss must be 'ap' or 'focal', got {classification!r}")
+        if classification not in CLASSIFICATIONS:
+            raise ValueError(f"classification loss must be one of {', '.join(CLASSIFICATIONS)}, got {classification!r}")
         self.num_classes = num_classes
         self.box_coder = box_coder or BoxCoder(BOX_WEIGHTS)
         self.classification = classification
@@ -48,29 +62,68 @@ class DetectionLoss(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_beta, self.box_weight = box_beta, box_weight
         self.batch = batch or LocalBatch()
+        self.self_balance = SelfBalance(self_balance_initial, self_balance_period) if classification == "alrp" else None
 
     def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: list[Tensor],
                 targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """cls_logits [B, A, C], box_deltas [B, A, 4], anchors B x [A, 4], targets B dicts with
         "boxes" [G, 4] and "labels" [G] (0-based classes)."""
-        labels, box_targets = [], []
+        labels, matched_boxes, positive_anchors_of = [], [], []
         for anchors_per_image, target in zip(anchors, targets):
             matched = assign_anchors(anchors_per_image, target["boxes"], self.fg_iou, self.bg_iou)
             labels.append(pair_labels(matched, target["labels"], self.num_classes))
             positive = matched >= 0
-            box_targets.append(self.box_coder.encode_single(target["boxes"][matched[positive]],
-                                                            anchors_per_image[positive]))
+            matched_boxes.append(target["boxes"][matched[positive]])
+            positive_anchors_of.append(anchors_per_image[positive])
         labels = torch.stack(labels)
-        # A positive anchor has exactly one positive pair, so one count normalises both terms.
+        # A positive anchor has exactly one positive pair, so one count normalises both terms, and
+        # the positive anchors in (image, anchor) order are the positive pairs in flattened order.
         positive_anchors = (labels == 1).any(dim=2)
         positives_total = self.batch.sum_over_processes(positive_anchors.sum().to(torch.float64).reshape(1))[0]
         scale = self.batch.world_size
-        return {
-            "classification": self._classification(cls_logits, labels, positives_total, scale),
-            "box_regression": self._box_regression(box_deltas[positive_anchors], torch.cat(box_targets),
-                                                   positives_total, scale),
-            "positives": positives_total,
-        }
+        deltas, gt_boxes = box_deltas[positive_anchors], torch.cat(matched_boxes)
+        anchor_boxes = torch.cat(positive_anchors_of)
+        if self.classification in ("alrp", "rs"):
+            predicted = self.box_coder.decode_single(deltas.float(), anchor_boxes)
+            giou_loss = generalized_box_iou_loss(predicted, gt_boxes.float())  # 1 - GIoU, in [0, 2]
+            if self.classification == "alrp":
+                classification, box = self._alrp(cls_logits, labels, giou_loss, positives_total, scale)
+            else:
+                best_score = cls_logits[positive_anchors].detach().float().max(dim=1).values.sigmoid()
+                classification, box = self._rank_sort(cls_logits, labels, predicted.detach(), gt_boxes, giou_loss,
+                                                      best_score, scale)
+        else:
+            classification = self._classification(cls_logits, labels, positives_total, scale)
+            box = self._box_regression(deltas, self.box_coder.encode_single(gt_boxes, anchor_boxes),
+                                       positives_total, scale)
+        return {"classification": classification, "box_regression": box, "positives": positives_total}
+
+    def _alrp(self, logits: Tensor, labels: Tensor, giou_loss: Tensor, positives_total: Tensor,
+              scale: int) -> tuple[Tensor, Tensor]:
+        loc_errors = (giou_loss / 2).clamp(0.0, 1.0)  # aLRP's normalised error; the clamp removes only rounding
+        classification, localisation = ranked_alrp_loss(logits, labels, loc_errors, self.delta, self.batch,
+                                                        float(scale))
+        weight = self.self_balance.weight.to(localisation.dtype)
+        if self.training and positives_total > 0:  # a skipped step is no step of the period
+            self.self_balance.observe(classification, localisation)
+        return classification, weight * localisation
+
+    def _rank_sort(self, logits: Tensor, labels: Tensor, predicted: Tensor, gt_boxes: Tensor, giou_loss: Tensor, best_score: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+        iou = _paired_iou(predicted, gt_boxes.float()).clamp(0.0, 1.0)
+        positive_pairs = labels == 1
+        # The release takes a target of 0 as a negative: a box that misses its object has no rank to earn.
+        missed = torch.zeros_like(positive_pairs)
+        missed[positive_pairs] = iou == 0
+        labels = labels.masked_fill(missed, 0)
+        targets = iou[iou > 0]
+        ranking, sorting = ranked_rs_loss(logits, labels, targets, self.delta, self.batch, float(scale))
+        weighted = (best_score * giou_loss).sum()
+        totals = self.batch.sum_over_processes(torch.stack([weighted.detach().double(), best_score.sum().double()]))
+        global_box = totals[0] / totals[1].clamp(min=1e-12)
+        # Self-balance: the box term's value is the classification terms' value, every step.
+        balance = torch.where(global_box > 0, (ranking + sorting).detach().double() / global_box, 0.0)
+        box = balance.to(weighted.dtype) * weighted * scale / totals[1].clamp(min=1e-12).to(weighted.dtype)
+        return ranking + sorting, box
 
     def _classification(self, logits: Tensor, labels: Tensor, positives_total: Tensor, scale: int) -> Tensor:
         if self.classification == "ap":
@@ -89,3 +142,12 @@ class DetectionLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"classification={self.classification}, delta={self.delta}, interpolate={self.interpolate}"
+
+
+def _paired_iou(boxes: Tensor, others: Tensor) -> Tensor:
+    """IoU of each box with the box at the same index (x1, y1, x2, y2)."""
+    top_left = torch.maximum(boxes[:, :2], others[:, :2])
+    bottom_right = torch.minimum(boxes[:, 2:], others[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    union = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1) + (others[:, 2:] - others[:, :2]).prod(dim=1) - intersection
+    return intersection / union.clamp(min=torch.finfo(union.dtype).tiny)

@@ -197,16 +197,24 @@ class DeltaConfig:
 
 @dataclass
 class LossConfig:
-    classification: Literal["ap", "focal"] = "ap"
+    # ap: AP-loss; focal: focal loss; alrp: aLRP loss; rs: Rank & Sort (aploss.detection_loss).
+    # The released deltas: 1 for ap and alrp, 0.5 for rs (set loss.delta.start=0.5).
+    classification: Literal["ap", "focal", "alrp", "rs"] = "ap"
     delta: DeltaConfig = field(default_factory=DeltaConfig)
-    interpolate: bool = True
+    interpolate: bool = True  # ap only
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    box_beta: float = 1.0  # smooth-L1 transition on encoded deltas (1 in the released code)
-    box_weight: float = 1.0
+    box_beta: float = 1.0  # smooth-L1 transition on encoded deltas (1 in the released code); ap and focal
+    box_weight: float = 1.0  # ap and focal; alrp and rs balance their GIoU terms themselves
+    self_balance_initial: float = 50.0  # alrp: the localisation loss's weight until the first update
+    self_balance_period: int = 0  # alrp: steps between updates of that weight; 0 means once per epoch
 
     def validate(self) -> None:
         self.delta.validate()
+        _require(self.self_balance_initial > 0, "loss.self_balance_initial",
+                 f"must be > 0, got {self.self_balance_initial}")
+        _require(self.self_balance_period >= 0, "loss.self_balance_period",
+                 f"must be >= 0 (0: once per epoch), got {self.self_balance_period}")
         _require(0 <= self.focal_alpha <= 1, "loss.focal_alpha", f"must be in [0, 1], got {self.focal_alpha}")
         _require(self.focal_gamma >= 0, "loss.focal_gamma", f"must be >= 0, got {self.focal_gamma}")
         _require(self.box_beta >= 0, "loss.box_beta", f"must be >= 0, got {self.box_beta}")

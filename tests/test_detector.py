@@ -2,12 +2,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from aploss import ap_loss
 from aploss.anchor_assignment import IGNORED, NEGATIVE, assign_anchors, pair_labels
 from aploss.architectures import ARCHITECTURES, build_detector
 from aploss.detection_loss import DetectionLoss
+from aploss.ranking_reference import alrp_reference, rs_reference
 from aploss.reference import reference_ap_loss
 from aploss.torchvision_private import BoxCoder
 
@@ -117,8 +118,71 @@ def test_batch_without_positives_has_zero_losses():
     assert losses["classification"].item() == 0 and losses["box_regression"].item() == 0
 
 
+def _predicted_and_matched(deltas, anchors, targets, coder):
+    """Each positive anchor's decoded box and its ground truth, in (image, anchor) order."""
+    predicted, matched_boxes = [], []
+    for image, (a, t) in enumerate(zip(anchors, targets)):
+        matched = assign_anchors(a, t["boxes"])
+        positive = matched >= 0
+        predicted.append(coder.decode_single(deltas[image][positive], a[positive]))
+        matched_boxes.append(t["boxes"][matched[positive]])
+    return torch.cat(predicted), torch.cat(matched_boxes)
+
+
+def test_alrp_terms_match_their_definitions():
+    logits, deltas, anchors, targets = _batch(seed=3)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    criterion = DetectionLoss(4, coder, "alrp", delta=1.0, self_balance_period=2)
+    losses = criterion(logits, deltas, anchors, targets)
+    labels, _ = _labels_and_box_targets(anchors, targets, 4, coder)
+    predicted, matched = _predicted_and_matched(deltas, anchors, targets, coder)
+    loc_errors = (1 - generalized_box_iou(predicted, matched).diagonal()) / 2
+    cls, loc, update = alrp_reference(logits.detach().double(), labels, loc_errors.detach().double(), 1.0)
+    assert losses["classification"].item() == pytest.approx(cls.item(), abs=1e-6)
+    assert losses["box_regression"].item() == pytest.approx(50 * loc.item(), rel=1e-5)  # the initial weight
+    (losses["classification"] + losses["box_regression"]).backward()
+    torch.testing.assert_close(logits.grad.double(), update, atol=1e-6, rtol=1e-5)
+    # The localisation loss is linear in the errors with the ranks fixed: its coefficients are the
+    # reference's loss at each unit vector, and its gradient reaches the boxes through the GIoU.
+    coefficients = torch.stack([alrp_reference(logits.detach().double(), labels, e, 1.0)[1]
+                                for e in torch.eye(loc_errors.numel(), dtype=torch.float64)])
+    expected = torch.autograd.grad(50 * (loc_errors.double() * coefficients).sum(), deltas)[0]
+    torch.testing.assert_close(deltas.grad, expected.float(), atol=1e-6, rtol=1e-4)
+    # After a period of two steps the weight is (mean L_loc + mean L_cls) / mean L_loc.
+    assert criterion.self_balance.weight.item() == 50.0
+    criterion(logits, deltas, anchors, targets)
+    assert criterion.self_balance.weight.item() == pytest.approx((cls + loc).item() / loc.item(), rel=1e-5)
+    assert "self_balance.weight" in criterion.state_dict()
+
+
+def test_rank_and_sort_terms_match_their_definitions():
+    logits, deltas, anchors, targets = _batch(seed=4)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    labels, _ = _labels_and_box_targets(anchors, targets, 4, coder)
+    with torch.no_grad():  # one box moved five widths away: it misses its object
+        deltas[0, (labels[0] == 1).any(1).nonzero()[0]] = torch.tensor([50.0, 50.0, 0.0, 0.0])
+    losses = DetectionLoss(4, coder, "rs", delta=0.5)(logits, deltas, anchors, targets)
+    predicted, matched = _predicted_and_matched(deltas, anchors, targets, coder)
+    iou = box_iou(predicted, matched).diagonal().detach().double()
+    missed = torch.zeros_like(labels, dtype=torch.bool)
+    missed[labels == 1] = iou == 0
+    assert missed.sum() == 1  # the moved box's pair is ranked as a negative
+    ranking, sorting, update = rs_reference(logits.detach().double(), labels.masked_fill(missed, 0), iou[iou > 0], 0.5)
+    assert losses["classification"].item() == pytest.approx((ranking + sorting).item(), abs=1e-6)
+    # Self-balance: the box term is worth the two ranking terms; its gradient is the weighted GIoU's.
+    assert losses["box_regression"].item() == pytest.approx((ranking + sorting).item(), rel=1e-5)
+    (losses["classification"] + losses["box_regression"]).backward()
+    torch.testing.assert_close(logits.grad.double(), update, atol=1e-6, rtol=1e-5)
+    positive_anchors = (labels == 1).any(2)
+    weight = logits.detach()[positive_anchors].max(1).values.sigmoid()
+    giou_loss = 1 - generalized_box_iou(predicted, matched).diagonal()
+    box = (weight * giou_loss).sum() / weight.sum()
+    expected = torch.autograd.grad((ranking + sorting).item() / box.item() * box, deltas)[0]
+    torch.testing.assert_close(deltas.grad, expected, atol=1e-6, rtol=1e-4)
+
+
 def test_unknown_classification_loss_is_rejected():
-    with pytest.raises(ValueError, match="'ap' or 'focal'"):
+    with pytest.raises(ValueError, match="ap, focal, alrp, rs"):
         DetectionLoss(3, BoxCoder((1.0, 1.0, 1.0, 1.0)), "softmax")
 
 

@@ -49,7 +49,7 @@ def _assert_same_weights(left, right):
         torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=2e-6, msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("classification", ["ap", "focal"])
+@pytest.mark.parametrize("classification", ["ap", "focal", "alrp", pytest.param("rs", marks=pytest.mark.slow)])
 def test_two_workers_take_the_single_process_step(ray_cluster, data_root, tmp_path, classification):
     overrides = ["train.max_steps=1", f"loss.classification={classification}", "ray.workers=2"]
     distributed = _config(data_root, tmp_path, "ddp", *overrides)

@@ -66,7 +66,7 @@ def test_checkpoint_store_keeps_latest_and_best(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def _tiny_training(*overrides):
+def _tiny_training(*overrides, steps_per_epoch=None):
     from pipeline.config import load_config
     from pipeline.model import build_model
     from pipeline.training.loop import Training, seed_everything
@@ -74,7 +74,8 @@ def _tiny_training(*overrides):
     config = load_config(None, ["model.min_size=64", "model.max_size=64", "optim.warmup_steps=2",
                                 "optim.warmup_factor=0.5", "optim.grad_clip=0", *overrides])
     seed_everything(0)
-    return Training(config, build_model(config, num_classes=2), torch.device("cpu"), steps=4)
+    return Training(config, build_model(config, num_classes=2), torch.device("cpu"), steps=4,
+                    steps_per_epoch=steps_per_epoch)
 
 
 def _batch(with_boxes: bool):
@@ -103,6 +104,35 @@ def test_batches_without_positives_are_skipped_and_counted():
     assert all(torch.equal(before[k], v) for k, v in training.detector.state_dict().items())
     training.train_step(*_batch(True))
     assert any(not torch.equal(before[k], v) for k, v in training.detector.state_dict().items())
+
+
+def test_alrp_self_balance_updates_once_per_epoch_and_resumes():
+    training = _tiny_training("loss.classification=alrp", steps_per_epoch=2)
+    balance = training.detector.criterion.self_balance
+    assert balance.period == 2 and balance.weight.item() == 50.0
+    first = training.train_step(*_batch(True))
+    assert balance.weight.item() == 50.0  # the first step of the epoch keeps the initial weight
+    second = training.train_step(*_batch(True))
+    # The box term is the weighted localisation loss: 50 L_loc in both steps.
+    localisation = [first["box_loss"] / 50, second["box_loss"] / 50]
+    classification = [first["cls_loss"], second["cls_loss"]]
+    assert balance.weight.item() == pytest.approx((sum(classification) + sum(localisation)) / sum(localisation))
+    state = training.state_dict()
+    resumed = _tiny_training("loss.classification=alrp", steps_per_epoch=2)
+    resumed.load_state_dict(state)
+    assert resumed.detector.criterion.self_balance.weight.item() == balance.weight.item()
+    assert _tiny_training("loss.classification=alrp", "loss.self_balance_period=3").detector.criterion \
+        .self_balance.period == 3
+
+
+@pytest.mark.parametrize("classification", ["alrp", "rs"])
+def test_ranking_family_trains(classification):
+    training = _tiny_training(f"loss.classification={classification}", "loss.delta.start=0.5")
+    before = {k: v.clone() for k, v in training.detector.state_dict().items()}
+    metrics = training.train_step(*_batch(True))
+    assert metrics["positives"] > 0 and math.isfinite(metrics["loss"]) and metrics["box_loss"] > 0
+    moved = [k for k, v in training.detector.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("classification_head" in k for k in moved) and any("regression_head" in k for k in moved)
 
 
 def test_training_state_round_trips():

@@ -25,6 +25,10 @@ def test_search_space_is_validated_against_the_schema():
         load_config(None, ['tune.space={optim.foo: "choice(1, 2)"}'])
     with pytest.raises(ConfigError, match="tune.space.loss.delta.kind: value 'bogus' gives an invalid config"):
         load_config(None, ['tune.space={loss.delta.kind: "choice(constant, bogus)"}'])
+    losses = load_config(None, ['tune.space={loss.classification: "grid(ap, focal, alrp, rs)"}'])
+    assert losses.tune.space == {"loss.classification": "grid(ap, focal, alrp, rs)"}
+    with pytest.raises(ConfigError, match="tune.space.loss.classification: value 'softmax' gives an invalid config"):
+        load_config(None, ['tune.space={loss.classification: "grid(ap, softmax)"}'])
     with pytest.raises(ConfigError, match="value 6 gives an invalid config: train.batch_size"):
         load_config(None, ['tune.space={train.batch_size: "grid(8, 6)"}', "ray.workers=4"])
 

@@ -47,7 +47,7 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
     latest = store.latest()
     model = build_model(config, len(classes)) if latest else initial_model(config, len(classes))
-    training = Training(config, model.to(device), device, schedule.total_steps)
+    training = Training(config, model.to(device), device, schedule.total_steps, schedule.steps_per_epoch)
     if latest is not None:
         training.load_state_dict(checkpoints.load(latest, device))
     hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_record(config), "classes": classes},

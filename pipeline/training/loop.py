@@ -89,11 +89,16 @@ def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: t
 
 
 class Training:
-    """One process's model (DDP-wrapped or not), optimiser, schedules and step counter."""
+    """One process's model (DDP-wrapped or not), optimiser, schedules and step counter.
+    `steps_per_epoch` (the whole run if not given) times what the config counts in epochs."""
 
-    def __init__(self, config: Config, model: nn.Module, device: torch.device, steps: int) -> None:
+    def __init__(self, config: Config, model: nn.Module, device: torch.device, steps: int,
+                 steps_per_epoch: int | None = None) -> None:
         self.config, self.model, self.device, self.total_steps = config, model, device, steps
         self.detector: OneStageDetector = getattr(model, "module", model)
+        self_balance = self.detector.criterion.self_balance
+        if self_balance is not None:
+            self_balance.period = config.loss.self_balance_period or steps_per_epoch or steps
         optim = config.optim
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)

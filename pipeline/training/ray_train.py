@@ -72,7 +72,7 @@ def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
                                seed=config.train.seed, augment=config.train.augment,
                                input_size=config.train.input_size)
     schedule = StepSchedule.of(config.train, len(dataset))
-    training = Training(config, model, device, schedule.total_steps)
+    training = Training(config, model, device, schedule.total_steps, schedule.steps_per_epoch)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
