@@ -456,10 +456,10 @@ def _value_problem(values: Tensor | None, labels: Tensor, rule: RankingRule) -> 
     what = f"{rule.name}: {rule.value_name}"
     if values is None or not values.is_floating_point():
         return TypeError, f"{what} must be a floating-point tensor, got {None if values is None else values.dtype}"
-    is_positive = labels.reshape(-1) == 1
-    num_pos = int(is_positive.sum())
+    positive_index = (labels.reshape(-1) == 1).nonzero().squeeze(1)  # not a sum: that widens every label
+    num_pos = positive_index.numel()
     if values.shape == labels.shape:
-        values = values.detach().reshape(-1)[is_positive]
+        values = values.detach().reshape(-1)[positive_index]
     elif values.numel() != num_pos or values.ndim != 1:
         return ValueError, (f"{what} must hold one value per positive ({num_pos}) or have the logits' shape "
                             f"{tuple(labels.shape)}, got shape {tuple(values.shape)}")

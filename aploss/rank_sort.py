@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from aploss.engine import LocalBatch, Ranked, RuleResult, positive_step_sums, ranked_loss
 
 THRESHOLD = 1e-10  # the release's: ranking update if FP(i) exceeds it, sorting update if sum_j M_ij does
-_BLOCK_PAIRS = 1 << 20  # positive pairs compared at once
+_BLOCK_PAIRS = 1 << 18  # positive pairs compared at once: a few MB of temporaries
 
 
 def rs_step(difference: Tensor, delta: float) -> Tensor:

@@ -1,12 +1,14 @@
-"""AP-loss vs focal loss on BCCD over several seeds: clean AP and robustness (P, mPC, rPC).
+"""AP-loss, focal loss, aLRP and Rank & Sort on BCCD over several seeds: clean AP and robustness
+(P, mPC, rPC).
 
-Each (loss, seed) is a pipeline run of the default recipe (data-prep -> train in this process ->
+Each loss trains at the default recipe, with its released delta (`LOSS_SETTINGS`). Each (loss, seed) is a pipeline run of the default recipe (data-prep -> train in this process ->
 evaluate) under its own run name in MLflow; then the robustness stage evaluates all the trained
 models in one pass over the perturbed test images (each corruption computed once, not once per
 model), logged to each run; `aploss report` gathers them into one table (per run, and mean ± std
 per loss). Rerunning skips what finished. Outputs: <output>/report/report.md and plots.
 
     APLOSS_DATA_ROOT=../shared/datasets python benchmarks/bccd_seeds.py --seeds 0 1 2
+    APLOSS_DATA_ROOT=../shared/datasets python benchmarks/bccd_seeds.py --losses alrp rs
 """
 import argparse
 import sys
@@ -20,20 +22,26 @@ from pipeline.orchestration import tracking  # noqa: E402
 from pipeline.orchestration.report import collect, markdown, write_report  # noqa: E402
 from pipeline.orchestration.run import run_pipeline, run_robustness  # noqa: E402
 
+LOSSES = ("ap", "focal", "alrp", "rs")
+# What each loss's release sets beyond the shared recipe: RS's H is half as wide.
+LOSS_SETTINGS = {"rs": ["loss.delta.start=0.5"]}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     parser.add_argument("--output", default="runs/bccd-seeds")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
     args = parser.parse_args()
     config = load_config(None, [f"run.output_dir={args.output}", *args.overrides])
-    runs = {f"bccd-{loss}-seed{seed}": (loss, seed) for loss in ("ap", "focal") for seed in args.seeds}
+    runs = {f"bccd-{loss}-seed{seed}": (loss, seed) for loss in args.losses for seed in args.seeds}
     names = list(runs)
     start = time.perf_counter()
     for name, (loss, seed) in runs.items():
-        run_pipeline(load_config(None, [f"loss.classification={loss}", f"train.seed={seed}", f"run.name={name}",
-                                        f"run.output_dir={args.output}", *args.overrides]), distributed=False)
+        run_pipeline(load_config(None, [f"loss.classification={loss}", *LOSS_SETTINGS.get(loss, []),
+                                        f"train.seed={seed}", f"run.name={name}", f"run.output_dir={args.output}",
+                                        *args.overrides]), distributed=False)
     trained = time.perf_counter()
     experiment = tracking.configure(config)
     pending = [name for name in names if not tracking.stage_run(

@@ -1,4 +1,5 @@
-"""Speed and peak memory of the AP-loss engine against focal loss (and the O(P*N) reference).
+"""Speed and peak memory of the engine's losses (AP-loss, aLRP, Rank & Sort) against focal loss,
+and of AP-loss against its O(P*N) reference.
 
 Two detection-shaped inputs:
   early  logits at the prior-bias init (-4.6) plus small noise: every negative lies within
@@ -7,7 +8,8 @@ Two detection-shaped inputs:
          negatives are within delta of the lowest positive.
 Each is timed with 1 and 2 threads, on a quiet machine and while other processes keep every
 core busy (a training job beside the benchmark). Forward + backward in the same process,
-interleaved, median of repeats; ratios are within a run.
+interleaved, median of repeats; ratios are within a run. aLRP and RS rank with a value per
+positive (localisation error, target) drawn uniformly from [0, 1].
 
     python benchmarks/loss_speed.py                     # N in {1M, 8M}, P in {500, 2000}
     python benchmarks/loss_speed.py --sizes 1e6 --positives 500 --repeats 3 --loads quiet
@@ -28,7 +30,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aploss import ap_loss, kernels  # noqa: E402
+from aploss import alrp_loss, ap_loss, kernels, rs_loss  # noqa: E402
 from aploss.reference import reference_ap_loss  # noqa: E402
 
 # The reference is timed once, on the smallest early-training input (P * N pair terms).
@@ -48,9 +50,20 @@ def detection_batch(kind: str, num_pairs: int, num_pos: int, device: str) -> tup
     return logits.to(device), labels.to(device)
 
 
+LOSSES = ("ap", "alrp", "rs", "focal")
+
+
 def engine_step(logits, labels):
     leaf = logits.detach().requires_grad_()
     ap_loss(leaf, labels).backward()
+    return leaf.grad
+
+
+def family_step(loss, logits, labels, values):
+    """aLRP or RS: the update through the first output, the localisation loss's gradient too."""
+    leaf = logits.detach().requires_grad_()
+    first, second = loss(leaf, labels, values)
+    (first + second).backward()
     return leaf.grad
 
 
@@ -108,7 +121,11 @@ def timed(step, device: str) -> float:
 def steps_for(kind: str, num_pairs: int, num_pos: int, device: str) -> dict:
     logits, labels = detection_batch(kind, num_pairs, num_pos, device)
     targets = (labels == 1).to(logits.dtype)
-    return {"engine": lambda: engine_step(logits, labels), "focal": lambda: focal_step(logits, labels, targets)}
+    values = torch.rand(num_pos, generator=torch.Generator().manual_seed(1)).to(device)
+    return {"ap": lambda: engine_step(logits, labels),
+            "alrp": lambda: family_step(alrp_loss, logits, labels, values.requires_grad_()),
+            "rs": lambda: family_step(rs_loss, logits, labels, values.detach()),
+            "focal": lambda: focal_step(logits, labels, targets)}
 
 
 def measure_time(kind: str, num_pairs: int, num_pos: int, repeats: int, device: str) -> dict:
@@ -190,14 +207,18 @@ class BusyCores:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| input | N pairs | P | threads | load | engine ms | focal ms | engine / focal "
-             "| engine peak / logits | focal peak / logits |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    """Times (ms), each ranking loss's time over focal's, and peak memory over the logits' size."""
+    ranking = LOSSES[:-1]
+    lines = ["| input | N pairs | P | threads | load | " + " | ".join(f"{name} ms" for name in LOSSES)
+             + " | " + " | ".join(f"{name} / focal" for name in ranking)
+             + " | " + " | ".join(f"{name} peak" for name in LOSSES) + " |",
+             "|---|---:|---:|---:|---|" + "---:|" * (2 * len(LOSSES) + len(ranking))]
     for r in rows:
         lines.append(
-            f"| {r['input']} | {r['pairs']:,} | {r['positives']:,} | {r['threads']} | {r['load']} "
-            f"| {r['engine_ms']:.1f} | {r['focal_ms']:.1f} | {r['engine_ms'] / r['focal_ms']:.2f}x "
-            f"| {r['engine_peak_bytes'] / r['logits_bytes']:.2f}x | {r['focal_peak_bytes'] / r['logits_bytes']:.2f}x |")
+            f"| {r['input']} | {r['pairs']:,} | {r['positives']:,} | {r['threads']} | {r['load']} | "
+            + " | ".join(f"{r[f'{name}_ms']:.1f}" for name in LOSSES) + " | "
+            + " | ".join(f"{r[f'{name}_ms'] / r['focal_ms']:.2f}x" for name in ranking) + " | "
+            + " | ".join(f"{r[f'{name}_peak_bytes'] / r['logits_bytes']:.2f}x" for name in LOSSES) + " |")
     return "\n".join(lines)
 
 
@@ -240,7 +261,7 @@ def main() -> None:
                                **peaks[kind, num_pairs, num_pos]}
                         rows.append(row)
                         print(f"{kind} N={num_pairs:,} P={num_pos:,} threads={threads} {load}: "
-                              f"engine {row['engine_ms']:.1f} ms, focal {row['focal_ms']:.1f} ms", flush=True)
+                              + ", ".join(f"{name} {row[f'{name}_ms']:.1f} ms" for name in LOSSES), flush=True)
     num_pairs, num_pos = configs(args)[0]
     reference = None
     if num_pairs * num_pos <= REFERENCE_MAX_PAIR_TERMS:
