@@ -56,6 +56,24 @@ def test_prep_train_eval_learns_the_training_images(workspace, capsys):
     assert len(list((run_dir / "eval" / "samples").glob("*.png"))) == 2
 
 
+@pytest.mark.parametrize("overrides", [
+    pytest.param(["loss.classification=alrp"], id="alrp"),
+    pytest.param(["loss.classification=rs", "loss.delta.start=0.5"], id="rs", marks=pytest.mark.slow)])
+def test_the_ranking_family_learns_from_the_cli(workspace, overrides, capsys):
+    root, config = workspace
+    name = overrides[0].split("=")[1]
+    args = ["--config", str(config), f"run.name={name}", *overrides]
+    assert main(["train", *args]) == 0 and main(["eval", *args]) == 0
+    run_dir = root / "runs" / name
+    losses = [loss for _, loss in _logged(run_dir, "cls_loss")]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # the ranking loss falls
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["AP50"] > 0.5, metrics
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    assert saved["config"]["loss"]["classification"] == name
+    assert ("criterion.self_balance.weight" in saved["model"]) == (name == "alrp")
+
+
 def test_train_resumes_from_the_latest_checkpoint(workspace):
     root, config = workspace
     run_dir = root / "runs" / "synthetic"

@@ -107,7 +107,7 @@ def test_pytorch_path_equals_the_fused_kernels(name, monkeypatch):
                      min_size=0, max_size=120),
        delta=st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(1e-3, 5)),
        name=st.sampled_from(sorted(LOSSES)))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_any_label_mix(data, delta, name):
     labels = torch.tensor([label for label, _, _ in data], dtype=torch.int64)
     logits = torch.tensor([score for _, score, _ in data], dtype=torch.float64)

@@ -167,7 +167,8 @@ HELP = {
               "Trains on the prepared data (prepared first if needed) in this process, checkpointing under "
               "run.output_dir/run.name; the best weights by validation AP become its model.pt. Rerunning resumes "
               "from the latest checkpoint.",
-              ["aploss train train.epochs=2 run.name=quick", "aploss train loss.classification=focal run.name=focal"]),
+              ["aploss train train.epochs=2 run.name=quick", "aploss train loss.classification=focal run.name=focal",
+               "aploss train loss.classification=rs loss.delta.start=0.5 run.name=rank-sort"]),
     "eval": ("COCO evaluation of a run's model",
              "Evaluates run.name's model.pt on eval.split (the test split by default): COCO metrics per class, PR "
              "curves, drawn samples and a detections json under the run's eval/ folder.",
