@@ -1,8 +1,9 @@
 """AP-loss, focal loss, aLRP and Rank & Sort on BCCD over several seeds: clean AP and robustness
 (P, mPC, rPC).
 
-Each loss trains at the default recipe, with its released delta (`LOSS_SETTINGS`). Each (loss, seed) is a pipeline run of the default recipe (data-prep -> train in this process ->
-evaluate) under its own run name in MLflow; then the robustness stage evaluates all the trained
+Each (loss, seed) is a pipeline run of the default recipe, with the loss's released delta
+(`config.RELEASED_SETTINGS`): data-prep -> train in this process -> evaluate, under its own run
+name in MLflow; then the robustness stage evaluates all the trained
 models in one pass over the perturbed test images (each corruption computed once, not once per
 model), logged to each run; `aploss report` gathers them into one table (per run, and mean ± std
 per loss). Rerunning skips what finished. Outputs: <output>/report/report.md and plots.
@@ -17,14 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import RELEASED_SETTINGS, load_config  # noqa: E402
 from pipeline.orchestration import tracking  # noqa: E402
 from pipeline.orchestration.report import collect, markdown, write_report  # noqa: E402
 from pipeline.orchestration.run import run_pipeline, run_robustness  # noqa: E402
 
 LOSSES = ("ap", "focal", "alrp", "rs")
-# What each loss's release sets beyond the shared recipe: RS's H is half as wide.
-LOSS_SETTINGS = {"rs": ["loss.delta.start=0.5"]}
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     names = list(runs)
     start = time.perf_counter()
     for name, (loss, seed) in runs.items():
-        run_pipeline(load_config(None, [f"loss.classification={loss}", *LOSS_SETTINGS.get(loss, []),
+        run_pipeline(load_config(None, [f"loss.classification={loss}", *RELEASED_SETTINGS.get(loss, ()),
                                         f"train.seed={seed}", f"run.name={name}", f"run.output_dir={args.output}",
                                         *args.overrides]), distributed=False)
     trained = time.perf_counter()

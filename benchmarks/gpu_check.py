@@ -1,9 +1,10 @@
 """One command on a machine with one NVIDIA GPU: is the project right and how fast is it there?
 
-  1. the AP-loss engine on the device against the O(P*N) reference, in float64: loss and
-     update (what backward hands autograd), on random, tie-heavy and detection-shaped inputs;
-  2. engine vs focal loss, forward + backward, N = 8M pairs, P = 2000, early and late training;
-  3. AMP training steps of RetinaNet-R50 with AP-loss and with focal loss on one repeated batch
+  1. the engine's losses (AP-loss, aLRP, Rank & Sort) on the device against their O(P*N)
+     references, in float64: outputs and update (what backward hands autograd), on random,
+     tie-heavy and detection-shaped inputs;
+  2. each of them vs focal loss, forward + backward, N = 8M pairs, P = 2000, early and late training;
+  3. AMP training steps of RetinaNet-R50 with each of the four losses on one repeated batch
      (`Training.train_step`): loss finite and falling, step time, images/s, peak GPU memory;
   4. the project's Ray Train path (`train_distributed`) with one GPU worker over nccl, which
      first runs `global_ap_loss`'s collectives on that process group.
@@ -37,11 +38,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aploss.engine as engine  # noqa: E402
-from aploss import ap_loss  # noqa: E402
+from aploss import alrp_loss, ap_loss, rs_loss  # noqa: E402
 from aploss.distributed import ProcessGroupBatch, global_ap_loss  # noqa: E402
+from aploss.ranking_reference import alrp_reference, rs_reference  # noqa: E402
 from aploss.reference import reference_ap_loss  # noqa: E402
+from benchmarks.loss_speed import LOSSES as TIMED_LOSSES  # noqa: E402
 from benchmarks.loss_speed import detection_batch, measure_time, timed  # noqa: E402
-from pipeline.config import Config, config_from_dict, load_config  # noqa: E402
+from pipeline.config import RELEASED_SETTINGS, Config, config_from_dict, load_config  # noqa: E402
 from pipeline.data.bindings import split_dir, training_data  # noqa: E402
 from pipeline.data.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
@@ -59,7 +62,8 @@ NO_GPU = ("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); 
           "run it on a machine with an NVIDIA GPU")
 TOLERANCE = 1e-6  # float64 engine vs reference: both are exact, so only rounding may differ
 COLLECTIVES_FILE = "gpu_check_collectives.json"
-LOSSES = ("ap", "focal")
+LOSSES = ("ap", "focal", "alrp", "rs")
+FAMILY = {"alrp": (alrp_loss, alrp_reference), "rs": (rs_loss, rs_reference)}
 
 
 @dataclass(frozen=True)
@@ -139,18 +143,35 @@ def engine_loss_and_update(logits: Tensor, labels: Tensor, delta: float) -> tupl
     return loss.detach(), leaf.grad
 
 
+def family_outputs_and_update(loss, logits: Tensor, labels: Tensor, values: Tensor,
+                              delta: float) -> tuple[Tensor, Tensor, Tensor]:
+    leaf = logits.detach().clone().requires_grad_()
+    first, second = loss(leaf, labels, values, delta)
+    (first + second).backward()
+    return first.detach(), second.detach(), leaf.grad
+
+
+def compared(case: str, loss_diff: float, update_diff: float) -> Check:
+    return Check(case, f"max abs diff: loss {loss_diff:.1e}, update {update_diff:.1e}",
+                 loss_diff <= TOLERANCE and update_diff <= TOLERANCE, {"loss_diff": loss_diff, "update_diff": update_diff})
+
+
 def check_engine(scale: Scale, device: torch.device) -> list[Check]:
     checks = []
     for name, delta, logits, labels in reference_inputs(scale, device):
         logits, labels = logits.to(device), labels.to(device)
+        case = f"{name}, N={labels.numel():,}, P={int((labels == 1).sum()):,}, delta={delta:g}"
         loss, update = engine_loss_and_update(logits, labels, delta)
         ref_loss, ref_update = reference_ap_loss(logits, labels, delta)
-        loss_diff = (loss - ref_loss).abs().item()
-        update_diff = (update - ref_update).abs().max().item()
-        case = f"{name}, N={labels.numel():,}, P={int((labels == 1).sum()):,}, delta={delta:g}"
-        checks.append(Check(case, f"max abs diff: loss {loss_diff:.1e}, update {update_diff:.1e}",
-                            loss_diff <= TOLERANCE and update_diff <= TOLERANCE,
-                            {"loss_diff": loss_diff, "update_diff": update_diff}))
+        checks.append(compared(f"ap, {case}", (loss - ref_loss).abs().item(), (update - ref_update).abs().max().item()))
+        # A value per positive on a grid of 1/4 (ties among the targets too), as the pairs are read.
+        values = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4
+                  ).round().div(4).to(device)
+        for family, (loss_function, reference) in FAMILY.items():
+            first, second, update = family_outputs_and_update(loss_function, logits, labels, values, delta)
+            expected = reference(logits, labels, values, delta)
+            loss_diff = max((first - expected[0]).abs().item(), (second - expected[1]).abs().item())
+            checks.append(compared(f"{family}, {case}", loss_diff, (update - expected[2]).abs().max().item()))
     return checks
 
 
@@ -158,9 +179,10 @@ def compare_speed(scale: Scale, device: torch.device) -> list[Check]:
     checks = []
     for kind in ("early", "late"):
         times = measure_time(kind, scale.speed_pairs, scale.speed_positives, scale.repeats, device.type)
+        ratios = ", ".join(f"{name} {times[f'{name}_ms']:.2f} ms = {times[f'{name}_ms'] / times['focal_ms']:.2f}x"
+                           for name in TIMED_LOSSES if name != "focal")
         checks.append(Check(f"{kind}, N={scale.speed_pairs:,}, P={scale.speed_positives:,}",
-                            f"engine {times['engine_ms']:.2f} ms, focal {times['focal_ms']:.2f} ms, "
-                            f"{times['engine_ms'] / times['focal_ms']:.2f}x (median of {scale.repeats})", None, times))
+                            f"focal {times['focal_ms']:.2f} ms; {ratios} (median of {scale.repeats})", None, times))
     return checks
 
 
@@ -180,6 +202,11 @@ def fixed_batch(config: Config) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     return images, targets
 
 
+# The term a working step must lower. aLRP's localisation loss is divided by each positive's rank,
+# which shrinks as the ranking improves, so its total can rise while both errors fall.
+FALLING = {"alrp": "cls_loss"}
+
+
 def train_fixed_batch(config: Config, num_classes: int, device: torch.device, steps: int) -> dict:
     """`steps` of `Training.train_step` on the same batch: a working step must lower its loss."""
     images, targets = fixed_batch(config)
@@ -187,9 +214,10 @@ def train_fixed_batch(config: Config, num_classes: int, device: torch.device, st
         torch.cuda.reset_peak_memory_stats()
     seed_everything(config.train.seed)
     training = Training(config, build_model(config, num_classes).to(device), device, steps)
+    falling = FALLING.get(config.loss.classification, "loss")
     losses, seconds = [], []
     for _ in range(steps):
-        seconds.append(timed(lambda: losses.append(training.train_step(images, targets)["loss"]), device.type))
+        seconds.append(timed(lambda: losses.append(training.train_step(images, targets)[falling]), device.type))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"losses": losses, "step_s": statistics.median(seconds[1:]), "peak_bytes": peak, "amp": training.amp}
 
@@ -197,7 +225,8 @@ def train_fixed_batch(config: Config, num_classes: int, device: torch.device, st
 def check_training(scale: Scale, root: Path, device: torch.device) -> list[Check]:
     checks = []
     for loss in LOSSES:
-        config, classes = training_data(base_config(scale, root, device, f"loss.classification={loss}"))
+        config, classes = training_data(base_config(scale, root, device, f"loss.classification={loss}",
+                                                    *RELEASED_SETTINGS.get(loss, ())))
         run = train_fixed_batch(config, len(classes), device, scale.train_steps)
         losses = run["losses"]
         # Quarters, not single steps: from scratch a step's loss can jump before the trend shows.
@@ -208,7 +237,8 @@ def check_training(scale: Scale, root: Path, device: torch.device) -> list[Check
         checks.append(Check(
             f"{scale.arch}, {loss} loss, AMP {'on' if run['amp'] else 'off'}, batch "
             f"{scale.batch_size} x {scale.image_size}px, {scale.train_steps} steps",
-            f"loss {first:.3f} -> {last:.3f} (mean of first/last {window}), {run['step_s']:.3f} s/step, "
+            f"{FALLING.get(loss, 'loss')} {first:.3f} -> {last:.3f} (mean of first/last {window}), "
+            f"{run['step_s']:.3f} s/step, "
             f"{scale.batch_size / run['step_s']:.1f} images/s, peak {peak}",
             finite and last < first, run))
     return checks

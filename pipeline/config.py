@@ -195,6 +195,11 @@ class DeltaConfig:
         self.build()
 
 
+# What each classification loss's release sets beyond the shared defaults, as overrides: RS's H is
+# half as wide (benchmarks and recipes compare the losses at their own settings).
+RELEASED_SETTINGS = {"rs": ("loss.delta.start=0.5",)}
+
+
 @dataclass
 class LossConfig:
     # ap: AP-loss; focal: focal loss; alrp: aLRP loss; rs: Rank & Sort (aploss.detection_loss).

@@ -34,7 +34,9 @@ def test_cpu_small_mode_runs_every_section(tmp_path):
     for section in SECTIONS:
         assert any(line.startswith(f"| {section} |") for line in table), section
     engine_rows = [line for line in table if line.startswith(f"| {SECTIONS[0]} |")]
-    assert len(engine_rows) >= 6 and all(line.endswith("| pass |") for line in engine_rows)
+    assert len(engine_rows) >= 18 and all(line.endswith("| pass |") for line in engine_rows)
+    for loss in ("ap", "alrp", "rs"):  # every ranking loss against its reference
+        assert sum(line.startswith(f"| {SECTIONS[0]} | {loss}, ") for line in engine_rows) >= 6, loss
     record = json.loads(output.read_text())
     assert record["passed"] and record["device"] == "cpu" and record["small"]
     assert {row["section"] for row in record["rows"]} == set(SECTIONS)
