@@ -58,13 +58,6 @@ class ALRPRule:
         return RuleResult((classification, localisation), -push, negative_weight, value_gradient)
 
 
-def ranked_alrp_loss(logits: Tensor, labels: Tensor, loc_errors: Tensor, delta: float, batch: LocalBatch,
-                     grad_scale: float) -> tuple[Tensor, Tensor]:
-    """`alrp_loss` over a batch whose positives are shared through `batch` (`engine.ranked_loss`)."""
-    classification, localisation = ranked_loss(logits, labels, loc_errors, ALRPRule(), delta, batch, grad_scale)
-    return classification, localisation
-
-
 def alrp_loss(logits: Tensor, labels: Tensor, loc_errors: Tensor, delta: float = 1.0) -> tuple[Tensor, Tensor]:
     """aLRP loss over every pair of `logits` ranked together.
 
@@ -81,7 +74,8 @@ def alrp_loss(logits: Tensor, labels: Tensor, loc_errors: Tensor, delta: float =
         localisation errors enter it as constants), and the localisation errors the gradient of
         the localisation loss (the ranks constant).
     """
-    return ranked_alrp_loss(logits, labels, loc_errors, delta, LocalBatch(), 1.0)
+    classification, localisation = ranked_loss(logits, labels, loc_errors, ALRPRule(), delta, LocalBatch(), 1.0)
+    return classification, localisation
 
 
 class ALRPLoss(nn.Module):

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from aploss.alrp import ranked_alrp_loss
+from aploss.alrp import ALRPRule
 from aploss.anchor_assignment import assign_anchors, pair_labels
 from aploss.distributed import global_ap_loss
-from aploss.engine import LocalBatch
-from aploss.rank_sort import ranked_rs_loss
+from aploss.engine import LocalBatch, ranked_loss
+from aploss.rank_sort import RankSortRule
 from aploss.self_balance import SelfBalance
 from aploss.torchvision_private import BoxCoder
 
@@ -101,8 +101,8 @@ class DetectionLoss(nn.Module):
     def _alrp(self, logits: Tensor, labels: Tensor, giou_loss: Tensor, positives_total: Tensor,
               scale: int) -> tuple[Tensor, Tensor]:
         loc_errors = (giou_loss / 2).clamp(0.0, 1.0)  # aLRP's normalised error; the clamp removes only rounding
-        classification, localisation = ranked_alrp_loss(logits, labels, loc_errors, self.delta, self.batch,
-                                                        float(scale))
+        classification, localisation = ranked_loss(logits, labels, loc_errors, ALRPRule(), self.delta, self.batch,
+                                                   float(scale))
         weight = self.self_balance.weight.to(localisation.dtype)
         if self.training and positives_total > 0:  # a skipped step is no step of the period
             self.self_balance.observe(classification, localisation)
@@ -116,7 +116,7 @@ class DetectionLoss(nn.Module):
         missed[positive_pairs] = iou == 0
         labels = labels.masked_fill(missed, 0)
         targets = iou[iou > 0]
-        ranking, sorting = ranked_rs_loss(logits, labels, targets, self.delta, self.batch, float(scale))
+        ranking, sorting = ranked_loss(logits, labels, targets, RankSortRule(), self.delta, self.batch, float(scale))
         weighted = (best_score * giou_loss).sum()
         totals = self.batch.sum_over_processes(torch.stack([weighted.detach().double(), best_score.sum().double()]))
         global_box = totals[0] / totals[1].clamp(min=1e-12)

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from aploss.alrp import ranked_alrp_loss
-from aploss.engine import LocalBatch, ranked_ap_loss
-from aploss.rank_sort import ranked_rs_loss
+from aploss.alrp import ALRPRule
+from aploss.engine import LocalBatch, ranked_ap_loss, ranked_loss
+from aploss.rank_sort import RankSortRule
 
 
 @dataclass
@@ -104,7 +104,9 @@ def global_alrp_loss(logits: Tensor, labels: Tensor, loc_errors: Tensor, delta: 
     """`alrp_loss` ranked over every process's pairs as one batch, as `global_ap_loss`: each
     positive's localisation error travels with its score, and the localisation loss's gradient
     is scaled as the update is."""
-    return ranked_alrp_loss(logits, labels, loc_errors, delta, *_global(group, grad_scale, batch))
+    classification, localisation = ranked_loss(logits, labels, loc_errors, ALRPRule(), delta,
+                                               *_global(group, grad_scale, batch))
+    return classification, localisation
 
 
 def global_rs_loss(logits: Tensor, labels: Tensor, targets: Tensor, delta: float = 0.5,
@@ -112,4 +114,5 @@ def global_rs_loss(logits: Tensor, labels: Tensor, targets: Tensor, delta: float
                    batch: LocalBatch | None = None) -> tuple[Tensor, Tensor]:
     """`rs_loss` ranked over every process's pairs as one batch, as `global_ap_loss`: each
     positive's target travels with its score."""
-    return ranked_rs_loss(logits, labels, targets, delta, *_global(group, grad_scale, batch))
+    ranking, sorting = ranked_loss(logits, labels, targets, RankSortRule(), delta, *_global(group, grad_scale, batch))
+    return ranking, sorting

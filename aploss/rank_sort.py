@@ -83,13 +83,6 @@ def _sorting(scores: Tensor, targets: Tensor, current: Tensor, delta: float) -> 
     return sorting_error, push
 
 
-def ranked_rs_loss(logits: Tensor, labels: Tensor, targets: Tensor, delta: float, batch: LocalBatch,
-                   grad_scale: float) -> tuple[Tensor, Tensor]:
-    """`rs_loss` over a batch whose positives are shared through `batch` (`engine.ranked_loss`)."""
-    ranking, sorting = ranked_loss(logits, labels, targets, RankSortRule(), delta, batch, grad_scale)
-    return ranking, sorting
-
-
 def rs_loss(logits: Tensor, labels: Tensor, targets: Tensor, delta: float = 0.5) -> tuple[Tensor, Tensor]:
     """Rank & Sort loss over every pair of `logits` ranked together.
 
@@ -104,7 +97,8 @@ def rs_loss(logits: Tensor, labels: Tensor, targets: Tensor, delta: float = 0.5)
         (ranking loss, sorting loss), both 0 without positives. Backward hands the logits the
         error-driven update times the ranking loss's incoming gradient (module docstring).
     """
-    return ranked_rs_loss(logits, labels, targets, delta, LocalBatch(), 1.0)
+    ranking, sorting = ranked_loss(logits, labels, targets, RankSortRule(), delta, LocalBatch(), 1.0)
+    return ranking, sorting
 
 
 class RankSortLoss(nn.Module):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import aploss.engine as engine
 from aploss import APLoss, ap_loss
 from aploss.reference import reference_ap_loss
+from tests.synthetic import detection_pairs
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -61,18 +62,7 @@ def test_interpolation_heavy_ranking():
 
 
 def test_detection_shaped_batch():
-    # Two images x 3000 anchors x 4 classes, near the prior-bias init: every negative lies
-    # within delta of every positive, the pruning-free worst case of early training.
-    g = torch.Generator().manual_seed(4)
-    images, anchors, classes = 2, 3000, 4
-    logits = -4.6 + 0.1 * torch.randn(images, anchors, classes, generator=g, dtype=torch.float64)
-    labels = torch.zeros(images, anchors, classes, dtype=torch.int64)
-    anchor_kind = torch.rand(images, anchors, generator=g)
-    positive = anchor_kind < 0.01
-    labels[(anchor_kind >= 0.01) & (anchor_kind < 0.05)] = -1
-    gt_class = torch.randint(0, classes, (images, anchors), generator=g)
-    labels[positive, gt_class[positive]] = 1
-    assert_matches_reference(logits, labels)
+    assert_matches_reference(*detection_pairs(torch.Generator().manual_seed(4)))
 
 
 def test_large_batch_matches_reference():

@@ -10,6 +10,7 @@ import aploss.engine as engine
 import aploss.rank_sort as rs_module
 from aploss import alrp_loss, rs_loss
 from aploss.ranking_reference import alrp_reference, rs_reference
+from tests.synthetic import detection_pairs
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 LOSSES = {"alrp": (alrp_loss, alrp_reference), "rs": (rs_loss, rs_reference)}
@@ -57,15 +58,8 @@ def test_detection_shaped_batch(name):
     # Two images x 3000 anchors x 4 classes near the prior-bias init (every negative within delta
     # of every positive), and the same batch late in training (positives far above most negatives).
     g = torch.Generator().manual_seed(4)
-    images, anchors, classes = 2, 3000, 4
-    labels = torch.zeros(images, anchors, classes, dtype=torch.int8)
-    kind = torch.rand(images, anchors, generator=g)
-    positive = kind < 0.01
-    labels[(kind >= 0.01) & (kind < 0.05)] = -1
-    gt_class = torch.randint(0, classes, (images, anchors), generator=g)
-    labels[positive, gt_class[positive]] = 1
+    early, labels = detection_pairs(g)
     values = torch.rand(labels.shape, generator=g, dtype=torch.float64)  # read at the positives
-    early = -4.6 + 0.1 * torch.randn(labels.shape, generator=g, dtype=torch.float64)
     late = torch.where(labels == 1, 2.0, -6.0) + torch.randn(labels.shape, generator=g, dtype=torch.float64)
     for logits in (early, late):
         assert_matches_reference(name, logits, labels, values, 1.0 if name == "alrp" else 0.5)
