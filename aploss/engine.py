@@ -325,6 +325,7 @@ class _RankingLossFunction(torch.autograd.Function):
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
         ctx.update, ctx.nan_labels, ctx.value_gradient = None, None, None
         ctx.values_shape = None if values is None else values.shape
+        ctx.values_dtype = None if values is None else values.dtype
         ctx.positive_index = positive_index
         if positives.numel() == 0:
             return tuple(logits.new_zeros((), dtype=loss_dtype) for _ in range(rule.num_outputs))
@@ -383,8 +384,9 @@ def _value_grad(ctx, grad_output: Tensor | None) -> Tensor:
         per_positive.fill_(float("nan"))
     elif ctx.value_gradient is not None and grad_output is not None:
         per_positive = ctx.value_gradient * grad_output.double()
+    per_positive = per_positive.to(ctx.values_dtype)
     if ctx.values_shape == ctx.shape:
-        grad = torch.zeros(ctx.shape, dtype=torch.float64, device=per_positive.device)
+        grad = torch.zeros(ctx.shape, dtype=ctx.values_dtype, device=per_positive.device)
         grad.view(-1)[ctx.positive_index] = per_positive
         return grad
     return per_positive.view(ctx.values_shape)

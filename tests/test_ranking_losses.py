@@ -204,3 +204,12 @@ def test_bad_inputs_are_named():
     # Values outside [0, 1] away from the positives are never read.
     spread = torch.tensor([0.5, 7.0, 0.25, float("nan")])
     assert torch.isfinite(torch.stack(rs_loss(logits, labels, spread))).all()
+
+
+def test_value_gradient_has_the_values_dtype():
+    logits, labels, values = random_case(13, n=400)
+    loc = values.float().requires_grad_()
+    classification, localisation = alrp_loss(logits.float(), labels, loc)
+    assert classification.dtype == torch.float32
+    grad, = torch.autograd.grad(localisation, loc)
+    assert grad.dtype == torch.float32 and (grad > 0).all()
