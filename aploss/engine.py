@@ -57,7 +57,7 @@ HARD_STEP_DELTA = 1e-12
 _LARGEST = torch.finfo(torch.float64).max
 
 
-def _fused(device: torch.device) -> bool:
+def fused(device: torch.device) -> bool:
     """Whether the fused CPU kernels (aploss.kernels) take the passes over the pairs."""
     return device.type == "cpu" and kernels.loaded()
 
@@ -112,7 +112,7 @@ def _rank_positives(positive_scores: Tensor, delta: float, tie: float = 0.5) -> 
     cluster = torch.cat([gap.new_zeros(1), gap]).long().cumsum(0)
     cluster_start = scores[starts][cluster]
     raised, lowered = scores + delta, scores - delta
-    cells_per_cut = _FUSED_CELLS_PER_CUT if _fused(scores.device) else CELLS_PER_CUT
+    cells_per_cut = _FUSED_CELLS_PER_CUT if fused(scores.device) else CELLS_PER_CUT
     locator = BinLocator(torch.unique(torch.cat([lowered, raised])), cells_per_cut)
     # Which positives are below (H = 1) or in the window is constant on each bin: read it
     # at the bin's point, or at the middle of its open interval.
@@ -189,7 +189,7 @@ def _place_negatives(logits: Tensor, labels: Tensor, ranking: Ranking, keep: boo
     prune_below = ranking.scores[0].item() - ranking.delta
     size = _chunk_size(logits.device)
     locator = ranking.locator
-    if _fused(logits.device):
+    if fused(logits.device):
         count, offset, placed, has_nan = torch.ops.aploss.place_negatives(
             logits.contiguous(), labels.contiguous(), locator.cuts, locator.cell_start, locator.low, locator.scale,
             ranking.center, lowest, highest, prune_below, keep, size)
@@ -402,7 +402,7 @@ def _nan_loss(ctx, flat_labels: Tensor, dtype: torch.dtype, num_outputs: int) ->
 def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) -> Tensor:
     intercept = update.intercept * grad_output
     slope = update.slope * grad_output
-    if _fused(flat_logits.device):
+    if fused(flat_logits.device):
         grad = torch.ops.aploss.evaluate_update(flat_logits.contiguous(), update.placed, intercept, slope,
                                                 update.center, update.lowest, update.highest)
     else:

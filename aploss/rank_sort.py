@@ -14,14 +14,16 @@ changes nothing, and the targets are constants.
 
 Cost: the negatives are placed once (O(N log P)); FP, rank+, l_S and the negatives' update are the
 engine's step sums (O(P log P)). The sorting target and M compare every pair of positives by both
-score and target, a two-dimensional condition that the bins do not order: O(P^2) time over blocks
-of rows, O(P) memory beyond a block. No P x N matrix.
+score and target, a two-dimensional condition that the bins do not order: O(P^2) time, on a CPU
+in the engine's fused kernels (two coarse parallel passes, which a busy machine does not stall),
+elsewhere over blocks of rows; O(P) memory beyond a block. No P x N matrix.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from aploss import engine
 from aploss.engine import LocalBatch, Ranked, RuleResult, positive_step_sums, ranked_loss
 
 THRESHOLD = 1e-10  # the release's: ranking update if FP(i) exceeds it, sorting update if sum_j M_ij does
@@ -62,6 +64,8 @@ class RankSortRule:
 def _sorting(scores: Tensor, targets: Tensor, current: Tensor, delta: float) -> tuple[Tensor, Tensor]:
     """L_S(i) per positive, and each positive's sorting update: -L_S(i) where it applies, plus
     sum_i L_S(i) M_ij / sum_k M_ik from the positives i it is ranked above with a lower target."""
+    if engine.fused(scores.device):
+        return torch.ops.aploss.rank_sort_sorting(scores, targets, current, delta, THRESHOLD)
     num_pos = scores.numel()
     sorting_error = torch.empty_like(current)
     push = torch.zeros_like(current)

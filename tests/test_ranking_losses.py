@@ -80,6 +80,8 @@ def test_large_float32_batch(name):
 def test_many_chunks_and_blocks_match_one(name, monkeypatch):
     logits, labels, values = random_case(6, n=1000, p_pos=0.1)
     monkeypatch.setattr(engine, "_CHUNK_PAIRS", {"cpu": 37, "cuda": 37})
+    assert_matches_reference(name, logits, labels, values, 0.7)
+    monkeypatch.setattr(engine, "fused", lambda device: False)  # the path whose blocks these are
     monkeypatch.setattr(rs_module, "_BLOCK_PAIRS", 300)  # RS's positive pairs a few rows at a time
     assert_matches_reference(name, logits, labels, values, 0.7)
 
@@ -88,10 +90,24 @@ def test_many_chunks_and_blocks_match_one(name, monkeypatch):
 def test_pytorch_path_equals_the_fused_kernels(name, monkeypatch):
     case = random_case(7, n=20_000)
     fused = engine_outputs(name, *case, 0.5)
-    monkeypatch.setattr(engine, "_fused", lambda device: False)
+    monkeypatch.setattr(engine, "fused", lambda device: False)
     plain = engine_outputs(name, *case, 0.5)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_result_does_not_depend_on_the_thread_count(name):
+    case = random_case(14, n=50_000, p_pos=0.02)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engine_outputs(name, *case, 0.5)
+        torch.set_num_threads(4)
+        four = engine_outputs(name, *case, 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, four))
 
 
 @given(data=st.lists(st.tuples(st.sampled_from([-1, 0, 0, 1]),

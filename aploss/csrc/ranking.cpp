@@ -5,6 +5,7 @@
 //   bin's count and centred score sum; ignored pairs, positives and negatives below every
 //   window go to the unscored bin at the cost of one comparison.
 // evaluate_update: each pair's update from its bin's linear function.
+// rank_sort_sorting: Rank & Sort's sorting terms over pairs of positives (aploss/rank_sort.py).
 //
 // One pass each, one loop per thread, instead of a dozen PyTorch kernels that each wait for
 // every thread: on a busy machine that wait is what dominated. The sums run over fixed chunks
@@ -204,6 +205,63 @@ at::Tensor evaluate_update(const at::Tensor& logits, const at::Tensor& placed, c
   return grad;
 }
 
+// RS's H: the linear ramp for delta > 0, the hard step [x >= 0] for delta = 0.
+inline double rank_sort_step(double difference, double delta) {
+  if (delta > 0) return std::min(std::max(difference / (2 * delta) + 0.5, 0.0), 1.0);
+  return difference >= 0 ? 1.0 : 0.0;
+}
+
+// Per positive i: L_S(i) = current(i) - sum_{t_j >= t_i} H_ij (1 - t_j) / sum_{t_j >= t_i} H_ij, and
+// each positive's sorting update: -L_S(i) where sum_j M_ij > threshold, plus sum_i L_S(i) M_ij /
+// sum_k M_ik, M_ij = [t_j < t_i] H_ij. O(P^2) in two passes, over rows and then over columns, so
+// that every sum runs in index order inside one thread: the result does not depend on the thread
+// count. Under load, this is a few coarse tasks where the PyTorch path is hundreds of small ones.
+std::tuple<at::Tensor, at::Tensor> rank_sort_sorting(const at::Tensor& scores, const at::Tensor& targets,
+                                                     const at::Tensor& current, double delta, double threshold) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kDouble && targets.scalar_type() == at::kDouble &&
+                  current.scalar_type() == at::kDouble && scores.numel() == targets.numel() &&
+                  scores.numel() == current.numel(),
+              "rank_sort_sorting: float64 CPU tensors of equal size expected");
+  const at::Tensor s_c = scores.contiguous(), t_c = targets.contiguous(), current_c = current.contiguous();
+  const double* s = s_c.data_ptr<double>();
+  const double* t = t_c.data_ptr<double>();
+  const double* now = current_c.data_ptr<double>();
+  const int64_t n = s_c.numel();
+  at::Tensor error = at::empty({n}, s_c.options()), push = at::empty({n}, s_c.options());
+  std::vector<double> share(n), own(n);
+  double* error_p = error.data_ptr<double>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double sorted_sum = 0.0, sorted_weight = 0.0, missorted = 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double h = rank_sort_step(s[j] - s[i], delta);
+        if (t[j] >= t[i]) {
+          sorted_sum += h * (1 - t[j]);
+          sorted_weight += h;
+        } else {
+          missorted += h;
+        }
+      }
+      const double sorting_error = now[i] - sorted_sum / sorted_weight;
+      error_p[i] = sorting_error;
+      const bool applies = missorted > threshold;
+      share[i] = applies ? sorting_error / missorted : 0.0;
+      own[i] = applies ? sorting_error : 0.0;
+    }
+  });
+  double* push_p = push.data_ptr<double>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      double received = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (t[j] < t[i]) received += share[i] * rank_sort_step(s[j] - s[i], delta);
+      }
+      push_p[j] = received - own[j];
+    }
+  });
+  return {error, push};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(aploss, m) {
@@ -212,9 +270,12 @@ TORCH_LIBRARY(aploss, m) {
         "-> (Tensor, Tensor, Tensor, bool)");
   m.def("evaluate_update(Tensor logits, Tensor placed, Tensor intercept, Tensor slope, Tensor center, "
         "float lowest, float highest) -> Tensor");
+  m.def("rank_sort_sorting(Tensor scores, Tensor targets, Tensor current, float delta, float threshold) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(aploss, CPU, m) {
   m.impl("place_negatives", &place_negatives);
   m.impl("evaluate_update", &evaluate_update);
+  m.impl("rank_sort_sorting", &rank_sort_sorting);
 }
