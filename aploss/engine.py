@@ -302,7 +302,7 @@ class AveragePrecisionRule:
 
 
 def _per_positive(values: Tensor, positive_index: Tensor, shape: torch.Size) -> Tensor:
-    """One value per positive (flattened order), from either accepted layout (`_input_problem`)."""
+    """One value per positive (flattened order), from either accepted layout (`_value_problem`)."""
     flat = values.detach().reshape(-1)
     if values.shape == shape:
         flat = flat[positive_index]
@@ -311,11 +311,10 @@ def _per_positive(values: Tensor, positive_index: Tensor, shape: torch.Size) -> 
 
 class _RankingLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, values: Tensor | None, rule: RankingRule, delta: float,
-                batch: LocalBatch, grad_scale: float) -> tuple[Tensor, ...]:
+    def forward(ctx, logits: Tensor, labels: Tensor, values: Tensor | None, positive_index: Tensor,
+                rule: RankingRule, delta: float, batch: LocalBatch, grad_scale: float) -> tuple[Tensor, ...]:
         loss_dtype = torch.promote_types(logits.dtype, torch.float32)
         flat_logits, flat_labels = logits.reshape(-1), labels.reshape(-1)
-        positive_index = (flat_labels == 1).nonzero().squeeze(1)
         local_positives = flat_logits[positive_index].double().clamp_(-_LARGEST, _LARGEST)
         shared = local_positives
         if values is not None:  # one gather for both: the values travel beside their scores
@@ -373,7 +372,7 @@ class _RankingLossFunction(torch.autograd.Function):
                 grad = _evaluate_update(update, flat_logits, grad_outputs[0].double()).view(ctx.shape)
         if ctx.values_shape is not None and ctx.needs_input_grad[2]:
             value_grad = _value_grad(ctx, grad_outputs[1] if len(grad_outputs) > 1 else None)
-        return grad, None, value_grad, None, None, None, None
+        return grad, None, value_grad, None, None, None, None, None
 
 
 def _value_grad(ctx, grad_output: Tensor | None) -> Tensor:
@@ -420,10 +419,8 @@ def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) 
     return grad
 
 
-def _input_problem(logits: Tensor, labels: Tensor, delta: float, rule: RankingRule,
-                   values: Tensor | None) -> tuple[type[Exception], str] | None:
-    """What is wrong with the inputs, as the exception to raise, or None."""
-    name = rule.name
+def _input_problem(logits: Tensor, labels: Tensor, delta: float, name: str) -> tuple[type[Exception], str] | None:
+    """What is wrong with the logits, labels or delta, as the exception to raise, or None."""
     if not logits.is_floating_point():
         return TypeError, f"{name}: logits must be a floating-point tensor, got {logits.dtype}"
     if logits.shape != labels.shape:
@@ -431,10 +428,7 @@ def _input_problem(logits: Tensor, labels: Tensor, delta: float, rule: RankingRu
                             f"logits shape {tuple(logits.shape)}")
     if not (delta >= 0 and delta < float("inf")):
         return ValueError, f"{name}: delta must be a finite number >= 0, got {delta}"
-    problem = _label_problem(labels, name)
-    if problem is None and rule.value_name is not None:
-        problem = _value_problem(values, labels, rule)
-    return problem
+    return _label_problem(labels, name)
 
 
 def _label_problem(labels: Tensor, name: str) -> tuple[type[Exception], str] | None:
@@ -452,19 +446,19 @@ def _label_problem(labels: Tensor, name: str) -> tuple[type[Exception], str] | N
     return None
 
 
-def _value_problem(values: Tensor | None, labels: Tensor, rule: RankingRule) -> tuple[type[Exception], str] | None:
+def _value_problem(values: Tensor | None, positive_index: Tensor, shape: torch.Size,
+                   rule: RankingRule) -> tuple[type[Exception], str] | None:
     """The per-positive values: one per positive in flattened order, or the logits' shape (read at
     the positives); in [0, 1], as an IoU or a normalised localisation error is, at every positive."""
     what = f"{rule.name}: {rule.value_name}"
     if values is None or not values.is_floating_point():
         return TypeError, f"{what} must be a floating-point tensor, got {None if values is None else values.dtype}"
-    positive_index = (labels.reshape(-1) == 1).nonzero().squeeze(1)  # not a sum: that widens every label
     num_pos = positive_index.numel()
-    if values.shape == labels.shape:
+    if values.shape == shape:
         values = values.detach().reshape(-1)[positive_index]
     elif values.numel() != num_pos or values.ndim != 1:
         return ValueError, (f"{what} must hold one value per positive ({num_pos}) or have the logits' shape "
-                            f"{tuple(labels.shape)}, got shape {tuple(values.shape)}")
+                            f"{tuple(shape)}, got shape {tuple(values.shape)}")
     outside = ~((values >= 0) & (values <= 1))  # NaN included
     if outside.any():
         return ValueError, f"{what} must be in [0, 1] at every positive; found {values[outside][0].item()}"
@@ -477,11 +471,18 @@ def ranked_loss(logits: Tensor, labels: Tensor, values: Tensor | None, rule: Ran
     update is multiplied by `grad_scale`. Inputs are checked on every process before any
     collective that depends on them, so a bad one anywhere raises the same error everywhere."""
     delta = float(delta)
-    batch.agree(_input_problem(logits, labels, delta, rule, values), logits.device)
+    problem = _input_problem(logits, labels, delta, rule.name)
+    positive_index = None
+    if problem is None:
+        # Found once, for the values' check and the forward: each is a pass over every label.
+        positive_index = (labels.reshape(-1) == 1).nonzero().squeeze(1)
+        if rule.value_name is not None:
+            problem = _value_problem(values, positive_index, labels.shape, rule)
+    batch.agree(problem, logits.device)
     if labels.is_floating_point() or labels.dtype == torch.bool:
         labels = labels.to(torch.int8)  # exactly -1, 0 and 1 (checked), as the kernels take them
     delta = 0.0 if delta < HARD_STEP_DELTA else delta
-    return _RankingLossFunction.apply(logits, labels, values, rule, delta, batch, grad_scale)
+    return _RankingLossFunction.apply(logits, labels, values, positive_index, rule, delta, batch, grad_scale)
 
 
 def ranked_ap_loss(logits: Tensor, labels: Tensor, delta: float, interpolate: bool,
