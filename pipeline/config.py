@@ -46,6 +46,10 @@ class DataConfig:
     skip_bad: bool = False  # skip (and report) unreadable images and malformed annotations
     download: bool = True  # fetch a named dataset missing from the data root
     shard_images: int = 256  # images per Parquet shard
+    # 0: data-prep decodes and checks the images in this process. N: on Ray Data, N tasks at a
+    # time across the cluster (ray.address), the images read where they are (a local folder every
+    # node sees, or the object store of an s3:// data root); the output is the same either way.
+    prep_workers: int = 0
     min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels, after clipping) are dropped
     # Bounds on what a dataset may make data-prep hold in memory: images declaring more pixels
     # (width x height) are refused before decoding; annotation files (COCO json, VOC XML and
@@ -63,6 +67,7 @@ class DataConfig:
             _require(bool(self.annotations), "data.annotations",
                      "dataset 'coco' needs a split -> instances json mapping")
         _require(self.shard_images >= 1, "data.shard_images", f"must be >= 1, got {self.shard_images}")
+        _require(self.prep_workers >= 0, "data.prep_workers", f"must be >= 0, got {self.prep_workers}")
         _require(self.min_box_size >= 0, "data.min_box_size", f"must be >= 0, got {self.min_box_size}")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
         _require(self.max_annotation_mb > 0, "data.max_annotation_mb", f"must be > 0, got {self.max_annotation_mb}")
@@ -292,9 +297,13 @@ class EvalConfig:
     split: str = ""  # the split evaluated; empty means data.test_split
     batch_size: int = 8
     sample_images: int = 4  # test images drawn with their detections
+    # 0: evaluation and robustness detect in this process. N: N Ray workers (ray.cpus_per_worker
+    # CPUs, or a GPU with ray.use_gpu, each) detect a slice each; the metrics are the same.
+    workers: int = 0
 
     def validate(self) -> None:
         _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.workers >= 0, "eval.workers", f"must be >= 0, got {self.workers}")
         _require(self.sample_images >= 0, "eval.sample_images", "must be >= 0")
 
 
