@@ -174,6 +174,19 @@ class Location:
                        if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern))
         return [self / name for name in names]
 
+    def file_stats(self) -> dict[str, tuple[int, int]]:
+        """Every file under this directory (recursively) -> (size, modification time in ns), keyed
+        by its path relative to here: one listing, where a stat per file would be a request each.
+        An object's time is what `mirror` gives its copy, so both stat alike."""
+        if not self.remote:
+            root = Path(self.address)
+            return {path.relative_to(root).as_posix(): (stat.st_size, stat.st_mtime_ns)
+                    for path in root.rglob("*") if path.is_file() and (stat := path.stat())}
+        filesystem, path = _open(self.address)
+        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        return {entry.path[len(path):].lstrip("/"): (entry.size, entry.mtime_ns or 0)
+                for entry in filesystem.get_file_info(selector) if entry.type == pafs.FileType.File}
+
     def delete_tree(self) -> None:
         """Remove this directory and everything under it, if it exists."""
         if not self.remote:

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.io import write_png
 
 from pipeline.config import Config, config_from_dict
+from pipeline.data import image_check
 from pipeline.data import prep as prep_module
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
@@ -174,8 +175,8 @@ def test_image_declaring_too_many_pixels_is_refused_undecoded(tmp_path, coco, mo
     bomb.write_bytes(png_declaring(side, side))
     assert bomb.stat().st_size < 4096
     decoded = []
-    real_decode = prep_module.decode_image
-    monkeypatch.setattr(prep_module, "decode_image", lambda data: decoded.append(len(data)) or real_decode(data))
+    real_decode = image_check.decode_image
+    monkeypatch.setattr(image_check, "decode_image", lambda data: decoded.append(len(data)) or real_decode(data))
     pillow_limit = Image.MAX_IMAGE_PIXELS
     start = time.monotonic()
     with warnings.catch_warnings(), pytest.raises(PrepError) as error:

@@ -45,42 +45,54 @@ def _archive(folder: str, split: str) -> Archive:
     return VOC2012_TRAINVAL if folder == VOC2012_FOLDER else BCCD
 
 
-def _requirements(dataset: str, root: Path, split: str) -> list[tuple[Path, Archive]]:
-    """What must exist under `root` for `split`, each with the archive that provides it."""
+def _requirements(dataset: str, root: Path, split: str, images: bool = True) -> list[tuple[Path, Archive]]:
+    """What must exist under `root` for `split` (without `images`, for its annotations), each with
+    the archive that provides it."""
     if dataset == "coco2017":
-        annotations, images = coco2017_paths(root, split)
-        return [(annotations, COCO2017_ANNOTATIONS), (images, COCO2017_IMAGES[split])]
+        annotations, folder = coco2017_paths(root, split)
+        return [(annotations, COCO2017_ANNOTATIONS)] + ([(folder, COCO2017_IMAGES[split])] if images else [])
     return [(root / folder / "ImageSets" / "Main" / f"{split}.txt", _archive(folder, split))
             for folder in VOC_LAYOUTS[dataset].splits[split]]
 
 
-def _missing(dataset: str, root: Path, splits: Sequence[str]) -> dict[Archive, list[Path]]:
+def _missing(dataset: str, root: Path, splits: Sequence[str], images: bool = True) -> dict[Archive, list[Path]]:
     missing: dict[Archive, list[Path]] = {}
     for split in splits:
-        for path, archive in _requirements(dataset, root, split):
+        for path, archive in _requirements(dataset, root, split, images):
             if not path.exists():
                 missing.setdefault(archive, []).append(path)
     return missing
 
 
-def _inputs(data: DataConfig, splits: Sequence[str]) -> list[str]:
-    """The files and folders, relative to the data root, that the sources read for `splits`."""
+def _inputs(data: DataConfig, splits: Sequence[str], images: bool = True) -> list[str]:
+    """The files and folders, relative to the data root, that the sources read for `splits`;
+    without `images`, only what lists and annotates them."""
     if data.dataset in VOC_LAYOUTS:
-        return sorted({folder for split in splits for folder in VOC_LAYOUTS[data.dataset].splits[split]})
+        folders = sorted({folder for split in splits for folder in VOC_LAYOUTS[data.dataset].splits[split]})
+        return folders if images else [f"{folder}/{part}" for folder in folders for part in ("ImageSets", "Annotations")]
     if data.dataset == "coco2017":
-        return sorted({str(path) for split in splits for path in coco2017_paths(Path(), split)})
-    inputs = set()
-    for split in splits:
-        annotations = Path(data.annotations[split])
-        inputs |= {str(annotations), str(Path(data.images[split]) if split in data.images else annotations.parent)}
-    return sorted(inputs)
+        pairs = [coco2017_paths(Path(), split) for split in splits]
+    else:
+        pairs = [(Path(data.annotations[split]), Path(data.images[split]) if split in data.images
+                  else Path(data.annotations[split]).parent) for split in splits]
+    return sorted({str(path) for annotations, folder in pairs for path in ((annotations, folder) if images
+                                                                             else (annotations,))})
 
 
-def copy_from_store(data: DataConfig, splits: Sequence[str]) -> None:
-    """A data root in an object store: the inputs of `splits` copied to this machine's copy of
-    it (`DataConfig.resolved_root`), each file once; what the store lacks is left missing."""
+def image_folders(data: DataConfig, splits: Sequence[str]) -> list[str]:
+    """The folders, relative to the data root, that hold the images of `splits`."""
+    annotated = set(_inputs(data, splits, images=False))
+    if data.dataset in VOC_LAYOUTS:
+        return sorted({f"{folder}/JPEGImages" for folder in _inputs(data, splits)})
+    return sorted(set(_inputs(data, splits)) - annotated)
+
+
+def copy_from_store(data: DataConfig, splits: Sequence[str], images: bool = True) -> None:
+    """A data root in an object store: the inputs of `splits` (without `images`, only their
+    listings and annotations) copied to this machine's copy of it (`DataConfig.resolved_root`),
+    each file once; what the store lacks is left missing."""
     store, local = Location(data.root_location()), data.resolved_root()
-    for relative in _inputs(data, splits):
+    for relative in _inputs(data, splits, images):
         if relative.startswith("/") or ".." in Path(relative).parts:
             raise PrepError(local, f"data root {store}: {relative!r} is outside it")
         try:
@@ -92,16 +104,17 @@ def copy_from_store(data: DataConfig, splits: Sequence[str]) -> None:
             raise PrepError(store / relative, f"cannot copy it here: {error}") from None
 
 
-def fetch(data: DataConfig, splits: Sequence[str]) -> None:
+def fetch(data: DataConfig, splits: Sequence[str], images: bool = True) -> None:
     """Make sure a named dataset's `splits` are in the data root, downloading what is missing
     when data.download allows; `coco` datasets given by path are never fetched. A data root in
-    an object store is copied to this machine first."""
+    an object store is copied to this machine first: all of it, or without `images` (which
+    data-prep's Ray workers read from the store) only its listings and annotations."""
     if is_uri(data.root_location()):
-        copy_from_store(data, splits)
+        copy_from_store(data, splits, images)
     if data.dataset == "coco":
         return
     root = data.resolved_root()
-    missing = _missing(data.dataset, root, splits)
+    missing = _missing(data.dataset, root, splits, images)
     if not missing:
         return
     if not data.download:
@@ -111,7 +124,7 @@ def fetch(data: DataConfig, splits: Sequence[str]) -> None:
                               f"to fetch it, or download {urls} and extract it there yourself")
     for archive in missing:
         _download(archive, root)
-    still = _missing(data.dataset, root, splits)
+    still = _missing(data.dataset, root, splits, images)
     if still:
         paths = ", ".join(str(path) for paths in still.values() for path in paths)
         raise PrepError(root, f"downloaded {data.dataset!r} but still missing {paths}")

@@ -5,10 +5,12 @@ ground truth for evaluation and a manifest, under `run.prepared_root()/<dataset>
     <split>/part-00000.parquet, part-00001.parquet, ...
     <split>/ground_truth.json
 
-Every image is decoded once here (after its header's size is checked against
+Every image is decoded once here (`image_check`: after its header's size is checked against
 data.max_image_pixels), so training never meets an unreadable file, and every box is clipped
 to its image; boxes left empty or smaller than data.min_box_size are dropped. Each
 clipped or dropped box, and each image skipped under data.skip_bad, is listed in the manifest.
+With data.prep_workers > 0 the images are checked and the shards written by Ray Data tasks across
+the cluster (`prep_on_ray`); the output is the same, file for file.
 
 Idempotent: when the manifest's input hash matches and every file still has its recorded
 sha256, the prepared data is returned untouched. Atomic: a new version is written into a
@@ -18,37 +20,33 @@ store (run.output_dir=s3://...), which has no rename, it is written locally, the
 the manifest last: readers take a directory without a manifest for one not prepared yet.
 """
 import hashlib
-import io
 import json
 import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.io import decode_image
 from tqdm import tqdm
 
 from pipeline.config import Config, DataConfig
-from pipeline.data.fetch import fetch
+from pipeline.data.fetch import fetch, image_folders
+from pipeline.data.image_check import CheckedImage, check_image
 from pipeline.data.shards import (
     MANIFEST,
     ROW_GROUP_IMAGES,
     SCHEMA_VERSION,
-    ImageRecord,
     file_sha256,
     read_manifest,
     write_shard,
 )
-from pipeline.data.sources import PrepError, Source, SourceImage, check_splits, open_source
+from pipeline.data.sources import Entry, PrepError, Source, check_splits, open_source
 from pipeline.errors import MissingInput
-from pipeline.storage import Location
+from pipeline.storage import Location, is_uri
 
 
 @dataclass
@@ -62,10 +60,12 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     """Prepare `config.data` (fetching a missing named dataset if allowed), or reuse it."""
     data = config.data
     splits = check_splits(data)
-    fetch(data, splits)
+    # Ray's tasks read the images of a data root in an object store from there: only the
+    # annotations are copied here.
+    fetch(data, splits, images=not (data.prep_workers and is_uri(data.root_location())))
     source = open_source(data)
     settings = _settings(data, source, splits)
-    input_hash = _input_hash(settings, source)
+    input_hash = _input_hash(settings, source, _image_stats(data, splits))
     directory = prepared_directory(config, input_hash)
     manifest = _reusable(directory, input_hash)
     if manifest is not None:
@@ -74,8 +74,13 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     _check_not_empty(source, splits)
     if directory.remote:  # staged here, then uploaded with the manifest last
         with tempfile.TemporaryDirectory(prefix="aploss-prep-") as staging:
-            manifest = _write(Path(staging), data, source, settings, input_hash, progress)
-            directory.delete_tree()  # a reader finds no manifest, then the complete new version
+            if data.prep_workers:
+                # Ray's tasks write the shards in place: the directory (unusable, or it would have
+                # been reused) goes first, and the manifest comes last as ever.
+                directory.delete_tree()
+            manifest = _write(Path(staging), data, source, settings, input_hash, progress, directory)
+            if not data.prep_workers:
+                directory.delete_tree()  # a reader finds no manifest, then the complete new version
             directory.upload(Path(staging), last=MANIFEST)
         return PrepResult(manifest, directory, reused=False)
     local = directory.local()
@@ -83,7 +88,7 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     staging = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
-        manifest = _write(staging, data, source, settings, input_hash, progress)
+        manifest = _write(staging, data, source, settings, input_hash, progress, directory)
         _swap(staging, local)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in
@@ -117,7 +122,8 @@ def locate_prepared(config: Config) -> Location:
     splits = check_splits(data)
     try:
         source = open_source(data)
-        directory = prepared_directory(config, _input_hash(_settings(data, source, splits), source))
+        directory = prepared_directory(config, _input_hash(_settings(data, source, splits), source,
+                                                           _image_stats(data, splits)))
     except PrepError as error:
         raise MissingInput(f"no prepared {data.dataset!r} data can be found, since its inputs cannot be read ({error}): "
                            "run data-prep first (aploss prep or python -m jobs.prep, with the same data.* and "
@@ -137,7 +143,29 @@ def _check_not_empty(source: Source, splits: list[str]) -> None:
             raise PrepError(source.annotation_files(split)[0], f"split {split!r} lists no images")
 
 
-def _input_hash(settings: dict, source: Source) -> str:
+ImageStat = Callable[[Entry], tuple[int, int] | None]
+
+
+def _image_stats(data: DataConfig, splits: list[str]) -> ImageStat:
+    """Entry -> its image's (size, modification time in ns), None if missing. A data root in an
+    object store is listed there, one listing per image folder, with the times its copies here
+    take (`Location.mirror`): the same hash wherever, whether or not its images were copied."""
+    root = data.root_location()
+    if not is_uri(root):
+        def local(entry: Entry) -> tuple[int, int] | None:
+            try:
+                stat = entry.image_path.stat()
+            except OSError:
+                return None
+            return stat.st_size, stat.st_mtime_ns
+        return local
+    listed = {f"{folder}/{name}": stat for folder in image_folders(data, splits)
+              for name, stat in (Location(root) / folder).file_stats().items()}
+    copies = data.resolved_root()
+    return lambda entry: listed.get(entry.image_path.relative_to(copies).as_posix())
+
+
+def _input_hash(settings: dict, source: Source, image_stat: ImageStat) -> str:
     """sha256 over what the output depends on. Images count by (name, size, mtime) rather
     than content: hashing every image would cost as much as preparing them."""
     digest = hashlib.sha256()
@@ -154,11 +182,8 @@ def _input_hash(settings: dict, source: Source) -> str:
             if entry.refused is not None:  # outside its folder: not even stat-ed
                 add([entry.file_name, "refused"])
                 continue
-            try:
-                stat = entry.image_path.stat()
-                add([entry.file_name, stat.st_size, stat.st_mtime_ns])
-            except OSError:
-                add([entry.file_name, "missing"])
+            stat = image_stat(entry)
+            add([entry.file_name, *stat] if stat is not None else [entry.file_name, "missing"])
     return digest.hexdigest()
 
 
@@ -191,24 +216,28 @@ def _swap(staging: Path, directory: Path) -> None:
     shutil.rmtree(retired)
 
 
-def _write(staging: Path, data: DataConfig, source: Source, settings: dict, input_hash: str,
-           progress: bool) -> dict:
-    splits = {}
+def _write(staging: Path, data: DataConfig, source: Source, settings: dict, input_hash: str, progress: bool,
+           directory: Location) -> dict:
+    """Everything but the shards of an object store on Ray into `staging`; the manifest."""
+    writers = {}
     for split in settings["splits"]:
-        writer = _SplitWriter(staging, split, source.classes, source.category_ids, data.shard_images)
-        entries = source.entries(split)
-        for entry in tqdm(entries, desc=f"{data.dataset} {split}", unit="img", disable=not progress):
-            try:
-                writer.add(_check_image(source.load(split, entry), data))
-            except PrepError as error:
+        writer = writers[split] = _SplitWriter(staging, split, source.classes, source.category_ids,
+                                               data.shard_images, planned=data.prep_workers > 0)
+        for entry, checked in _checked_images(data, source, split, progress):
+            if isinstance(checked, PrepError):
                 if not data.skip_bad:
-                    raise
-                writer.skipped.append({"file": error.file, "image": entry.file_name, "reason": error.problem})
+                    raise checked
+                writer.skipped.append({"file": checked.file, "image": entry.file_name, "reason": checked.problem})
+            else:
+                writer.add(checked)
         if not writer.images:
             raise PrepError(source.annotation_files(split)[0],
                             f"split {split!r}: every image was skipped ({len(writer.skipped)}, see the errors above "
                             "with data.skip_bad=false)")
-        splits[split] = writer.finish()
+        writer.close()
+    if data.prep_workers:
+        _write_planned_shards(list(writers.values()), staging, directory, data.prep_workers, progress)
+    splits = {split: writer.finish() for split, writer in writers.items()}
     content = sorted((item["file"], item["sha256"]) for item in _files(splits))
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -225,109 +254,78 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
     return manifest
 
 
-@dataclass
-class _CheckedImage:
-    record: ImageRecord
-    areas: list[float]  # per kept box, for the ground truth
-    dropped: list[dict]
-    clipped: list[dict]
+def _image_source(data: DataConfig) -> Callable[[Entry], Path | Location]:
+    """Where an entry's image is read: the data root's file, except that Ray's tasks read a data
+    root in an object store there, not from this machine's copy."""
+    root = data.root_location()
+    if not (data.prep_workers and is_uri(root)):
+        return lambda entry: entry.image_path
+    copies = data.resolved_root()
+    return lambda entry: Location(root) / entry.image_path.relative_to(copies).as_posix()
 
 
-def _read_image(path: Path, max_pixels: int) -> tuple[bytes, int, int]:
-    """The encoded file and its decoded (width, height); decoding it all catches truncation."""
-    try:
-        encoded = path.read_bytes()
-    except FileNotFoundError:
-        raise PrepError(path, "image file not found") from None
-    except OSError as error:
-        raise PrepError(path, f"cannot read image: {error.strerror}") from None
-    width, height, frames = _declared_size(encoded, path)
-    if width * height * frames > max_pixels:
-        in_frames = f" in {frames} frames" if frames > 1 else ""
-        raise PrepError(path, f"declares {width}x{height} pixels{in_frames}, above data.max_image_pixels={max_pixels}; "
-                              "raise it to admit this image")
-    try:
-        pixels = decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
-    except (RuntimeError, ValueError) as error:
-        raise PrepError(path, f"cannot decode image: {str(error).splitlines()[-1]}") from None
-    return encoded, pixels.shape[-1], pixels.shape[-2]
+def _checked_images(data: DataConfig, source: Source, split: str, progress: bool
+                    ) -> Iterator[tuple[Entry, CheckedImage | PrepError]]:
+    """Each entry of `split`, in order, with its checked image or the error that refused it."""
+    entries = source.entries(split)
+    bar = tqdm(entries, desc=f"{data.dataset} {split}", unit="img", disable=not progress)
+    where = _image_source(data)
+    if not data.prep_workers:
+        for entry in bar:
+            try:
+                yield entry, check_image(source.load(split, entry), where(entry), data.min_box_size,
+                                         data.max_image_pixels)
+            except PrepError as error:
+                yield entry, error
+        return
+    from pipeline.data import prep_on_ray  # Ray Data only for a prep that runs on it
+
+    # Annotations are parsed here (data-prep hashed their files already); the images go to Ray.
+    loaded: list[PrepError | None] = []
+    jobs = []
+    for entry in entries:
+        try:
+            jobs.append((source.load(split, entry), str(where(entry))))
+            loaded.append(None)
+        except PrepError as error:
+            loaded.append(error)
+    checked = prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, data.prep_workers,
+                                       progress=False)
+    for entry, refused in zip(bar, loaded):
+        yield entry, refused if refused is not None else next(checked)
 
 
-def _declared_size(encoded: bytes, path: Path) -> tuple[int, int, int]:
-    """(width, height, frames) as the image's header declares them, nothing decoded: a few KB of
-    PNG can declare gigabytes of pixels."""
-    # Pillow's own bomb check would refuse by its limit rather than data.max_image_pixels, without
-    # the size; lifted only while the header is read (data-prep reads one image at a time). Its
-    # warnings (the bomb's, corrupt metadata) would only repeat what decoding reports.
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(encoded)) as image:
-                # decode_image returns every frame of a GIF.
-                return image.width, image.height, image.n_frames if image.format == "GIF" else 1
-    except UnidentifiedImageError:
-        raise PrepError(path, "cannot decode image: unknown format (JPEG, PNG, GIF and WebP are known)") from None
-    except (OSError, ValueError, EOFError, SyntaxError) as error:
-        raise PrepError(path, f"cannot decode image: unreadable header: {error}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+def _write_planned_shards(writers: list["_SplitWriter"], staging: Path, directory: Location, workers: int,
+                          progress: bool) -> None:
+    """The shards the writers planned, written by Ray's tasks: in place in an object store, or
+    handed back and written into `staging`; their sha256 completes the writers' shard lists."""
+    from pipeline.data import prep_on_ray
 
-
-Box = tuple[float, float, float, float]
-
-
-def _clip(box: Box, width: int, height: int, min_size: float) -> tuple[Box | None, str]:
-    """The box clipped to the image, or None and the reason it is dropped."""
-    x0, y0, x1, y1 = box
-    if x1 < x0 or y1 < y0:
-        return None, "inverted"
-    if x1 == x0 or y1 == y0:
-        return None, "zero_size"
-    clipped = (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
-               min(max(x1, 0.0), width), min(max(y1, 0.0), height))
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        return None, "outside_image"
-    if clipped[2] - clipped[0] < min_size or clipped[3] - clipped[1] < min_size:
-        return None, "too_small"
-    return clipped, ""
-
-
-def _check_image(image: SourceImage, data: DataConfig) -> _CheckedImage:
-    """The image decoded, checked against its annotation, and its boxes clipped or dropped."""
-    entry = image.entry
-    encoded, width, height = _read_image(entry.image_path, data.max_image_pixels)
-    if image.width is not None and (image.width, image.height) != (width, height):
-        raise PrepError(entry.annotation_path, f"{entry.file_name}: annotated size {image.width}x{image.height} "
-                                               f"differs from the image's {width}x{height}")
-    kept, dropped, clipped = [], [], []
-    for obj in image.objects:
-        box, reason = _clip(obj.box, width, height, data.min_box_size)
-        where = {"file": str(entry.annotation_path), "image": entry.file_name, "object": obj.ref,
-                 "box": list(obj.box)}
-        if box is None:
-            dropped.append({**where, "reason": reason})
-            continue
-        if box != obj.box:
-            clipped.append({**where, "clipped": list(box)})
-        kept.append((box, obj))
-    boxes = np.array([box for box, _ in kept], dtype=np.float32).reshape(-1, 4)
-    areas = [obj.area if obj.area is not None else (x1 - x0) * (y1 - y0)
-             for (x0, y0, x1, y1), (_, obj) in zip(boxes.tolist(), kept)]
-    record = ImageRecord(entry.image_id, entry.file_name, width, height, encoded, boxes,
-                         np.array([obj.class_id for _, obj in kept], dtype=np.int64),
-                         np.array([obj.crowd for _, obj in kept], dtype=bool))
-    return _CheckedImage(record, areas, dropped, clipped)
+    planned = [(summary, images) for writer in writers for summary, images in writer.plans]
+    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in planned], directory,
+                                       workers, progress=False)
+    bar = tqdm(total=len(planned), desc="shards", unit="shard", disable=not progress)
+    for (summary, _), (written_summary, data) in zip(planned, written):
+        if not directory.remote:
+            (staging / summary["file"]).write_bytes(data)
+        summary.update(written_summary)
+        bar.update()
+    bar.close()
 
 
 class _SplitWriter:
-    """Streams one split's images into shards; collects its ground truth and its report."""
+    """Streams one split's images into shards, or when `planned` only plans them (`plans`: each
+    shard's manifest entry, its sha256 yet to come, and its images) for Ray's tasks to write;
+    collects its ground truth and its report."""
 
-    def __init__(self, staging: Path, split: str, classes: list[str], category_ids: list[int], shard_images: int):
+    def __init__(self, staging: Path, split: str, classes: list[str], category_ids: list[int], shard_images: int,
+                 planned: bool = False):
         (staging / split).mkdir()
         self.staging, self.split, self.classes, self.shard_images = staging, split, classes, shard_images
         self.category_ids = category_ids
-        self.pending: list[ImageRecord] = []
+        self.pending: list[CheckedImage] = []
+        self.planned = planned
+        self.plans: list[tuple[dict, list[CheckedImage]]] = []
         self.shards: list[dict] = []
         self.images: list[dict] = []
         self.annotations: list[dict] = []
@@ -335,7 +333,7 @@ class _SplitWriter:
         self.clipped: list[dict] = []
         self.skipped: list[dict] = []
 
-    def add(self, image: _CheckedImage) -> None:
+    def add(self, image: CheckedImage) -> None:
         record = image.record
         self.images.append({"id": record.image_id, "file_name": record.file_name,
                             "width": record.width, "height": record.height})
@@ -346,16 +344,25 @@ class _SplitWriter:
                                      "area": area, "iscrowd": int(crowd)})
         self.dropped += image.dropped
         self.clipped += image.clipped
-        self.pending.append(record)
+        self.pending.append(image)
         if len(self.pending) == self.shard_images:
             self._flush()
 
     def _flush(self) -> None:
         relative = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        write_shard(self.staging / relative, self.pending)
-        self.shards.append({"file": relative, "rows": len(self.pending),
-                            "sha256": file_sha256(self.staging / relative)})
+        if self.planned:
+            self.shards.append({"file": relative, "rows": len(self.pending), "sha256": ""})
+            self.plans.append((self.shards[-1], self.pending))
+        else:
+            write_shard(self.staging / relative, [image.record for image in self.pending])
+            self.shards.append({"file": relative, "rows": len(self.pending),
+                                "sha256": file_sha256(self.staging / relative)})
         self.pending = []
+
+    def close(self) -> None:
+        """The last shard, however few its images."""
+        if self.pending:
+            self._flush()
 
     def _box_stats(self) -> dict[str, dict]:
         """Per class, the 5/50/95 % quantiles of its boxes' width, height, sqrt(area) and aspect
@@ -374,9 +381,7 @@ class _SplitWriter:
         return stats
 
     def finish(self) -> dict:
-        """Write the last shard and the ground truth; the split's part of the manifest."""
-        if self.pending:
-            self._flush()
+        """Write the ground truth; the split's part of the manifest (its shards written)."""
         relative = f"{self.split}/ground_truth.json"
         ground_truth = {
             "info": {"description": f"aploss prepared ground truth, split {self.split}"},
