@@ -313,12 +313,18 @@ class RayConfig:
     workers: int = 2
     use_gpu: bool = False  # one GPU per worker and nccl; CPU workers use gloo
     cpus_per_worker: float = 1.0
+    # Where the workers go (Ray's placement strategies): PACK fills a node first (NCCL within a
+    # node), SPREAD puts them on different nodes where it can, so one node lost loses fewer.
+    placement_strategy: str = "PACK"
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
     local_cpus: int = 0  # logical CPUs of a local instance; 0 means workers + 2 (driver, data)
 
     def validate(self) -> None:
         _require(self.workers >= 1, "ray.workers", f"must be >= 1, got {self.workers}")
         _require(self.cpus_per_worker > 0, "ray.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        _require(self.placement_strategy in strategies, "ray.placement_strategy",
+                 f"must be one of {list(strategies)}, got {self.placement_strategy!r}")
         _require(self.max_failures >= 0, "ray.max_failures", f"must be >= 0, got {self.max_failures}")
         _require(self.local_cpus >= 0, "ray.local_cpus", f"must be >= 0, got {self.local_cpus}")
 

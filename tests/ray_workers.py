@@ -37,3 +37,24 @@ def flaky_worker(payload: dict) -> None:
 def broken_worker(payload: dict) -> None:
     """A worker that fails on every attempt, as a bug or a bad node would."""
     raise OSError("the GPU fell off the bus")
+
+
+class PlacementHooks(TrainingHooks):
+    """Records, at each attempt's first step, which Ray node each rank runs on, in
+    <output_dir>/placement/ (a local directory or an object store)."""
+
+    recorded = False
+
+    def after_step(self, training, metrics):
+        if not self.recorded:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            where = Location(self.config.run.output_dir) / "placement" / f"{training.step}-{self.rank}-{os.getpid()}"
+            where.write_text(json.dumps({"step": training.step, "rank": self.rank, "node": node}))
+            self.recorded = True
+        super().after_step(training, metrics)
+
+
+def placement_worker(payload: dict) -> None:
+    run_worker(payload, PlacementHooks)

@@ -109,7 +109,8 @@ def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict
     return TorchTrainer(
         train_loop, train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
-                                     resources_per_worker={"CPU": ray_config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": ray_config.cpus_per_worker},
+                                     placement_strategy=ray_config.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
         run_config=RunConfig(
             name=config.run.name, storage_path=str(storage_path(config)), callbacks=callbacks,
