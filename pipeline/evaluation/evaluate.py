@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -43,27 +45,76 @@ def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], 
     return results
 
 
-def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
-            category_ids: Sequence[int], indices: list[int] | None = None, progress: bool = False) -> list[dict]:
-    """COCO result dicts of `model` on `indices` of `dataset` (default all), with a progress
-    bar if asked."""
+def evaluation_slices(num_images: int, batch_size: int, workers: int) -> list[list[list[int]]]:
+    """The batches of indices each of `workers` processes detects: the single-process batches of
+    `batch_size`, in order, cut into consecutive runs (the first runs one batch longer when they do
+    not divide evenly, empty ones when there are fewer batches than workers). Whole batches, since
+    a batch is padded to its largest image and GroupNorm sees the padding: each image is detected
+    exactly as in one process, and the slices' detections in order are one process's."""
+    batches = [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
+    share, longer = divmod(len(batches), workers)
+    bounds = [0]
+    for worker in range(workers):
+        bounds.append(bounds[-1] + share + (worker < longer))
+    return [batches[start:stop] for start, stop in zip(bounds, bounds[1:])]
+
+
+def detect_batches(model: OneStageDetector, dataset: DetectionDataset, batches: list[list[int]], device: torch.device,
+                   category_ids: Sequence[int], progress: bool = False) -> list[dict]:
+    """COCO result dicts of `model` on `batches` of `dataset`'s indices, with a progress bar if asked."""
     model.eval()
-    indices = list(range(len(dataset))) if indices is None else indices
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     results = []
-    with tqdm(total=len(indices), desc="evaluate", unit="img", disable=not progress) as bar:
+    with tqdm(total=sum(map(len, batches)), desc="evaluate", unit="img", disable=not progress) as bar:
         for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
             results += detect(model, images, image_ids, device, category_ids)
             bar.update(len(images))
     return results
 
 
-def validation_ap(model: OneStageDetector, config: Config, device: torch.device) -> float:
-    """COCO AP of `model` on the validation split of the prepared data `config` is bound to."""
+def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
+            category_ids: Sequence[int], progress: bool = False) -> list[dict]:
+    """COCO result dicts of `model` on all of `dataset`, in batches of `batch_size`: the one slice
+    of a single process."""
+    (batches,) = evaluation_slices(len(dataset), batch_size, 1)
+    return detect_batches(model, dataset, batches, device, category_ids, progress)
+
+
+def pack_detections(detections: list[dict]) -> np.ndarray:
+    """`detections` as one float64 array [n, 7] of image_id, category_id, x, y, w, h, score, to
+    ship between processes: float64 holds the ids and the detector's float32 values exactly."""
+    rows = [[d["image_id"], d["category_id"], *d["bbox"], d["score"]] for d in detections]
+    return np.array(rows, dtype=np.float64).reshape(-1, 7)
+
+
+def unpack_detections(packed: np.ndarray) -> list[dict]:
+    """The result dicts `pack_detections` packed, equal to the originals."""
+    return [{"image_id": int(row[0]), "category_id": int(row[1]), "bbox": row[2:6], "score": row[6]}
+            for row in packed.tolist()]
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of this process's default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def validation_ap(model: OneStageDetector, config: Config, device: torch.device) -> float | None:
+    """COCO AP of `model` on the validation split of the prepared data `config` is bound to. In a
+    process group of several, every process calls it at the same point and detects its slice
+    (`evaluation_slices`); rank 0 gathers the detections and returns the AP, the others None."""
     split = split_dir(config, config.data.val_split)
     ground_truth = split / "ground_truth.json"
-    detections = predict(model, DetectionDataset(ShardReader(split)), config.eval.batch_size, device,
-                         category_ids(ground_truth))
+    dataset = DetectionDataset(ShardReader(split))
+    rank, world_size = _process_group()
+    batches = evaluation_slices(len(dataset), config.eval.batch_size, world_size)[rank]
+    detections = detect_batches(model, dataset, batches, device, category_ids(ground_truth))
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(pack_detections(detections), gathered, dst=0)
+        if rank != 0:
+            return None
+        detections = [found for packed in gathered for found in unpack_detections(packed)]
     return evaluate_detections(ground_truth, detections).metrics["AP"]
 
 
@@ -101,10 +152,12 @@ def _defined(values: dict[str, float]) -> dict[str, float | None]:
 
 def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_truth: Path, classes: list[str],
                    out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0,
-                   voc: bool = False, progress: bool = True) -> Evaluation:
+                   voc: bool = False, progress: bool = True, detections: list[dict] | None = None) -> Evaluation:
     """Everything the evaluate stage writes, under `out_dir`; with `voc`, Pascal VOC AP on the
-    same detections as well."""
-    detections = predict(model, dataset, batch_size, device, category_ids(ground_truth), progress=progress)
+    same detections as well. `detections` made elsewhere (Ray workers) are taken as they are;
+    `model` still draws the sample images."""
+    if detections is None:
+        detections = predict(model, dataset, batch_size, device, category_ids(ground_truth), progress=progress)
     result = evaluate_detections(ground_truth, detections)
     voc_result = voc_map(ground_truth, detections) if voc else None
     detections_path = out_dir / "detections.json"

@@ -18,6 +18,7 @@ import math
 import types
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from aploss.detector import OneStageDetector
 from pipeline.config import ConfigError, RobustnessConfig
 from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections
-from pipeline.evaluation.evaluate import detect
+from pipeline.evaluation.evaluate import detect, evaluation_slices
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.storage import Location
 
@@ -202,25 +203,44 @@ def _result(ap: dict[str, float], chosen: list[Setting], unavailable: dict[str, 
     return RobustnessResult(ap, chosen, clean, mpc, rpc, unavailable)
 
 
+def perturbed_detections(models: dict[str, OneStageDetector], dataset: DetectionDataset, setting: Setting,
+                         batches: list[list[int]], device: torch.device, categories: list[int], seed: int = 0,
+                         workers: int = 0) -> dict[str, list[dict]]:
+    """Each model's detections of the images in `batches` under `setting`; every batch of
+    perturbed images is made once (by `workers` processes, or this one) and seen by all the models."""
+    for model in models.values():
+        model.eval()
+    detections: dict[str, list[dict]] = {name: [] for name in models}
+    for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_sampler=batches,
+                                           collate_fn=collate, num_workers=workers):
+        for name, model in models.items():
+            detections[name] += detect(model, images, image_ids, device, categories)
+    return detections
+
+
+def robustness_results(names: list[str], detections: Iterable[tuple[Setting, dict[str, list[dict]]]],
+                       ground_truth: Path, chosen: list[Setting], unavailable: dict[str, str] | None = None,
+                       progress: bool = False) -> dict[str, RobustnessResult]:
+    """Each model's AP under each setting, from the detections of the whole split per setting
+    (`detections` yields them in the order of `chosen`)."""
+    ap: dict[str, dict[str, float]] = {name: {} for name in names}
+    for setting, found in tqdm(detections, total=len(chosen), desc="robustness", unit="setting",
+                               disable=not progress):
+        for name in names:
+            ap[name][setting.label] = evaluate_detections(ground_truth, found[name]).metrics["AP"]
+    return {name: _result(ap[name], chosen, unavailable or {}) for name in names}
+
+
 def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionDataset, ground_truth: Path,
                         chosen: list[Setting], batch_size: int, device: torch.device, seed: int = 0,
                         unavailable: dict[str, str] | None = None, workers: int = 0, progress: bool = False
                         ) -> dict[str, RobustnessResult]:
-    """Each model's AP under each setting; every batch of perturbed images is made once (by
-    `workers` processes, or this one) and seen by all the models."""
-    ap: dict[str, dict[str, float]] = {name: {} for name in models}
+    """Each model's AP under each setting, detected in this process."""
+    (batches,) = evaluation_slices(len(dataset), batch_size, 1)
     categories = category_ids(ground_truth)
-    for model in models.values():
-        model.eval()
-    for setting in tqdm(chosen, desc="robustness", unit="setting", disable=not progress):
-        detections: dict[str, list[dict]] = {name: [] for name in models}
-        for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_size=batch_size,
-                                               collate_fn=collate, num_workers=workers):
-            for name, model in models.items():
-                detections[name] += detect(model, images, image_ids, device, categories)
-        for name in models:
-            ap[name][setting.label] = evaluate_detections(ground_truth, detections[name]).metrics["AP"]
-    return {name: _result(ap[name], chosen, unavailable or {}) for name in models}
+    detections = ((setting, perturbed_detections(models, dataset, setting, batches, device, categories, seed, workers))
+                  for setting in chosen)
+    return robustness_results(list(models), detections, ground_truth, chosen, unavailable, progress)
 
 
 def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:

@@ -40,7 +40,10 @@ def _train(config: Config) -> None:
 def _eval(config: Config) -> None:
     from pipeline.evaluation.evaluate import metrics_table
     from pipeline.evaluation.stages import evaluate_stage
+    from pipeline.orchestration.run import start_ray
 
+    if config.eval.workers:
+        start_ray(config)
     evaluation = evaluate_stage(config)
     print(metrics_table(evaluation.result))
     print(f"detections: {evaluation.detections_path}\nmetrics: {evaluation.metrics_path}")

@@ -55,7 +55,8 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
         return
     # The Train controller and each Tune trial driver need CPUs beside the workers, or a
     # 2-core machine deadlocks waiting for them.
-    cpus = config.ray.local_cpus or int(config.ray.workers * config.ray.cpus_per_worker) + 2 + extra_cpus
+    workers = max(config.ray.workers, config.eval.workers)  # training's, or evaluation's
+    cpus = config.ray.local_cpus or int(workers * config.ray.cpus_per_worker) + 2 + extra_cpus
     # "local" starts an instance of this run's own even where a cluster already runs on the
     # machine (which a plain ray.init() would join, refusing num_cpus).
     ray.init(address="local", num_cpus=cpus, configure_logging=False,
@@ -139,6 +140,8 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             skipped.append("evaluate")
         else:
             with _stage("evaluate", run_id):
+                if config.eval.workers:
+                    start_ray(config)
                 evaluation = evaluate_stage(config)
                 tracking.log_evaluation(evaluation, config)
             tracking.log_test_metrics(parent, evaluation)
@@ -154,6 +157,8 @@ def run_robustness(config: Config, names: list[str], progress: bool = True) -> d
     experiment = tracking.configure(config)
     run_ids = {name: tracking.stage_run(experiment, tracking.pipeline_run(config.for_run(name), experiment),
                                         "robustness")[0] for name in names}
+    if config.eval.workers:
+        start_ray(config)
     outputs = robustness_stage(config, names, progress)
     for name, (result, paths) in outputs.items():
         with tracking.active(run_ids[name]):

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, Protocol
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.checkpoints import CheckpointStore
@@ -43,8 +44,8 @@ def say(line: str) -> None:
 class TrainingHooks:
     """Rank 0 journals the curves every `log_every` steps (with images/s over the steps since
     the last record, validation and checkpoint time left out) and shows them as a progress bar or
-    as lines; at a checkpoint every rank checks the weights, rank 0 validates when due and hands
-    the state to the sink."""
+    as lines; at a checkpoint every rank checks the weights and, when due, detects its slice of
+    the validation split, which rank 0 scores; rank 0 hands the state to the sink."""
 
     def __init__(self, config: Config, schedule: StepSchedule, sink: CheckpointSink, extra_state: dict[str, Any],
                  rank: int = 0, progress: bool = False) -> None:
@@ -96,14 +97,24 @@ class TrainingHooks:
 
     def _checkpoint(self, training: Training, step: int) -> None:
         training.check_weights()  # the same weights on every rank: all of them stop, or none
-        val_ap = state = None
-        if self.rank == 0:
-            if self.schedule.validates(step):
-                started = time.perf_counter()
-                val_ap = validation_ap(training.detector, self.config, training.device)
-                self.journal.write(step, {"val_ap": val_ap})
-                if self.bar is None:
-                    say(f"validation at step {step}: AP {val_ap:.3f} on {self.config.data.val_split} "
-                        f"({time.perf_counter() - started:.0f} s)")
-            state = {**training.state_dict(), **self.extra_state}
+        val_ap = self._validate(training, step) if self.schedule.validates(step) else None
+        state = {**training.state_dict(), **self.extra_state} if self.rank == 0 else None
         self.sink.save(step, state, val_ap)
+
+    def _validate(self, training: Training, step: int) -> float | None:
+        """Every rank detects its slice of the validation split (one process: all of it); rank 0
+        scores the whole, journals it and returns it, the others None."""
+        started = time.perf_counter()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Each rank's BatchNorm statistics moved with its own slice of the last step, and DDP
+            # hands out rank 0's only at the next forward: validate with rank 0's, the checkpoint's.
+            for buffer in training.detector.buffers():
+                dist.broadcast(buffer, src=0)
+        val_ap = validation_ap(training.detector, self.config, training.device)
+        if self.rank != 0:
+            return None
+        self.journal.write(step, {"val_ap": val_ap})
+        if self.bar is None:
+            say(f"validation at step {step}: AP {val_ap:.3f} on {self.config.data.val_split} "
+                f"({time.perf_counter() - started:.0f} s)")
+        return val_ap
