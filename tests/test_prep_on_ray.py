@@ -4,6 +4,8 @@ images skipped or refused alike; a data root in an object store is read there, n
 import dataclasses
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -136,3 +138,22 @@ def test_a_data_root_in_s3_is_read_there_by_the_tasks(cluster, s3, tmp_path, mon
     assert sorted(path.name for path in (tmp_path / "machine-2").rglob("*.json")) == [
         "instances_train.json", "instances_val.json"]
     assert prepare(on_ray(config, f"s3://{BUCKET}/{tmp_path.name}/runs"), progress=False).reused
+
+
+def test_aploss_prep_on_ray_from_the_command_line(tmp_path):
+    """`aploss prep data.prep_workers=2` starts a Ray instance of its own and prepares what one
+    process prepares."""
+    synthetic_coco.write_synthetic_coco_scale(tmp_path / "coco", {"train": 12, "val": 4}, seed=2)
+    arguments = ["data.dataset=coco", f"data.root={tmp_path / 'coco'}", "data.download=false", "data.test_split=val",
+                 "data.annotations={train: annotations/instances_train.json, val: annotations/instances_val.json}",
+                 "data.images={train: train, val: val}"]
+    here = prepare(placed(coco_config(tmp_path / "coco"), tmp_path / "here"), progress=False)
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    environment.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline.orchestration.cli", "prep", *arguments,
+                           "data.prep_workers=2", f"run.output_dir={tmp_path / 'on-ray'}"],
+                          capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "started a local Ray instance" in done.stdout and "prepared coco (written)" in done.stdout
+    there = Location(tmp_path / "on-ray" / "data" / here.directory.name)
+    assert files(there) == files(here.directory)

@@ -19,7 +19,10 @@ from pipeline.storage import Location
 def _prep(config: Config) -> None:
     from pipeline.data.anchors import fit_anchors, report_anchor_recall
     from pipeline.data.prep import prepare
+    from pipeline.orchestration.run import start_ray
 
+    if config.data.prep_workers:
+        start_ray(config)
     result = prepare(config)
     state = "reused" if result.reused else "written"
     print(f"prepared {config.data.dataset} ({state}) in {result.directory}")

@@ -56,7 +56,9 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
     # The Train controller and each Tune trial driver need CPUs beside the workers, or a
     # 2-core machine deadlocks waiting for them.
     workers = max(config.ray.workers, config.eval.workers)  # training's, or evaluation's
-    cpus = config.ray.local_cpus or int(workers * config.ray.cpus_per_worker) + 2 + extra_cpus
+    # Data-prep's tasks take one CPU each.
+    busy = max(int(workers * config.ray.cpus_per_worker), config.data.prep_workers)
+    cpus = config.ray.local_cpus or busy + 2 + extra_cpus
     # "local" starts an instance of this run's own even where a cluster already runs on the
     # machine (which a plain ray.init() would join, refusing num_cpus).
     ray.init(address="local", num_cpus=cpus, configure_logging=False,
@@ -99,6 +101,8 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     skipped = []
 
     with tracking.parent_run(parent) as outcome:
+        if config.data.prep_workers:
+            start_ray(config)
         run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
         if finished:
             # Locating the prepared data hashes the inputs (their address) but not every shard again.
