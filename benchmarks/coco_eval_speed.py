@@ -22,10 +22,10 @@ plus Poisson(2) false positives per image at random places and classes, with low
 keep 3 decimals, as detectors' json often does, so that the libraries' sorting of ties is
 compared too.
 
-faster-coco-eval is not a dependency of this project; install it apart (it needs only numpy):
+faster-coco-eval is a dependency of this project since this check (pipeline/evaluation/
+coco_metrics.py evaluates with it; benchmarks/README.md, "COCO evaluation"):
 
-    .venv/bin/python -m pip install --target /tmp/fce --no-deps faster-coco-eval
-    PYTHONPATH=/tmp/fce APLOSS_DATA_ROOT=../shared/datasets .venv/bin/python benchmarks/coco_eval_speed.py
+    APLOSS_DATA_ROOT=../shared/datasets .venv/bin/python benchmarks/coco_eval_speed.py --synthetic-images 2000 5000
 
 Prints a markdown table and writes benchmarks/results/coco_eval_speed.json.
 """
@@ -246,8 +246,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "coco_eval_speed.json")
     args = parser.parse_args()
     if importlib.util.find_spec("faster_coco_eval") is None:
-        print("coco_eval_speed: faster_coco_eval is not importable; install it apart (see this script's docstring) "
-              "and put it on PYTHONPATH", file=sys.stderr)
+        print("coco_eval_speed: faster_coco_eval is not importable; install the project's dependencies "
+              "(.venv/bin/python -m pip install -e .)", file=sys.stderr)
         return 2
     data_root = Path(os.environ.get("APLOSS_DATA_ROOT", REPO / "data"))
     # One CPU, as an evaluation worker gets: the timing is of one thread whatever either library starts.

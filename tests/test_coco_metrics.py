@@ -1,5 +1,9 @@
-"""COCO metrics against published numbers and hand-computed per-class AP; plots and drawings."""
+"""COCO metrics against published numbers, hand-computed per-class AP and pycocotools' own
+COCOeval; plots and drawings."""
+import contextlib
+import io
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -7,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from pipeline.evaluation.coco_metrics import METRIC_NAMES, draw_detections, evaluate_detections, plot_pr_curves
+from pipeline.config import config_from_dict
+from pipeline.data.prep import prepare
+from pipeline.evaluation.coco_metrics import (
+    METRIC_NAMES, PR_IOU_THRESHOLDS, draw_detections, evaluate_detections, plot_pr_curves)
 from pipeline.io import write_json_atomic
 from tests.conftest import DATA_ROOT
 
@@ -79,6 +88,108 @@ def test_published_metrics(evalcase):
     defined50 = [ap for ap in result.per_class_ap50.values() if not math.isnan(ap)]
     assert sum(defined50) / len(defined50) == pytest.approx(result.metrics["AP50"])
     assert "maxDets=100 ] = 0.505" in result.summary
+
+
+@pytest.fixture(scope="module")
+def bccd_test_ground_truth(tmp_path_factory) -> Path:
+    if not (DATA_ROOT / "bccd" / "BCCD").is_dir():
+        pytest.skip("BCCD not in the data root")
+    config = config_from_dict({"data": {"root": str(DATA_ROOT), "download": False},
+                               "run": {"output_dir": str(tmp_path_factory.mktemp("bccd"))}})
+    result = prepare(config, progress=False)
+    return Path(str(result.directory)) / result.manifest["splits"]["test"]["ground_truth"]["file"]
+
+
+def _plausible_detections(ground_truth: dict, seed: int) -> list[dict]:
+    """Seeded detector-like results: most non-crowd boxes found (jittered, some twice, some under
+    another class) with high scores, plus false positives with low scores; scores of 2 decimals,
+    so that many tie within an image and class."""
+    rng = np.random.default_rng(seed)
+    sizes = {image["id"]: (image["width"], image["height"]) for image in ground_truth["images"]}
+    categories = sorted(category["id"] for category in ground_truth["categories"])
+    detections = []
+
+    def add(image_id: int, category: int, x: float, y: float, w: float, h: float, score: float) -> None:
+        width, height = sizes[image_id]
+        x0, y0 = min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0)
+        x1, y1 = min(max(x + w, x0 + 1.0), width), min(max(y + h, y0 + 1.0), height)
+        detections.append({"image_id": image_id, "category_id": category, "score": round(float(score), 2),
+                           "bbox": [x0, y0, x1 - x0, y1 - y0]})
+
+    for annotation in ground_truth["annotations"]:
+        if annotation["iscrowd"] or rng.random() > 0.85:
+            continue
+        x, y, w, h = annotation["bbox"]
+        for _ in range(1 + int(rng.random() < 0.1)):
+            category = int(rng.choice(categories)) if rng.random() < 0.05 else annotation["category_id"]
+            dx, dy, sw, sh = rng.normal(0, 0.1, 4)
+            add(annotation["image_id"], category, x + dx * w, y + dy * h, w * np.exp(sw), h * np.exp(sh),
+                rng.beta(5, 2))
+    for image_id, (width, height) in sizes.items():
+        for _ in range(rng.poisson(3)):
+            w, h = rng.uniform(0.03, 0.5) * width, rng.uniform(0.03, 0.5) * height
+            add(image_id, int(rng.choice(categories)), rng.uniform(0, width - w), rng.uniform(0, height - h),
+                w, h, rng.beta(2, 5))
+    return detections
+
+
+def _pycocotools(ground_truth: Path, detections: list[dict]) -> tuple[COCOeval, str]:
+    """pycocotools' COCOeval run directly, and its summary printout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ground_truth))
+        evaluator = COCOeval(gt, gt.loadRes([dict(detection) for detection in detections]), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()) as summary:
+        evaluator.summarize()
+    return evaluator, summary.getvalue()
+
+
+# faster-coco-eval computes some precision cells 1 ulp away from pycocotools (the recall and
+# score arrays are identical); on BCCD none of them reaches a summary stat or a class's AP, on
+# COCO's 80 classes they move some means by 1 ulp. A real difference (a match, a tie's order,
+# an interpolation) moves them by 1e-4 or more.
+@pytest.mark.parametrize("case, stats_tolerance", [("bccd-test", 0.0), ("coco_evalcase", 1e-15)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_same_numbers_as_pycocotools(request, case, stats_tolerance, seed):
+    if case == "bccd-test":  # 3 classes, no crowd
+        ground_truth = request.getfixturevalue("bccd_test_ground_truth")
+    else:  # 80 sparse category ids, crowd boxes, classes without ground truth
+        ground_truth = request.getfixturevalue("evalcase") / "instances_val2014_100.json"
+    detections = _plausible_detections(json.loads(ground_truth.read_text()), seed)
+    scores = [(d["image_id"], d["category_id"], d["score"]) for d in detections]
+    assert len(set(scores)) < len(scores) - 20  # plenty of tied scores within an image and class
+    result = evaluate_detections(ground_truth, detections)
+    reference, summary = _pycocotools(ground_truth, detections)
+
+    expected = dict(zip(METRIC_NAMES, reference.stats.tolist()))
+    assert set(expected.values()) != {0.0} and -1 not in expected.values()
+    if stats_tolerance == 0:
+        assert result.metrics == expected
+    else:
+        assert result.metrics == pytest.approx(expected, abs=stats_tolerance, rel=0)
+    assert result.summary == summary
+
+    params = reference.params
+    cells = reference.eval["precision"][:, :, :, params.areaRngLbl.index("all"), params.maxDets.index(100)]
+    names = [reference.cocoGt.cats[category]["name"] for category in params.catIds]
+    rows = [int(np.flatnonzero(np.isclose(params.iouThrs, iou))[0]) for iou in PR_IOU_THRESHOLDS]
+    assert list(result.per_class_ap) == names and np.array_equal(result.recall, params.recThrs)
+    for k, name in enumerate(names):
+        defined = cells[:, :, k][cells[:, :, k] > -1]
+        ap = defined.mean() if defined.size else math.nan
+        assert result.per_class_ap[name] == pytest.approx(ap, abs=stats_tolerance, rel=0, nan_ok=True)
+        curves = np.where(cells[rows, :, k] > -1, cells[rows, :, k], np.nan)
+        np.testing.assert_allclose(result.precision[name], curves, rtol=0, atol=1e-12, equal_nan=True)
+    assert any(math.isnan(ap) for ap in result.per_class_ap.values()) == (case == "coco_evalcase")
+
+
+def test_evaluation_keeps_off_the_console(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    gt, detections = _case(tmp_path)
+    evaluate_detections(gt, detections)
+    evaluate_detections(gt, [])
+    assert capsys.readouterr() == ("", "") and not caplog.records
 
 
 def test_per_class_ap_by_construction(tmp_path):
@@ -163,6 +274,12 @@ def test_bad_ground_truth_files_are_named(tmp_path):
                                                     "bbox": [0, 0, 1, 1], "iscrowd": 0}]}))
     with pytest.raises(ValueError, match=r"no_area.json: annotations\[0\] lacks area"):
         evaluate_detections(no_area, [])
+    named = tmp_path / "named_images.json"
+    named.write_text(json.dumps({"images": [{"id": "a"}], "categories": [{"id": 1, "name": "a"}],
+                                 "annotations": [{"id": 1, "image_id": "a", "category_id": 1,
+                                                  "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 0}]}))
+    with pytest.raises(ValueError, match="named_images.json: image ids must be integers"):
+        evaluate_detections(named, [])
 
 
 def test_pr_curve_pngs(tmp_path):
