@@ -3,8 +3,9 @@ memory as the dataset grows, on the synthetic COCO-scale set (`synthetic_coco.py
 
 The images are COCO's typical 640 x 480 (--size), so that decoding costs what it costs on COCO.
 Speed: each mode prepares the --images set (train, plus a val split a tenth of it) into a fresh
-output directory, --repeats rounds interleaved, median taken; a Ray instance of this machine's
-cores (2) is started once, before any timing. Where the time goes: data-prep's process waiting
+output directory, --repeats rounds interleaved, median taken; a Ray instance of as many logical
+CPUs as `aploss prep data.prep_workers=2` starts (4 logical CPUs on the 2 cores) is
+started once, before any timing. Where the time goes: data-prep's process waiting
 on each Ray pass (checking the images, then writing the shards), and its own work (listing,
 hashing and parsing the annotations, handing out the images and taking in their records, the
 ground truth and manifest). Memory: with 2 workers, the peak PSS of data-prep's process and of
@@ -146,7 +147,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("WIDTH", "HEIGHT"))
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # As `aploss prep data.prep_workers=2` starts it: a CPU for each task and 2 beside them.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     timer = PassTimer()
     root = dataset(args.images, tuple(args.size))
     modes = {"one process": 0, "Ray Data, 1 worker": 1, "Ray Data, 2 workers": 2}

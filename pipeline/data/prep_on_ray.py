@@ -71,14 +71,17 @@ def _blocks(items: int, workers: int) -> int:
 @contextmanager
 def _ordered(progress: bool) -> Iterator[None]:
     """Ray Data keeps the items' order (the shards' rows depend on it), with its progress bars
-    only when data-prep shows its own."""
+    only when data-prep shows its own. Its reservation of resources per operator, which keeps the
+    stages of a longer pipeline from starving each other, is off: a pass is one map, and with
+    it on, 2 workers ran one task at a time on a 4-CPU instance (benchmarks/prep_scaling.py)."""
     context = DataContext.get_current()
-    saved = context.execution_options.preserve_order, context.enable_progress_bars
-    context.execution_options.preserve_order, context.enable_progress_bars = True, progress
+    options = context.execution_options
+    saved = options.preserve_order, context.enable_progress_bars, context.op_resource_reservation_enabled
+    options.preserve_order, context.enable_progress_bars, context.op_resource_reservation_enabled = True, progress, False
     try:
         yield
     finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = saved
+        options.preserve_order, context.enable_progress_bars, context.op_resource_reservation_enabled = saved
 
 
 def _image_job(image: SourceImage, where: str) -> dict:
