@@ -8,15 +8,18 @@ CPUs as `aploss prep data.prep_workers=2` starts (4 logical CPUs on the 2 cores)
 started once, before any timing. Where the time goes: data-prep's process waiting
 on each Ray pass (checking the images, then writing the shards), and its own work (listing,
 hashing and parsing the annotations, handing out the images and taking in their records, the
-ground truth and manifest). Memory: with 2 workers, the peak PSS of data-prep's process and of
-the Ray workers summed (sampled every 50 ms; PSS counts the pages they share once), at each of
---sizes. Prints markdown tables and writes benchmarks/results/prep_scaling.json.
+ground truth and manifest); and the check pass alone, on Ray Data and as plain Ray tasks over
+the same batches, 1 and 2 at a time, which tells Ray Data's own cost from the machine's. Memory: the peak PSS of one process's prep, and with 2 workers of
+data-prep's process and of the Ray workers summed (sampled every 50 ms; PSS counts the pages they
+share once), at each of --sizes. Prints markdown tables and writes benchmarks/results/prep_scaling.json.
 
     .venv/bin/python benchmarks/prep_scaling.py                                  # benchmarks/README.md
     .venv/bin/python benchmarks/prep_scaling.py --images 500 --sizes 500 1000 --repeats 1   # a quick look
 """
 import argparse
+import collections
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data import prep_on_ray  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
+from pipeline.data.sources import open_source  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,6 +144,28 @@ def timed_prep(root: Path, workers: int, timer: PassTimer) -> dict:
     return {"images": images, "seconds": seconds, **{f"{name}_s": s for name, s in timer.seconds.items()}}
 
 
+def check_pass_seconds(root: Path, workers: int, plain: bool) -> float:
+    """The check pass over the training split's images alone: as data-prep runs it on Ray Data,
+    or the same batches as plain Ray tasks, `workers` in flight at a time."""
+    data = config(root, Path(tempfile.gettempdir()), workers).data
+    source = open_source(data)
+    jobs = [(source.load("train", entry), str(entry.image_path)) for entry in source.entries("train")]
+    started = time.perf_counter()
+    if not plain:
+        for _ in prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, workers, progress=False):
+            pass
+        return time.perf_counter() - started
+    check = ray.remote(num_cpus=1)(prep_on_ray._check_batch)
+    rows = [json.dumps(prep_on_ray._image_job(image, where)) for image, where in jobs]
+    in_flight = collections.deque()
+    for start in range(0, len(rows), 128):  # data-prep's block of images
+        in_flight.append(check.remote({"job": rows[start:start + 128]}, data.min_box_size, data.max_image_pixels))
+        if len(in_flight) == workers:
+            ray.get(in_flight.popleft())
+    ray.get(list(in_flight))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5000, help="training images of the speed runs")
@@ -171,20 +197,36 @@ def main() -> None:
         print(f"| {row['mode']} | {row['seconds']:.1f} | {row['images_per_s']:.0f} | "
               f"{row['images_per_s'] / one_worker:.2f}x | {row['check_s']:.1f} | {row['write_s']:.1f} | {rest:.1f} |")
 
+    passes = []
+    for label, plain in (("Ray Data, as data-prep runs it", False), ("plain Ray tasks, same batches", True)):
+        seconds = {workers: statistics.median(check_pass_seconds(root, workers, plain) for _ in range(args.repeats))
+                   for workers in (1, 2)}
+        passes.append({"how": label, **{f"{workers}_worker_s": s for workers, s in seconds.items()}})
+    print(f"\nthe check pass alone, {args.images} training images (median of {args.repeats})\n")
+    print("| how | 1 at a time s | 2 at a time s | speed-up |")
+    print("|---|---:|---:|---:|")
+    for row in passes:
+        print(f"| {row['how']} | {row['1_worker_s']:.1f} | {row['2_worker_s']:.1f} | "
+              f"{row['1_worker_s'] / row['2_worker_s']:.2f}x |")
+
     memory = []
     for size in args.sizes:
         data = dataset(size, tuple(args.size))
-        with MemorySampler() as sampler:
-            run = timed_prep(data, 2, timer)
-        memory.append({"train_images": size, **run, "driver_peak_mb": sampler.driver / 2**20,
-                       "workers_peak_mb": sampler.workers / 2**20})
-    print("\nprep peak memory, Ray Data, 2 workers\n")
-    print("| train images | images/s | data-prep process peak PSS MB | Ray workers' peak PSS MB (summed) |")
-    print("|---:|---:|---:|---:|")
+        row = {"train_images": size}
+        for workers, key in ((0, "one_process"), (2, "ray")):
+            with MemorySampler() as sampler:
+                run = timed_prep(data, workers, timer)
+            row[key] = {**run, "driver_peak_mb": sampler.driver / 2**20, "workers_peak_mb": sampler.workers / 2**20}
+        memory.append(row)
+    print("\nprep peak memory (PSS MB): one process, and Ray Data with 2 workers\n")
+    print("| train images | one process | Ray: data-prep's process | Ray: its workers, summed | Ray images/s |")
+    print("|---:|---:|---:|---:|---:|")
     for row in memory:
-        print(f"| {row['train_images']:,} | {row['images'] / row['seconds']:.0f} | {row['driver_peak_mb']:.0f} | "
-              f"{row['workers_peak_mb']:.0f} |")
-    write_json_atomic({"speed": speed, "memory": memory}, RESULTS / "prep_scaling.json")
+        ray_run = row["ray"]
+        print(f"| {row['train_images']:,} | {row['one_process']['driver_peak_mb']:.0f} | "
+              f"{ray_run['driver_peak_mb']:.0f} | {ray_run['workers_peak_mb']:.0f} | "
+              f"{ray_run['images'] / ray_run['seconds']:.0f} |")
+    write_json_atomic({"speed": speed, "check_pass": passes, "memory": memory}, RESULTS / "prep_scaling.json")
     ray.shutdown()
 
 

@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from pipeline.config import Config, config_from_dict
+from pipeline.data import prep as prep_module
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
 from pipeline.storage import Location
@@ -88,8 +89,10 @@ def coco_config(root: Path, **data) -> Config:
         "images": {"train": "train", "val": "val"}, **data}})
 
 
-def test_synthetic_coco_with_bad_images_on_ray_is_the_single_process_prep(cluster, tmp_path):
-    """Skipped images shift every later image's shard and row group: the plan must follow."""
+def test_synthetic_coco_with_bad_images_on_ray_is_the_single_process_prep(cluster, tmp_path, monkeypatch):
+    """Skipped images shift every later image's shard and row group: the plan must follow, across
+    the windows of images that Ray checks and writes at a time."""
+    monkeypatch.setattr(prep_module, "WINDOW_IMAGES", 20)
     root = tmp_path / "coco"
     layout = synthetic_coco.write_synthetic_coco_scale(root, {"train": 90, "val": 30}, seed=3)
     train_images = sorted(layout["train"][1].iterdir())

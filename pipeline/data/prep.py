@@ -144,6 +144,9 @@ def _check_not_empty(source: Source, splits: list[str]) -> None:
 
 
 ImageStat = Callable[[Entry], tuple[int, int] | None]
+# On Ray, images checked per Ray Data job, and at most about as many held checked before their
+# shards are written: enough to keep a cluster's workers busy, few enough to bound memory.
+WINDOW_IMAGES = 4096
 
 
 def _image_stats(data: DataConfig, splits: list[str]) -> ImageStat:
@@ -219,10 +222,10 @@ def _swap(staging: Path, directory: Path) -> None:
 def _write(staging: Path, data: DataConfig, source: Source, settings: dict, input_hash: str, progress: bool,
            directory: Location) -> dict:
     """Everything but the shards of an object store on Ray into `staging`; the manifest."""
-    writers = {}
+    splits = {}
     for split in settings["splits"]:
-        writer = writers[split] = _SplitWriter(staging, split, source.classes, source.category_ids,
-                                               data.shard_images, planned=data.prep_workers > 0)
+        writer = _SplitWriter(staging, split, source.classes, source.category_ids, data.shard_images,
+                              planned=data.prep_workers > 0)
         for entry, checked in _checked_images(data, source, split, progress):
             if isinstance(checked, PrepError):
                 if not data.skip_bad:
@@ -230,14 +233,16 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
                 writer.skipped.append({"file": checked.file, "image": entry.file_name, "reason": checked.problem})
             else:
                 writer.add(checked)
+            if len(writer.plans) * data.shard_images >= WINDOW_IMAGES:  # what data-prep holds stays bounded
+                _write_planned_shards(writer.take_plans(), staging, directory, data.prep_workers)
         if not writer.images:
             raise PrepError(source.annotation_files(split)[0],
                             f"split {split!r}: every image was skipped ({len(writer.skipped)}, see the errors above "
                             "with data.skip_bad=false)")
         writer.close()
-    if data.prep_workers:
-        _write_planned_shards(list(writers.values()), staging, directory, data.prep_workers, progress)
-    splits = {split: writer.finish() for split, writer in writers.items()}
+        if writer.plans:
+            _write_planned_shards(writer.take_plans(), staging, directory, data.prep_workers)
+        splits[split] = writer.finish()
     content = sorted((item["file"], item["sha256"]) for item in _files(splits))
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -266,18 +271,30 @@ def _image_source(data: DataConfig) -> Callable[[Entry], Path | Location]:
 
 def _checked_images(data: DataConfig, source: Source, split: str, progress: bool
                     ) -> Iterator[tuple[Entry, CheckedImage | PrepError]]:
-    """Each entry of `split`, in order, with its checked image or the error that refused it."""
-    entries = source.entries(split)
-    bar = tqdm(entries, desc=f"{data.dataset} {split}", unit="img", disable=not progress)
+    """Each entry of `split`, in order, with its checked image or the error that refused it; on
+    Ray, a window of WINDOW_IMAGES at a time, so that what is in flight does not grow with the
+    split."""
+    entries = tqdm(source.entries(split), desc=f"{data.dataset} {split}", unit="img", disable=not progress)
     where = _image_source(data)
     if not data.prep_workers:
-        for entry in bar:
+        for entry in entries:
             try:
                 yield entry, check_image(source.load(split, entry), where(entry), data.min_box_size,
                                          data.max_image_pixels)
             except PrepError as error:
                 yield entry, error
         return
+    window = []
+    for entry in entries:
+        window.append(entry)
+        if len(window) == WINDOW_IMAGES:
+            yield from _checked_on_ray(data, source, split, window, where)
+            window = []
+    yield from _checked_on_ray(data, source, split, window, where)
+
+
+def _checked_on_ray(data: DataConfig, source: Source, split: str, entries: list[Entry],
+                    where: Callable[[Entry], Path | Location]) -> Iterator[tuple[Entry, CheckedImage | PrepError]]:
     from pipeline.data import prep_on_ray  # Ray Data only for a prep that runs on it
 
     # Annotations are parsed here (data-prep hashed their files already); the images go to Ray.
@@ -289,28 +306,27 @@ def _checked_images(data: DataConfig, source: Source, split: str, progress: bool
             loaded.append(None)
         except PrepError as error:
             loaded.append(error)
+    if not jobs:
+        yield from zip(entries, loaded)
+        return
     checked = prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, data.prep_workers,
                                        progress=False)
-    for entry, refused in zip(bar, loaded):
+    for entry, refused in zip(entries, loaded):
         yield entry, refused if refused is not None else next(checked)
 
 
-def _write_planned_shards(writers: list["_SplitWriter"], staging: Path, directory: Location, workers: int,
-                          progress: bool) -> None:
-    """The shards the writers planned, written by Ray's tasks: in place in an object store, or
-    handed back and written into `staging`; their sha256 completes the writers' shard lists."""
+def _write_planned_shards(plans: list[tuple[dict, list[CheckedImage]]], staging: Path, directory: Location,
+                          workers: int) -> None:
+    """Planned shards, written by Ray's tasks: in place in an object store, or handed back and
+    written into `staging`; their sha256 completes their manifest entries."""
     from pipeline.data import prep_on_ray
 
-    planned = [(summary, images) for writer in writers for summary, images in writer.plans]
-    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in planned], directory,
+    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in plans], directory,
                                        workers, progress=False)
-    bar = tqdm(total=len(planned), desc="shards", unit="shard", disable=not progress)
-    for (summary, _), (written_summary, data) in zip(planned, written):
+    for (summary, _), (written_summary, data) in zip(plans, written):
         if not directory.remote:
             (staging / summary["file"]).write_bytes(data)
         summary.update(written_summary)
-        bar.update()
-    bar.close()
 
 
 class _SplitWriter:
@@ -359,6 +375,11 @@ class _SplitWriter:
                                 "sha256": file_sha256(self.staging / relative)})
         self.pending = []
 
+    def take_plans(self) -> list[tuple[dict, list[CheckedImage]]]:
+        """The shards planned since the last call, handed over to be written."""
+        plans, self.plans = self.plans, []
+        return plans
+
     def close(self) -> None:
         """The last shard, however few its images."""
         if self.pending:
@@ -367,12 +388,15 @@ class _SplitWriter:
     def _box_stats(self) -> dict[str, dict]:
         """Per class, the 5/50/95 % quantiles of its boxes' width, height, sqrt(area) and aspect
         (height / width) in image pixels: what anchors must reach (crowd boxes left out)."""
+        sizes: dict[int, list] = {}  # one pass over the boxes: COCO has 860k of them and 80 classes
+        for annotation in self.annotations:
+            if not annotation["iscrowd"]:
+                sizes.setdefault(annotation["category_id"], []).append(annotation["bbox"][2:])
         stats = {}
         for id_, name in zip(self.category_ids, self.classes):
-            boxes = np.array([a["bbox"][2:] for a in self.annotations if a["category_id"] == id_ and not a["iscrowd"]],
-                             dtype=np.float64).reshape(-1, 2)
-            if not len(boxes):
+            if id_ not in sizes:
                 continue
+            boxes = np.array(sizes[id_], dtype=np.float64).reshape(-1, 2)
             width, height = boxes[:, 0], boxes[:, 1]
             measures = {"width": width, "height": height, "sqrt_area": np.sqrt(width * height),
                         "aspect": height / np.maximum(width, 1e-6)}
