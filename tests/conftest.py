@@ -1,6 +1,17 @@
 import os
 from pathlib import Path
 
+import pytest
+
+from tests.object_store import TEST_BUCKET, running_s3
+
 # Where tests find the shipped datasets: $APLOSS_DATA_ROOT (CI sets it), else ../shared/datasets
 # beside the project.
 DATA_ROOT = Path(os.environ.get("APLOSS_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3-compatible server on loopback, for a test module, with the bucket TEST_BUCKET."""
+    with running_s3(TEST_BUCKET) as server:
+        yield server

@@ -1,14 +1,34 @@
-"""Runs in each spawned process of tests/test_distributed.py."""
+"""Runs in each spawned process of tests/test_distributed.py; and `spawn_group`, which starts
+such processes for the tests."""
 import os
+import time
+from collections.abc import Callable
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aploss.distributed import ProcessGroupBatch, global_alrp_loss, global_ap_loss, global_rs_loss
 
+SPAWN_TIMEOUT_S = 120
+
 DELTAS = (0.0, 0.5, 1.0)
+
+
+def spawn_group(function: Callable, world_size: int, args: tuple) -> None:
+    """`function(rank, *args)` in `world_size` spawned processes, killed and failed past
+    SPAWN_TIMEOUT_S; a process's exception is raised here."""
+    context = mp.start_processes(function, args=args, nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    # join() returns as soon as any one process ends.
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} processes did not finish within {SPAWN_TIMEOUT_S} s")
 # aLRP and Rank & Sort, with the per-positive value (localisation error, target) each ranks with.
 FAMILY = {"alrp": global_alrp_loss, "rs": global_rs_loss}
 

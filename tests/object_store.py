@@ -1,13 +1,16 @@
 """An S3-compatible server on loopback (moto's server mode) for the tests of object storage."""
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
 from tests.mlflow_server import free_port, wait_for
 
+TEST_BUCKET = "aploss-test"
 # Credentials the server accepts (moto takes any); the variables are the standard AWS ones.
 S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "aploss-test", "AWS_SECRET_ACCESS_KEY": "aploss-test-secret",
                 "AWS_REGION": "us-east-1"}
@@ -41,3 +44,28 @@ class S3Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
+
+
+@contextlib.contextmanager
+def running_s3(bucket: str) -> Iterator[S3Server]:
+    """A server with `bucket` in it, stopped after."""
+    server = S3Server()
+    server.start()
+    try:
+        server.create_bucket(bucket)
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """This process's environment with `variables` set, restored after: the processes Ray starts
+    (raylets, workers) take the environment of the process that starts them."""
+    saved = dict(os.environ)
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

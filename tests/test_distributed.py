@@ -1,10 +1,8 @@
 """The global-batch ranking losses in 2 and 3 gloo processes equal one process on the whole batch."""
 import math
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from aploss import alrp_loss, ap_loss, rs_loss
 from tests.distributed_worker import (
@@ -15,21 +13,12 @@ from tests.distributed_worker import (
     global_batch,
     positive_values,
     run,
+    spawn_group,
 )
-
-SPAWN_TIMEOUT_S = 120
 
 
 def spawn(world_size: int, sizes: list[int], tmp_path) -> list[dict]:
-    context = mp.start_processes(run, args=(world_size, sizes, str(tmp_path / "init"), str(tmp_path)),
-                                 nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    # join() returns as soon as any one process ends; a worker's exception is raised here.
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} processes did not finish within {SPAWN_TIMEOUT_S} s")
+    spawn_group(run, world_size, (world_size, sizes, str(tmp_path / "init"), str(tmp_path)))
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
 
 

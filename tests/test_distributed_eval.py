@@ -9,14 +9,12 @@ GroupNorm sees, depends on its company: slices that broke the single-process bat
 import contextlib
 import dataclasses
 import json
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchvision.io import read_image, write_png
 
 from pipeline.config import Config, load_config
@@ -25,10 +23,10 @@ from pipeline.data.prep import prepare
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.evaluate import evaluation_slices, validation_ap
 from pipeline.model import load_model
+from tests.distributed_worker import spawn_group
 from tests.synthetic import write_synthetic_coco
 
 CPU = torch.device("cpu")
-SPAWN_TIMEOUT_S = 120
 
 
 def test_slices_are_whole_single_process_batches_in_order():
@@ -180,14 +178,7 @@ def _validate_in_group(rank: int, world_size: int, config: Config, model_path, i
 def test_validation_gathered_from_a_process_group_equals_one_process(trained, one_thread, tmp_path, world_size):
     config, model_path = trained
     config = _with(config.for_run(f"group-{world_size}"), eval={"batch_size": 3})
-    context = mp.start_processes(_validate_in_group, nprocs=world_size, join=False, start_method="spawn",
-                                 args=(world_size, config, model_path, str(tmp_path / "init"), str(tmp_path)))
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} processes did not finish within {SPAWN_TIMEOUT_S} s")
+    spawn_group(_validate_in_group, world_size, (world_size, config, model_path, str(tmp_path / "init"), str(tmp_path)))
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     with _scored() as scored:
         expected_ap = validation_ap(load_model(model_path, CPU)[0], config, CPU)

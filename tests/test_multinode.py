@@ -7,7 +7,6 @@ with the uninterrupted run's weights.
 The raylets share this machine's disk, so the raw dataset is deleted here once uploaded and the
 run writes nothing here: whatever the workers read, they read from the store."""
 import json
-import os
 import threading
 import time
 
@@ -24,37 +23,26 @@ from pipeline.storage import Location
 from pipeline.training.journal import METRICS_FILE, read_journal
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
-from tests.object_store import S3Server
+from tests.object_store import TEST_BUCKET as BUCKET
+from tests.object_store import environment
 from tests.synthetic import write_synthetic_coco
 
-BUCKET = "aploss-multinode"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    server.start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(s3):
+def cluster(s3_server):
     """A head that runs no work (the driver's node) and two worker nodes of 2 CPUs: either can
-    take both training workers once the other is gone."""
-    saved = dict(os.environ)
-    os.environ.update(s3.environment())  # every raylet, and so every worker, reaches the store
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # else Ray Data polls a Prometheus that is not there
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(ray_workers)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+    take both training workers once the other is gone. Every raylet, and so every worker,
+    reaches the store; Ray Data's usage poller, which queries a Prometheus that is not there,
+    stays off."""
+    with environment({**s3_server.environment(), "RAY_USAGE_STATS_ENABLED": "0"}):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        ray.cloudpickle.register_pickle_by_value(ray_workers)
+        yield cluster, workers
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def overrides(raw: str, output: str, name: str) -> list[str]:
@@ -97,13 +85,13 @@ def remove_when(cluster: Cluster, node, journal: Location, step: int, removed: l
     return thread
 
 
-def test_a_run_across_nodes_survives_losing_one(cluster, s3, tmp_path, monkeypatch):
+def test_a_run_across_nodes_survives_losing_one(cluster, s3_server, tmp_path, monkeypatch):
     ray_cluster, (first_node, second_node) = cluster
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "driver-cache"))
     write_synthetic_coco(tmp_path / "raw", {"train": 8, "val": 3})
     raw = f"{BUCKET}/{tmp_path.name}/raw"
-    pafs.copy_files(str(tmp_path / "raw"), raw, destination_filesystem=s3.filesystem())
+    pafs.copy_files(str(tmp_path / "raw"), raw, destination_filesystem=s3_server.filesystem())
     for path in sorted((tmp_path / "raw").rglob("*"), reverse=True):  # no node can read it here
         path.unlink() if path.is_file() else path.rmdir()
     (tmp_path / "raw").rmdir()

@@ -24,19 +24,9 @@ from pipeline.training.journal import METRICS_FILE, read_journal
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
 from tests.mlflow_server import Server
-from tests.object_store import S3Server
+from tests.object_store import TEST_BUCKET as BUCKET
 from tests.synthetic import write_synthetic_coco
 
-BUCKET = "aploss-test"
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    server = S3Server()
-    server.start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

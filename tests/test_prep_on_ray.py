@@ -18,10 +18,10 @@ from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
 from pipeline.storage import Location
 from tests.conftest import DATA_ROOT
-from tests.object_store import S3Server
+from tests.object_store import TEST_BUCKET as BUCKET
+from tests.object_store import environment
 from tests.test_prep import make_voc
 
-BUCKET = "aploss-prep-on-ray"
 _spec = importlib.util.spec_from_file_location("synthetic_coco", Path(__file__).parents[1] / "benchmarks" /
                                                "synthetic_coco.py")
 synthetic_coco = importlib.util.module_from_spec(_spec)
@@ -29,25 +29,12 @@ _spec.loader.exec_module(synthetic_coco)
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    server.start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(s3):
-    """A local Ray instance whose workers reach the S3 server (they take the AWS_* variables of
-    the process that starts Ray)."""
-    saved = dict(os.environ)
-    os.environ.update(s3.environment())
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+def cluster(s3_server):
+    """A local Ray instance whose workers reach the S3 server."""
+    with environment(s3_server.environment()):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 def placed(config: Config, output_dir: str | Path, prep_workers: int = 0) -> Config:
@@ -121,11 +108,11 @@ def test_voc_with_clipped_dropped_and_skipped_on_ray_is_the_single_process_prep(
     assert train["dropped"] and train["clipped"] and train["skipped"][0]["image"] == "a.jpg"
 
 
-def test_a_data_root_in_s3_is_read_there_by_the_tasks(cluster, s3, tmp_path, monkeypatch):
+def test_a_data_root_in_s3_is_read_there_by_the_tasks(cluster, s3_server, tmp_path, monkeypatch):
     """The raw images stay in the store: data-prep's machine copies the annotations only, and the
     result (input hash included) is the one a single process makes from its full copy."""
     synthetic_coco.write_synthetic_coco_scale(tmp_path / "raw", {"train": 20, "val": 6}, seed=1)
-    pafs.copy_files(str(tmp_path / "raw"), f"{BUCKET}/{tmp_path.name}/raw", destination_filesystem=s3.filesystem())
+    pafs.copy_files(str(tmp_path / "raw"), f"{BUCKET}/{tmp_path.name}/raw", destination_filesystem=s3_server.filesystem())
     config = coco_config(Path(), shard_images=8)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=f"s3://{BUCKET}/{tmp_path.name}/raw"))
 
