@@ -14,6 +14,7 @@ import ray
 
 from pipeline.config import Config, config_from_dict
 from pipeline.data import prep as prep_module
+from pipeline.data import prep_on_ray
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
 from pipeline.storage import Location
@@ -147,3 +148,22 @@ def test_aploss_prep_on_ray_from_the_command_line(tmp_path):
     assert "started a local Ray instance" in done.stdout and "prepared coco (written)" in done.stdout
     there = Location(tmp_path / "on-ray" / "data" / here.directory.name)
     assert files(there) == files(here.directory)
+
+
+def test_an_image_changed_between_the_passes_is_refused_in_one_line(cluster, tmp_path, monkeypatch):
+    """The write pass reads each image again: bytes other than those checked stop data-prep with
+    the file named, and nothing is left behind."""
+    layout = synthetic_coco.write_synthetic_coco_scale(tmp_path / "coco", {"train": 12, "val": 4}, seed=4)
+    changed = sorted(layout["train"][1].iterdir())[5]
+    real_check = prep_on_ray.check_images
+
+    def check_then_change(*args, **kwargs):
+        checked = list(real_check(*args, **kwargs))
+        changed.write_bytes(changed.read_bytes() + b"appended")
+        yield from checked
+
+    monkeypatch.setattr(prep_on_ray, "check_images", check_then_change)
+    with pytest.raises(PrepError, match="changed while data-prep ran") as error:
+        prepare(on_ray(coco_config(tmp_path / "coco"), tmp_path / "runs"), progress=False)
+    assert str(changed) in str(error.value) and len(str(error.value).splitlines()) == 1
+    assert not [path for path in (tmp_path / "runs" / "data").iterdir()]  # no staging, no half-written data

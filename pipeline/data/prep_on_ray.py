@@ -39,10 +39,12 @@ def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, max_p
     if not ray.is_initialized():
         raise RuntimeError("data.prep_workers > 0 needs Ray initialised (pipeline.orchestration.run.start_ray)")
     items = [{"job": json.dumps(_image_job(image, where))} for image, where in jobs]
+    blocks = _blocks(len(items), workers)
     with _ordered(progress):
-        checked = ray.data.from_items(items, override_num_blocks=_blocks(len(items), workers)).map_batches(
+        # No more tasks at a time than blocks, or Ray Data warns that it cannot run them.
+        checked = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             _check_batch, fn_kwargs={"min_box_size": min_box_size, "max_pixels": max_pixels},
-            batch_size=CHECK_BATCH, concurrency=workers, num_cpus=1)
+            batch_size=CHECK_BATCH, concurrency=min(workers, blocks), num_cpus=1)
         for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
             for result in batch["result"]:
                 yield _result_from_json(json.loads(result))
@@ -56,11 +58,15 @@ def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Locat
              for relative, images in plans]
     target = str(destination) if destination.remote else ""
     with _ordered(progress):
-        written = ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(
-            _write_batch, fn_kwargs={"destination": target}, batch_size=1, concurrency=workers, num_cpus=1)
+        written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _write_batch, fn_kwargs={"destination": target}, batch_size=1, concurrency=min(workers, len(items)),
+            num_cpus=1)
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
             for summary, data in zip(batch["summary"], batch["data"]):
-                yield json.loads(summary), bytes(data)
+                summary = json.loads(summary)
+                if "problem" in summary:
+                    raise PrepError(summary["image"], summary["problem"])
+                yield summary, bytes(data)
 
 
 def _blocks(items: int, workers: int) -> int:
@@ -135,11 +141,17 @@ def _check_batch(batch: dict[str, np.ndarray], min_box_size: float, max_pixels: 
 
 
 def _write_batch(batch: dict[str, np.ndarray], destination: str) -> dict[str, list]:
-    """A Ray Data task: each planned shard written from its images, read again."""
+    """A Ray Data task: each planned shard written from its images, read again, or why not (an
+    error raised here would reach data-prep wrapped in Ray's, not as the one line it is)."""
     summaries, contents = [], []
     for plan in batch["plan"]:
         plan = json.loads(plan)
-        records = [_reread(saved) for saved in plan["images"]]
+        try:
+            records = [_reread(saved) for saved in plan["images"]]
+        except PrepError as error:
+            summaries.append(json.dumps({"file": plan["file"], "image": error.file, "problem": error.problem}))
+            contents.append(b"")
+            continue
         with tempfile.TemporaryDirectory(prefix="aploss-shard-") as scratch:
             path = Path(scratch) / "shard.parquet"
             write_shard(path, records)

@@ -167,8 +167,10 @@ HELP = {
              "Reads a named dataset (bccd, voc2007, voc2012, voc0712, coco2017; fetched into the data root when "
              "missing) or a COCO json of your own, and writes per split Parquet shards, a COCO ground-truth json and "
              "a manifest under run.output_dir/data/<dataset>-<input hash>. Rerunning with the same inputs reuses "
-             "them. Prints the share of each class's boxes that the anchors reach.",
-             ["aploss prep", "aploss prep data.dataset=voc2007 data.root=/data/voc"]),
+             "them. Prints the share of each class's boxes that the anchors reach. data.prep_workers=N checks the "
+             "images in N Ray Data tasks across the cluster (ray.address), the same output.",
+             ["aploss prep", "aploss prep data.dataset=voc2007 data.root=/data/voc",
+              "aploss prep data.dataset=coco2017 data.root=s3://team/datasets data.prep_workers=32 ray.address=auto"]),
     "train": ("train in this process (CPU or one GPU)",
               "Trains on the prepared data (prepared first if needed) in this process, checkpointing under "
               "run.output_dir/run.name; the best weights by validation AP become its model.pt. Rerunning resumes "
@@ -177,8 +179,10 @@ HELP = {
                "aploss train loss.classification=rs loss.delta.start=0.5 run.name=rank-sort"]),
     "eval": ("COCO evaluation of a run's model",
              "Evaluates run.name's model.pt on eval.split (the test split by default): COCO metrics per class, PR "
-             "curves, drawn samples and a detections json under the run's eval/ folder.",
-             ["aploss eval run.name=quick", "aploss eval run.name=quick eval.split=val"]),
+             "curves, drawn samples and a detections json under the run's eval/ folder. eval.workers=N detects in N "
+             "Ray workers, the same metrics.",
+             ["aploss eval run.name=quick", "aploss eval run.name=quick eval.split=val",
+              "aploss eval run.name=quick eval.workers=4 ray.use_gpu=true ray.address=auto"]),
     "pipeline run": ("the main job: prep -> Ray Train DDP -> evaluate, tracked in MLflow",
                      "Runs data-prep, distributed training on Ray Train (ray.workers processes, one AP-loss ranking "
                      "over the global batch) and evaluation, each as a child run of one MLflow run named run.name, "
