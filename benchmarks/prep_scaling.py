@@ -9,9 +9,10 @@ started once, before any timing. Where the time goes: data-prep's process waitin
 on each Ray pass (checking the images, then writing the shards), and its own work (listing,
 hashing and parsing the annotations, handing out the images and taking in their records, the
 ground truth and manifest); and the check pass alone, on Ray Data and as plain Ray tasks over
-the same batches, 1 and 2 at a time, which tells Ray Data's own cost from the machine's. Memory: the peak PSS of one process's prep, and with 2 workers of
-data-prep's process and of the Ray workers summed (sampled every 50 ms; PSS counts the pages they
-share once), at each of --sizes. Prints markdown tables and writes benchmarks/results/prep_scaling.json.
+the same batches, 1 and 2 at a time, which tells Ray Data's own cost from the machine's.
+Memory: the peak PSS of one process's prep, and with 2 workers of data-prep's process and of the
+Ray workers summed (sampled every 50 ms; PSS counts the pages they share once), at each of
+--sizes. Prints markdown tables and writes benchmarks/results/prep_scaling.json.
 
     .venv/bin/python benchmarks/prep_scaling.py                                  # benchmarks/README.md
     .venv/bin/python benchmarks/prep_scaling.py --images 500 --sizes 500 1000 --repeats 1   # a quick look
@@ -152,7 +153,7 @@ def check_pass_seconds(root: Path, workers: int, plain: bool) -> float:
     jobs = [(source.load("train", entry), str(entry.image_path)) for entry in source.entries("train")]
     started = time.perf_counter()
     if not plain:
-        for _ in prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, workers, progress=False):
+        for _ in prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, workers):
             pass
         return time.perf_counter() - started
     check = ray.remote(num_cpus=1)(prep_on_ray._check_batch)

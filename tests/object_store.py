@@ -56,16 +56,3 @@ def running_s3(bucket: str) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
-
-
-@contextlib.contextmanager
-def environment(variables: dict[str, str]) -> Iterator[None]:
-    """This process's environment with `variables` set, restored after: the processes Ray starts
-    (raylets, workers) take the environment of the process that starts them."""
-    saved = dict(os.environ)
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)

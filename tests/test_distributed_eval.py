@@ -24,6 +24,7 @@ from pipeline.evaluation import evaluate
 from pipeline.evaluation.evaluate import evaluation_slices, validation_ap
 from pipeline.model import load_model
 from tests.distributed_worker import spawn_group
+from tests.process_environment import environment
 from tests.synthetic import write_synthetic_coco
 
 CPU = torch.device("cpu")
@@ -110,10 +111,13 @@ def trained(data_root):
 def ray_cluster():
     import ray
 
-    # "local": an instance of its own, even beside a cluster that runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    # "local": an instance of its own, even beside a cluster that runs on this machine. A local
+    # ray.init() sets RAY_AUTH_MODE=token in this process for good: restored after, or later
+    # tests' job clients would leave their token to the one Ray cached here.
+    with environment({}):
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture

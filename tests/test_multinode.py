@@ -24,7 +24,7 @@ from pipeline.training.journal import METRICS_FILE, read_journal
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
 from tests.object_store import TEST_BUCKET as BUCKET
-from tests.object_store import environment
+from tests.process_environment import environment
 from tests.synthetic import write_synthetic_coco
 
 

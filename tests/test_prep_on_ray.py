@@ -20,7 +20,7 @@ from pipeline.data.sources import PrepError
 from pipeline.storage import Location
 from tests.conftest import DATA_ROOT
 from tests.object_store import TEST_BUCKET as BUCKET
-from tests.object_store import environment
+from tests.process_environment import environment
 from tests.test_prep import make_voc
 
 _spec = importlib.util.spec_from_file_location("synthetic_coco", Path(__file__).parents[1] / "benchmarks" /
@@ -113,9 +113,10 @@ def test_a_data_root_in_s3_is_read_there_by_the_tasks(cluster, s3_server, tmp_pa
     """The raw images stay in the store: data-prep's machine copies the annotations only, and the
     result (input hash included) is the one a single process makes from its full copy."""
     synthetic_coco.write_synthetic_coco_scale(tmp_path / "raw", {"train": 20, "val": 6}, seed=1)
-    pafs.copy_files(str(tmp_path / "raw"), f"{BUCKET}/{tmp_path.name}/raw", destination_filesystem=s3_server.filesystem())
+    raw = f"{BUCKET}/{tmp_path.name}/raw"
+    pafs.copy_files(str(tmp_path / "raw"), raw, destination_filesystem=s3_server.filesystem())
     config = coco_config(Path(), shard_images=8)
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=f"s3://{BUCKET}/{tmp_path.name}/raw"))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=f"s3://{raw}"))
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-1"))
     here = prepare(placed(config, tmp_path / "here"), progress=False)

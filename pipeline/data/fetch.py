@@ -69,7 +69,8 @@ def _inputs(data: DataConfig, splits: Sequence[str], images: bool = True) -> lis
     without `images`, only what lists and annotates them."""
     if data.dataset in VOC_LAYOUTS:
         folders = sorted({folder for split in splits for folder in VOC_LAYOUTS[data.dataset].splits[split]})
-        return folders if images else [f"{folder}/{part}" for folder in folders for part in ("ImageSets", "Annotations")]
+        annotated = [f"{folder}/{part}" for folder in folders for part in ("ImageSets", "Annotations")]
+        return folders if images else annotated
     if data.dataset == "coco2017":
         pairs = [coco2017_paths(Path(), split) for split in splits]
     else:

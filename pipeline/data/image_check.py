@@ -38,8 +38,8 @@ def read_image(where: Path | Location, max_pixels: int) -> tuple[bytes, int, int
     width, height, frames = _declared_size(encoded, where)
     if width * height * frames > max_pixels:
         in_frames = f" in {frames} frames" if frames > 1 else ""
-        raise PrepError(where, f"declares {width}x{height} pixels{in_frames}, above data.max_image_pixels={max_pixels}; "
-                               "raise it to admit this image")
+        raise PrepError(where, f"declares {width}x{height} pixels{in_frames}, above "
+                               f"data.max_image_pixels={max_pixels}; raise it to admit this image")
     try:
         pixels = decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
     except (RuntimeError, ValueError) as error:

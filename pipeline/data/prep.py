@@ -309,8 +309,7 @@ def _checked_on_ray(data: DataConfig, source: Source, split: str, entries: list[
     if not jobs:
         yield from zip(entries, loaded)
         return
-    checked = prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, data.prep_workers,
-                                       progress=False)
+    checked = prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, data.prep_workers)
     for entry, refused in zip(entries, loaded):
         yield entry, refused if refused is not None else next(checked)
 
@@ -321,8 +320,7 @@ def _write_planned_shards(plans: list[tuple[dict, list[CheckedImage]]], staging:
     written into `staging`; their sha256 completes their manifest entries."""
     from pipeline.data import prep_on_ray
 
-    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in plans], directory,
-                                       workers, progress=False)
+    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in plans], directory, workers)
     for (summary, _), (written_summary, data) in zip(plans, written):
         if not directory.remote:
             (staging / summary["file"]).write_bytes(data)

@@ -9,7 +9,7 @@ Two streaming passes, so that the shards come out exactly as one process writes 
      they were checked, and writes the shard: straight into an object store, or back to
      data-prep's process for a local directory, whose disk the other nodes may not share.
 Annotations are read and parsed by data-prep's process (they are small, and it hashes them);
-the images never pass through its disk.
+the raw images never pass through its disk.
 """
 import hashlib
 import json
@@ -32,15 +32,15 @@ from pipeline.storage import Location
 CHECK_BATCH = 16
 
 
-def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, max_pixels: int, workers: int,
-                 progress: bool) -> Iterator[CheckedImage | PrepError]:
+def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, max_pixels: int, workers: int
+                 ) -> Iterator[CheckedImage | PrepError]:
     """Each (annotated image, where its file is) checked, or the PrepError that refused it, in
     order, `workers` tasks at a time."""
     if not ray.is_initialized():
         raise RuntimeError("data.prep_workers > 0 needs Ray initialised (pipeline.orchestration.run.start_ray)")
     items = [{"job": json.dumps(_image_job(image, where))} for image, where in jobs]
     blocks = _blocks(len(items), workers)
-    with _ordered(progress):
+    with _ordered():
         # No more tasks at a time than blocks, or Ray Data warns that it cannot run them.
         checked = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             _check_batch, fn_kwargs={"min_box_size": min_box_size, "max_pixels": max_pixels},
@@ -50,14 +50,14 @@ def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, max_p
                 yield _result_from_json(json.loads(result))
 
 
-def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Location, workers: int,
-                 progress: bool) -> Iterator[tuple[dict, bytes]]:
+def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Location, workers: int
+                 ) -> Iterator[tuple[dict, bytes]]:
     """Each (relative path, its images) written as a shard under `destination`, in order: its
     manifest entry, and its bytes when `destination` is local (data-prep's process writes them)."""
     items = [{"plan": json.dumps({"file": relative, "images": [_checked_json(image) for image in images]})}
              for relative, images in plans]
     target = str(destination) if destination.remote else ""
-    with _ordered(progress):
+    with _ordered():
         written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _write_batch, fn_kwargs={"destination": target}, batch_size=1, concurrency=min(workers, len(items)),
             num_cpus=1)
@@ -75,15 +75,15 @@ def _blocks(items: int, workers: int) -> int:
 
 
 @contextmanager
-def _ordered(progress: bool) -> Iterator[None]:
-    """Ray Data keeps the items' order (the shards' rows depend on it), with its progress bars
-    only when data-prep shows its own. Its reservation of resources per operator, which keeps the
+def _ordered() -> Iterator[None]:
+    """Ray Data keeps the items' order (the shards' rows depend on it), without progress bars of
+    its own (data-prep shows one per split). Its reservation of resources per operator, which keeps the
     stages of a longer pipeline from starving each other, is off: a pass is one map, and with
     it on, 2 workers ran one task at a time on a 4-CPU instance (benchmarks/prep_scaling.py)."""
     context = DataContext.get_current()
     options = context.execution_options
     saved = options.preserve_order, context.enable_progress_bars, context.op_resource_reservation_enabled
-    options.preserve_order, context.enable_progress_bars, context.op_resource_reservation_enabled = True, progress, False
+    options.preserve_order, context.enable_progress_bars, context.op_resource_reservation_enabled = True, False, False
     try:
         yield
     finally:
