@@ -35,7 +35,10 @@ def cluster(s3_server):
     take both training workers once the other is gone. Every raylet, and so every worker,
     reaches the store; Ray Data's usage poller, which queries a Prometheus that is not there,
     stays off."""
-    with environment({**s3_server.environment(), "RAY_USAGE_STATS_ENABLED": "0"}):
+    # Token auth named, not left to Ray's default: a local ray.init() earlier in this process left
+    # its mode cached here, and raylets started without the variable then could not reach this
+    # driver's objects (OwnerDiedError).
+    with environment({**s3_server.environment(), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
         ray.init(address=cluster.address, log_to_driver=False)
