@@ -1,4 +1,4 @@
-"""The evaluate stage: detections on a prepared split, COCO metrics with pycocotools (and Pascal
+"""The evaluate stage: detections on a prepared split, COCO metrics (faster-coco-eval, `coco_metrics`) (and Pascal
 VOC AP when asked), precision-recall curves, sample images with their detections, and the
 detections json."""
 import math
