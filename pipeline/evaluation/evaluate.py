@@ -1,6 +1,6 @@
-"""The evaluate stage: detections on a prepared split, COCO metrics (faster-coco-eval, `coco_metrics`) (and Pascal
-VOC AP when asked), precision-recall curves, sample images with their detections, and the
-detections json."""
+"""The evaluate stage: detections on a prepared split, COCO metrics (`coco_metrics`, on
+faster-coco-eval) and Pascal VOC AP when asked, precision-recall curves, sample images with their
+detections, and the detections json."""
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
