@@ -17,7 +17,7 @@ from aploss.detector import OneStageDetector
 from pipeline.config import Config
 from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, collate
-from pipeline.data.shards import ShardReader
+from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.evaluation.coco_metrics import (
     CocoResult,
     category_ids,
@@ -108,7 +108,9 @@ def validation_ap(model: OneStageDetector, config: Config, device: torch.device)
     dataset = DetectionDataset(ShardReader(split))
     rank, world_size = _process_group()
     batches = evaluation_slices(len(dataset), config.eval.batch_size, world_size)[rank]
-    detections = detect_batches(model, dataset, batches, device, category_ids(ground_truth))
+    # The manifest's ids, not the ground truth's: every rank needs them, only rank 0 the whole json.
+    categories = read_manifest(config.data.prepared)["category_ids"]
+    detections = detect_batches(model, dataset, batches, device, categories)
     if world_size > 1:
         gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(pack_detections(detections), gathered, dst=0)
