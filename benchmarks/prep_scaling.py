@@ -38,6 +38,7 @@ from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data import prep_on_ray  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.sources import open_source  # noqa: E402
+from pipeline.images import ImageLimits  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,14 +154,14 @@ def check_pass_seconds(root: Path, workers: int, plain: bool) -> float:
     jobs = [(source.load("train", entry), str(entry.image_path)) for entry in source.entries("train")]
     started = time.perf_counter()
     if not plain:
-        for _ in prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, workers):
+        for _ in prep_on_ray.check_images(jobs, data.min_box_size, ImageLimits.of(data), workers):
             pass
         return time.perf_counter() - started
     check = ray.remote(num_cpus=1)(prep_on_ray._check_batch)
     rows = [json.dumps(prep_on_ray._image_job(image, where)) for image, where in jobs]
     in_flight = collections.deque()
     for start in range(0, len(rows), 128):  # data-prep's block of images
-        in_flight.append(check.remote({"job": rows[start:start + 128]}, data.min_box_size, data.max_image_pixels))
+        in_flight.append(check.remote({"job": rows[start:start + 128]}, data.min_box_size, ImageLimits.of(data)))
         if len(in_flight) == workers:
             ray.get(in_flight.popleft())
     ray.get(list(in_flight))

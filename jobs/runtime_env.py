@@ -5,11 +5,14 @@
 import argparse
 import json
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.config import config_record, config_to_dict, load_config
+from pipeline.errors import ConfigError
 from pipeline.redaction import redact
 from pipeline.storage import absolute
 
@@ -34,11 +37,44 @@ class CredentialsInJob(ValueError):
     """A value a job would carry holds credentials, which Ray would keep in the job's record."""
 
 
+_INSTEAD = ("give them to the cluster's nodes as environment variables instead (MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD, the AWS variables)")
+# Variables whose value is a credential, set in an entrypoint (`env NAME=... python ...`).
+_SECRET_VARIABLE = re.compile(r"(?i)^[A-Z_][A-Z0-9_]*(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|API_KEY|ACCESS_KEY)"
+                              r"[A-Z0-9_]*=")
+
+
 def check_no_credentials(text: str, where: str) -> None:
     if redact(text) != text:
         raise CredentialsInJob(f"{where} carries credentials in a URI ({redact(text)}), and Ray keeps it in the "
-                               "job's record: give them to the cluster's nodes as environment variables instead "
-                               "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, the AWS variables)")
+                               f"job's record: {_INSTEAD}")
+
+
+def check_entrypoint(entrypoint: Sequence[str]) -> None:
+    """CredentialsInJob if an argument of `entrypoint` carries credentials: a URI with them, a
+    secret variable set for the command, or a --config file holding such a URI (it travels in
+    the job's working_dir)."""
+    for index, argument in enumerate(entrypoint):
+        check_no_credentials(argument, "the entrypoint")
+        if _SECRET_VARIABLE.match(argument):
+            raise CredentialsInJob(f"the entrypoint sets {argument.partition('=')[0]}, and Ray keeps the entrypoint "
+                                   f"in the job's record: {_INSTEAD}")
+        config = (argument.partition("=")[2] if argument.startswith("--config=")
+                  else entrypoint[index + 1] if argument == "--config" and index + 1 < len(entrypoint) else None)
+        if config and Path(config).is_file():
+            _check_config_file(Path(config))
+
+
+def _check_config_file(path: Path) -> None:
+    """The config file, with what it extends, as the job will read it; one the job would refuse
+    anyway is left to the job to report."""
+    try:
+        config = load_config(path)
+    except ConfigError:
+        return
+    if config_record(config) != config_to_dict(config):
+        raise CredentialsInJob(f"--config {path} carries credentials in a URI, and it travels in the job's "
+                               f"working_dir: {_INSTEAD}")
 
 
 def runtime_env(pip: bool = False) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from jobs.runtime_env import CredentialsInJob, check_no_credentials, runtime_env
+from jobs.runtime_env import CredentialsInJob, check_entrypoint, runtime_env
 
 
 def auth_headers() -> dict[str, str]:
@@ -45,7 +45,7 @@ async def _print_logs(client: JobSubmissionClient, job_id: str) -> None:
 
 def submit(entrypoint: list[str], address: str, pip: bool = False, submission_id: str | None = None) -> int:
     """Run `entrypoint` as a job with the project's runtime env; 0 if it SUCCEEDED, else 1."""
-    check_no_credentials(shlex.join(entrypoint), "the entrypoint")
+    check_entrypoint(entrypoint)
     client = JobSubmissionClient(address, headers=auth_headers())
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env(pip),
                                submission_id=submission_id)

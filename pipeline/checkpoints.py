@@ -3,15 +3,24 @@ validation AP."""
 import io
 import json
 import pickle
+import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from pipeline.errors import DataError, one_line
+from pipeline.errors import DataError
 from pipeline.io import write_bytes_atomic, write_json_atomic
-from pipeline.storage import Location
+from pipeline.storage import InputRefused, Location
+
+# A checkpoint of the largest detector here with its optimizer state is under 1 GB, and the
+# pickle in it (names, config, classes: the tensors' bytes are records of their own) some 40 KB;
+# unpickling, even weights-only, costs about a microsecond per value, so the pickle is bounded.
+MAX_CHECKPOINT_BYTES = 4 << 30
+MAX_PICKLE_BYTES = 4 << 20
+READ_TIMEOUT_S = 900
 
 
 def save_atomic(state: dict[str, Any], path: Path | Location) -> None:
@@ -24,23 +33,46 @@ def save_atomic(state: dict[str, Any], path: Path | Location) -> None:
 def load(path: Path | Location, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint's tensors and plain data. Nothing in the file runs: unpickling is limited to
     tensors, numbers, strings and containers (weights_only), so a file crafted to run code on
-    load, as any pickle can, is refused."""
+    load, as any pickle can, is refused; and the file is read only if it is a regular file of at
+    most MAX_CHECKPOINT_BYTES."""
     try:
-        with Location(path).open_input() as handle:
-            return torch.load(io.BytesIO(handle.read()), map_location=device, weights_only=True)
+        data = Location(path).read_bounded(MAX_CHECKPOINT_BYTES, READ_TIMEOUT_S, ("the limit for checkpoints",) * 2)
+        _check_records(data)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the errors say what matters
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except InputRefused as refused:
+        raise DataError(f"{path}: {refused}") from None
     except pickle.UnpicklingError as error:
-        if (wanted := _unsupported(error)) is None:  # not a pickle at all
-            raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
+        # Never torch's advice, which is to load it with weights_only=False: to run it.
         raise DataError(f"{path}: refused: it holds Python objects other than tensors and plain data "
-                        f"({wanted}), and checkpoints are loaded without running code") from None
+                        f"({_unsupported(error)}), and checkpoints are loaded without running code") from None
     except (OSError, RuntimeError, EOFError, KeyError) as error:  # KeyError: torch.load of a non-torch file
         raise DataError(f"{path}: not a readable checkpoint ({error!r})") from None
 
 
-def _unsupported(error: pickle.UnpicklingError) -> str | None:
+def _check_records(data: bytes) -> None:
+    """InputRefused when torch's zip holds a pickle above MAX_PICKLE_BYTES or records that
+    unpack to more than MAX_CHECKPOINT_BYTES; what is not a zip is left to torch.load to refuse."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            records = archive.infolist()
+    except zipfile.BadZipFile:
+        raise InputRefused("not a readable checkpoint (not torch.save's zip format, which PyTorch has written "
+                           "since 1.6)") from None
+    pickled = sum(record.file_size for record in records if record.filename.endswith(".pkl"))
+    if pickled > MAX_PICKLE_BYTES:
+        raise InputRefused(f"its pickle is {pickled} bytes, above the limit of {MAX_PICKLE_BYTES} (a model's "
+                           "names, config and classes take some 40 KB)")
+    if sum(record.file_size for record in records) > MAX_CHECKPOINT_BYTES:
+        raise InputRefused(f"its records unpack to more than the limit for checkpoints ({MAX_CHECKPOINT_BYTES} bytes)")
+
+
+def _unsupported(error: pickle.UnpicklingError) -> str:
     """torch's line naming what the file wanted to load, out of its page of advice."""
-    lines = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
-    return lines[0].rstrip(".") if lines else None
+    lines = [line.strip() for line in str(error).splitlines()]
+    named = [line for line in lines if "global" in line.lower() or line.startswith("Unsupported")]
+    return named[0].rstrip(".") if named else "an unsupported pickle"
 
 
 T = TypeVar("T")

@@ -26,7 +26,19 @@ from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
-from pipeline.storage import Location, absolute, is_uri
+from pipeline.storage import InputRefused, Location, absolute, is_uri
+
+
+# Upper bounds on the values that decide what is allocated, checked before anything is built: a
+# config may come from a model.pt or a shared run folder, where fpn_channels=32768 would ask for
+# 39 GB. Each is well above what a detector is trained with.
+MAXIMUMS = {"model.min_size": 4096, "model.max_size": 4096, "model.fpn_channels": 512,
+            "model.detections_per_image": 10_000, "model.candidates_per_level": 100_000,
+            "model.anchors.scales_per_octave": 8, "train.batch_size": 4096, "train.input_size": 2048,
+            "train.loader_workers": 256, "eval.batch_size": 1024, "data.shard_images": 100_000}
+MAX_ANCHORS_PER_LEVEL = 16
+# Classes a detector may have (LVIS has 1,203): they come from a manifest or a model.pt.
+MAX_CLASSES = 4096
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -51,10 +63,14 @@ class DataConfig:
     # node sees, or the object store of an s3:// data root); the output is the same either way.
     prep_workers: int = 0
     min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels, after clipping) are dropped
-    # Bounds on what a dataset may make data-prep hold in memory: images declaring more pixels
-    # (width x height) are refused before decoding; annotation files (COCO json, VOC XML and
-    # listings) larger than this are refused unread. COCO train's json is 448 MB, LVIS's 1.1 GB.
+    # Bounds on what an image may cost, checked before it is decoded by data-prep, training,
+    # predict and the served model alike (pipeline.images): its file's size, its header's declared
+    # width x height, and the time reading it may take (a stalled store). Images of one frame only.
     max_image_pixels: int = 64_000_000
+    max_image_mb: float = 128.0
+    image_read_timeout_s: float = 60.0
+    # Annotation files (COCO json, VOC XML and listings) larger than this are refused unread.
+    # COCO train's json is 448 MB, LVIS's 1.1 GB.
     max_annotation_mb: float = 2048.0
     # A prepared-data directory (what data-prep prints) to use as it is. Empty: training uses the
     # one data-prep makes of the settings above; eval and robustness use the data the run trained on.
@@ -70,6 +86,9 @@ class DataConfig:
         _require(self.prep_workers >= 0, "data.prep_workers", f"must be >= 0, got {self.prep_workers}")
         _require(self.min_box_size >= 0, "data.min_box_size", f"must be >= 0, got {self.min_box_size}")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        _require(self.max_image_mb > 0, "data.max_image_mb", f"must be > 0, got {self.max_image_mb}")
+        _require(self.image_read_timeout_s > 0, "data.image_read_timeout_s",
+                 f"must be > 0, got {self.image_read_timeout_s}")
         _require(self.max_annotation_mb > 0, "data.max_annotation_mb", f"must be > 0, got {self.max_annotation_mb}")
 
     @property
@@ -126,6 +145,8 @@ class AnchorConfig:
                  "sizes and ratios are for mode 'explicit' (or filled by 'auto'), not 'paper'")
         _require(self.mode != "explicit" or bool(self.sizes), "model.anchors.sizes",
                  "mode 'explicit' needs sizes and ratios per level")
+        _require(all(len(level) <= MAX_ANCHORS_PER_LEVEL for level in [*self.sizes, *self.ratios]),
+                 "model.anchors.sizes", f"at most {MAX_ANCHORS_PER_LEVEL} sizes and ratios per level")
         if self.sizes:
             self.layout()
 
@@ -431,6 +452,10 @@ class Config:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
     def validate(self, search_space: bool = True) -> None:
+        flat = flatten(self)
+        for key, maximum in MAXIMUMS.items():
+            value = flat[key]
+            _require(not isinstance(value, (int, float)) or value <= maximum, key, f"must be <= {maximum}, got {value}")
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         _require(self.train.batch_size % self.ray.workers == 0, "train.batch_size",
@@ -539,8 +564,36 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+# Bounds on a config as read, before anything walks it whole: a config has a few hundred values,
+# and one from a file (a YAML alias bomb, a model.pt of lists sharing references) can reach
+# billions through a few bytes, which printing or converting it would each visit.
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+def check_bounded(data: Any, where: str, max_values: int = MAX_CONFIG_VALUES, max_depth: int = MAX_CONFIG_DEPTH
+                  ) -> None:
+    """ConfigError unless `data` reaches at most `max_values` values (each time a shared one is
+    reached again) at most `max_depth` deep; stops as soon as either is passed."""
+    pending, reached = [(data, 0)], 0
+    while pending:
+        value, depth = pending.pop()
+        reached += 1
+        if reached > max_values:
+            raise ConfigError(f"{where}: more than {max_values} values (a value reached again through a "
+                              "shared reference counts again)")
+        if depth > max_depth:
+            raise ConfigError(f"{where}: nested more than {max_depth} deep")
+        if isinstance(value, dict):
+            pending += [(item, depth + 1) for pair in value.items() for item in pair]
+        elif isinstance(value, (list, tuple)):
+            pending += [(item, depth + 1) for item in value]
+
+
 def config_from_dict(data: dict) -> Config:
     """A validated Config from plain data (missing keys take their defaults)."""
+    check_bounded(data, "config")
     config = _build(Config, data, "")
     config.validate()
     return config
@@ -604,10 +657,17 @@ def _deep_merge(base: dict, changes: dict) -> dict:
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """The mapping in YAML file `path`; a top-level `extends: other.yaml` (relative to `path`)
     starts from that file's mapping, which this one's keys then change."""
+    path = path.resolve()  # `extends: ../here/c.yaml` is c.yaml itself
     if path in chain:
         raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, chain))}")
     try:
-        data = yaml_values.load(path.read_text()) or {}
+        text = Location(path).read_bounded(MAX_CONFIG_FILE_BYTES, 60, ("the limit for config files",) * 2)
+        data = yaml_values.load(text.decode()) or {}
+        check_bounded(data, str(path))
+    except InputRefused as refused:
+        raise ConfigError(f"{path}: {refused}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
     except yaml.YAMLError as error:

@@ -1,12 +1,16 @@
 """The detector a config describes: built untrained, started from `model.init`'s weights, or
 loaded from a run's model.pt.
 
-`model.init` sources load as data only (weights_only), from a file, an http(s) URL (cached by
-torch.hub), torchvision's ImageNet weights or an earlier run; an MLflow model URI is fetched
+`model.init` sources load as data only (weights_only), from a file, an http(s) URL (downloaded
+once into aploss's own cache), torchvision's ImageNet weights or an earlier run; an MLflow model URI is fetched
 into a file by the orchestration layer first (`tracking.fetch_init`)."""
 import dataclasses
 import hashlib
+import os
+import sys
+import tempfile
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -17,8 +21,9 @@ from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
 from aploss.engine import LocalBatch
 from pipeline import checkpoints
-from pipeline.config import Config, config_from_dict
-from pipeline.errors import DataError, MissingInput, UserError
+from pipeline.config import MAX_CLASSES, Config, check_bounded, config_from_dict
+from pipeline.errors import ConfigError, DataError, MissingInput, UserError
+from pipeline.redaction import redact
 from pipeline.storage import Location
 
 MLFLOW_URIS = ("models:/", "runs:/")
@@ -36,6 +41,8 @@ def build_model(config: Config, num_classes: int, batch: LocalBatch | None = Non
                 backbone_weights: dict[str, Tensor] | None = None) -> OneStageDetector:
     """The detector of `config.model`, trained with the loss of `config.loss` over `batch` (this
     process's, or a process group's). Its δ is set by `Training` at every step, from the schedule."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise DataError(f"{num_classes} classes: a detector has 1 to {MAX_CLASSES}")
     model, loss = config.model, config.loss
     criterion = DetectionLoss(num_classes, classification=loss.classification, interpolate=loss.interpolate,
                               fg_iou=model.fg_iou, bg_iou=model.bg_iou, focal_alpha=loss.focal_alpha,
@@ -53,10 +60,19 @@ def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list
     """A trained detector, its class names and the config it was trained with, from a model.pt
     of the train stage."""
     saved = checkpoints.load(path, device)
-    config = config_from_dict(saved["config"])
-    model = build_model(config, len(saved["classes"])).to(device)
+    if not isinstance(saved, dict) or not {"config", "classes", "model"} <= set(saved):
+        raise DataError(f"{path}: not a model.pt (it has no config, classes and model)")
+    classes = saved["classes"]
+    check_bounded(classes, f"{path}: classes", max_values=MAX_CLASSES + 1, max_depth=1)
+    if not isinstance(classes, list) or not all(isinstance(name, str) and len(name) <= 256 for name in classes):
+        raise DataError(f"{path}: classes must be a list of names")
+    try:
+        config = config_from_dict(saved["config"])
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    model = build_model(config, len(classes)).to(device)
     model.load_state_dict(saved["model"])
-    return model, saved["classes"], config
+    return model, classes, config
 
 
 def _norm(config: Config) -> str:
@@ -90,18 +106,44 @@ def init_weights(config: Config) -> dict:
         if init == "imagenet":
             return IMAGENET_WEIGHTS[config.model.arch].get_state_dict(progress=True, check_hash=True,
                                                                       weights_only=True)
-        if init.startswith(("http://", "https://")):
-            return torch.hub.load_state_dict_from_url(init, progress=True, weights_only=True)
+        path = _downloaded(init) if init.startswith(("http://", "https://")) else _source_path(config)
     except (urllib.error.URLError, OSError) as error:
-        raise MissingInput(f"model.init={init}: cannot download its weights ({error}); download the file "
-                           "elsewhere and give its path") from None
-    path = _source_path(config)
+        raise MissingInput(f"model.init={redact(init)}: cannot download its weights ({redact(str(error))}); "
+                           "download the file elsewhere and give its path") from None
     if not path.is_file():
         why = (f" (run {init[4:]!r} has no model.pt under run.output_dir)" if init.startswith("run:") else
                " (an MLflow model URI is fetched by the aploss training commands)" if init.startswith(MLFLOW_URIS)
                else "")
         raise MissingInput(f"model.init={init}: {path} does not exist{why}")
     return checkpoints.load(path)
+
+
+def _downloaded(url: str) -> Path:
+    """The file at `url`, downloaded once into aploss's own cache under the URL's hash, at most
+    checkpoints.MAX_CHECKPOINT_BYTES and never unpacked. Not torch.hub's cache: it unpacks zips
+    there, and a file named like torchvision's weights would then be what model.init=imagenet
+    loads. The line printed names the URL without its credentials (a presigned signature)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "aploss" / "init"
+    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.pt"
+    if target.is_file():
+        return target
+    print(f"downloading model.init {redact(url)}", file=sys.stderr, flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=60) as response, \
+            tempfile.NamedTemporaryFile(dir=cache, suffix=".part", delete=False) as part:
+        received = 0
+        try:
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+                if received > checkpoints.MAX_CHECKPOINT_BYTES:
+                    raise DataError(f"model.init={redact(url)}: larger than the limit for checkpoints "
+                                    f"({checkpoints.MAX_CHECKPOINT_BYTES} bytes)")
+                part.write(chunk)
+        except BaseException:
+            Path(part.name).unlink()
+            raise
+    os.replace(part.name, target)
+    return target
 
 
 def _state_dict(loaded: dict) -> dict[str, Tensor]:

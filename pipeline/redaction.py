@@ -1,41 +1,70 @@
 """Credentials never stored: a URI's user, password and signing or token parameters are removed
 from everything this project records or prints (MLflow params and tags, manifests, run records,
-checkpoints' configs, reports, log lines). Credentials reach a run through the environment
-(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, the AWS variables) or Kubernetes Secrets."""
+checkpoints' configs, reports, log lines, what it hands to Ray). Credentials reach a run through
+the environment (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, the AWS variables) or Kubernetes
+Secrets.
+
+URIs are split by hand, the same way for redacting and for taking the credentials out, rather
+than by urllib.parse.urlsplit: urlsplit ends the authority at the first `?` or `#`, so a password
+holding one would be read as a query or fragment and kept, and urlunsplit turns
+sqlite:////abs/path into sqlite://abs/path. Here the user info is everything before the last `@`
+ahead of the first `/`, whatever it holds (`;`, `,`, `'`, `#`, `?`, `:`): what a password may
+hold is what is removed."""
 import re
 import urllib.parse
 from typing import Any
 
 REDACTED = "REDACTED"
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>,;]+")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Where a URI in free text ends: characters no URI holds unencoded, not even a mistyped password.
+_END = re.compile(r"[\s\"<>`]")
 # Query parameters that carry credentials in signed URLs (S3, GCS, Azure SAS) and token links.
 _SECRET_PARAMETERS = re.compile(
     r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|awsaccesskeyid|signature"
     r"|sig|token|access_token|id_token|api[_-]?key|key|password|passwd|secret|client_secret|auth|authorization)$")
 
 
+def _split(uri: str) -> tuple[str, str | None, str, str]:
+    """(scheme://, user info or None, host, the rest from the first `/` on) of a URI."""
+    scheme = _SCHEME.match(uri)
+    rest = uri[scheme.end():]
+    authority, slash, path = rest.partition("/")
+    user_info, at, host = authority.rpartition("@")
+    return scheme.group(0), user_info if at else None, host, slash + path
+
+
 def _redact_parameter(parameter: str) -> str:
     name, equals, _ = parameter.partition("=")
-    return f"{name}={REDACTED}" if equals and _SECRET_PARAMETERS.match(urllib.parse.unquote(name)) else parameter
+    return f"{name}={REDACTED}" if equals and _SECRET_PARAMETERS.match(urllib.parse.unquote_plus(name)) else parameter
 
 
 def _redact_uri(uri: str) -> str:
-    # By hand rather than urlsplit/urlunsplit, which would turn sqlite:////abs/path into
-    # sqlite://abs/path and fail on an odd port: only the credentials may change.
-    scheme, _, rest = uri.partition("://")
-    authority, tail = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL).groups()
-    if "@" in authority:
-        authority = f"{REDACTED}@{authority.rpartition('@')[2]}"
-    path, question, query = tail.partition("?")
+    scheme, user_info, host, rest = _split(uri)
+    if user_info is None and "?" in host:  # no path: the query starts in the authority
+        host, question, query = host.partition("?")
+        rest = question + query + rest
+    path, question, query = rest.partition("?")
     if question:
         query, hash_, fragment = query.partition("#")
         query = "&".join(map(_redact_parameter, query.split("&"))) + hash_ + fragment
-    return f"{scheme}://{authority}{path}{question}{query}"
+    # A URI inside this one's path or query (a redirect target) has credentials of its own.
+    tail = redact(path + question + query)
+    return f"{scheme}{'' if user_info is None else REDACTED + '@'}{host}{tail}"
 
 
 def redact(text: str) -> str:
     """`text` with the credentials of every URI in it replaced by REDACTED."""
-    return _URI.sub(lambda match: _redact_uri(match.group(0)), text) if "://" in text else text
+    if "://" not in text:
+        return text
+    pieces, position = [], 0
+    for scheme in _SCHEME.finditer(text):
+        if scheme.start() < position:  # inside the URI just redacted
+            continue
+        end = _END.search(text, scheme.end())
+        end = len(text) if end is None else end.start()
+        pieces += [text[position:scheme.start()], _redact_uri(text[scheme.start():end])]
+        position = end
+    return "".join(pieces) + text[position:]
 
 
 def redact_tree(value: Any) -> Any:
@@ -51,10 +80,10 @@ def redact_tree(value: Any) -> Any:
 
 def credentials(uri: str) -> tuple[str, str | None, str | None]:
     """(the URI without its user info, user, password) of a URI such as https://user:token@host."""
-    scheme, separator, rest = uri.partition("://")
-    authority, tail = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL).groups()
-    if not separator or "@" not in authority:
+    if not _SCHEME.match(uri):
         return uri, None, None
-    user_info, _, host = authority.rpartition("@")
+    scheme, user_info, host, rest = _split(uri)
+    if user_info is None:
+        return uri, None, None
     user, _, password = user_info.partition(":")
-    return f"{scheme}://{host}{tail}", urllib.parse.unquote(user) or None, urllib.parse.unquote(password) or None
+    return f"{scheme}{host}{rest}", urllib.parse.unquote(user) or None, urllib.parse.unquote(password) or None

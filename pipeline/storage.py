@@ -11,6 +11,8 @@ import os
 import posixpath
 import re
 import shutil
+import stat
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +20,11 @@ import pyarrow.fs as pafs
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _STREAM_BYTES = 1 << 20
+
+
+class InputRefused(ValueError):
+    """A file refused before or while it is read: not a regular file, too large, or too slow.
+    The message says why without the file, which the caller names."""
 
 
 def is_uri(where: str | os.PathLike) -> bool:
@@ -131,6 +138,37 @@ class Location:
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
+
+    def read_bounded(self, limit: int, timeout_s: float, settings: tuple[str, str]) -> bytes:
+        """The whole file, refused before it is read when it is not a regular file (a FIFO would
+        block forever, a device never end) or holds more than `limit` bytes (a sparse file of
+        gigabytes costs nothing to make), and refused when reading it outlasts `timeout_s` (a
+        stalled store). `settings` names the two limits in the messages."""
+        size_setting, time_setting = settings
+        deadline = time.monotonic() + timeout_s
+        if self.remote:
+            handle = self.open_input()
+            size = handle.size()
+        else:
+            # Opened without waiting for a FIFO's writer, then checked on the open file itself.
+            descriptor = os.open(self.address, os.O_RDONLY | os.O_NONBLOCK)
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                os.close(descriptor)
+                raise InputRefused("not a regular file")
+            handle, size = os.fdopen(descriptor, "rb"), status.st_size
+        with handle:
+            if size > limit:
+                raise InputRefused(f"{size} bytes, above {size_setting} ({limit} bytes)")
+            chunks, read = [], 0
+            while chunk := handle.read(min(_STREAM_BYTES, limit + 1 - read)):
+                chunks.append(chunk)
+                read += len(chunk)
+                if read > limit:
+                    raise InputRefused(f"grew past {size_setting} ({limit} bytes) while read")
+                if time.monotonic() > deadline:
+                    raise InputRefused(f"reading it took longer than {timeout_s:g} s ({time_setting})")
+        return b"".join(chunks)
 
     def open_input(self):
         """A seekable binary file: a local file, or a pyarrow random-access stream."""

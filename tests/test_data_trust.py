@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 from torchvision.io import write_png
 
+from pipeline import images
 from pipeline.config import Config, config_from_dict
-from pipeline.data import image_check
 from pipeline.data import prep as prep_module
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
@@ -175,8 +175,8 @@ def test_image_declaring_too_many_pixels_is_refused_undecoded(tmp_path, coco, mo
     bomb.write_bytes(png_declaring(side, side))
     assert bomb.stat().st_size < 4096
     decoded = []
-    real_decode = image_check.decode_image
-    monkeypatch.setattr(image_check, "decode_image", lambda data: decoded.append(len(data)) or real_decode(data))
+    real_decode = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda data, mode: decoded.append(len(data)) or real_decode(data, mode))
     pillow_limit = Image.MAX_IMAGE_PIXELS
     start = time.monotonic()
     with warnings.catch_warnings(), pytest.raises(PrepError) as error:
@@ -198,7 +198,8 @@ def test_unreadable_header_is_an_error_without_warnings(tmp_path, coco):
     with warnings.catch_warnings(), pytest.raises(PrepError) as error:
         warnings.simplefilter("error")  # Pillow warns of the corrupt TIFF on its way to giving up
         prepare(coco_config(tmp_path), progress=False)
-    assert str(error.value) == f"{image}: cannot decode image: unknown format (JPEG, PNG, GIF and WebP are known)"
+    assert str(error.value) == (f"{image}: cannot decode image: unknown format (JPEG, PNG, GIF, WebP, BMP and TIFF "
+                                "are known)")
 
 
 def test_max_image_pixels_is_the_bound(tmp_path, coco):
@@ -209,14 +210,16 @@ def test_max_image_pixels_is_the_bound(tmp_path, coco):
         prepare(coco_config(tmp_path, max_image_pixels=128 * 128 - 1), progress=False)
 
 
-def test_gif_frames_count_towards_the_bound(tmp_path, coco):
+def test_images_of_several_frames_are_refused(tmp_path, coco):
+    """Every frame of an animation declares its own size; a detector takes one picture."""
     json_path, image_dir, _ = coco
     frames = [Image.new("RGB", (128, 128), (50 * i, 0, 0)) for i in range(3)]
     frames[0].save(image_dir / "anim.gif", save_all=True, append_images=frames[1:])
     set_file_name(json_path, FIRST, "anim.gif")
-    with pytest.raises(PrepError, match=r"anim.gif: declares 128x128 pixels in 3 frames, above "
-                                        r"data.max_image_pixels=49151"):
-        prepare(coco_config(tmp_path, max_image_pixels=3 * 128 * 128 - 1), progress=False)
+    with pytest.raises(PrepError) as error:
+        prepare(coco_config(tmp_path), progress=False)
+    assert str(error.value) == (f"{image_dir / 'anim.gif'}: holds several frames (GIF animation or pages); a "
+                                "detector takes one picture: save the frame you want as PNG or JPEG")
 
 
 def test_annotation_json_above_the_limit_is_refused(tmp_path, coco):

@@ -1,9 +1,12 @@
 """model.init: each form loads what it names (weights equal the file's), a class-count change
 re-initialises only the classification outputs, and whatever does not fit is named."""
+import contextlib
 import functools
 import http.server
 import math
 import threading
+import zipfile
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -59,6 +62,7 @@ def test_imagenet_loads_torchvision_s_weights_through_its_cache(tmp_path, monkey
 
 def test_a_backbone_file_and_url_load_as_imagenet_does(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     weights = _trunk_weights(1)
     (tmp_path / "served").mkdir()
     torch.save({"state_dict": weights}, tmp_path / "served" / "trunk.pth")
@@ -73,12 +77,53 @@ def test_a_backbone_file_and_url_load_as_imagenet_does(tmp_path, monkeypatch):
         _assert_trunk_loaded(initial_model(bind_init(_config(tmp_path, f"model.init={url}")), 3), weights)
     finally:
         server.shutdown()
-    assert (tmp_path / "torch" / "hub" / "checkpoints" / "trunk.pth").is_file()  # cached for the next run
+    assert len(list((tmp_path / "cache" / "aploss" / "init").glob("*.pt"))) == 1  # cached for the next run
+    assert not (tmp_path / "torch").exists()  # torch.hub's cache, which model.init=imagenet reads, untouched
 
     with pytest.raises(DataError, match=r"norm 'group': .*unexpected bn1\.running_mean"):
         initial_model(_config(tmp_path, f"model.init={tmp_path / 'served' / 'trunk.pth'}", "model.norm=group"), 3)
     with pytest.raises(MissingInput, match="does not exist"):
         initial_model(_config(tmp_path, f"model.init={tmp_path / 'nothing.pt'}"), 3)
+
+
+@contextlib.contextmanager
+def serving(directory) -> Iterator[str]:
+    """An HTTP server on loopback for the files in `directory`; its base URL."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # its log holds the URLs, signatures included
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_url_is_downloaded_apart_from_torch_hub_and_named_without_its_signature(tmp_path, monkeypatch, capsys):
+    """A presigned URL's signature is printed nowhere; a zip is not unpacked where torchvision's
+    ImageNet weights are read; a pickle behind the URL is refused in one line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    served = tmp_path / "served"
+    served.mkdir()
+    imagenet_name = IMAGENET_WEIGHTS["retinanet_r18"].url.rsplit("/", 1)[1]
+    with zipfile.ZipFile(served / "weights.zip", "w") as archive:
+        archive.writestr(imagenet_name, b"poisoned")
+    torch.save({"model": print}, served / "code.pt")
+    signature = "X-Amz-Signature=5ecret5ignature"
+    with serving(served) as base:
+        with pytest.raises(DataError) as refused:
+            initial_model(_config(tmp_path, f"model.init={base}/weights.zip?{signature}"), 3)
+        assert len(str(refused.value).splitlines()) == 1
+        with pytest.raises(DataError, match="refused: it holds Python objects") as refused:
+            initial_model(_config(tmp_path, f"model.init={base}/code.pt?{signature}"), 3)
+        assert len(str(refused.value).splitlines()) == 1
+    printed = capsys.readouterr()
+    assert "5ecret5ignature" not in printed.out + printed.err
+    assert f"downloading model.init {base}/weights.zip?X-Amz-Signature=REDACTED" in printed.err
+    assert not (tmp_path / "torch").exists()
 
 
 def _earlier_run(tmp_path, classes: int = 2, *overrides) -> dict[str, torch.Tensor]:

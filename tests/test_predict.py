@@ -2,6 +2,9 @@
 same images, in the dataset's own category ids."""
 import json
 
+from types import SimpleNamespace
+
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -12,11 +15,15 @@ from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.prep import prepare
 from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.errors import DataError
 from pipeline.evaluation.evaluate import predict
 from pipeline.model import load_model
 from pipeline.orchestration.cli import main
+from pipeline.orchestration.registered_model import RegisteredDetector
 from pipeline.training.local import train_stage
 from tests.conftest import DATA_ROOT
+from tests.test_data_trust import png_declaring
+from tests.test_image_gate import gif_growing_to, tiff_declaring
 from tests.synthetic import write_synthetic_coco
 
 
@@ -83,8 +90,29 @@ def test_predict_refuses_what_is_not_there_or_not_an_image(trained, tmp_path, ca
     (tmp_path / "notes.jpg").write_text("not an image")
     assert main(["predict", "--model", "run:predict-test", str(tmp_path / "notes.jpg"),
                  "--out", str(tmp_path / "d.json"), *run_settings]) == 2
-    assert f"{tmp_path / 'notes.jpg'}: not a readable image" in capsys.readouterr().err
+    assert f"{tmp_path / 'notes.jpg'}: cannot decode image: unknown format" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists()
+
+
+@pytest.mark.parametrize(("crafted", "problem"), [
+    (png_declaring(12000, 12000), "declares 12000x12000 pixels, above data.max_image_pixels=64000000"),
+    (gif_growing_to(30000), "holds several frames"),
+    (tiff_declaring(15000, 12000), "declares 15000x12000 pixels"),
+])
+def test_predict_and_the_served_model_refuse_crafted_images_with_one_line(trained, tmp_path, capsys, crafted,
+                                                                           problem):
+    root, run_settings, model_path = trained
+    image = tmp_path / "crafted.png"
+    image.write_bytes(crafted)
+    assert main(["predict", "--model", "run:predict-test", str(image), "--out", str(tmp_path / "d.json"),
+                 *run_settings]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert line.startswith(f"aploss predict: error: {image}: {problem}") and not (tmp_path / "d.json").exists()
+
+    served = RegisteredDetector()
+    served.load_context(SimpleNamespace(artifacts={"model": str(model_path)}))
+    with pytest.raises(DataError, match=f"image 0: {problem}"):
+        served.predict(None, pd.DataFrame({"image": [crafted]}))
 
 
 def test_predict_on_ray_equals_the_single_process_predictions_on_bccd_test(trained, tmp_path, capsys):

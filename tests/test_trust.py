@@ -23,12 +23,14 @@ from pipeline.errors import DataError
 from pipeline.model import build_model, load_model
 from pipeline.orchestration import tracking
 from pipeline.orchestration.cli import main
-from pipeline.redaction import redact
+from pipeline.redaction import credentials, redact
 from tests.conftest import DATA_ROOT
 from tests.mlflow_server import Server, free_port
 from tests.synthetic import write_synthetic_coco
 
 SECRET = "s3cr3t-t0ken-4f9a"
+# A password with the characters a pattern for URIs would stop at, the secret on both sides.
+PASSWORD = f"{SECRET};{SECRET},'{SECRET}"
 
 
 class _RunsCode:
@@ -164,12 +166,30 @@ def test_the_registered_model_loads_and_serves_from_weights(tmp_path, capsys):
     ("sqlite:////tmp/runs/mlflow.db", "sqlite:////tmp/runs/mlflow.db"),
     ("http://h:99999x/", "http://h:99999x/"),
     ("/data/a@b/c.json and user@example.com", "/data/a@b/c.json and user@example.com"),
+    # Passwords hold what RFC 3986 lets them (; , ') and what it does not (# ? unencoded).
+    ("tracking.uri=http://alice:pa;ss@host", "tracking.uri=http://REDACTED@host"),
+    ("{'uri': \"http://al:p,a'ss@h:5/p\"}", "{'uri': \"http://REDACTED@h:5/p\"}"),
+    ("http://u:p#w?d@h/x?token=1#f", "http://REDACTED@h/x?token=REDACTED#f"),
+    ("http://h?token=abc", "http://h?token=REDACTED"),
+    ("http://a/login?next=https://b:pw@c/", "http://a/login?next=https://REDACTED@c/"),
+    ("a https://u@h b https://v:w@k", "a https://REDACTED@h b https://REDACTED@k"),
 ])
 def test_redact(text, expected):
     assert redact(text) == expected
 
 
-def test_credentials_never_travel_in_a_job(monkeypatch, capsys):
+@pytest.mark.parametrize(("uri", "bare", "user", "password"), [
+    ("http://alice:pa;ss@host:5000/x", "http://host:5000/x", "alice", "pa;ss"),
+    ("https://u:p%40w#?@h", "https://h", "u", "p@w#?"),
+    ("https://token@h/p?q=1", "https://h/p?q=1", "token", None),
+    ("/local/mlruns", "/local/mlruns", None, None),
+])
+def test_credentials_are_split_where_redaction_finds_them(uri, bare, user, password):
+    assert credentials(uri) == (bare, user, password)
+    assert redact(uri) == (uri if user is None else bare.replace("://", "://REDACTED@", 1))
+
+
+def test_credentials_never_travel_in_a_job(monkeypatch, capsys, tmp_path):
     for name in runtime_env_module.PASSED_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -177,16 +197,24 @@ def test_credentials_never_travel_in_a_job(monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert SECRET not in json.dumps(runtime_env_module.runtime_env())
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@mlflow:5000")
     assert runtime_env_module.main([]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "$MLFLOW_TRACKING_URI carries credentials" in line and SECRET not in line
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    entrypoint = ["python", "-m", "jobs.pipeline", f"tracking.uri=https://alice:{SECRET}@mlflow"]
-    assert submit_module.main(["--address", f"http://127.0.0.1:{free_port()}", "--", *entrypoint]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "the entrypoint carries credentials" in line and SECRET not in line
+    config = tmp_path / "job.yaml"
+    config.write_text(f"tracking:\n  uri: https://alice:{PASSWORD}@mlflow\n")
+    for entrypoint, problem in [
+            (["python", "-m", "jobs.pipeline", f"tracking.uri=https://alice:{PASSWORD}@mlflow"],
+             "the entrypoint carries credentials"),
+            (["env", f"AWS_SECRET_ACCESS_KEY={SECRET}", "python", "-m", "jobs.pipeline"],
+             "the entrypoint sets AWS_SECRET_ACCESS_KEY"),
+            (["python", "-m", "jobs.pipeline", "--config", str(config)], f"--config {config} carries credentials"),
+            (["python", "-m", "jobs.pipeline", f"--config={config}"], f"--config {config} carries credentials")]:
+        assert submit_module.main(["--address", f"http://127.0.0.1:{free_port()}", "--", *entrypoint]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert problem in line and SECRET not in line
 
 
 def _files_holding(directory: Path, secret: bytes) -> list[str]:
@@ -201,7 +229,7 @@ def test_credentials_in_the_tracking_uri_are_stored_and_printed_nowhere(prepared
     server = Server(tmp_path / "server")
     server.start()
     try:
-        uri = server.uri.replace("http://", f"http://alice:{SECRET}@")
+        uri = server.uri.replace("http://", f"http://alice:{PASSWORD}@")
         assert main(["pipeline", "run", *overrides, "run.name=secret", f"tracking.uri={uri}"]) == 0
         session_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         ray.shutdown()

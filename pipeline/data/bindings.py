@@ -14,6 +14,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
 from pipeline.model import bind_init
+from pipeline.redaction import redact_tree
 from pipeline.storage import Location
 
 
@@ -43,7 +44,8 @@ def record_training_run(config: Config) -> None:
     start of the same run (a resume) with another model or other data is refused, since it would
     mix two trainings in one set of weights."""
     path = config.run.directory() / "train" / RUN_RECORD
-    record = {"model": dataclasses.asdict(config.model), "prepared": config.data.prepared}
+    # As written: a record never holds credentials (a presigned model.init URL's signature).
+    record = redact_tree({"model": dataclasses.asdict(config.model), "prepared": config.data.prepared})
     if path.exists():
         saved = json.loads(path.read_text())
         if saved["model"] != record["model"]:

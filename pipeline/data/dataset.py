@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.data.augment import augment_sample
 from pipeline.data.shards import ShardReader
 from pipeline.errors import DataError
+from pipeline.images import DEFAULT_LIMITS, ImageLimits, ImageRefused, decode_rgb
 
 Target = dict[str, Tensor]
 
@@ -51,8 +51,10 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, reader: ShardReader, hflip: float = 0.0, seed: int = 0, augment: str = "flip",
-                 input_size: int = 0) -> None:
+                 input_size: int = 0, limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.reader = reader
+        # The shards are files on shared storage: each image passes the gate again when decoded.
+        self.limits = limits
         self.hflip = hflip
         self.seed = seed
         self.augment = augment
@@ -68,11 +70,18 @@ class DetectionDataset(Dataset):
         boxes = torch.from_numpy(record.boxes[keep]).reshape(-1, 4)
         labels = torch.from_numpy(record.class_ids[keep]).to(torch.int64)
         with _one_thread():
-            image = decode_image(torch.frombuffer(bytearray(record.image), dtype=torch.uint8), ImageReadMode.RGB)
+            image = _decoded(record.image, record.image_id, self.limits)
             image, boxes, labels = augment_sample(image.float().div_(255), boxes, labels,
                                                   _generator(self.seed, epoch, index), self.augment, self.hflip,
                                                   self.input_size)
         return image, {"boxes": boxes, "labels": labels}, record.image_id
+
+
+def _decoded(encoded: bytes, image_id: int, limits: ImageLimits) -> Tensor:
+    try:
+        return decode_rgb(encoded, limits)
+    except ImageRefused as refused:
+        raise DataError(f"prepared image {image_id}: {refused}; run data-prep again") from None
 
 
 def collate(items: list[tuple[Tensor, Target, int]]) -> tuple[list[Tensor], list[Target], list[int]]:

@@ -1,19 +1,15 @@
-"""Data-prep's work on one image: its file read and decoded whole (after its header's size is
-checked against data.max_image_pixels), its annotated size checked, its boxes clipped to it or
+"""Data-prep's work on one image: its file read and decoded whole through the image gate
+(pipeline.images), its annotated size checked, its boxes clipped to it or
 dropped with the reason. The same in data-prep's own process and in its Ray Data tasks."""
 import hashlib
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.io import decode_image
 
 from pipeline.data.shards import ImageRecord
 from pipeline.data.sources import PrepError, SourceImage
+from pipeline.images import ImageLimits, ImageRefused, decode_rgb, read_image_file
 from pipeline.storage import Location
 
 
@@ -27,45 +23,19 @@ class CheckedImage:
     sha256: str  # of the encoded file: a second read must find the bytes that were checked
 
 
-def read_image(where: Path | Location, max_pixels: int) -> tuple[bytes, int, int]:
-    """The encoded file and its decoded (width, height); decoding it all catches truncation."""
+def read_image(where: Path | Location, limits: ImageLimits) -> tuple[bytes, int, int]:
+    """The encoded file and its decoded (width, height), through the image gate; decoding it all
+    catches truncation."""
     try:
-        encoded = Location(where).read_bytes()
+        encoded = read_image_file(where, limits)
+        pixels = decode_rgb(encoded, limits)
     except FileNotFoundError:
         raise PrepError(where, "image file not found") from None
+    except ImageRefused as refused:
+        raise PrepError(where, str(refused)) from None
     except OSError as error:
         raise PrepError(where, f"cannot read image: {error.strerror or error}") from None
-    width, height, frames = _declared_size(encoded, where)
-    if width * height * frames > max_pixels:
-        in_frames = f" in {frames} frames" if frames > 1 else ""
-        raise PrepError(where, f"declares {width}x{height} pixels{in_frames}, above "
-                               f"data.max_image_pixels={max_pixels}; raise it to admit this image")
-    try:
-        pixels = decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
-    except (RuntimeError, ValueError) as error:
-        raise PrepError(where, f"cannot decode image: {str(error).splitlines()[-1]}") from None
     return encoded, pixels.shape[-1], pixels.shape[-2]
-
-
-def _declared_size(encoded: bytes, where: Path | Location) -> tuple[int, int, int]:
-    """(width, height, frames) as the image's header declares them, nothing decoded: a few KB of
-    PNG can declare gigabytes of pixels."""
-    # Pillow's own bomb check would refuse by its limit rather than data.max_image_pixels, without
-    # the size; lifted only while the header is read (data-prep reads one image at a time). Its
-    # warnings (the bomb's, corrupt metadata) would only repeat what decoding reports.
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(encoded)) as image:
-                # decode_image returns every frame of a GIF.
-                return image.width, image.height, image.n_frames if image.format == "GIF" else 1
-    except UnidentifiedImageError:
-        raise PrepError(where, "cannot decode image: unknown format (JPEG, PNG, GIF and WebP are known)") from None
-    except (OSError, ValueError, EOFError, SyntaxError) as error:
-        raise PrepError(where, f"cannot decode image: unreadable header: {error}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 Box = tuple[float, float, float, float]
@@ -87,11 +57,11 @@ def _clip(box: Box, width: int, height: int, min_size: float) -> tuple[Box | Non
     return clipped, ""
 
 
-def check_image(image: SourceImage, where: Path | Location, min_box_size: float, max_pixels: int) -> CheckedImage:
+def check_image(image: SourceImage, where: Path | Location, min_box_size: float, limits: ImageLimits) -> CheckedImage:
     """`image` read from `where`, decoded, checked against its annotation, its boxes clipped or
     dropped."""
     entry = image.entry
-    encoded, width, height = read_image(where, max_pixels)
+    encoded, width, height = read_image(where, limits)
     if image.width is not None and (image.width, image.height) != (width, height):
         raise PrepError(entry.annotation_path, f"{entry.file_name}: annotated size {image.width}x{image.height} "
                                                f"differs from the image's {width}x{height}")

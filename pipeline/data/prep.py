@@ -5,8 +5,8 @@ ground truth for evaluation and a manifest, under `run.prepared_root()/<dataset>
     <split>/part-00000.parquet, part-00001.parquet, ...
     <split>/ground_truth.json
 
-Every image is decoded once here (`image_check`: after its header's size is checked against
-data.max_image_pixels), so training never meets an unreadable file, and every box is clipped
+Every image is decoded once here (`image_check`, through the image gate of pipeline.images, which
+bounds its file, its pixels and its read time), so training never meets an unreadable file, and every box is clipped
 to its image; boxes left empty or smaller than data.min_box_size are dropped. Each
 clipped or dropped box, and each image skipped under data.skip_bad, is listed in the manifest.
 With data.prep_workers > 0 the images are checked and the shards written by Ray Data tasks across
@@ -46,6 +46,7 @@ from pipeline.data.shards import (
 )
 from pipeline.data.sources import Entry, PrepError, Source, check_splits, open_source
 from pipeline.errors import MissingInput
+from pipeline.images import ImageLimits
 from pipeline.storage import Location, is_uri
 
 
@@ -101,7 +102,8 @@ def _settings(data: DataConfig, source: Source, splits: list[str]) -> dict:
         "category_ids": source.category_ids, "splits": splits, "shard_images": data.shard_images,
         "row_group_images": ROW_GROUP_IMAGES, "min_box_size": data.min_box_size, "skip_bad": data.skip_bad,
         # Which images a split holds under skip_bad depends on these too.
-        "max_image_pixels": data.max_image_pixels, "max_annotation_mb": data.max_annotation_mb,
+        "max_image_pixels": data.max_image_pixels, "max_image_mb": data.max_image_mb,
+        "max_annotation_mb": data.max_annotation_mb,
     }
 
 
@@ -234,14 +236,14 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
             else:
                 writer.add(checked)
             if len(writer.plans) * data.shard_images >= WINDOW_IMAGES:  # what data-prep holds stays bounded
-                _write_planned_shards(writer.take_plans(), staging, directory, data.prep_workers)
+                _write_planned_shards(writer.take_plans(), staging, directory, data)
         if not writer.images:
             raise PrepError(source.annotation_files(split)[0],
                             f"split {split!r}: every image was skipped ({len(writer.skipped)}, see the errors above "
                             "with data.skip_bad=false)")
         writer.close()
         if writer.plans:
-            _write_planned_shards(writer.take_plans(), staging, directory, data.prep_workers)
+            _write_planned_shards(writer.take_plans(), staging, directory, data)
         splits[split] = writer.finish()
     content = sorted((item["file"], item["sha256"]) for item in _files(splits))
     manifest = {
@@ -280,7 +282,7 @@ def _checked_images(data: DataConfig, source: Source, split: str, progress: bool
         for entry in entries:
             try:
                 yield entry, check_image(source.load(split, entry), where(entry), data.min_box_size,
-                                         data.max_image_pixels)
+                                         ImageLimits.of(data))
             except PrepError as error:
                 yield entry, error
         return
@@ -309,18 +311,19 @@ def _checked_on_ray(data: DataConfig, source: Source, split: str, entries: list[
     if not jobs:
         yield from zip(entries, loaded)
         return
-    checked = prep_on_ray.check_images(jobs, data.min_box_size, data.max_image_pixels, data.prep_workers)
+    checked = prep_on_ray.check_images(jobs, data.min_box_size, ImageLimits.of(data), data.prep_workers)
     for entry, refused in zip(entries, loaded):
         yield entry, refused if refused is not None else next(checked)
 
 
 def _write_planned_shards(plans: list[tuple[dict, list[CheckedImage]]], staging: Path, directory: Location,
-                          workers: int) -> None:
+                          data: DataConfig) -> None:
     """Planned shards, written by Ray's tasks: in place in an object store, or handed back and
     written into `staging`; their sha256 completes their manifest entries."""
     from pipeline.data import prep_on_ray
 
-    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in plans], directory, workers)
+    written = prep_on_ray.write_shards([(summary["file"], images) for summary, images in plans], directory,
+                                       ImageLimits.of(data), data.prep_workers)
     for (summary, _), (written_summary, data) in zip(plans, written):
         if not directory.remote:
             (staging / summary["file"]).write_bytes(data)

@@ -26,13 +26,14 @@ from ray.data import DataContext
 from pipeline.data.image_check import CheckedImage, check_image
 from pipeline.data.shards import ImageRecord, file_sha256, write_shard
 from pipeline.data.sources import Entry, PrepError, SourceImage, SourceObject
+from pipeline.images import ImageLimits, ImageRefused, read_image_file
 from pipeline.storage import Location
 
 # Images a check task takes at a time: enough to amortise a task, few enough to share them out.
 CHECK_BATCH = 16
 
 
-def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, max_pixels: int, workers: int
+def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, limits: ImageLimits, workers: int
                  ) -> Iterator[CheckedImage | PrepError]:
     """Each (annotated image, where its file is) checked, or the PrepError that refused it, in
     order, `workers` tasks at a time."""
@@ -43,15 +44,15 @@ def check_images(jobs: list[tuple[SourceImage, str]], min_box_size: float, max_p
     with _ordered():
         # No more tasks at a time than blocks, or Ray Data warns that it cannot run them.
         checked = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _check_batch, fn_kwargs={"min_box_size": min_box_size, "max_pixels": max_pixels},
+            _check_batch, fn_kwargs={"min_box_size": min_box_size, "limits": limits},
             batch_size=CHECK_BATCH, concurrency=min(workers, blocks), num_cpus=1)
         for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
             for result in batch["result"]:
                 yield _result_from_json(json.loads(result))
 
 
-def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Location, workers: int
-                 ) -> Iterator[tuple[dict, bytes]]:
+def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Location, limits: ImageLimits,
+                 workers: int) -> Iterator[tuple[dict, bytes]]:
     """Each (relative path, its images) written as a shard under `destination`, in order: its
     manifest entry, and its bytes when `destination` is local (data-prep's process writes them)."""
     items = [{"plan": json.dumps({"file": relative, "images": [_checked_json(image) for image in images]})}
@@ -59,7 +60,7 @@ def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Locat
     target = str(destination) if destination.remote else ""
     with _ordered():
         written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _write_batch, fn_kwargs={"destination": target}, batch_size=1, concurrency=min(workers, len(items)),
+            _write_batch, fn_kwargs={"destination": target, "limits": limits}, batch_size=1, concurrency=min(workers, len(items)),
             num_cpus=1)
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
             for summary, data in zip(batch["summary"], batch["data"]):
@@ -127,27 +128,27 @@ def _result_from_json(saved: dict) -> CheckedImage | PrepError:
     return _checked(saved)
 
 
-def _check_batch(batch: dict[str, np.ndarray], min_box_size: float, max_pixels: int) -> dict[str, list[str]]:
+def _check_batch(batch: dict[str, np.ndarray], min_box_size: float, limits: ImageLimits) -> dict[str, list[str]]:
     """A Ray Data task: each job's image checked, or why it was refused."""
     results = []
     for job in batch["job"]:
         job = json.loads(job)
         try:
-            checked = check_image(_source_image(job), Location(job["where"]), min_box_size, max_pixels)
+            checked = check_image(_source_image(job), Location(job["where"]), min_box_size, limits)
             results.append(json.dumps(_checked_json(checked)))
         except PrepError as error:
             results.append(json.dumps({"file": error.file, "problem": error.problem}))
     return {"result": results}
 
 
-def _write_batch(batch: dict[str, np.ndarray], destination: str) -> dict[str, list]:
+def _write_batch(batch: dict[str, np.ndarray], destination: str, limits: ImageLimits) -> dict[str, list]:
     """A Ray Data task: each planned shard written from its images, read again, or why not (an
     error raised here would reach data-prep wrapped in Ray's, not as the one line it is)."""
     summaries, contents = [], []
     for plan in batch["plan"]:
         plan = json.loads(plan)
         try:
-            records = [_reread(saved) for saved in plan["images"]]
+            records = [_reread(saved, limits) for saved in plan["images"]]
         except PrepError as error:
             summaries.append(json.dumps({"file": plan["file"], "image": error.file, "problem": error.problem}))
             contents.append(b"")
@@ -165,11 +166,11 @@ def _write_batch(batch: dict[str, np.ndarray], destination: str) -> dict[str, li
     return {"summary": summaries, "data": contents}
 
 
-def _reread(saved: dict) -> ImageRecord:
+def _reread(saved: dict, limits: ImageLimits) -> ImageRecord:
     source = Location(saved["source"])
     try:
-        encoded = source.read_bytes()
-    except OSError as error:
+        encoded = read_image_file(source, limits)
+    except (OSError, ImageRefused) as error:
         raise PrepError(source, f"cannot read image again to write its shard: {error}") from None
     if hashlib.sha256(encoded).hexdigest() != saved["sha256"]:
         raise PrepError(source, "changed while data-prep ran; run data-prep again")

@@ -26,6 +26,7 @@ from pipeline.evaluation.coco_metrics import (
     plot_pr_curves,
 )
 from pipeline.evaluation.voc_metrics import VocResult, voc_map
+from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 
 SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
@@ -105,7 +106,7 @@ def validation_ap(model: OneStageDetector, config: Config, device: torch.device)
     (`evaluation_slices`); rank 0 gathers the detections and returns the AP, the others None."""
     split = split_dir(config, config.data.val_split)
     ground_truth = split / "ground_truth.json"
-    dataset = DetectionDataset(ShardReader(split))
+    dataset = DetectionDataset(ShardReader(split), limits=ImageLimits.of(config.data))
     rank, world_size = _process_group()
     batches = evaluation_slices(len(dataset), config.eval.batch_size, world_size)[rank]
     # The manifest's ids, not the ground truth's: every rank needs them, only rank 0 the whole json.

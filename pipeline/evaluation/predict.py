@@ -6,16 +6,13 @@ file_name, width, height), `categories` (the dataset's ids and names) and `annot
 x, y, w, h in pixels, score). pycocotools loads it as it is, and `loadRes` takes its annotations.
 """
 import glob
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
@@ -23,6 +20,7 @@ from pipeline.config import Config, apply_override, config_from_dict, config_to_
 from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError, MissingInput
 from pipeline.evaluation.coco_metrics import draw_detections
+from pipeline.images import ImageLimits, ImageRefused, decode_rgb, read_image_file
 from pipeline.io import write_json_atomic
 from pipeline.model import load_model, resolve_device
 from pipeline.storage import Location, is_uri
@@ -59,18 +57,23 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def decode(data: bytes, name: str) -> Tensor:
-    """An encoded image as the detector takes it: RGB, float CHW in [0, 1]; DataError naming it
-    when it is not an image."""
+def decode(data: bytes, name: str, limits: ImageLimits) -> Tensor:
+    """An encoded image as the detector takes it, through the image gate: RGB, float CHW in
+    [0, 1]; DataError naming it when it is refused or not an image."""
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        try:  # formats torchvision does not decode (GIF frames, TIFF, ...)
-            with Image.open(io.BytesIO(data)) as opened:
-                image = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"{name}: not a readable image ({error})") from None
-    return image.float().div_(255)
+        return decode_rgb(data, limits).float().div_(255)
+    except ImageRefused as refused:
+        raise DataError(f"{name}: {refused}") from None
+
+
+def read_image(file: Location, limits: ImageLimits) -> Tensor:
+    """An image file decoded as `decode` does; DataError naming it when it cannot be read."""
+    try:
+        return decode(read_image_file(file, limits), str(file), limits)
+    except ImageRefused as refused:
+        raise DataError(f"{file}: {refused}") from None
+    except OSError as error:
+        raise DataError(f"{file}: cannot read image: {error.strerror or error}") from None
 
 
 @dataclass
@@ -142,14 +145,14 @@ def _batches(files: list[Location], batch_size: int) -> Iterator[list[Location]]
 
 
 def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence[int], files: list[Location],
-                  batch_size: int, device: torch.device, draw_dir: Location | None = None,
+                  batch_size: int, device: torch.device, limits: ImageLimits, draw_dir: Location | None = None,
                   progress: bool = True) -> dict:
     """The COCO-format detections of `files`, image ids 1..n in order; drawn images in
     `draw_dir` if given."""
     images, annotations = [], []
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for batch in _batches(files, batch_size):
-            tensors = [decode(file.read_bytes(), str(file)) for file in batch]
+            tensors = [read_image(file, limits) for file in batch]
             for file, tensor, found in zip(batch, tensors, detect(model, tensors, classes, device)):
                 image_id = len(images) + 1
                 images.append({"id": image_id, "file_name": str(file), "height": tensor.shape[1],
@@ -187,7 +190,7 @@ def predict_stage(config: Config, model_path: Location, inputs: Sequence[str], o
     model, classes, trained = load_model(model_path, device)
     files = image_files(inputs)
     detections = predict_files(with_postprocessing(model, trained, overrides), classes,
-                               trained_category_ids(trained, classes), files, config.eval.batch_size, device, draw_dir,
-                               progress)
+                               trained_category_ids(trained, classes), files, config.eval.batch_size, device,
+                               ImageLimits.of(config.data), draw_dir, progress)
     write_json_atomic(detections, out)
     return detections

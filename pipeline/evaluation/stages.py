@@ -28,6 +28,7 @@ from pipeline.evaluation.evaluate import (
     pack_detections,
     unpack_detections,
 )
+from pipeline.images import ImageLimits
 from pipeline.model import load_model, resolve_device
 from pipeline.storage import Location
 
@@ -49,23 +50,23 @@ def _worker_models(weights: dict, use_gpu: bool, threads: int) -> tuple[dict[str
     return models, device
 
 
-def _detect_slice(weights: dict, split: Location, batches: list[list[int]], use_gpu: bool, threads: int
-                  ) -> dict[str, np.ndarray]:
+def _detect_slice(weights: dict, split: Location, batches: list[list[int]], use_gpu: bool, threads: int,
+                  limits: ImageLimits) -> dict[str, np.ndarray]:
     """A Ray task: each model's detections of the slice `batches` of `split`, packed."""
     models, device = _worker_models(weights, use_gpu, threads)
-    dataset, categories = DetectionDataset(ShardReader(split)), category_ids(split / "ground_truth.json")
+    dataset, categories = DetectionDataset(ShardReader(split), limits=limits), category_ids(split / "ground_truth.json")
     return {name: pack_detections(detect_batches(model, dataset, batches, device, categories))
             for name, model in models.items()}
 
 
 def _perturb_slice(weights: dict, split: Location, batches: list[list[int]], use_gpu: bool, threads: int,
-                   chosen: list, seed: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
+                   limits: ImageLimits, chosen: list, seed: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
     """A Ray task: for each setting of `chosen` in turn, each model's detections of the slice
     under it, packed."""
     from pipeline.evaluation.robustness import perturbed_detections
 
     models, device = _worker_models(weights, use_gpu, threads)
-    dataset, categories = DetectionDataset(ShardReader(split)), category_ids(split / "ground_truth.json")
+    dataset, categories = DetectionDataset(ShardReader(split), limits=limits), category_ids(split / "ground_truth.json")
     for setting in chosen:
         found = perturbed_detections(models, dataset, setting, batches, device, categories, seed, workers)
         yield {name: pack_detections(detections) for name, detections in found.items()}
@@ -87,7 +88,9 @@ def _on_ray(config: Config, task: Callable, model_paths: dict[str, Path | Locati
     remote = ray.remote(task).options(num_cpus=config.ray.cpus_per_worker, num_gpus=1 if config.ray.use_gpu else 0,
                                       **options)
     threads = max(1, int(config.ray.cpus_per_worker))
-    return [remote.remote(weights, split, batches, config.ray.use_gpu, threads, *args) for batches in slices if batches]
+    limits = ImageLimits.of(config.data)
+    return [remote.remote(weights, split, batches, config.ray.use_gpu, threads, limits, *args)
+            for batches in slices if batches]
 
 
 def _in_order(parts: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, list[dict]]:
@@ -133,7 +136,8 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
                   if config.eval.workers else None)
     # VOC runs also get the VOC07 11-point and area mAP beside the COCO metrics.
     voc = config.data.dataset in PASCAL_VOC
-    return evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,
+    dataset = DetectionDataset(ShardReader(split), limits=ImageLimits.of(config.data))
+    return evaluate_split(model, dataset, split / "ground_truth.json", classes,
                           config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images,
                           voc=voc, detections=detections)
 
@@ -181,7 +185,8 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
                                        chosen)
         results = robustness_results(list(models), detections, ground_truth, chosen, unavailable, progress)
     else:
-        results = evaluate_robustness(models, DetectionDataset(ShardReader(split)), ground_truth, chosen,
+        dataset = DetectionDataset(ShardReader(split), limits=ImageLimits.of(config.data))
+        results = evaluate_robustness(models, dataset, ground_truth, chosen,
                                       config.eval.batch_size, device, config.robustness.seed, unavailable,
                                       config.robustness.workers, progress)
     results = {name: dataclasses.replace(result, trained_with=trained_with[name]) for name, result in results.items()}

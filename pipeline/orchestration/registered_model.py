@@ -26,15 +26,17 @@ class RegisteredDetector(PythonModel):
         from pipeline.model import load_model
 
         (model_path,) = context.artifacts.values()  # the run's model.pt
-        self.detector, self.classes, _ = load_model(Path(model_path), torch.device("cpu"))
+        # The limits on a request's image are those the model was trained with.
+        self.detector, self.classes, self.trained = load_model(Path(model_path), torch.device("cpu"))
         self.detector.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from pipeline.evaluation.predict import decode, detect
+        from pipeline.images import ImageLimits
 
         rows = []
         for index, encoded in enumerate(model_input["image"]):
-            (found,) = detect(self.detector, [decode(bytes(encoded), f"image {index}")], self.classes,
+            (found,) = detect(self.detector, [decode(bytes(encoded), f"image {index}", ImageLimits.of(self.trained.data))], self.classes,
                               torch.device("cpu"))
             rows.append((found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), found.names))
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))

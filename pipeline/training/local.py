@@ -16,6 +16,7 @@ from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged
+from pipeline.images import ImageLimits
 from pipeline.model import build_model, initial_model, resolve_device
 from pipeline.training.hooks import LocalSink, TrainingHooks
 from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
@@ -42,7 +43,7 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     device = resolve_device(config.train.device)
     dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
                                seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size)
+                               input_size=config.train.input_size, limits=ImageLimits.of(config.data))
     schedule = StepSchedule.of(config.train, len(dataset))
     store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
     latest = store.latest()

@@ -25,6 +25,7 @@ from pipeline.data.bindings import record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
+from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
 from pipeline.quiet import quiet_third_party, ray_log_level
@@ -70,7 +71,7 @@ def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
     model = ray.train.torch.prepare_model(start(config, len(payload["classes"]), batch))
     dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
                                seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size)
+                               input_size=config.train.input_size, limits=ImageLimits.of(config.data))
     schedule = StepSchedule.of(config.train, len(dataset))
     training = Training(config, model, device, schedule.total_steps, schedule.steps_per_epoch)
     if checkpoint is not None:
