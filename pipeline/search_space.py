@@ -27,6 +27,15 @@ class Domain:
             return self.values
         return (self.values[0], self.values[1] - 1 if self.kind == "randint" else self.values[1])
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this domain can give."""
+        if self.kind in ("choice", "grid"):
+            return value in self.values
+        low, high = self.values
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and (low <= value < high if self.kind == "randint" else low <= value <= high) and (
+            self.kind != "randint" or isinstance(value, int))
+
     def to_tune(self):
         from ray import tune
 

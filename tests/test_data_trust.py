@@ -2,6 +2,8 @@
 bounded by their declared size before decoding, annotation files by their size before reading,
 and VOC XML may declare no entities."""
 import json
+import os
+import re
 import struct
 import time
 import warnings
@@ -281,3 +283,26 @@ def test_limits_are_part_of_the_input_hash(tmp_path, coco):
     assert first.manifest["settings"]["max_annotation_mb"] == 2048
     for changed in ({"max_image_pixels": 10**8}, {"max_annotation_mb": 100}):
         assert prepare(coco_config(tmp_path, **changed), progress=False).directory != first.directory
+
+
+def test_annotation_files_that_would_parse_to_gigabytes_or_overflow_are_one_line(tmp_path, coco):
+    json_path, _, _ = coco
+    json_path.write_text("[" + "{}," * 2_000_000 + "{}]")  # 6 MB that Python holds as 200 MB
+    with pytest.raises(PrepError, match=r"malformed json: parsing it would take about 0\.\d GB, 3\d times its size"):
+        prepare(coco_config(tmp_path), progress=False)
+    json_path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PrepError, match="malformed json: nested too deep"):
+        prepare(coco_config(tmp_path), progress=False)
+    os.remove(json_path)
+    os.mkfifo(json_path)
+    with pytest.raises(PrepError, match="annotation file is not a regular file"):
+        prepare(coco_config(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("width", ["inf", "1e300", "-5"])
+def test_a_voc_size_out_of_range_is_one_line(tmp_path, width):
+    voc = make_voc(tmp_path / "source")
+    xml = sorted((voc / "Annotations").iterdir())[0]
+    xml.write_text(re.sub(r"<width>\d+</width>", f"<width>{width}</width>", xml.read_text()))
+    with pytest.raises(PrepError, match=rf"{xml.name}: malformed XML: <size>"):
+        prepare(make_config(tmp_path), progress=False)

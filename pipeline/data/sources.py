@@ -13,6 +13,7 @@ entities.
 import json
 import math
 import os
+import stat
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,10 @@ VOC_CLASSES = (
     "tvmonitor",
 )
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+# Bounds on what an annotation file may make data-prep hold beside data.max_annotation_mb: a json
+# may parse to at most this many times its size, a VOC image's side be at most this many pixels.
+MAX_JSON_EXPANSION = 12
+MAX_IMAGE_SIDE = 1 << 20
 
 
 
@@ -175,10 +180,13 @@ def _read_annotation(path: Path, max_mb: float, what: str = "annotation file") -
     its size, and a dataset's file can be any size."""
     limit = int(max_mb * 2**20)
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            # Bounded even where st_size says nothing (a device, a pipe).
-            data = b"" if size > limit else handle.read(limit + 1)
+        # Opened without waiting for a FIFO's writer; only a regular file is read.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise PrepError(path, f"{what} is not a regular file")
+            size = status.st_size
+            data = b"" if size > limit else handle.read(limit + 1)  # bounded if it grows meanwhile
     except FileNotFoundError:
         raise PrepError(path, f"{what} not found") from None
     except OSError as error:
@@ -285,8 +293,10 @@ def _voc_size(root: ET.Element, path: Path) -> tuple[int | None, int | None]:
         return None, None
     try:
         size = int(float(width)), int(float(height))
-    except ValueError:
-        raise PrepError(path, f"malformed XML: <size> is not numeric: {width!r} x {height!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: inf
+        raise PrepError(path, f"malformed XML: <size> is not numeric: {width!r:.40} x {height!r:.40}") from None
+    if not all(0 <= side <= MAX_IMAGE_SIDE for side in size):
+        raise PrepError(path, f"malformed XML: <size> {size[0]} x {size[1]} is not an image's")
     return (None, None) if size == (0, 0) else size
 
 
@@ -409,8 +419,18 @@ def _coco_entry(image_id: int, file_name: str, path: Path, inside: _Inside) -> E
 
 def _load_json(path: Path, max_mb: float) -> Any:
     text = _read_annotation(path, max_mb)
+    # What parsing will hold, estimated from a byte count before it starts: Python's objects take
+    # about 72 bytes a container and 32 a member. COCO's files come to 4-8 times their size; a
+    # file of empty objects to 35 times, which data.max_annotation_mb alone would admit.
+    estimate = 72 * (text.count(b"{") + text.count(b"[")) + 32 * (text.count(b",") + text.count(b":"))
+    if estimate > MAX_JSON_EXPANSION * max(len(text), 1 << 20):
+        raise PrepError(path, f"malformed json: parsing it would take about {estimate / 2**30:.1f} GB, "
+                              f"{estimate / len(text):.0f} times its size (annotation files take under "
+                              f"{MAX_JSON_EXPANSION})")
     try:
         return json.loads(text)
+    except RecursionError:
+        raise PrepError(path, "malformed json: nested too deep") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise PrepError(path, f"malformed json: {error}") from None
 

@@ -14,7 +14,7 @@ import time
 import types
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,21 +184,33 @@ def log_test_metrics(parent_id: str, evaluation: Evaluation) -> None:
 
 
 def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: Config) -> str:
-    """A new child run of a sweep for one trial, its whole config as params in one batch."""
+    """The child run of a sweep for one trial, its whole config as params in one batch; the
+    same run again for a trial a resumed sweep runs on."""
     client = mlflow.MlflowClient(connect(tracking_uri))
+    earlier = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{sweep_run_id}' and "
+                                                  f"tags.`mlflow.runName` = '{config.run.name}'")
+    if earlier:
+        client.update_run(earlier[0].info.run_id, status="RUNNING")
+        return earlier[0].info.run_id
     run_id = client.create_run(experiment_id, run_name=config.run.name,
                                tags={"mlflow.parentRunId": sweep_run_id, STAGE_TAG: "trial"}).info.run_id
     client.log_batch(run_id, params=[Param(key, value) for key, value in param_safe(config).items()])
     return run_id
 
 
-def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]]) -> None:
-    """Set each trial run of the sweep (by run name) to its (status, end time in seconds)."""
+def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]],
+               metrics_of: Callable[[str], Location]) -> None:
+    """Set each trial run of the sweep (by run name) to its (status, end time in seconds), after
+    sending what its metrics journal (`metrics_of(name)`) holds beyond MLflow: a trial Tune
+    stopped was ended with its forwarder, which may not have sent its last validations."""
     client = mlflow.MlflowClient()
     experiment = client.get_run(sweep_run_id).info.experiment_id
     for run in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}' "
                                                 f"and tags.`{STAGE_TAG}` = 'trial'"):
         if run.info.run_name in outcomes:
+            journal = metrics_of(run.info.run_name)
+            if journal.exists():
+                MetricsForwarder(journal, run.info.run_id, mlflow.get_tracking_uri()).send()
             status, ended = outcomes[run.info.run_name]
             client.set_terminated(run.info.run_id, status, end_time=int(ended * 1000) if ended else None)
 
