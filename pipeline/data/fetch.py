@@ -1,41 +1,63 @@
 """Downloading the named datasets into the data root, in the layout the sources read.
 
 Only what the configured splits need is fetched: VOC 2007's test archive, or COCO's 18 GB of
-training images, only when asked for.
+training images, only when asked for. Every download is pinned: by its archive's published md5
+(VOC, COCO) or, where the host builds the archive on demand (GitHub's zip of BCCD at a fixed
+commit, whose bytes GitHub does not promise), by a SHA-256 of the files the layout reads. Its
+size is bounded while it streams, and it is extracted with Python's `data` filter (tar) or the
+same rules checked by hand (zip): no absolute paths, no `..`, no links out, no devices, and no
+more than `MAX_EXPANSION` times the archive's size.
 """
+import hashlib
 import os
+import tarfile
 import tempfile
+import urllib.request
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
-
-from torchvision.datasets.utils import download_and_extract_archive
 
 from pipeline.config import DataConfig
 from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths
+from pipeline.redaction import redact
 from pipeline.storage import Location, is_uri
+
+MB = 1 << 20
+# Extracted bytes per archive byte at most: COCO's annotation zip, the most compressed of these
+# archives, expands about 7 times.
+MAX_EXPANSION = 16
+READ_TIMEOUT_S = 60
+# The files a VOC-layout folder's layout reads, which BCCD's digest covers.
+_VOC_READ = ("Annotations/*.xml", "ImageSets/Main/*.txt", "JPEGImages/*.jpg")
 
 
 @dataclass(frozen=True)
 class Archive:
     url: str
     into: str  # folder under the data root the archive is extracted into
-    md5: str | None = None
+    max_mb: int  # its size is known: more than this is not the archive
+    md5: str = ""  # the archive's published checksum
     # The part of the archive the layout wants, when the archive wraps it in other folders
-    # (BCCD's GitHub zip); it is moved to `into/<its name>` and the rest is discarded.
+    # (BCCD's GitHub zip: <repo>-<commit>/BCCD); it is moved to `into/<its name>`, the rest discarded.
     subfolder: str = ""
+    content_sha256: str = ""  # of the subfolder's files the layout reads (`content_digest`)
 
 
-BCCD = Archive("https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/master.zip", "bccd",
-               subfolder="BCCD_Dataset-master/BCCD")
+BCCD_COMMIT = "d272fb1"
+BCCD = Archive(f"https://github.com/Shenggan/BCCD_Dataset/archive/{BCCD_COMMIT}.zip", "bccd", max_mb=128,
+               subfolder="BCCD", content_sha256="9358971741c3024a99b84f230651fabb7f0d28dad10b752e0732c9798b99391a")
 # The Oxford mirror torchvision uses; the md5s are torchvision's.
 _VOC = "https://thor.robots.ox.ac.uk/pascal/VOC"
-VOC2007_TRAINVAL = Archive(f"{_VOC}/voc2007/VOCtrainval_06-Nov-2007.tar", "", "c52e279531787c972589f7e41ab4ae64")
-VOC2007_TEST = Archive(f"{_VOC}/voc2007/VOCtest_06-Nov-2007.tar", "", "b6e924de25625d8de591ea690078ad9f")
-VOC2012_TRAINVAL = Archive(f"{_VOC}/voc2012/VOCtrainval_11-May-2012.tar", "", "6cd6e144f989b92b3379bac3b3de84fd")
-_COCO = "http://images.cocodataset.org"
-COCO2017_ANNOTATIONS = Archive(f"{_COCO}/annotations/annotations_trainval2017.zip", "coco")
-COCO2017_IMAGES = {split: Archive(f"{_COCO}/zips/{split}2017.zip", "coco") for split in ("train", "val")}
+VOC2007_TRAINVAL = Archive(f"{_VOC}/voc2007/VOCtrainval_06-Nov-2007.tar", "", 512, "c52e279531787c972589f7e41ab4ae64")
+VOC2007_TEST = Archive(f"{_VOC}/voc2007/VOCtest_06-Nov-2007.tar", "", 512, "b6e924de25625d8de591ea690078ad9f")
+VOC2012_TRAINVAL = Archive(f"{_VOC}/voc2012/VOCtrainval_11-May-2012.tar", "", 2200, "6cd6e144f989b92b3379bac3b3de84fd")
+# The md5s COCO's download page lists.
+_COCO = "https://images.cocodataset.org"
+COCO2017_ANNOTATIONS = Archive(f"{_COCO}/annotations/annotations_trainval2017.zip", "coco", 280,
+                               "f4bbac642086de4f52a3fdda2de5fa2c")
+COCO2017_IMAGES = {"train": Archive(f"{_COCO}/zips/train2017.zip", "coco", 21000, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+                   "val": Archive(f"{_COCO}/zips/val2017.zip", "coco", 900, "442b8da7639aecaf257c1dceb8ba8c80")}
 
 
 def _archive(folder: str, split: str) -> Archive:
@@ -132,26 +154,98 @@ def fetch(data: DataConfig, splits: Sequence[str], images: bool = True) -> None:
 
 
 def _download(archive: Archive, root: Path) -> None:
-    """Download and extract `archive` into `root`, or raise PrepError leaving nothing behind:
-    it is extracted into a scratch folder first and moved into place only once complete."""
+    """Download, check and extract `archive` into `root`, or raise PrepError leaving nothing
+    behind: it is extracted into a scratch folder first and moved into place only once complete."""
     target = root / archive.into
     created = [folder for folder in (root, target) if not folder.exists()]
     target.mkdir(parents=True, exist_ok=True)
     try:
         # Next to the target (same filesystem), so that the parts are moved by renames.
         with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as scratch:
-            download_and_extract_archive(archive.url, download_root=scratch, md5=archive.md5, remove_finished=True)
-            if archive.subfolder:
-                os.replace(Path(scratch) / archive.subfolder, target / Path(archive.subfolder).name)
-            else:
-                _merge(Path(scratch), target)
-    except (OSError, RuntimeError) as error:  # offline, refused, truncated or corrupt (md5)
+            path = Path(scratch) / PurePosixPath(archive.url).name
+            download(archive, path)
+            extract(path, Path(scratch) / "x", archive)
+            _place(Path(scratch) / "x", target, archive)
+    except (OSError, PrepError) as error:  # offline, refused, truncated, altered or unsafe
         for folder in reversed(created):
             if folder.exists() and not any(folder.iterdir()):
                 folder.rmdir()
-        reason = getattr(error, "reason", None) or error
-        raise PrepError(root, f"could not download {archive.url} ({reason}); without network access, set "
-                              "APLOSS_DATA_ROOT or data.root to a folder that holds the dataset") from None
+        if isinstance(error, PrepError):
+            raise PrepError(root, f"downloaded {redact(archive.url)} and refused it: {error.problem}") from None
+        raise PrepError(root, f"could not download {redact(archive.url)} ({getattr(error, 'reason', None) or error});"
+                              " without network access, set APLOSS_DATA_ROOT or data.root to a folder that holds"
+                              " the dataset") from None
+
+
+def download(archive: Archive, path: Path) -> None:
+    """`archive` streamed into `path`, refused past its known size or with another md5."""
+    limit, md5 = archive.max_mb * MB, hashlib.md5(usedforsecurity=False)
+    request = urllib.request.Request(archive.url, headers={"User-Agent": "aploss"})
+    with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response, path.open("wb") as out:
+        received = 0
+        while chunk := response.read(MB):
+            received += len(chunk)
+            if received > limit:
+                raise PrepError(path, f"more than {archive.max_mb} MB, larger than the archive is")
+            md5.update(chunk)
+            out.write(chunk)
+    if archive.md5 and md5.hexdigest() != archive.md5:
+        raise PrepError(path, f"md5 {md5.hexdigest()}, not the published {archive.md5}: altered or truncated")
+
+
+def extract(path: Path, into: Path, archive: Archive) -> None:
+    """Extract a tar or zip archive with no member outside `into`, no link, device or FIFO, and
+    at most MAX_EXPANSION times its size in all."""
+    budget = MAX_EXPANSION * path.stat().st_size
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as opened:
+            members = opened.infolist()
+            for member in members:
+                name = PurePosixPath(member.filename)
+                if name.is_absolute() or ".." in name.parts or "\\" in member.filename:
+                    raise PrepError(path, f"member {member.filename!r} points outside the archive's folder")
+                if (member.external_attr >> 16) & 0o170000 not in (0, 0o100000, 0o040000):
+                    raise PrepError(path, f"member {member.filename!r} is a link or a special file")
+            _check_expansion(path, sum(member.file_size for member in members), budget)
+            opened.extractall(into)
+        return
+    try:
+        with tarfile.open(path) as opened:
+            members = opened.getmembers()
+            _check_expansion(path, sum(member.size for member in members), budget)
+            opened.extractall(into, filter="data")
+    except tarfile.FilterError as error:
+        raise PrepError(path, f"refused: {error}") from None
+    except tarfile.TarError as error:
+        raise PrepError(path, f"not a tar or zip archive ({error})") from None
+
+
+def _check_expansion(path: Path, size: int, budget: int) -> None:
+    if size > budget:
+        raise PrepError(path, f"would extract to {size // MB} MB, more than {MAX_EXPANSION} times its size")
+
+
+def content_digest(folder: Path) -> str:
+    """SHA-256 over the files a VOC layout reads in `folder`, by relative path and content."""
+    digest = hashlib.sha256()
+    for file in sorted(path for pattern in _VOC_READ for path in folder.glob(pattern)):
+        digest.update(f"{file.relative_to(folder).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _place(extracted: Path, target: Path, archive: Archive) -> None:
+    """The extracted archive into `target`: its `subfolder` alone (found under the one folder a
+    GitHub zip wraps it in) after its content digest is checked, or all of it."""
+    if not archive.subfolder:
+        _merge(extracted, target)
+        return
+    found = [folder for folder in extracted.glob(f"*/{archive.subfolder}") if folder.is_dir()]
+    if len(found) != 1:
+        raise PrepError(extracted, f"the archive holds no single */{archive.subfolder} folder")
+    if archive.content_sha256 and content_digest(found[0]) != archive.content_sha256:
+        raise PrepError(extracted, f"its {archive.subfolder} files are not those of the pinned release")
+    os.replace(found[0], target / archive.subfolder)
 
 
 def _merge(source: Path, destination: Path) -> None:

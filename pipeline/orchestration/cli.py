@@ -232,7 +232,8 @@ HELP = {
     "config show": ("print the effective config (defaults, file and overrides)",
                     "Prints the config a command would run with: the defaults, the --config file and the overrides "
                     "merged and validated, as YAML that --config takes.",
-                    ["aploss config show", "aploss config show --config configs/ssd300_voc0712_ap.yaml train.epochs=1"]),
+                    ["aploss config show",
+                     "aploss config show --config configs/ssd300_voc0712_ap.yaml train.epochs=1"]),
 }
 
 

@@ -34,10 +34,10 @@ class RegisteredDetector(PythonModel):
         from pipeline.evaluation.predict import decode, detect
         from pipeline.images import ImageLimits
 
-        rows = []
+        rows, limits = [], ImageLimits.of(self.trained.data)
         for index, encoded in enumerate(model_input["image"]):
-            (found,) = detect(self.detector, [decode(bytes(encoded), f"image {index}", ImageLimits.of(self.trained.data))], self.classes,
-                              torch.device("cpu"))
+            image = decode(bytes(encoded), f"image {index}", limits)
+            (found,) = detect(self.detector, [image], self.classes, torch.device("cpu"))
             rows.append((found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), found.names))
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 

@@ -111,7 +111,8 @@ def pipeline_run(config: Config, experiment_id: str, stage: str = "pipeline") ->
     if found:
         return found.info.run_id
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=f"{config.run.name}-{stage}" if stage != "pipeline" else config.run.name,
+    name = f"{config.run.name}-{stage}" if stage != "pipeline" else config.run.name
+    run = client.create_run(experiment_id, run_name=name,
                             tags={RUN_NAME_TAG: config.run.name, STAGE_TAG: stage})
     client.log_dict(run.info.run_id, {"config": param_safe(config)}, "config.json")
     return run.info.run_id
@@ -140,7 +141,8 @@ def active(run_id: str):
 
 
 def finish(run_id: str, failed: bool = False, tracking_uri: str | None = None) -> None:
-    mlflow.MlflowClient(tracking_uri and connect(tracking_uri)).set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    client = mlflow.MlflowClient(tracking_uri and connect(tracking_uri))
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 @contextlib.contextmanager
@@ -459,8 +461,8 @@ def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
 
 
 # What an evaluation depends on beside the model: the evaluate run's params.
-EVALUATION_PARAMS = ("data.dataset", "data.root", "eval.split", "model.min_size", "model.max_size", "model.score_thresh",
-                     "model.nms_thresh", "model.detections_per_image")
+EVALUATION_PARAMS = ("data.dataset", "data.root", "eval.split", "model.min_size", "model.max_size",
+                     "model.score_thresh", "model.nms_thresh", "model.detections_per_image")
 
 
 def log_evaluation(evaluation: Evaluation, config: Config) -> None:
