@@ -67,7 +67,7 @@ def model_file(config: Config, classes: int, path: Path) -> Path:
     torch.manual_seed(0)
     state = {"model": build_model(config, classes).state_dict(), "config": config_record(config),
              "classes": [str(i) for i in range(classes)]}
-    return checkpoints.export_model(state, path)
+    return checkpoints.export_model(state, list(range(1, classes + 1)), path)
 
 
 def evaluation_times(config: Config, model_path: Path, workers: int) -> dict:

@@ -87,10 +87,11 @@ def best(scored: Sequence[tuple[float | None, T]]) -> T | None:
     return scored[-1][1] if scored else None
 
 
-def export_model(state: dict[str, Any], path: Path | Location) -> Path | Location:
+def export_model(state: dict[str, Any], category_ids: list[int], path: Path | Location) -> Path | Location:
     """The trained detector as the run's model.pt: weights, the config it was trained with
-    (bound to its prepared data) and the class names, from a checkpoint's state."""
-    save_atomic({key: state[key] for key in ("model", "config", "classes")}, path)
+    (bound to its prepared data), the class names and their dataset's category ids, from a
+    checkpoint's state."""
+    save_atomic({**{key: state[key] for key in ("model", "config", "classes")}, "category_ids": category_ids}, path)
     return path
 
 

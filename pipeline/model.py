@@ -12,6 +12,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,9 +57,18 @@ def build_model(config: Config, num_classes: int, batch: LocalBatch | None = Non
         train_input_size=config.train.input_size, criterion=criterion, backbone_weights=backbone_weights)
 
 
-def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list[str], Config]:
-    """A trained detector, its class names and the config it was trained with, from a model.pt
-    of the train stage."""
+class TrainedModel(NamedTuple):
+    detector: OneStageDetector
+    classes: list[str]
+    config: Config  # the config it was trained with
+    # The dataset's category id of each class, saved in the model.pt: a model file names no data
+    # to read them from (its config's data.prepared could send requests anywhere).
+    category_ids: list[int]
+
+
+def load_model(path: Path, device: torch.device) -> TrainedModel:
+    """A trained detector with its class names, config and category ids, from a model.pt of the
+    train stage; a model.pt from before category ids were saved numbers its classes 1..K."""
     saved = checkpoints.load(path, device)
     if not isinstance(saved, dict) or not {"config", "classes", "model"} <= set(saved):
         raise DataError(f"{path}: not a model.pt (it has no config, classes and model)")
@@ -66,13 +76,16 @@ def load_model(path: Path, device: torch.device) -> tuple[OneStageDetector, list
     check_bounded(classes, f"{path}: classes", max_values=MAX_CLASSES + 1, max_depth=1)
     if not isinstance(classes, list) or not all(isinstance(name, str) and len(name) <= 256 for name in classes):
         raise DataError(f"{path}: classes must be a list of names")
+    ids = saved.get("category_ids", list(range(1, len(classes) + 1)))
+    if not (isinstance(ids, list) and len(ids) == len(classes) and all(type(i) is int for i in ids)):
+        raise DataError(f"{path}: category_ids must be one integer per class")
     try:
         config = config_from_dict(saved["config"])
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     model = build_model(config, len(classes)).to(device)
     model.load_state_dict(saved["model"])
-    return model, classes, config
+    return TrainedModel(model, classes, config, ids)
 
 
 def _norm(config: Config) -> str:

@@ -185,7 +185,7 @@ def test_evaluation_adds_voc_map_when_asked(workspace, tmp_path):
 
     root, config_path = workspace
     config = load_config(config_path)
-    model, classes, _ = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
+    model, classes, _, _ = load_model(root / "runs" / "synthetic" / "model.pt", torch.device("cpu"))
     from pipeline.data.prep import locate_prepared
     split = locate_prepared(config) / "train"
     evaluation = evaluate_split(model, DetectionDataset(ShardReader(split)), split / "ground_truth.json", classes,

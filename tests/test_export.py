@@ -46,7 +46,7 @@ def _model_pt(tmp_path, arch: str):
                                 "model.score_thresh=0.0", f"run.output_dir={tmp_path}"])
     torch.manual_seed(0)
     return export_model({"model": build_model(config, len(CLASSES)).state_dict(), "config": config_record(config),
-                         "classes": CLASSES}, tmp_path / "model.pt")
+                         "classes": CLASSES}, list(range(1, len(CLASSES) + 1)), tmp_path / "model.pt")
 
 
 @pytest.mark.parametrize("arch", ["retinanet_r18", "ssd300_vgg16", "ssdlite_mobilenet_v3"])
@@ -64,7 +64,7 @@ def test_the_exported_program_runs_without_aploss_and_finds_what_the_eager_detec
                    env=environment, check=True, timeout=120)
     exported = torch.load(tmp_path / "found.pt")
 
-    detector, _, _ = load_model(model_path, torch.device("cpu"))
+    detector, _, _, _ = load_model(model_path, torch.device("cpu"))
     with torch.no_grad():
         expected = detector.eval()(images)
     assert exported["classes"] == CLASSES

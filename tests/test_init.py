@@ -132,7 +132,7 @@ def _earlier_run(tmp_path, classes: int = 2, *overrides) -> dict[str, torch.Tens
     model = build_model(config, classes)
     checkpoints.export_model({"model": model.state_dict(), "config": config_record(config),
                               "classes": [f"c{i}" for i in range(classes)]},
-                             tmp_path / "runs" / "earlier" / "model.pt")
+                             list(range(1, classes + 1)), tmp_path / "runs" / "earlier" / "model.pt")
     return model.state_dict()
 
 

@@ -1,7 +1,8 @@
 """`aploss predict`: a trained detector on a user's image files, equal to its evaluation on the
 same images, in the dataset's own category ids."""
+import http.server
 import json
-
+import threading
 from types import SimpleNamespace
 
 import pandas as pd
@@ -53,7 +54,7 @@ def test_predict_on_image_files_equals_the_evaluation_of_the_same_images(trained
     detections = json.loads(out.read_text())
     assert f"detections on 3 images: {out}" in capsys.readouterr().out
 
-    model, classes, config = load_model(model_path, torch.device("cpu"))
+    model, classes, config, _ = load_model(model_path, torch.device("cpu"))
     manifest = read_manifest(config.data.prepared)
     assert detections["categories"] == [{"id": i, "name": n} for i, n in zip(manifest["category_ids"], classes)]
     assert [image["file_name"] for image in detections["images"]] == sorted(
@@ -113,6 +114,54 @@ def test_predict_and_the_served_model_refuse_crafted_images_with_one_line(traine
     served.load_context(SimpleNamespace(artifacts={"model": str(model_path)}))
     with pytest.raises(DataError, match=f"image 0: {problem}"):
         served.predict(None, pd.DataFrame({"image": [crafted]}))
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers nothing and remembers every request it was sent."""
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 -- http.server's name
+        self.seen.append(self.path)
+        self.send_error(403)
+
+    do_HEAD = do_PUT = do_POST = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_model_file_names_no_data_that_predict_would_read(trained, tmp_path, capsys, monkeypatch):
+    # A model.pt handed over by someone else, its config bound to "prepared data" in their bucket:
+    # predict used to read that manifest for the category ids, signing requests with the user's keys.
+    root, run_settings, model_path = trained
+    saved = torch.load(model_path, weights_only=True)
+    saved["config"]["data"]["prepared"] = "s3://their-bucket/prepared"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "user-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "user-secret")
+    try:
+        for ids in ([62, 7], None):  # the ids it was saved with; none in a model.pt from before they were saved
+            if ids is None:
+                del saved["category_ids"]
+            else:
+                saved["category_ids"] = ids
+            torch.save(saved, tmp_path / "model.pt")
+            out = tmp_path / "d.json"
+            assert main(["predict", "--model", str(tmp_path / "model.pt"), str(root / "data" / "val"),
+                         "--out", str(out), *run_settings]) == 0
+            categories = json.loads(out.read_text())["categories"]
+            assert [c["id"] for c in categories] == (ids or [1, 2])
+    finally:
+        server.shutdown()
+    assert _Recorder.seen == []
+
+    saved["category_ids"] = ["1; rm", 2]
+    torch.save(saved, tmp_path / "model.pt")
+    assert main(["predict", "--model", str(tmp_path / "model.pt"), str(root / "data" / "val"), *run_settings]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"aploss predict: error: {tmp_path / 'model.pt'}: category_ids must be one integer per class")
 
 
 def test_predict_on_ray_equals_the_single_process_predictions_on_bccd_test(trained, tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_the_registered_model_loads_and_serves_from_weights(tmp_path, capsys):
     torch.manual_seed(0)
     model_path = tmp_path / "model.pt"
     checkpoints.export_model({"model": build_model(config, 3).state_dict(), "config": config_record(config),
-                              "classes": ["RBC", "WBC", "Platelets"]}, model_path)
+                              "classes": ["RBC", "WBC", "Platelets"]}, [1, 2, 3], model_path)
     with mlflow.start_run(experiment_id=tracking.configure(config)) as run:
         tracking.log_model(model_path, config)
     tracking.promote(config, run.info.run_id, 0.5)

@@ -23,6 +23,11 @@ def split_dir(config: Config, split: str) -> Location:
     return Location(config.data.prepared) / split
 
 
+def prepared_category_ids(config: Config) -> list[int]:
+    """The dataset's category id of each class of the prepared data `config` is bound to."""
+    return read_manifest(config.data.prepared)["category_ids"]
+
+
 def training_data(config: Config) -> tuple[Config, list[str]]:
     """`config` as it trains: bound to its prepared data, `auto` anchors fitted to it and an
     `auto` norm made concrete (`bind_init`); and the class names. Refuses splits that leave

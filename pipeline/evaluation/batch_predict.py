@@ -17,7 +17,7 @@ import ray.data
 import torch
 
 from pipeline.config import Config
-from pipeline.evaluation.predict import detect, image_files, read_image, trained_category_ids, with_postprocessing
+from pipeline.evaluation.predict import detect, image_files, read_image, with_postprocessing
 from pipeline.images import ImageLimits
 from pipeline.model import load_model
 from pipeline.storage import Location
@@ -33,9 +33,8 @@ class _Detector:
         with tempfile.TemporaryDirectory() as scratch:
             model_path = Path(scratch) / "model.pt"
             model_path.write_bytes(ray.get(weights))
-            model, self.classes, trained = load_model(model_path, self.device)
+            model, self.classes, trained, self.ids = load_model(model_path, self.device)
         self.model = with_postprocessing(model, trained, overrides)
-        self.ids = trained_category_ids(trained, self.classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         images = [read_image(Location(path), self.limits) for path in batch["path"]]

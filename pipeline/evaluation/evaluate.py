@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config
-from pipeline.data.bindings import split_dir
+from pipeline.data.bindings import prepared_category_ids, split_dir
 from pipeline.data.dataset import DetectionDataset, collate
-from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.shards import ShardReader
 from pipeline.evaluation.coco_metrics import (
     CocoResult,
     category_ids,
@@ -110,8 +110,7 @@ def validation_ap(model: OneStageDetector, config: Config, device: torch.device)
     rank, world_size = _process_group()
     batches = evaluation_slices(len(dataset), config.eval.batch_size, world_size)[rank]
     # The manifest's ids, not the ground truth's: every rank needs them, only rank 0 the whole json.
-    categories = read_manifest(config.data.prepared)["category_ids"]
-    detections = detect_batches(model, dataset, batches, device, categories)
+    detections = detect_batches(model, dataset, batches, device, prepared_category_ids(config))
     if world_size > 1:
         gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(pack_detections(detections), gathered, dst=0)

@@ -54,7 +54,7 @@ def export_detector(model_path: str | PathLike | Location, out: str | PathLike |
     """
     if not Location(model_path).is_file():
         raise MissingInput(f"{model_path}: no such model file (export takes a run's model.pt)")
-    detector, classes, trained = load_model(model_path, torch.device("cpu"))
+    detector, classes, trained, _ = load_model(model_path, torch.device("cpu"))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # TorchScript's deprecation notices: nothing a user of the command can act on.

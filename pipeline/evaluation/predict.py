@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, parse_override
-from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError, MissingInput
 from pipeline.evaluation.coco_metrics import draw_detections
 from pipeline.images import ImageLimits, ImageRefused, decode_rgb, read_image_file
@@ -129,16 +128,6 @@ def model_location(spec: str, config: Config) -> Location:
     return location
 
 
-def trained_category_ids(trained: Config, classes: Sequence[str]) -> list[int]:
-    """The dataset's category id of each class, from the prepared data the model was trained
-    on; 1..K when that data is not reachable from here."""
-    try:
-        ids = read_manifest(trained.data.prepared)["category_ids"] if trained.data.prepared else None
-    except (MissingInput, DataError, OSError):
-        ids = None
-    return list(ids) if ids and len(ids) == len(classes) else list(range(1, len(classes) + 1))
-
-
 def _batches(files: list[Location], batch_size: int) -> Iterator[list[Location]]:
     for start in range(0, len(files), batch_size):
         yield files[start:start + batch_size]
@@ -187,10 +176,10 @@ def predict_stage(config: Config, model_path: Location, inputs: Sequence[str], o
                   out: Location, draw_dir: Location | None = None, progress: bool = True) -> dict:
     """Detections of the model at `model_path` on the images `inputs` name, written to `out`."""
     device = resolve_device(config.train.device)
-    model, classes, trained = load_model(model_path, device)
+    model, classes, trained, ids = load_model(model_path, device)
     files = image_files(inputs)
-    detections = predict_files(with_postprocessing(model, trained, overrides), classes,
-                               trained_category_ids(trained, classes), files, config.eval.batch_size, device,
+    detections = predict_files(with_postprocessing(model, trained, overrides), classes, ids, files,
+                               config.eval.batch_size, device,
                                ImageLimits.of(config.data), draw_dir, progress)
     write_json_atomic(detections, out)
     return detections

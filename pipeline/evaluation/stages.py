@@ -127,7 +127,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     model_path = model_path or config.run.directory() / "model.pt"
     if not model_path.exists():
         raise MissingInput(f"{model_path}: no trained model; run the train stage first")
-    model, classes, trained = load_model(model_path, device)
+    model, classes, trained, _ = load_model(model_path, device)
     config = evaluation_config(config, trained)
     _check_classes(config, classes, model_path, config.run.name)
     split = split_dir(config, config.eval_split())
@@ -167,7 +167,7 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
         path = paths[name] = config.for_run(name).run.directory() / "model.pt"
         if not path.exists():
             raise MissingInput(f"{path}: no trained model for run '{name}'; run its train stage first")
-        models[name], classes, trained_config = load_model(path, device)
+        models[name], classes, trained_config, _ = load_model(path, device)
         trained_with[name] = config_record(trained_config)
         bound[name] = evaluation_config(config, trained_config)
         _check_classes(bound[name], classes, path, name)

@@ -27,7 +27,7 @@ class RegisteredDetector(PythonModel):
 
         (model_path,) = context.artifacts.values()  # the run's model.pt
         # The limits on a request's image are those the model was trained with.
-        self.detector, self.classes, self.trained = load_model(Path(model_path), torch.device("cpu"))
+        self.detector, self.classes, self.trained, _ = load_model(Path(model_path), torch.device("cpu"))
         self.detector.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config, config_record
 from pipeline.data.anchors import report_anchor_recall
-from pipeline.data.bindings import record_training_run, split_dir, training_data
+from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged
@@ -58,7 +58,8 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     except TrainingDiverged as error:
         latest = store.latest()
         raise TrainingDiverged(error.step, error.term, error.value, str(latest) if latest else None) from None
-    model_path = checkpoints.export_model(checkpoints.load(store.best(), device), config.run.directory() / "model.pt")
+    model_path = checkpoints.export_model(checkpoints.load(store.best(), device), prepared_category_ids(config),
+                                          config.run.directory() / "model.pt")
     return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
 
 

@@ -21,7 +21,7 @@ from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_record
 from pipeline.data.anchors import report_anchor_recall
-from pipeline.data.bindings import record_training_run, split_dir, training_data
+from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged, TrainingFailed
@@ -170,4 +170,5 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
     record_training_run(config)
     _diverged_path(config).delete()
     result = fit_run(config, build_trainer(config, classes, train_loop))
-    return result, checkpoints.export_model(best_state(result), config.run.directory() / "model.pt")
+    model_path = config.run.directory() / "model.pt"
+    return result, checkpoints.export_model(best_state(result), prepared_category_ids(config), model_path)
