@@ -37,7 +37,6 @@ MAX_JSON_EXPANSION = 12
 MAX_IMAGE_SIDE = 1 << 20
 
 
-
 @dataclass(frozen=True)
 class VOCLayout:
     classes: tuple[str, ...]
