@@ -1,7 +1,17 @@
 """Loader processes change how fast batches come, never which: the same batches, and the same
-weights after training, interrupted and resumed or not, with 0 and 2 of them."""
+weights after training, interrupted and resumed or not, with 0 and 2 of them; and they end with
+the training process, however it ends."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+
+from aploss import kernels
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.data.bindings import split_dir
@@ -91,3 +101,53 @@ def test_auto_loader_processes_take_the_cpus_beyond_the_training_step():
     assert loader_processes(TrainConfig(loader_workers=3), 1) == 3
     with pytest.raises(ConfigError, match=r"train.loader_workers: must be >= 0, or -1 \(auto\), got -2"):
         load_config(None, ["train.loader_workers=-2"])
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """Every live process: its parent and its command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            state, parent = stat[stat.rindex(")") + 2:].split()[:2]
+            if state != "Z":
+                found[int(entry.name)] = (int(parent), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _multiprocessing_descendants(pid: int) -> set[int]:
+    """The forkserver, the loader processes it forked and the resource tracker under `pid`."""
+    processes, found = _processes(), {pid}
+    while grown := {child for child, (parent, _) in processes.items() if parent in found} - found:
+        found |= grown
+    return {child for child in found - {pid} if "multiprocessing" in processes[child][1]}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_loader_processes_end_with_a_killed_training(data_root, tmp_path, signal_number):
+    # They used to outlive `aploss train` (about 1.3 GB each), one pair 88 minutes later.
+    kernels.loaded()  # compiled here first, so the killed process is not compiling it
+    overrides = [
+        "data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
+        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=64", "model.max_size=64",
+        "train.batch_size=4", "train.max_steps=100000", "train.eval_every=100000", "train.loader_workers=2",
+        f"run.output_dir={tmp_path}", "run.name=killed"]
+    command = [sys.executable, "-m", "pipeline.orchestration.cli"]
+    subprocess.run([*command, "prep", *overrides], check=True, capture_output=True)
+    training = subprocess.Popen([*command, "train", *overrides], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(helpers := _multiprocessing_descendants(training.pid)) < 4:  # forkserver, 2 loaders, tracker
+        assert training.poll() is None and time.monotonic() < deadline, "training never started its loaders"
+        time.sleep(0.5)
+    os.kill(training.pid, signal_number)
+    training.wait()
+    deadline = time.monotonic() + 15
+    while (left := helpers & set(_processes())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == set()

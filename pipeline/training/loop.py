@@ -5,9 +5,12 @@ schedule, gradient clipping, AMP on CUDA, skipping batches without positives.
 `fit` walks the global batches. Both are the same in a single process and in every Ray
 Train worker; only the `Hooks` that log, validate and checkpoint differ.
 """
+import functools
 import math
 import multiprocessing
+import os
 import random
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -245,7 +248,39 @@ def training_batches(dataset: DetectionDataset, sampler: RunBatchSampler, loader
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", DetectionDataset.__module__])
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory, num_workers=loaders,
-                      multiprocessing_context=context, prefetch_factor=PREFETCH_BATCHES)
+                      multiprocessing_context=context, prefetch_factor=PREFETCH_BATCHES,
+                      worker_init_fn=functools.partial(_end_with, os.getpid()))
+
+
+# How often a loader process looks for the training process it serves.
+WATCH_SECONDS = 1.0
+
+
+def _end_with(training_pid: int, worker_id: int) -> None:
+    """Ends this loader process once the training process is gone, however it went (SIGKILL
+    included). The forkserver is its parent, not the training process, so torch's own watchdog
+    (which compares the parent's pid) and a parent-death signal never see it go."""
+    def watch() -> None:
+        while _running(training_pid):
+            time.sleep(WATCH_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-training", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, killed but not yet reaped, is not)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): signal 0 only asks whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, hooks: Hooks, rank: int = 0,
