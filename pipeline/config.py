@@ -156,7 +156,7 @@ class ModelConfig:
     arch: Literal[ARCHITECTURES] = "retinanet_r18"
     # Where training starts: none (from scratch), imagenet (torchvision's weights of the trunk),
     # a path or http(s) URL of a trunk's or a whole detector's state dict, run:NAME (that run's
-    # model.pt), or an MLflow model URI (models:/aploss-detector@champion, runs:/...).
+    # model.pt), or an MLflow model URI (models:/aploss-bccd@champion, runs:/...).
     init: str = "none"
     # auto: group from scratch, frozen BN for a pretrained trunk (ImageNet statistics: batches of
     # a few images cannot re-estimate them), a whole detector's own; made concrete when training starts.
@@ -354,11 +354,11 @@ class RayConfig:
 class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/mlflow.db
     experiment: str = "aploss"
-    registered_model: str = "aploss-detector"
+    # The model registry's name for the run's detector; empty: one per dataset (`registered_name`).
+    registered_model: str = ""
 
     def validate(self) -> None:
         _require(bool(self.experiment), "tracking.experiment", "must not be empty")
-        _require(bool(self.registered_model), "tracking.registered_model", "must not be empty")
 
 
 @dataclass

@@ -166,7 +166,7 @@ def test_a_registered_model_is_fetched_and_fine_tuned(tmp_path):
     experiment = tracking.configure(source)
     with tracking.active(tracking.stage_run(experiment, tracking.pipeline_run(source, experiment), "train")[0]):
         tracking.log_model(tmp_path / "runs" / "earlier" / "model.pt", source)
-    config = _config(tmp_path, "model.init=models:/aploss-detector/1", "run.name=tuned")
+    config = _config(tmp_path, "model.init=models:/aploss-bccd/1", "run.name=tuned")
     with pytest.raises(MissingInput, match="fetched by the aploss training commands"):
         initial_model(config, 2)
     tracking.fetch_init(config)

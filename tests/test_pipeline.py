@@ -1,4 +1,5 @@
 """The main job end to end on a synthetic set: MLflow run tree, registered model, rerun skips."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,10 @@ def pipeline_config(tmp_path_factory):
     ray.shutdown()
 
 
+# The registered model of the synthetic set's classes (square, disc by category id).
+REGISTERED = "aploss-coco-" + hashlib.sha256(b"square\ndisc").hexdigest()[:8]
+
+
 def _children(client, experiment_id, parent_id):
     runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     return {run.data.tags["aploss.stage"]: run for run in runs}
@@ -44,6 +49,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert "MLFLOW_TRACKING_URI" not in os.environ  # a later config in this process picks its own store
     printed = capsys.readouterr().out
     assert "| AP50 |" in printed and "mlflow ui --backend-store-uri sqlite:///" in printed
+    assert f"the best detector on this dataset: models:/{REGISTERED}@champion" in printed
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aploss")
@@ -74,7 +80,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert 1 <= len(kept) <= 2 and 4 in [c["step"] for c in kept] and all(os.path.isdir(c["path"]) for c in kept)
     stored = [p for p in (root / "runs" / "ray" / "pipeline-test").rglob("checkpoint_*") if p.is_dir()]
     assert sorted(map(str, stored)) == sorted(c["path"] for c in kept)
-    (version,) = client.search_model_versions("name = 'aploss-detector'")
+    (version,) = client.search_model_versions(f"name = '{REGISTERED}'")
     assert version.run_id == train.info.run_id
 
     evaluation = children["evaluate"]
@@ -87,7 +93,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert parent.data.params["loss.delta"] == "ConstantDelta(value=1.0)"
     assert parent.data.params["data.root"] == str(root / "data") and parent.data.params["model.arch"] == "retinanet_r18"
     assert parent.data.metrics["AP"] == evaluation.data.metrics["AP"]
-    champion = client.get_model_version_by_alias("aploss-detector", "champion")  # the best test AP
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")  # the best test AP
     assert champion.version == version.version and float(champion.tags["test_AP"]) == parent.data.metrics["AP"]
     artifacts = _artifacts(client, evaluation.info.run_id)
     assert "detections.json" in artifacts and "metrics.json" in artifacts
@@ -97,7 +103,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert "skipped (already done): data-prep, train, evaluate" in capsys.readouterr().out
     assert _children(client, experiment.experiment_id, parent.info.run_id).keys() == children.keys()
     assert client.get_run(parent.info.run_id).info.end_time == parent.info.end_time  # a skipped rerun leaves it
-    assert len(client.search_model_versions("name = 'aploss-detector'")) == 1
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 1
 
 
 def test_a_failed_pipeline_ends_its_runs_failed(pipeline_config, capsys):
@@ -131,10 +137,29 @@ def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
     assert [m.step for m in client.get_metric_history(train.info.run_id, "val_ap")] == [1, 2, 3, 4]
     assert set(CURVES) <= set(client.get_run(train.info.run_id).data.metrics)
     assert train.data.params["ray.workers"] == "2"  # the config as given, though one process trained
-    (version,) = client.search_model_versions("name = 'aploss-detector'")
+    (version,) = client.search_model_versions(f"name = '{REGISTERED}'")
     assert version.run_id == train.info.run_id
     assert (config.run.directory() / "train" / "metrics.jsonl").exists()
     assert run_pipeline(config, distributed=False).skipped == ["data-prep", "train", "evaluate"]
+
+    # Another dataset registers a model of its own, with its own champion: a detector of the
+    # first's classes never answers for it (every run used to share one registered model).
+    other = root / "other-data"
+    write_synthetic_coco(other, {"train": 8, "val": 2})
+    for split in ("train", "val"):
+        annotations = json.loads((other / f"{split}.json").read_text())
+        for category, name in zip(annotations["categories"], ("red cell", "white cell")):
+            category["name"] = name
+        (other / f"{split}.json").write_text(json.dumps(annotations))
+    second = load_config(None, [*overrides, "run.name=other", f"data.root={other}",
+                                f"run.output_dir={root / 'runs-local'}"])
+    name = "aploss-coco-" + hashlib.sha256(b"red cell\nwhite cell").hexdigest()[:8]
+    assert run_pipeline(second, distributed=False).registered_model == name
+    assert {model.name for model in client.search_registered_models()} == {REGISTERED, name}
+    for registered, run_name in ((REGISTERED, "in-process"), (name, "other")):
+        champion = client.get_model_version_by_alias(registered, "champion")
+        parent = client.get_run(champion.run_id).data.tags["mlflow.parentRunId"]
+        assert client.get_run(parent).data.tags["aploss.run_name"] == run_name
 
 
 def test_report_gathers_the_runs_of_a_comparison(pipeline_config, capsys):

@@ -115,21 +115,21 @@ def test_the_registered_model_loads_and_serves_from_weights(tmp_path, capsys):
     logged = [path.name for path in (tmp_path / "mlartifacts").rglob("*") if path.is_file()]
     assert "model.pt" in logged and not [name for name in logged if name.endswith((".pkl", ".pickle"))]
     client = mlflow.MlflowClient(config.tracking_uri())
-    assert int(client.get_model_version_by_alias("aploss-detector", "champion").version) == 1
-    assert mlflow.pyfunc.load_model("models:/aploss-detector/latest").metadata.run_id == run.info.run_id
+    assert int(client.get_model_version_by_alias("aploss-bccd", "champion").version) == 1
+    assert mlflow.pyfunc.load_model("models:/aploss-bccd/latest").metadata.run_id == run.info.run_id
 
     image = DATA_ROOT / "bccd" / "BCCD" / "JPEGImages" / "BloodImage_00000.jpg"
-    assert main(["predict", "--model", "models:/aploss-detector@champion", str(image), "--out",
+    assert main(["predict", "--model", "models:/aploss-bccd@champion", str(image), "--out",
                  str(tmp_path / "predicted.json"), f"run.output_dir={tmp_path}", "eval.batch_size=1"]) == 0
     predicted = json.loads((tmp_path / "predicted.json").read_text())["annotations"]
     assert predicted and capsys.readouterr()
-    loaded = mlflow.pyfunc.load_model("models:/aploss-detector@champion").predict(
+    loaded = mlflow.pyfunc.load_model("models:/aploss-bccd@champion").predict(
         pd.DataFrame({"image": [image.read_bytes()]}))
     assert loaded["scores"][0] == [a["score"] for a in predicted]
 
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/aploss-detector@champion",
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/aploss-bccd@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "MLFLOW_TRACKING_URI": config.tracking_uri(),
              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},

@@ -211,14 +211,14 @@ HELP = {
                ["aploss report", "aploss report --run bccd-ap-seed0 --run bccd-focal-seed0"]),
     "predict": ("apply a trained detector to images: COCO-format detections json",
                 "Runs the model (a run's name, a model.pt or checkpoint, or an MLflow model URI such as "
-                "models:/aploss-detector@champion) on image files, folders, globs or an object-store URI, and writes "
+                "models:/aploss-bccd@champion) on image files, folders, globs or an object-store URI, and writes "
                 "their detections as a COCO json in the dataset's own category ids and names (bbox x, y, w, h in "
                 "pixels, with a score), and with --draw the images with their boxes. model.score_thresh, "
                 "model.nms_thresh and model.detections_per_image are the model's own unless overridden.",
                 ["aploss predict --model bccd-ap images/ --out detections.json",
                  "aploss predict --ray --model run:bccd-ap s3://bucket/photos/ --out s3://bucket/detections "
                  "ray.workers=8 ray.use_gpu=true",
-                 "aploss predict --model models:/aploss-detector@champion 'photos/*.jpg' --draw drawn/ "
+                 "aploss predict --model models:/aploss-bccd@champion 'photos/*.jpg' --draw drawn/ "
                  "model.score_thresh=0.3"]),
     "export": ("write a trained detector as one TorchScript file that runs with torch and torchvision alone",
                "The program takes a list of RGB float [3, H, W] images in [0, 1] of any sizes and returns per image "
@@ -227,7 +227,7 @@ HELP = {
                "model.score_thresh, model.nms_thresh and model.detections_per_image are the model's own unless "
                "overridden.",
                ["aploss export --model bccd-ap --out detector.pt",
-                "aploss export --model models:/aploss-detector@champion --out s3://bucket/detector.pt "
+                "aploss export --model models:/aploss-bccd@champion --out s3://bucket/detector.pt "
                 "model.score_thresh=0.3"]),
     "config show": ("print the effective config (defaults, file and overrides)",
                     "Prints the config a command would run with: the defaults, the --config file and the overrides "

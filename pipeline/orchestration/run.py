@@ -33,6 +33,7 @@ class PipelineResult:
     metrics: dict[str, float | None]
     per_class_ap: dict[str, float | None]
     skipped: list[str]
+    registered_model: str  # the registry's name for the run's detector
 
 
 def start_ray(config: Config, extra_cpus: int = 0) -> None:
@@ -152,7 +153,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             tracking.promote(config, train_run_id, evaluation.result.metrics["AP"])
         outcome.ran = len(skipped) < len(STAGES)
     saved = json.loads(metrics_path.read_text())
-    return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped)
+    return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped, tracking.registered_name(config))
 
 
 def run_robustness(config: Config, names: list[str], progress: bool = True) -> dict[str, tuple]:
@@ -179,4 +180,5 @@ def summary(config: Config, result: PipelineResult) -> str:
     skipped = f"skipped (already done): {', '.join(result.skipped)}\n" if result.skipped else ""
     return "\n".join(["| metric | value |", "|---|---|", *rows, "", skipped +
                       f"MLflow run {result.parent_run_id} in experiment '{config.tracking.experiment}'; "
-                      f"browse with:\n  {browse}"])
+                      f"browse with:\n  {browse}\nthe best detector on this dataset: "
+                      f"models:/{result.registered_model}@champion"])

@@ -4,6 +4,7 @@ A stage whose child run finished (and whose outputs exist) is skipped on rerun; 
 one is reopened, so a rerun resumes the same runs rather than scattering new ones.
 """
 import contextlib
+import hashlib
 import importlib.metadata
 import io
 import math
@@ -31,6 +32,7 @@ from PIL import Image
 import aploss
 import pipeline
 from pipeline.config import Config, flatten
+from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError, MissingInput, TrackingUnavailable, UserError, one_line
 from pipeline.evaluation.evaluate import Evaluation
 from pipeline.model import MLFLOW_URIS, fetched_init_path
@@ -423,21 +425,34 @@ def _input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [buffer.getvalue()]})
 
 
+def registered_name(config: Config) -> str:
+    """`tracking.registered_model`, or by default one registered model per dataset, so that a
+    dataset's `champion` is always a detector of its classes: aploss-<dataset> for a named one,
+    aploss-coco-<8 hex of its class names> for a COCO json by path."""
+    if config.tracking.registered_model:
+        return config.tracking.registered_model
+    if config.data.dataset != "coco":
+        return f"aploss-{config.data.dataset}"
+    classes = "\n".join(read_manifest(config.data.prepared)["classes"])
+    return f"aploss-coco-{hashlib.sha256(classes.encode()).hexdigest()[:8]}"
+
+
 def log_model(model_path: Path | Location, config: Config) -> None:
     """The trained detector (a run's model.pt) registered in the model registry as a pyfunc
     model logged from code: its weights load without unpickling code, and the package's source
-    travels with it, so it serves where aploss is not installed."""
+    travels with it, so it serves where aploss is not installed. `config` is bound to the
+    prepared data it trained on."""
     with _local_copy(model_path) as weights:
         mlflow.pyfunc.log_model(name="model", python_model=_REGISTERED_MODEL_CODE, artifacts={"detector": weights},
                                 code_paths=_PACKAGE_CODE, pip_requirements=_requirements(),
                                 signature=MODEL_SIGNATURE, input_example=_input_example(),
-                                registered_model_name=config.tracking.registered_model)
+                                registered_model_name=registered_name(config))
 
 
 def promote(config: Config, train_run_id: str, test_ap: float) -> None:
     """Record the test AP of the versions a training run registered, and point `champion` at
     the version with the best test AP of the registered model."""
-    client, name = mlflow.MlflowClient(), config.tracking.registered_model
+    client, name = mlflow.MlflowClient(), registered_name(config)
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{train_run_id}'"):
         client.set_model_version_tag(name, version.version, TEST_AP_TAG, str(test_ap))
     scored = [(float(version.tags[TEST_AP_TAG]), int(version.version))
