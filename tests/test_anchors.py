@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 from aploss.anchors import AnchorLayout, best_iou, input_scale
 from aploss.architectures import build_detector
 from pipeline.config import ConfigError, config_from_dict, load_config
-from pipeline.data.anchors import anchor_recall, fit_anchors, recall_lines, report_anchor_recall
+from pipeline.data.anchors import ClassRecall, anchor_recall, fit_anchors, recall_lines, report_anchor_recall
 from pipeline.data.prep import prepare
 from pipeline.model import build_model
 from tests.conftest import DATA_ROOT
@@ -99,4 +99,8 @@ def test_auto_anchors_reach_the_platelets_the_paper_s_miss(bccd, capsys):
     assert lines[0].startswith("anchor recall (IoU >= 0.5, P3-P7, paper): RBC 100%, WBC 100%, Platelets ")
     (warning,) = lines[1:]
     assert warning.startswith("warning: class Platelets: only ") and "median box 21x20 px" in warning
+    assert warning.endswith("set model.anchors.mode=auto, model.anchors.lowest_level=2 or a larger model.min_size")
     assert recall_lines(auto, fitted)[1:] == []
+    # Advice already taken is not given again.
+    missed = {"tiny": ClassRecall(0.1, 10, (4.0, 4.0))}
+    assert recall_lines(missed, fitted)[1].endswith("set model.anchors.lowest_level=2 or a larger model.min_size")

@@ -318,3 +318,14 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic({"AP": 0.6}, path)
     assert json.loads(path.read_text()) == {"AP": 0.6}
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+def test_a_class_without_ground_truth_reads_n_a_in_every_table():
+    # `aploss eval` printed nan where `pipeline run` printed n/a.
+    from pipeline.evaluation.evaluate import metrics_table
+
+    table = metrics_table({"AP": 0.5, "AP_small": float("nan")}, {"RBC": 0.25, "WBC": None})
+    assert table.splitlines() == ["| metric | value |", "|---|---|", "| AP | 0.500 |", "| AP_small | n/a |",
+                                  "| AP[RBC] | 0.250 |", "| AP[WBC] | n/a |",
+                                  "(n/a: the split holds no ground truth of that class or size)"]
+    assert "n/a" not in metrics_table({"AP": 0.5}, {"RBC": 0.25})

@@ -868,10 +868,12 @@ KUBERAY_LABELS = {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/create
 def _ray_pods(path: Path, spec: dict, owner: str, cluster: str, namespace: str) -> list[Pod]:
     head_extra = []
     if spec.get("enableInTreeAutoscaling"):
-        # KubeRay's autoscaler sidecar takes its securityContext and extra mounts from autoscalerOptions.
+        # KubeRay's autoscaler sidecar takes its securityContext and extra mounts from autoscalerOptions,
+        # and its image from there too, or else from the head.
         options = spec.get("autoscalerOptions", {})
         head_extra.append({"name": "autoscaler", "securityContext": options.get("securityContext"),
-                           "volumeMounts": options.get("volumeMounts", [])})
+                           "volumeMounts": options.get("volumeMounts", []),
+                           **({"image": options["image"]} if "image" in options else {})})
     templates = [("head", spec["headGroupSpec"]["template"], head_extra)]
     for group in spec.get("workerGroupSpecs", []):
         # KubeRay's wait-gcs-ready init container copies the Ray container's securityContext and mounts.
@@ -1032,12 +1034,14 @@ def test_namespace_enforces_the_restricted_standard():
 
 NETWORK_POLICIES = [doc for _, doc in _objects("NetworkPolicy")]
 # Pods that are not aploss's: the KubeRay operator (Helm install of infra/README.md), another pod
-# in the namespace, and a pod of another namespace that copies the MLflow server's labels.
+# of its namespace and of aploss, and a pod of another namespace that copies aploss's labels.
 KUBERAY_OPERATOR = Pod("the KubeRay operator", "Deployment/kuberay-operator", "pod", {}, [],
                        {"app.kubernetes.io/name": "kuberay-operator"}, "kuberay-system")
 STRANGERS = [Pod("another pod in aploss", "Pod/other", "pod", {}, [], {"app": "other"}, "aploss"),
+             Pod("another pod in kuberay-system", "Pod/other", "pod", {}, [], {"app": "other"}, "kuberay-system"),
              Pod("a look-alike in another namespace", "Pod/fake", "pod", {}, [],
-                 {"app.kubernetes.io/name": "mlflow", MLFLOW_CLIENT_LABEL: "true"}, "default")]
+                 {"app.kubernetes.io/name": "mlflow", MLFLOW_CLIENT_LABEL: "true", "aploss.io/ray-cluster": "aploss"},
+                 "default")]
 SOURCES = PODS + [KUBERAY_OPERATOR, *STRANGERS]
 # Ports probed on every pod: the stack's, Ray's (GCS, dashboard, client, metrics, dashboard agent)
 # and one of the many a Ray worker picks.
@@ -1334,6 +1338,7 @@ def _images_in(node) -> list[str]:
     """Every container image anywhere in an object (CRDs included), as kustomize sees them."""
     if isinstance(node, dict):
         found = [c["image"] for key in ("containers", "initContainers") for c in node.get(key, []) if "image" in c]
+        found += [node["autoscalerOptions"]["image"]] if "image" in node.get("autoscalerOptions", {}) else []
         return found + [i for value in node.values() for i in _images_in(value)]
     if isinstance(node, list):
         return [i for value in node for i in _images_in(value)]

@@ -94,9 +94,17 @@ def recall_lines(recall: dict[str, ClassRecall], config: Config) -> list[str]:
             width, height = value.median_size
             lines.append(f"warning: class {name}: only {value.recall:.0%} of its boxes have an anchor at IoU >= "
                          f"{config.model.fg_iou:g} (median box {width:.0f}x{height:.0f} px at the network input); "
-                         "it will hardly be learnt: set model.anchors.mode=auto, model.anchors.lowest_level=2 or a "
-                         "larger model.min_size")
+                         f"it will hardly be learnt: set {_remedies(config)}")
     return lines
+
+
+def _remedies(config: Config) -> str:
+    """The settings that give a class of small boxes anchors it can match, those not already on."""
+    anchors = config.model.anchors
+    remedies = ["model.anchors.mode=auto"] if anchors.mode != "auto" else []
+    remedies += [f"model.anchors.lowest_level={anchors.lowest_level - 1}"] if anchors.lowest_level > 2 else []
+    remedies.append("a larger model.min_size")
+    return ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1]
 
 
 def report_anchor_recall(config: Config) -> dict[str, ClassRecall]:

@@ -54,14 +54,28 @@ def record_training_run(config: Config) -> None:
     if path.exists():
         saved = json.loads(path.read_text())
         if saved["model"] != record["model"]:
-            raise ConfigError(f"{path}: run '{config.run.name}' was trained with a different model config "
-                              f"({saved['model']}); choose another run.name to start afresh")
+            changed = ", ".join(f"model.{key}: {before!r} -> {after!r}"
+                                for key, before, after in _differences(saved["model"], record["model"]))
+            raise ConfigError(f"{path}: run '{config.run.name}' was trained with another model config ({changed}); "
+                              "choose another run.name to start afresh")
         if saved["prepared"] != record["prepared"]:
             raise DataError(f"{path}: run '{config.run.name}' was trained on the prepared data {saved['prepared']}, "
                             f"but these data.* settings give {record['prepared']}; choose another run.name, "
                             f"or set data.prepared={saved['prepared']} to go on with its data")
         return
     write_json_atomic(record, path)
+
+
+def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """The dotted keys whose values differ between two nested dicts, with both values."""
+    found = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append((f"{prefix}{key}", old, new))
+    return found
 
 
 def evaluation_config(config: Config, trained: Config) -> Config:

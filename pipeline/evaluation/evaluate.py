@@ -178,8 +178,15 @@ def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_tr
     return Evaluation(result, detections_path, metrics_path, pr_curves, samples, voc_result)
 
 
-def metrics_table(result: CocoResult) -> str:
-    """A markdown table of the COCO metrics and per-class AP."""
-    rows = [f"| {name} | {value:.3f} |" for name, value in result.metrics.items()]
-    rows += [f"| AP[{name}] | {value:.3f} |" for name, value in result.per_class_ap.items()]
-    return "\n".join(["| metric | value |", "|---|---|", *rows])
+def metrics_table(metrics: dict[str, float | None], per_class_ap: dict[str, float | None]) -> str:
+    """A markdown table of the COCO metrics and per-class AP; a value COCO could not compute
+    (None or NaN: no ground truth of that class, or no box of that size) is n/a, and said why."""
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+    rows = [f"| {name} | {cell(value)} |" for name, value in metrics.items()]
+    rows += [f"| AP[{name}] | {cell(value)} |" for name, value in per_class_ap.items()]
+    table = "\n".join(["| metric | value |", "|---|---|", *rows])
+    if any("n/a" in row for row in rows):
+        table += "\n(n/a: the split holds no ground truth of that class or size)"
+    return table

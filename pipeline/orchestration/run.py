@@ -17,6 +17,7 @@ from pipeline.data.bindings import record_training_run, training_data
 from pipeline.data.prep import locate_prepared, prepare
 from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
+from pipeline.evaluation.evaluate import metrics_table
 from pipeline.evaluation.stages import evaluate_stage, robustness_stage
 from pipeline.orchestration import tracking
 from pipeline.quiet import ray_log_level
@@ -172,13 +173,10 @@ def run_robustness(config: Config, names: list[str], progress: bool = True) -> d
 
 
 def summary(config: Config, result: PipelineResult) -> str:
-    rows = [f"| {name} | {'n/a' if value is None else f'{value:.3f}'} |" for name, value in result.metrics.items()]
-    rows += [f"| AP[{name}] | {'n/a' if value is None else f'{value:.3f}'} |"
-             for name, value in result.per_class_ap.items()]
     uri = redact(config.tracking_uri())
     browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     skipped = f"skipped (already done): {', '.join(result.skipped)}\n" if result.skipped else ""
-    return "\n".join(["| metric | value |", "|---|---|", *rows, "", skipped +
+    return "\n".join([metrics_table(result.metrics, result.per_class_ap), "", skipped +
                       f"MLflow run {result.parent_run_id} in experiment '{config.tracking.experiment}'; "
                       f"browse with:\n  {browse}\nthe best detector on this dataset: "
                       f"models:/{result.registered_model}@champion"])
