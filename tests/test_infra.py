@@ -860,7 +860,7 @@ class Pod:
 
 
 # Labels KubeRay puts on every Ray pod besides ray.io/cluster and ray.io/node-type; the template's
-# own labels win over the first two.
+# own labels win over these.
 KUBERAY_LABELS = {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator",
                   "ray.io/is-ray-node": "yes"}
 

@@ -144,7 +144,11 @@ def test_voc0712_joins_both_years_and_tests_on_voc2007(tmp_path):
 
 
 def test_boxes_clipped_and_dropped_are_reported(tmp_path, voc):
-    train = prepare(make_config(tmp_path), progress=False).manifest["splits"]["train"]
+    result = prepare(make_config(tmp_path), progress=False)
+    train = result.manifest["splits"]["train"]
+    # On the console too, by reason: a negative-width box used to go with exit 0 and no word.
+    assert "  train: 3 images, 4 boxes, 4 dropped (1 inverted, 1 outside_image, 1 too_small, 1 zero_size), " \
+           "0 images skipped" in prep_module.summary_lines(result)
     b_xml = str(voc / "Annotations" / "b.xml")
     assert train["clipped"] == [{"file": b_xml, "image": "b.jpg", "object": 0, "box": [30, 10, 50, 29],
                                  "clipped": [30, 10, 40, 29]}]

@@ -57,6 +57,21 @@ class PrepResult:
     reused: bool  # the existing prepared data matched its inputs and was returned untouched
 
 
+def summary_lines(result: PrepResult) -> list[str]:
+    """What prep made of each split: images, boxes, and how many boxes were dropped and images
+    skipped, by reason (each is listed in the manifest)."""
+    lines = []
+    for split, summary in result.manifest["splits"].items():
+        dropped = Counter(box["reason"] for box in summary["dropped"])
+        why = f" ({', '.join(f'{count} {reason}' for reason, count in sorted(dropped.items()))})" if dropped else ""
+        lines.append(f"  {split}: {summary['images']} images, {summary['boxes']} boxes, {len(summary['dropped'])} "
+                     f"dropped{why}, {len(summary['skipped'])} images skipped")
+    if any(result.manifest["splits"][split]["dropped"] or result.manifest["splits"][split]["skipped"]
+           for split in result.manifest["splits"]):
+        lines.append(f"  each dropped box and skipped image is listed in {Location(result.directory) / MANIFEST}")
+    return lines
+
+
 def prepare(config: Config, progress: bool = True) -> PrepResult:
     """Prepare `config.data` (fetching a missing named dataset if allowed), or reuse it."""
     data = config.data

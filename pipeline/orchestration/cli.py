@@ -18,7 +18,7 @@ from pipeline.storage import Location
 
 def _prep(config: Config) -> None:
     from pipeline.data.anchors import fit_anchors, report_anchor_recall
-    from pipeline.data.prep import prepare
+    from pipeline.data.prep import prepare, summary_lines
     from pipeline.orchestration.run import start_ray
 
     if config.data.prep_workers:
@@ -26,9 +26,7 @@ def _prep(config: Config) -> None:
     result = prepare(config)
     state = "reused" if result.reused else "written"
     print(f"prepared {config.data.dataset} ({state}) in {result.directory}")
-    for split, summary in result.manifest["splits"].items():
-        print(f"  {split}: {summary['images']} images, {summary['boxes']} boxes, "
-              f"{len(summary['dropped'])} dropped, {len(summary['skipped'])} skipped")
+    print("\n".join(summary_lines(result)))
     report_anchor_recall(fit_anchors(config.with_prepared(result.directory)))
 
 

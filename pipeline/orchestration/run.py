@@ -14,7 +14,7 @@ from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
 from pipeline.data.anchors import anchor_recall, fit_anchors, report_anchor_recall
 from pipeline.data.bindings import record_training_run, training_data
-from pipeline.data.prep import locate_prepared, prepare
+from pipeline.data.prep import locate_prepared, prepare, summary_lines
 from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.evaluate import metrics_table
@@ -116,6 +116,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
         else:
             with _stage("data-prep", run_id):
                 prepared = prepare(config)
+                print("\n".join(summary_lines(prepared)))
                 tracking.log_prep(prepared.manifest, prepared.directory)
                 tracking.log_anchor_recall(report_anchor_recall(fit_anchors(config.with_prepared(prepared.directory))))
             directory = prepared.directory
