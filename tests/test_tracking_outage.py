@@ -1,7 +1,9 @@
 """The tracking server is not a single point of failure: unreachable at start, it fails in
 seconds with its URI named; gone during training, the metrics wait in the run's journal and
 reach MLflow once, when it is back."""
+import http.server
 import json
+import threading
 import time
 
 import mlflow
@@ -28,6 +30,21 @@ def test_an_unreachable_server_at_start_fails_in_seconds_naming_it(tmp_path, cap
     error = capsys.readouterr().err
     assert "MLflow tracking server http://127.0.0.1:" in error and "is unreachable" in error
     assert "secret" not in error  # credentials in a URI are not printed
+
+
+def test_a_web_server_that_is_not_mlflow_is_named(tmp_path, capsys):
+    # Its 404 page for MLflow's REST API used to end in an MlflowException that named no URI.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert main(["pipeline", "run", f"tracking.uri={uri}", f"run.output_dir={tmp_path}"]) == 2
+    finally:
+        server.shutdown()
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the web server's request log
+    assert line == (f"aploss pipeline run: error: {uri} answers, but not as an MLflow tracking server (HTTP 404 "
+                    "for its REST API): set tracking.uri (or MLFLOW_TRACKING_URI) to the server's address, with "
+                    "its path if it is served under one")
 
 
 def test_metrics_wait_for_the_server_and_arrive_once(tmp_path, server, capsys):

@@ -9,6 +9,7 @@ import importlib.metadata
 import io
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -90,7 +91,7 @@ def configure(config: Config) -> str:
         os.environ.pop(_URI_VARIABLE, None)
     else:
         os.environ[_URI_VARIABLE] = exported
-    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    experiment = _experiment(config)
     if experiment is not None:
         return experiment.experiment_id
     # With the local default store, keep artifacts beside it rather than in the working directory;
@@ -99,6 +100,20 @@ def configure(config: Config) -> str:
     if config.tracking_uri().startswith("sqlite:"):
         location = Path(Location(config.run.output_dir) / "mlartifacts").as_uri()
     return mlflow.create_experiment(config.tracking.experiment, artifact_location=location)
+
+
+def _experiment(config: Config) -> mlflow.entities.Experiment | None:
+    """The config's experiment, or None; TrackingUnavailable naming the URI when what answers
+    there is not an MLflow tracking server (a web server's 404 page for MLflow's REST API)."""
+    try:
+        return mlflow.get_experiment_by_name(config.tracking.experiment)
+    except MlflowException as error:
+        status = re.search(r"failed with error code (\d+) != 200", str(error))
+        if status is None or status.group(1) != "404":
+            raise
+        raise TrackingUnavailable(f"{redact(config.tracking_uri())} answers, but not as an MLflow tracking server "
+                                  "(HTTP 404 for its REST API): set tracking.uri (or MLFLOW_TRACKING_URI) to the "
+                                  "server's address, with its path if it is served under one") from None
 
 
 def _find(experiment_id: str, filter_string: str) -> Run | None:
