@@ -53,8 +53,15 @@ def test_prepared_data_is_addressed_by_content_and_a_run_keeps_its_own(tmp_path,
     prepared = sorted(p.name for p in (output / "data").iterdir() if not p.name.startswith("."))
     assert len(prepared) == 2 and all(name.startswith("coco-") for name in prepared)
 
-    # eval with no data.* at all: the run remembers what it trained on, and the split.
+    # eval asked for the second set's data is refused, not quietly given the first's.
     capsys.readouterr()
+    assert main(["eval", *_overrides(second, output)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"aploss eval: error: data.root: {str(second)!r} is not the data run 'run' was trained on ({str(first)!r}); "
+        "evaluation uses the run's own data. To evaluate on other data, prepare it (aploss prep with those data.* "
+        "settings) and set data.prepared to the directory it prints")
+
+    # eval with no data.* at all: the run remembers what it trained on, and the split.
     assert main(["eval", f"run.output_dir={output}", "run.name=run"]) == 0
     assert json.loads((output / "run" / "eval" / "metrics.json").read_text()) == trained_metrics
     detections = json.loads((output / "run" / "eval" / "detections.json").read_text())

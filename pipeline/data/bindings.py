@@ -6,8 +6,9 @@ the model and data it trains in its directory, and refuses to resume with others
 """
 import dataclasses
 import json
+from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, DataConfig
 from pipeline.data.anchors import fit_anchors
 from pipeline.data.prep import locate_prepared
 from pipeline.data.shards import read_manifest
@@ -78,9 +79,28 @@ def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str,
     return found
 
 
+# The data.* keys that choose which images an evaluation scores.
+_CHOOSING_DATA = ("dataset", "root", "annotations", "images", "test_split")
+
+
+def _same(key: str, given, used) -> bool:
+    if key == "root":  # relative where given, absolute where recorded
+        return bool(used) and Path(given).expanduser().resolve() == Path(used).expanduser().resolve()
+    return given == used
+
+
 def evaluation_config(config: Config, trained: Config) -> Config:
     """`config` bound to the data a model was trained on (its data.* settings and prepared data),
-    unless data.prepared names other prepared data."""
+    unless data.prepared names other prepared data. A data.* key set to choose other data is
+    refused rather than ignored: other data is evaluated through data.prepared."""
     if not config.data.prepared and trained.data.prepared:
+        for key in _CHOOSING_DATA:
+            given, used = getattr(config.data, key), getattr(trained.data, key)
+            if given == getattr(DataConfig(), key) or _same(key, given, used):
+                continue
+            raise ConfigError(f"data.{key}: {given!r} is not the data run '{config.run.name}' was trained on "
+                              f"({used!r}); evaluation uses the run's own data. To evaluate on other data, prepare "
+                              "it (aploss prep with those data.* settings) and set data.prepared to the directory "
+                              "it prints")
         config = dataclasses.replace(config, data=trained.data)
     return config.with_prepared(locate_prepared(config))
