@@ -8,6 +8,7 @@ Ray pods get, an account that cannot write anyone else's runs.
 import configparser
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -35,16 +36,39 @@ def _objects(path: Path) -> dict[tuple[str, str], dict]:
 
 MLFLOW = _objects(INFRA / "mlflow" / "mlflow.yaml")
 SERVER = MLFLOW["Deployment", "mlflow"]["spec"]["template"]["spec"]["containers"][0]
-ACCOUNT_JOB = MLFLOW["Job", "mlflow-jobs-account"]["spec"]["template"]["spec"]["containers"][0]
-RAY_HEAD = _objects(INFRA / "kuberay" / "raycluster.yaml")["RayCluster", "aploss"]["spec"][
-    "headGroupSpec"]["template"]["spec"]["containers"][0]
+ACCOUNT_JOB_SPEC = MLFLOW["Job", "mlflow-jobs-account"]["spec"]["template"]["spec"]
+ACCOUNT_JOB = ACCOUNT_JOB_SPEC["containers"][0]
+RAY_HEAD_SPEC = _objects(INFRA / "kuberay" / "raycluster.yaml")["RayCluster", "aploss"]["spec"][
+    "headGroupSpec"]["template"]["spec"]
+RAY_HEAD = RAY_HEAD_SPEC["containers"][0]
+MLFLOW_CREDENTIALS = "/home/ray/.mlflow/credentials"  # the Ray pods' ~/.mlflow/credentials
 
 
 def _example_secrets() -> dict[tuple[str, str], str]:
     """The example Secrets, each placeholder replaced by a fresh value: what an operator fills in."""
-    return {(name, key): f"test-{secrets.token_urlsafe(12)}" if "CHANGE-ME" in value else value
+    return {(name, key): re.sub(r"CHANGE-ME[\w-]*", lambda _: f"test-{secrets.token_urlsafe(12)}", value)
             for (_, name), doc in _objects(INFRA / "mlflow" / "secrets.example.yaml").items()
             for key, value in doc["stringData"].items()}
+
+
+def _secret_volumes(spec: dict) -> dict[str, dict]:
+    return {volume["name"]: volume["secret"] for volume in spec.get("volumes", []) if "secret" in volume}
+
+
+def _mounted_secret(spec: dict, container: dict, path: str) -> tuple[str, str]:
+    """(Secret, key) of the file a container reads at `path`."""
+    volumes = _secret_volumes(spec)
+    (mount,) = [m for m in container["volumeMounts"]
+                if m["name"] in volumes and path.startswith(m["mountPath"].rstrip("/") + "/")]
+    source, name = volumes[mount["name"]], path[len(mount["mountPath"].rstrip("/")) + 1:]
+    return source["secretName"], {i["path"]: i["key"] for i in source.get("items", [])}.get(name, name)
+
+
+def _ray_account(values) -> tuple[str, str]:
+    """The MLflow user and password a Ray head reads from its credentials file."""
+    parser = configparser.ConfigParser()
+    parser.read_string(values[_mounted_secret(RAY_HEAD_SPEC, RAY_HEAD, MLFLOW_CREDENTIALS)])
+    return parser["mlflow"]["mlflow_tracking_username"], parser["mlflow"]["mlflow_tracking_password"]
 
 
 def _secret_ref(container: dict, variable: str) -> tuple[str, str]:
@@ -128,12 +152,25 @@ def _login_as_admin(monkeypatch, values) -> tuple[str, str]:
     return _login(monkeypatch, SERVER, "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", values)
 
 
-def _run_account_job(monkeypatch, uri: str, values) -> None:
-    """The Job's script in this process (mlflow is imported already), with the Job's environment."""
+def _run_account_job(monkeypatch, uri: str, values, directory: Path) -> None:
+    """The Job's script in this process (mlflow is imported already), with the Job's environment
+    and its Secret files, laid out under `directory` instead of /."""
     assert ACCOUNT_JOB["command"] == ["python", "-c"]
+    volumes = _secret_volumes(ACCOUNT_JOB_SPEC)
+    for mount in ACCOUNT_JOB["volumeMounts"]:
+        if mount["name"] in volumes:
+            source = volumes[mount["name"]]
+            files = {i["path"]: i["key"] for i in source.get("items", [])} or \
+                {key: key for name, key in values if name == source["secretName"]}
+            for path, key in files.items():
+                target = directory / mount["mountPath"].lstrip("/") / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(values[source["secretName"], key])
     with monkeypatch.context() as job:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the script sets the admin's
+            job.setenv(name, os.environ.get(name, ""))
         for name, value in _environment(ACCOUNT_JOB, values).items():
-            job.setenv(name, value)
+            job.setenv(name, str(directory / value.lstrip("/")) if value.startswith("/etc/") else value)
         job.setenv("MLFLOW_TRACKING_URI", uri)  # the Service's in-cluster address, here loopback
         exec(compile(ACCOUNT_JOB["args"][0], "mlflow-jobs-account", "exec"), {})
 
@@ -159,13 +196,19 @@ def test_a_wrong_password_is_refused(uri, values, monkeypatch):
         mlflow.MlflowClient(uri).search_experiments()
 
 
-def test_the_shipped_job_creates_the_account_of_the_ray_pods(uri, values, monkeypatch):
+def _login_as_ray_head(monkeypatch, values) -> None:
+    name, password = _ray_account(values)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+
+def test_the_shipped_job_creates_the_account_of_the_ray_pods(uri, values, monkeypatch, tmp_path):
     _login_as_admin(monkeypatch, values)
     admin = mlflow.MlflowClient(uri)
     admin_run = admin.create_run(admin.create_experiment("admin-only")).info.run_id
 
-    _run_account_job(monkeypatch, uri, values)
-    _login(monkeypatch, RAY_HEAD, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", values)
+    _run_account_job(monkeypatch, uri, values, tmp_path / "first")
+    _login_as_ray_head(monkeypatch, values)
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("jobs-track")).info.run_id
     client.log_metric(run_id, "loss", 0.25, step=1)
@@ -176,9 +219,10 @@ def test_the_shipped_job_creates_the_account_of_the_ray_pods(uri, values, monkey
 
     # The Secret changes and the Job runs again: the new password works, the old one no longer.
     rotated = dict(values)
-    rotated[_secret_ref(RAY_HEAD, "MLFLOW_TRACKING_PASSWORD")] = f"test-{secrets.token_urlsafe(12)}"
-    _run_account_job(monkeypatch, uri, rotated)
+    credentials = _mounted_secret(RAY_HEAD_SPEC, RAY_HEAD, MLFLOW_CREDENTIALS)
+    rotated[credentials] = values[credentials].replace(_ray_account(values)[1], f"test-{secrets.token_urlsafe(12)}")
+    _run_account_job(monkeypatch, uri, rotated, tmp_path / "rotated")
     with pytest.raises(MlflowException, match="401"):
         client.search_experiments()
-    _login(monkeypatch, RAY_HEAD, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", rotated)
+    _login_as_ray_head(monkeypatch, rotated)
     client.log_metric(run_id, "loss", 0.125, step=2)
