@@ -87,6 +87,14 @@ def best(scored: Sequence[tuple[float | None, T]]) -> T | None:
     return scored[-1][1] if scored else None
 
 
+def sound(scored: Sequence[tuple[float | None, T]]) -> T | None:
+    """The checkpoint a diverged run can go on from: the one of highest validation AP (a
+    validation it passed); None when none was validated. The last one before a divergence may
+    hold weights grown without bound while its loss was still finite."""
+    validated = [(score, index) for index, (score, _) in enumerate(scored) if score is not None]
+    return scored[max(validated)[1]][1] if validated else None
+
+
 def export_model(state: dict[str, Any], category_ids: list[int], path: Path | Location) -> Path | Location:
     """The trained detector as the run's model.pt: weights, the config it was trained with
     (bound to its prepared data), the class names and their dataset's category ids, from a
@@ -137,3 +145,7 @@ class CheckpointStore:
     def best(self) -> Location | None:
         index = self._index()
         return best([(index[name], self.directory / name) for name in sorted(index)])
+
+    def sound(self) -> Location | None:
+        index = self._index()
+        return sound([(index[name], self.directory / name) for name in sorted(index)])

@@ -32,13 +32,21 @@ class MissingInput(UserError, FileNotFoundError):
 
 
 class TrainingDiverged(UserError):
-    """A non-finite loss, gradient or weight: training stopped before saving a broken checkpoint."""
+    """A non-finite loss, gradient or weight: training stopped before saving a broken checkpoint.
+    The message says how to go on: from the run's best validated checkpoint (`checkpoint`), as
+    a new run (the diverged run keeps its records), with a lower learning rate than `lr`."""
 
-    def __init__(self, step: int, term: str, value: float, checkpoint: str | None = None):
+    def __init__(self, step: int, term: str, value: float, checkpoint: str | None = None, run_name: str = "",
+                 lr: float = 0.0):
         self.step, self.term, self.value, self.checkpoint = step, term, value, checkpoint
-        last = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved before it"
-        super().__init__(f"training diverged at step {step}: {term} is {value} ({last}); lower optim.lr, "
-                         f"set optim.grad_clip, or resume from the checkpoint with other settings")
+        lower = f"a lower optim.lr (e.g. optim.lr={lr / 10:g})" if lr else "a lower optim.lr"
+        new_run = f"run.name={run_name}-2" if run_name else "another run.name"
+        start = f" model.init={checkpoint}" if checkpoint else ""
+        found = (f"its best validated checkpoint is {checkpoint}" if checkpoint
+                 else "no checkpoint was validated before it")
+        super().__init__(f"training diverged at step {step}: {term} is {value}; {found}. To go on"
+                         f"{' from it' if checkpoint else ''}, rerun the same command with {new_run}{start} and "
+                         f"{lower} or optim.grad_clip set")
 
 
 class TrackingUnavailable(UserError):

@@ -12,7 +12,8 @@ from aploss import detection_loss
 from pipeline.config import load_config
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
+from pipeline.orchestration import tracking
 from pipeline.evaluation.coco_metrics import evaluate_detections
 from pipeline.orchestration.cli import main
 from tests.synthetic import write_synthetic_coco
@@ -110,7 +111,7 @@ def test_divergence_stops_training_before_a_broken_checkpoint(tmp_path, capsys):
     assert main(["prep", *overrides]) == 0
     assert main(["train", *overrides, "optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_steps=0"]) == 2
     error = capsys.readouterr().err
-    assert "training diverged at step" in error and "last good checkpoint" in error
+    assert "training diverged at step" in error and "rerun the same command with run.name=run-2" in error
     step = int(error.split("training diverged at step ")[1].split(":")[0])
     assert not (output / "run" / "model.pt").exists()
     saved = sorted((output / "run" / "checkpoints").glob("step-*.pt"))
@@ -187,14 +188,17 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
     assert not [p for p in (output / "data").iterdir()]  # no prepared directory, whole or half
 
 
-def test_a_nan_logit_stops_training_at_its_step_naming_the_term(tmp_path, capsys, monkeypatch):
+def test_a_nan_logit_stops_training_at_its_step_and_the_advice_given_works(tmp_path, capsys, monkeypatch):
     # The AP-loss makes a NaN in one negative's logit a NaN loss (never a silent zero gradient),
-    # and the trainer stops at that step with the last good checkpoint.
+    # and the trainer stops at that step, naming the best validated checkpoint and the command
+    # that goes on from it (the advice once named the last checkpoint, not a sound one, and a
+    # rerun under the same name that MLflow refused).
     data = tmp_path / "data"
     write_synthetic_coco(data, {"train": 8, "val": 2})
     output = tmp_path / "runs"
-    overrides = [*_overrides(data, output), "train.checkpoint_every=2", "train.max_steps=6"]
+    overrides = [*_overrides(data, output), "train.checkpoint_every=2", "train.eval_every=2", "train.max_steps=6"]
     assert main(["prep", *overrides]) == 0
+    capsys.readouterr()
     real_loss, calls = detection_loss.global_ap_loss, []
 
     def poisoned_at_step_5(logits, labels, *args, **kwargs):
@@ -206,7 +210,33 @@ def test_a_nan_logit_stops_training_at_its_step_naming_the_term(tmp_path, capsys
 
     monkeypatch.setattr(detection_loss, "global_ap_loss", poisoned_at_step_5)
     assert main(["train", *overrides]) == 2
-    error = capsys.readouterr().err
-    assert "training diverged at step 5: classification loss is nan" in error
-    assert f"last good checkpoint: {output / 'run' / 'checkpoints' / 'step-0000004.pt'}" in error
+    scores = json.loads((output / "run" / "checkpoints" / "index.json").read_text())
+    best = max(sorted(scores), key=lambda name: scores[name])  # the later on a tie, as checkpoints.sound
+    checkpoint = output / "run" / "checkpoints" / best
+    lower = load_config(None, []).optim.lr / 10
+    assert "\n" + (  # a line of its own, after the progress bar's
+        f"aploss train: error: training diverged at step 5: classification loss is nan; its best validated "
+        f"checkpoint is {checkpoint}. To go on from it, rerun the same command with run.name=run-2 "
+        f"model.init={checkpoint} and a lower optim.lr (e.g. optim.lr={lower:g}) or optim.grad_clip set\n"
+    ) in capsys.readouterr().err
     assert not (output / "run" / "model.pt").exists()
+
+    monkeypatch.setattr(detection_loss, "global_ap_loss", real_loss)
+    assert main(["train", *overrides, "run.name=run-2", f"model.init={checkpoint}", f"optim.lr={lower:g}"]) == 0
+    assert (output / "run-2" / "model.pt").exists()
+
+
+def test_a_run_keeps_its_settings_and_a_rerun_with_others_says_which_differ(tmp_path):
+    # Rerunning a diverged pipeline run with a new optim.lr ended in MLflow's "Changing param
+    # values is not allowed" (exit 1).
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
+    experiment = tracking.configure(config)
+    run_id, _ = tracking.stage_run(experiment, tracking.pipeline_run(config, experiment), "train")
+    with tracking.active(run_id):
+        tracking.log_train_params(config)
+        tracking.log_train_params(config)  # the same settings again: nothing to change
+    changed = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", f"optim.lr={config.optim.lr / 10:g}"])
+    with pytest.raises(ConfigError) as error, tracking.active(run_id):
+        tracking.log_train_params(changed)
+    assert str(error.value) == (f"run 'r' was started with other settings (optim.lr: {config.optim.lr} -> "
+                                f"{config.optim.lr / 10:g}), and a run keeps its settings: choose another run.name")

@@ -27,14 +27,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH as MAX_PARAMS_PER_BATCH
 from PIL import Image
 
 import aploss
 import pipeline
 from pipeline.config import Config, flatten
 from pipeline.data.shards import read_manifest
-from pipeline.errors import DataError, MissingInput, TrackingUnavailable, UserError, one_line
+from pipeline.errors import ConfigError, DataError, MissingInput, TrackingUnavailable, UserError, one_line
 from pipeline.evaluation.evaluate import Evaluation
 from pipeline.model import MLFLOW_URIS, fetched_init_path
 from pipeline.redaction import credentials, redact, redact_tree
@@ -193,7 +193,22 @@ def log_headline(parent_id: str, config: Config, steps: int) -> None:
     params = param_safe(config)
     headline = {key: params[key] for key in HEADLINE_PARAMS}
     headline |= {"loss.delta": str(config.loss.delta.build()), "train.steps": str(steps)}
-    mlflow.MlflowClient().log_batch(parent_id, params=[Param(key, value) for key, value in headline.items()])
+    _log_params(parent_id, headline, config.run.name)
+
+
+def _log_params(run_id: str, params: dict[str, str], run_name: str) -> None:
+    """`params` on the run, or ConfigError naming those it holds with other values: MLflow keeps
+    a run's params as first logged (a rerun of a run with other settings, as after a divergence)."""
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data.params
+    changed = [f"{key}: {logged[key]} -> {value}" for key, value in params.items()
+               if key in logged and logged[key] != value]
+    if changed:
+        raise ConfigError(f"run '{run_name}' was started with other settings ({', '.join(changed)}), and a run "
+                          "keeps its settings: choose another run.name")
+    new = [Param(key, value) for key, value in params.items() if key not in logged]
+    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[start:start + MAX_PARAMS_PER_BATCH])
 
 
 def log_test_metrics(parent_id: str, evaluation: Evaluation) -> None:
@@ -349,7 +364,7 @@ def log_anchor_recall(recall: dict) -> None:
 
 
 def log_train_params(config: Config) -> None:
-    mlflow.log_params(param_safe(config))
+    _log_params(mlflow.active_run().info.run_id, param_safe(config), config.run.name)
 
 
 class MetricsForwarder:

@@ -81,6 +81,11 @@ class TrainingHooks:
         if self.bar is not None and step == self.schedule.total_steps:
             self.bar.close()
 
+    def close(self) -> None:
+        """Ends the progress bar's line, so that what follows (an error) starts a line of its own."""
+        if self.bar is not None:
+            self.bar.close()
+
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.journal is None:
             return

@@ -56,8 +56,11 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     try:
         fit(training, dataset, schedule, hooks, loaders=loader_processes(config.train, _cpus(), MOST_LOCAL_LOADERS))
     except TrainingDiverged as error:
-        latest = store.latest()
-        raise TrainingDiverged(error.step, error.term, error.value, str(latest) if latest else None) from None
+        sound = store.sound()
+        raise TrainingDiverged(error.step, error.term, error.value, str(sound) if sound else None, config.run.name,
+                               config.optim.lr) from None
+    finally:
+        hooks.close()
     model_path = checkpoints.export_model(checkpoints.load(store.best(), device), prepared_category_ids(config),
                                           config.run.directory() / "model.pt")
     return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
