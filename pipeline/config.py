@@ -81,7 +81,9 @@ class DataConfig:
         _require(self.dataset in named, "data.dataset", f"must be one of {list(named)}, got {self.dataset!r}")
         if self.dataset == "coco":
             _require(bool(self.annotations), "data.annotations",
-                     "dataset 'coco' needs a split -> instances json mapping")
+                     "dataset 'coco' (your own COCO instances json) needs one json per split, relative to "
+                     "data.root, e.g. data.annotations='{train: train.json, val: val.json}' with "
+                     "data.images='{train: train_images, val: val_images}' (see the README's 'Your own data')")
         _require(self.shard_images >= 1, "data.shard_images", f"must be >= 1, got {self.shard_images}")
         _require(self.prep_workers >= 0, "data.prep_workers", f"must be >= 0, got {self.prep_workers}")
         _require(self.min_box_size >= 0, "data.min_box_size", f"must be >= 0, got {self.min_box_size}")

@@ -126,8 +126,10 @@ def check_splits(data: DataConfig) -> list[str]:
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(data, key)
         if split not in available:
+            advice = (f"; or give data.annotations.{split} a json" if data.dataset == "coco" else "")
+            test = "; set data.test_split=val to test on the validation split" if key == "test_split" else ""
             raise ConfigError(f"data.{key}: dataset {data.dataset!r} has no split {split!r}; "
-                              f"available: {', '.join(available)}")
+                              f"available: {', '.join(available)}{test}{advice}")
     return data.splits
 
 
@@ -149,6 +151,13 @@ def open_source(data: DataConfig) -> Source:
     annotations = {split: root / Path(data.annotations[split]).expanduser() for split in data.splits}
     images = {split: root / Path(data.images[split]).expanduser() if split in data.images
               else annotations[split].parent for split in data.splits}
+    for split in data.splits:  # named by the key that sets them: the likelier mistake is there
+        if not annotations[split].exists():
+            raise PrepError(annotations[split], f"annotation file not found (data.annotations.{split}, "
+                                                f"relative to the data root {root})")
+        if not images[split].is_dir():
+            raise PrepError(images[split], f"image folder not found (data.images.{split}, relative to the data "
+                                           f"root {root}; without it, the folder of the split's json)")
     return COCOSource(annotations, images, data.max_annotation_mb)
 
 
