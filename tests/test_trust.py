@@ -95,7 +95,7 @@ def test_training_state_loads_weights_only_and_resumes(prepared, capsys):
     assert main(["train", *overrides, "run.name=resumed", "train.max_steps=1"]) == 0
     assert main(["train", *overrides, "run.name=resumed", "train.max_steps=2"]) == 0
     state = torch.load(root / "runs" / "resumed" / "model.pt", weights_only=True)
-    assert set(state) == {"model", "config", "classes"}
+    assert set(state) == {"model", "config", "classes", "category_ids"}
     saved = sorted((root / "runs" / "resumed" / "checkpoints").glob("step-*.pt"))
     assert torch.load(saved[-1], weights_only=True)["step"] == 2
 
