@@ -56,6 +56,16 @@ class _RunsCode:
         return os.makedirs, (str(self.marker),)
 
 
+def _rerun_finds_two_trials(overrides, capsys, client, experiment: str, sweep_run_id: str) -> None:
+    """The same sweep run again: the same two trials, in their own MLflow runs."""
+    try:
+        assert main(["tune", "--samples", "1", *overrides]) == 0
+    finally:
+        ray.shutdown()
+    assert "2 trials, 1 stopped early by ASHA" in capsys.readouterr().out
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")) == 2
+
+
 def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # Tune would copy it into each trial's runtime env
     write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 4})
@@ -101,12 +111,7 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     marker = tmp_path / "code-ran"
     for state in tune_dir.rglob("tuner.pkl"):
         state.write_bytes(pickle.dumps(_RunsCode(marker)))
-    try:
-        assert main(["tune", "--samples", "1", *overrides]) == 0
-    finally:
-        ray.shutdown()
-    assert "2 trials, 1 stopped early by ASHA" in capsys.readouterr().out
-    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")) == 2
+    _rerun_finds_two_trials(overrides, capsys, client, experiment, sweep.info.run_id)
     assert not marker.exists() and sorted(path.name for path in tune_dir.iterdir()) == [
         "sweep-test-sweep", "sweep-test-sweep-1"]
 
@@ -116,12 +121,7 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     stopped = next(name for name, trial in journal["trials"].items() if trial["status"] == "STOPPED")
     journal["trials"][stopped].update(status="RUNNING", ended=None)
     journal_path.write_text(json.dumps(journal))
-    try:
-        assert main(["tune", "--samples", "1", *overrides]) == 0
-    finally:
-        ray.shutdown()
-    assert "2 trials, 1 stopped early by ASHA" in capsys.readouterr().out
-    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")) == 2
+    _rerun_finds_two_trials(overrides, capsys, client, experiment, sweep.info.run_id)
     resumed = json.loads(journal_path.read_text())
     assert resumed["attempts"] == 2 and resumed["trials"][stopped]["status"] == "STOPPED"
     assert {name: trial["val_ap"] for name, trial in resumed["trials"].items() if name != stopped} == {

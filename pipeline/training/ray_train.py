@@ -9,6 +9,7 @@ a rerun with the same run name resumes where the run stopped.
 """
 import json
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,19 +147,49 @@ def _failed(config: Config, error: BaseException) -> TrainingFailed:
                           f"{config.ray.max_failures} restart(s): {_root_cause(error)}")
 
 
+def _fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()` in a thread of its own, so that Ctrl-C reaches the driver as
+    KeyboardInterrupt (the run ends KILLED, and the same command resumes it): in the main thread,
+    Ray Train installs its own SIGINT handler, which aborts the run and exits the process with
+    status 1, no message, and the MLflow runs FAILED."""
+    outcome: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 -- handed to the driver's thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        # The controller and workers are this driver's: they end with its Ray connection.
+        ray.shutdown()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def fit_run(config: Config, trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()`, with TrainingFailed (the workers' error in one line) for a run that
     failed after its restarts, or TrainingDiverged (with the last good checkpoint)."""
     try:
-        result = trainer.fit()
+        result = _fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as error:
         raise _failed(config, error) from error
     if result.error is not None:
         raise _failed(config, result.error) from result.error
     if (diverged := _diverged_path(config)).exists():
         info = json.loads(diverged.read_text())
-        latest = result.checkpoint.path if result.checkpoint is not None else None
-        raise TrainingDiverged(info["step"], info["term"], info["value"], latest)
+        kept = sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])
+        sound = checkpoints.sound([(metrics.get("val_ap"), checkpoint) for checkpoint, metrics in kept])
+        raise TrainingDiverged(info["step"], info["term"], info["value"],
+                               f"{sound.path}/{STATE_FILE}" if sound is not None else None, config.run.name,
+                               config.optim.lr)
     return result
 
 
