@@ -24,6 +24,7 @@ from defusedxml import DefusedXmlException
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.errors import DataError
+from pipeline.storage import is_uri
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -155,7 +156,8 @@ def open_source(data: DataConfig) -> Source:
         if not annotations[split].exists():
             raise PrepError(annotations[split], f"annotation file not found (data.annotations.{split}, "
                                                 f"relative to the data root {root})")
-        if not images[split].is_dir():
+        # An object-store root's images stay there when Ray tasks read them (data.prep_workers).
+        if not is_uri(data.root_location()) and not images[split].is_dir():
             raise PrepError(images[split], f"image folder not found (data.images.{split}, relative to the data "
                                            f"root {root}; without it, the folder of the split's json)")
     return COCOSource(annotations, images, data.max_annotation_mb)
