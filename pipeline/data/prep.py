@@ -66,8 +66,7 @@ def summary_lines(result: PrepResult) -> list[str]:
         why = f" ({', '.join(f'{count} {reason}' for reason, count in sorted(dropped.items()))})" if dropped else ""
         lines.append(f"  {split}: {summary['images']} images, {summary['boxes']} boxes, {len(summary['dropped'])} "
                      f"dropped{why}, {len(summary['skipped'])} images skipped")
-    if any(result.manifest["splits"][split]["dropped"] or result.manifest["splits"][split]["skipped"]
-           for split in result.manifest["splits"]):
+    if any(summary["dropped"] or summary["skipped"] for summary in result.manifest["splits"].values()):
         lines.append(f"  each dropped box and skipped image is listed in {Location(result.directory) / MANIFEST}")
     return lines
 

@@ -181,12 +181,12 @@ def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_tr
 def metrics_table(metrics: dict[str, float | None], per_class_ap: dict[str, float | None]) -> str:
     """A markdown table of the COCO metrics and per-class AP; a value COCO could not compute
     (None or NaN: no ground truth of that class, or no box of that size) is n/a, and said why."""
-    def cell(value: float | None) -> str:
-        return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+    def missing(value: float | None) -> bool:
+        return value is None or math.isnan(value)
 
-    rows = [f"| {name} | {cell(value)} |" for name, value in metrics.items()]
-    rows += [f"| AP[{name}] | {cell(value)} |" for name, value in per_class_ap.items()]
+    named = [*metrics.items(), *((f"AP[{name}]", value) for name, value in per_class_ap.items())]
+    rows = [f"| {name} | {'n/a' if missing(value) else f'{value:.3f}'} |" for name, value in named]
     table = "\n".join(["| metric | value |", "|---|---|", *rows])
-    if any("n/a" in row for row in rows):
+    if any(missing(value) for _, value in named):
         table += "\n(n/a: the split holds no ground truth of that class or size)"
     return table
