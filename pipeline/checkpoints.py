@@ -3,6 +3,7 @@ validation AP."""
 import io
 import json
 import pickle
+import shutil
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.io import write_bytes_atomic, write_json_atomic
-from pipeline.storage import InputRefused, Location
+from pipeline.storage import PARTIAL_FILES, InputRefused, Location
 
 # A checkpoint of the largest detector here with its optimizer state is under 1 GB, and the
 # pickle in it (names, config, classes: the tensors' bytes are records of their own) some 40 KB;
@@ -75,6 +76,21 @@ def _unsupported(error: pickle.UnpicklingError) -> str:
     return named[0].rstrip(".") if named else "an unsupported pickle"
 
 
+def remove_partials(run_folder: Path | Location) -> None:
+    """Removes what a crash or a full disk cut short in a local `run_folder` of checkpoints (an
+    object store never shows an object before it is whole): files of an atomic write that were
+    never renamed, and checkpoint_* folders without a whole checkpoint in them, as Ray Train's
+    in-place upload left them (torch.save's zip ends in its directory: a file cut short has none)."""
+    run_folder = Location(run_folder)
+    if run_folder.remote or not run_folder.local().is_dir():
+        return
+    for partial in run_folder.local().rglob(PARTIAL_FILES):
+        partial.unlink(missing_ok=True)
+    for folder in run_folder.local().glob("checkpoint_*"):
+        if folder.is_dir() and not any(zipfile.is_zipfile(state) for state in folder.glob("*.pt")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 T = TypeVar("T")
 
 
@@ -132,6 +148,14 @@ class CheckpointStore:
         for name in set(index) - keep:
             (self.directory / name).delete()
         return {name: index[name] for name in index if name in keep}
+
+    def remove_partials(self) -> None:
+        """What a crash cut short (`remove_partials`), and checkpoints saved but never indexed."""
+        remove_partials(self.directory)
+        indexed = self._index()
+        for path in self.directory.files("step-*.pt"):
+            if path.name not in indexed:
+                path.delete()
 
     def entries(self) -> list[tuple[int, float | None, str]]:
         """(step, validation AP, path) of every checkpoint kept, by step."""

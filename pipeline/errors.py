@@ -5,14 +5,40 @@ keeps its traceback, because it is this project's fault. Subclasses also derive 
 built-in error a caller would expect (ValueError, FileNotFoundError), so library callers can
 catch them as such.
 """
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# How a full disk reads in errors from the OS, pyarrow and SQLite (an MLflow store).
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_MESSAGES = ("No space left on device", "database or disk is full", "Disk quota exceeded")
 
 
 def one_line(error: BaseException) -> str:
-    """An error from outside this project (OS, MLflow, Ray) as one line for a message."""
+    """An error from outside this project (OS, MLflow, Ray) as one line for a message; a full
+    disk's line wherever it is (SQLAlchemy's first line blames its autoflush)."""
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+    full = [line for line in lines if any(message in line for message in _FULL_MESSAGES)]
+    return f"{type(error).__name__}: {(full or lines or [''])[0]}"[:500]
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return (isinstance(error, OSError) and error.errno in _FULL_ERRNOS) or any(
+        message in str(error) for message in _FULL_MESSAGES)
+
+
+@contextmanager
+def naming_full_disk(where: object) -> Iterator[None]:
+    """A full disk while writing `where` as NoSpace naming it (the OS's and pyarrow's errors
+    name no file)."""
+    try:
+        yield
+    except OSError as error:
+        if is_disk_full(error):
+            raise NoSpace(where) from error
+        raise
 
 
 class UserError(Exception):
@@ -55,3 +81,13 @@ class TrackingUnavailable(UserError):
 
 class TrainingFailed(UserError):
     """A Ray Train run failed after its retries; the message carries the workers' error."""
+
+
+class NoSpace(UserError, OSError):
+    """A write failed on a full disk (or quota). What was being written is gone, not left
+    half-written: the same command resumes from the last whole checkpoint once there is room."""
+
+    def __init__(self, where: object) -> None:
+        self.where = str(where)
+        super().__init__(f"no space left on {self.where}: free some space there, or set run.output_dir to a "
+                         "larger disk, then rerun the same command to resume")

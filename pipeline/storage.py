@@ -18,8 +18,12 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
+from pipeline.errors import naming_full_disk
+
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _STREAM_BYTES = 1 << 20
+# What `_temporary` names: one left behind was cut short by a crash, and is removed on sight.
+PARTIAL_FILES = ".*.tmp"
 
 
 class InputRefused(ValueError):
@@ -253,7 +257,7 @@ class Location:
             if target.is_file() and target.stat().st_size == entry.size and target.stat().st_mtime_ns == stamp:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            temporary = _temporary(target)
             try:
                 with filesystem.open_input_stream(entry.path) as reader, open(temporary, "wb") as writer:
                     shutil.copyfileobj(reader, writer, _STREAM_BYTES)
@@ -277,14 +281,18 @@ class Location:
                 shutil.copyfileobj(reader, writer, _STREAM_BYTES)
 
 
+def _temporary(path: Path) -> Path:
+    # A unique name lets concurrent writers of the same path each rename a complete file;
+    # open() rather than mkstemp() so the result gets the usual umask permissions, not 0600.
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def _write_local(data: bytes, path: Path) -> None:
     """Through a temporary file in the same directory and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name lets concurrent writers of the same path each rename a complete file;
-    # open() rather than mkstemp() so the result gets the usual umask permissions, not 0600.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary = _temporary(path)
     try:
-        with open(temporary, "xb") as handle:
+        with naming_full_disk(path), open(temporary, "xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -161,3 +161,35 @@ def test_a_running_ray_cluster_is_joined_only_when_asked(tmp_path):
         assert "joined the Ray cluster at auto: 3 CPUs" in joined.stdout and "cpus 3.0" in joined.stdout
     finally:
         _ray("stop", "--force")
+
+
+def test_a_full_disk_during_ray_train_fails_in_one_line_leaves_no_partial_and_the_rerun_works(tmp_path, small_disk):
+    # Ray's upload used to leave truncated checkpoints, restart the group three times and end with
+    # MLflow's store blaming its autoflush, the runs left RUNNING.
+    data = tmp_path / "data"
+    write_synthetic_coco(data, {"train": 8, "val": 2})
+    ray_run = small_disk / "ray" / "faulty"
+    cut_short = ray_run / "checkpoint_2026-12-06_00-00-00.000000"  # as Ray's in-place upload left one
+    cut_short.mkdir(parents=True)
+    (cut_short / "state.pt").write_bytes(b"PK\x03\x04" + bytes(4096))
+    torn = ray_run / "checkpoint_0000008"  # a write that a kill cut short
+    torn.mkdir()
+    (torn / ".state.pt.0f0f.tmp").write_bytes(bytes(4096))
+    overrides = [*_overrides(data, small_disk), "train.max_steps=6"]
+
+    out, _ = (process := _pipeline(overrides)).communicate(timeout=600)
+    assert process.returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"aploss pipeline run: error: no space left on {ray_run}/checkpoint_0000002/state.pt: free some space "
+        "there, or set run.output_dir to a larger disk, then rerun the same command to resume")
+    assert "Traceback" not in out and "Error in training function" not in out
+    client = mlflow.MlflowClient(f"sqlite:///{small_disk / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aploss").experiment_id
+    states = {run.data.tags["aploss.stage"]: run.info.status for run in client.search_runs([experiment])}
+    assert states == {"pipeline": "FAILED", "data-prep": "FINISHED", "train": "FAILED"}
+    assert sorted(path.name for path in ray_run.rglob("*") if "checkpoint" in str(path)) == []
+
+    subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
+    _finish(_pipeline(overrides))
+    assert _journal_steps(small_disk) == list(range(1, 7))
+    assert (small_disk / "faulty" / "model.pt").is_file()

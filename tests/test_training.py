@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 
-from pipeline.checkpoints import CheckpointStore
+from pipeline.checkpoints import CheckpointStore, save_atomic
 from pipeline.data.dataset import GlobalBatchSampler, RunBatchSampler, epoch_order
+from pipeline.errors import NoSpace
 from pipeline.training.loop import LearningRateFactor
 
 GROUPS = [range(0, 4), range(4, 8), range(8, 11)]
@@ -64,6 +65,25 @@ def test_checkpoint_store_keeps_latest_and_best(tmp_path):
     assert store.latest().name == "step-0000005.pt" and store.best().name == "step-0000002.pt"
     assert torch.load(store.best())["step"] == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_that_does_not_fit_names_its_path_and_leaves_the_store_as_it_was(small_disk):
+    store = CheckpointStore(small_disk / "checkpoints", keep=2)
+    store.save(1, {"weights": torch.zeros(1000)}, None)
+    with pytest.raises(NoSpace, match=f"^no space left on {small_disk}/checkpoints/step-0000002.pt: "):
+        store.save(2, {"weights": torch.zeros(10_000_000)}, None)  # 40 MB on a 30 MB disk
+    assert sorted(path.name for path in (small_disk / "checkpoints").iterdir()) == ["index.json", "step-0000001.pt"]
+    assert store.latest().name == "step-0000001.pt"
+
+
+def test_what_a_crash_cut_short_is_removed_on_the_next_start(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(1, {"step": 1}, 0.5)
+    (tmp_path / ".step-0000002.pt.0f0f.tmp").write_bytes(b"PK")  # killed while writing
+    save_atomic({"step": 3}, tmp_path / "step-0000003.pt")  # killed before the index named it
+    store.remove_partials()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index.json", "step-0000001.pt"]
+    assert store.best().name == "step-0000001.pt"
 
 
 def _tiny_training(*overrides, steps_per_epoch=None):

@@ -45,7 +45,7 @@ from pipeline.data.shards import (
     write_shard,
 )
 from pipeline.data.sources import Entry, PrepError, Source, check_splits, open_source
-from pipeline.errors import MissingInput
+from pipeline.errors import MissingInput, naming_full_disk
 from pipeline.images import ImageLimits
 from pipeline.storage import Location, is_uri
 
@@ -103,7 +103,8 @@ def prepare(config: Config, progress: bool = True) -> PrepResult:
     staging = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
-        manifest = _write(staging, data, source, settings, input_hash, progress, directory)
+        with naming_full_disk(local.parent):
+            manifest = _write(staging, data, source, settings, input_hash, progress, directory)
         _swap(staging, local)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in

@@ -29,7 +29,7 @@ from pipeline.orchestration.sweep_journal import JOURNAL, SweepJournal, TrialRec
 from pipeline.search_space import parse_domain
 from pipeline.training.journal import METRICS_FILE
 from pipeline.training.loop import StepSchedule
-from pipeline.training.ray_train import build_trainer, storage_path
+from pipeline.training.ray_train import build_trainer, fit_run, storage_path
 
 METRIC = "val_ap"
 # A random-search trial's index in the sweep's plan, beside the searched keys.
@@ -74,11 +74,12 @@ def _run_trial(params: dict, sweep: dict) -> None:
     run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
     trainer = build_trainer(config, sweep["classes"], callbacks=[_ReportValidationAP()])
     with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id, sweep["tracking_uri"]):
-        result = trainer.fit()
-    # A trial that ASHA stops, or that raises, never gets here: the sweep driver ends its run
-    # (`_trial_outcomes`). Ending it on the way out as well raced with the driver, and a stopped
-    # trial's interrupted fit could overwrite the driver's KILLED with FAILED.
-    tracking.finish(run_id, result.error is not None, sweep["tracking_uri"])
+        fit_run(config, trainer)
+    # A trial that ASHA stops, or that raises (its training failed, diverged or filled the disk),
+    # never gets here: the sweep driver ends its run (`_trial_outcomes`). Ending it on the way out
+    # as well raced with the driver, and a stopped trial's interrupted fit could overwrite the
+    # driver's KILLED with FAILED.
+    tracking.finish(run_id, False, sweep["tracking_uri"])
 
 
 class _Journaling(tune.Callback):

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from pipeline.errors import naming_full_disk
 from pipeline.storage import Location
 
 METRICS_FILE = "metrics.jsonl"
@@ -71,7 +72,7 @@ class MetricsJournal:
             self.path.write_text(self._text + line)
             self._text += line
         else:
-            with open(self.path.local(), "a") as handle:
+            with naming_full_disk(self.path), open(self.path.local(), "a") as handle:
                 handle.write(line)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -46,6 +46,7 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
                                input_size=config.train.input_size, limits=ImageLimits.of(config.data))
     schedule = StepSchedule.of(config.train, len(dataset))
     store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
+    store.remove_partials()
     latest = store.latest()
     model = build_model(config, len(classes)) if latest else initial_model(config, len(classes))
     training = Training(config, model.to(device), device, schedule.total_steps, schedule.steps_per_epoch)

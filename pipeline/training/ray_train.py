@@ -8,14 +8,14 @@ the parameter update equals one process holding the whole batch. Checkpoints go 
 a rerun with the same run name resumes where the run stopped.
 """
 import json
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
+import ray.train.collective
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from aploss.distributed import ProcessGroupBatch
@@ -25,7 +25,7 @@ from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
-from pipeline.errors import TrainingDiverged, TrainingFailed
+from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed
 from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
@@ -42,18 +42,42 @@ class RaySink:
     """Checkpoints through `ray.train.report`, which every rank calls (it is a barrier). Ray keeps
     the best by `score`, which must be a number in every report (its saved state turns NaN into
     null, which a resumed run cannot compare): validation AP, or -1, below any AP, for
-    checkpoints kept for resuming only."""
+    checkpoints kept for resuming only.
+
+    Rank 0 writes each checkpoint into Ray's run folder itself, atomically, and Ray registers it
+    as it is: Ray's own upload copies in place, which a full disk or a kill cut short into a
+    folder that looked like a checkpoint. When rank 0's disk is full, every rank stops at that
+    checkpoint (`StoppedTogether`) rather than Ray restarting the group to fill it again."""
+
+    def __init__(self, run_folder: Location) -> None:
+        self.run_folder = run_folder
 
     def save(self, step: int, state: dict | None, val_ap: float | None) -> None:
         report = {"step": step, SCORE: -1.0 if val_ap is None else val_ap}
         if val_ap is not None:
             report["val_ap"] = val_ap
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if state is not None:
-                checkpoints.save_atomic(state, Path(directory) / STATE_FILE)
-                checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(report, checkpoint=checkpoint)
+        name = f"checkpoint_{step:07d}"
+        checkpoint, full = None, None
+        if state is not None:
+            try:
+                checkpoints.save_atomic(state, self.run_folder / name / STATE_FILE)
+                storage = ray.train.get_context().get_storage()
+                checkpoint = Checkpoint(f"{storage.experiment_fs_path}/{name}", storage.storage_filesystem)
+            except NoSpace as error:
+                (self.run_folder / name).delete_tree()
+                full = error.where
+        if (full := ray.train.collective.broadcast_from_rank_zero(full)) is not None:
+            raise StoppedTogether({"no_space": full})
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+class StoppedTogether(Exception):
+    """Every rank stops at the same step, for a reason (`record`) that restarting cannot mend."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__(record)
+        self.record = record
 
 
 def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
@@ -80,20 +104,24 @@ def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
         if rank == 0:
             say(f"resumed at step {training.step}")
-    hooks = hooks_class(config, schedule, RaySink(), {"config": payload["config"], "classes": payload["classes"]},
-                        rank=rank)
+    hooks = hooks_class(config, schedule, RaySink(storage_path(config) / config.run.name),
+                        {"config": payload["config"], "classes": payload["classes"]}, rank=rank)
     try:
-        fit(training, dataset, schedule, hooks, rank, world_size,
-            loader_processes(config.train, config.ray.cpus_per_worker))
-    except TrainingDiverged as error:
-        # Every rank sees the same global values, so all stop at this step. Returning rather than
-        # raising keeps Ray from restarting the group to diverge again; the driver reads this.
+        try:
+            fit(training, dataset, schedule, hooks, rank, world_size,
+                loader_processes(config.train, config.ray.cpus_per_worker))
+        except TrainingDiverged as error:
+            # Every rank sees the same global values, so all stop at this step.
+            raise StoppedTogether({"step": error.step, "term": error.term, "value": error.value}) from None
+    except StoppedTogether as stop:
+        # Returning rather than raising keeps Ray from restarting the group into the same end;
+        # the driver reads why.
         if rank == 0:
-            write_json_atomic({"step": error.step, "term": error.term, "value": error.value}, _diverged_path(config))
+            write_json_atomic(stop.record, _stopped_path(config))
 
 
-def _diverged_path(config: Config) -> Location:
-    return config.run.directory() / "train" / "diverged.json"
+def _stopped_path(config: Config) -> Location:
+    return config.run.directory() / "train" / "stopped.json"
 
 
 def storage_path(config: Config) -> Location:
@@ -176,21 +204,26 @@ def _fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
 
 def fit_run(config: Config, trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()`, with TrainingFailed (the workers' error in one line) for a run that
-    failed after its restarts, or TrainingDiverged (with the last good checkpoint)."""
+    failed after its restarts, TrainingDiverged (with its best validated checkpoint) or NoSpace
+    for one its workers stopped."""
+    _stopped_path(config).delete()
+    checkpoints.remove_partials(storage_path(config) / config.run.name)
     try:
         result = _fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as error:
         raise _failed(config, error) from error
     if result.error is not None:
         raise _failed(config, result.error) from result.error
-    if (diverged := _diverged_path(config)).exists():
-        info = json.loads(diverged.read_text())
-        kept = sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])
-        sound = checkpoints.sound([(metrics.get("val_ap"), checkpoint) for checkpoint, metrics in kept])
-        raise TrainingDiverged(info["step"], info["term"], info["value"],
-                               f"{sound.path}/{STATE_FILE}" if sound is not None else None, config.run.name,
-                               config.optim.lr)
-    return result
+    if not (stopped := _stopped_path(config)).exists():
+        return result
+    info = json.loads(stopped.read_text())
+    if "no_space" in info:
+        raise NoSpace(info["no_space"])
+    kept = sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])
+    sound = checkpoints.sound([(metrics.get("val_ap"), checkpoint) for checkpoint, metrics in kept])
+    raise TrainingDiverged(info["step"], info["term"], info["value"],
+                           f"{sound.path}/{STATE_FILE}" if sound is not None else None, config.run.name,
+                           config.optim.lr)
 
 
 def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_worker
@@ -199,7 +232,6 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
     config, classes = training_data(config)
     report_anchor_recall(config)
     record_training_run(config)
-    _diverged_path(config).delete()
     result = fit_run(config, build_trainer(config, classes, train_loop))
     model_path = config.run.directory() / "model.pt"
     return result, checkpoints.export_model(best_state(result), prepared_category_ids(config), model_path)
