@@ -1,7 +1,10 @@
 """`aploss predict`: a trained detector on a user's image files, equal to its evaluation on the
 same images, in the dataset's own category ids."""
+import contextlib
 import http.server
+import io
 import json
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -10,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from pipeline.config import load_config
 from pipeline.data.bindings import split_dir
@@ -33,13 +38,17 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     write_synthetic_coco(root / "data", {"train": 4, "val": 3})
     overrides = [
-        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *_data_settings(root / "data"), "model.min_size=96", "model.max_size=96",
         "train.batch_size=2", "train.max_steps=1", "train.eval_every=1000", f"run.output_dir={root / 'runs'}",
         "run.name=predict-test"]
     config = load_config(None, overrides)
     prepare(config, progress=False)
     return root, overrides[-2:], train_stage(config, progress=False).model_path
+
+
+def _data_settings(data_root) -> list[str]:
+    return ["data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
+            "data.images={train: train, val: val}", "data.test_split=val"]
 
 
 def _rounded(box: list[float], score: float) -> tuple:
@@ -58,7 +67,7 @@ def test_predict_on_image_files_equals_the_evaluation_of_the_same_images(trained
     manifest = read_manifest(config.data.prepared)
     assert detections["categories"] == [{"id": i, "name": n} for i, n in zip(manifest["category_ids"], classes)]
     assert [image["file_name"] for image in detections["images"]] == sorted(
-        str(path) for path in (root / "data" / "val").iterdir())
+        path.name for path in (root / "data" / "val").iterdir())
     assert sorted(path.name for path in drawn.iterdir()) == [f"{i:06d}-{p.stem}.png" for i, p in enumerate(
         sorted((root / "data" / "val").iterdir()), start=1)]
 
@@ -69,7 +78,7 @@ def test_predict_on_image_files_equals_the_evaluation_of_the_same_images(trained
     names = {image["id"]: image["file_name"] for image in ground_truth["images"]}
     evaluated = predict(model, DetectionDataset(ShardReader(split_dir(config, "val"))), 2, torch.device("cpu"),
                         manifest["category_ids"])
-    files = {image["id"]: image["file_name"].rsplit("/", 1)[-1] for image in detections["images"]}
+    files = {image["id"]: image["file_name"] for image in detections["images"]}
     assert evaluated and sorted((files[a["image_id"]], a["category_id"], _rounded(a["bbox"], a["score"]))
                                 for a in detections["annotations"]) == sorted(
         (names[r["image_id"]], r["category_id"], _rounded(r["bbox"], r["score"])) for r in evaluated)
@@ -80,6 +89,63 @@ def test_predict_on_image_files_equals_the_evaluation_of_the_same_images(trained
     counts = [sum(a["image_id"] == image["id"] for a in json.loads(out.read_text())["annotations"])
               for image in detections["images"]]
     assert counts == [2, 2, 2]
+
+
+def test_predict_on_a_prepared_split_keeps_the_dataset_ids_and_scores_against_its_ground_truth(trained, tmp_path,
+                                                                                               capsys):
+    root, run_settings, model_path = trained
+    split_out, files_out = tmp_path / "split.json", tmp_path / "files.json"
+    settings = [*_data_settings(root / "data"), *run_settings, "model.score_thresh=0.01", "eval.batch_size=2"]
+    assert main(["predict", "--model", "predict-test", "--split", "val", "--out", str(split_out), *settings]) == 0
+    assert f"detections on 3 images of the val split: {split_out}" in capsys.readouterr().out
+    assert main(["predict", "--model", "predict-test", str(root / "data" / "val"), "--out", str(files_out),
+                 *settings]) == 0
+    from_split, from_files = json.loads(split_out.read_text()), json.loads(files_out.read_text())
+    ground_truth_path = split_dir(load_model(model_path, torch.device("cpu")).config, "val") / "ground_truth.json"
+    ground_truth = json.loads(ground_truth_path.read_text())
+    assert from_split["images"] == [{key: image[key] for key in ("id", "file_name", "height", "width")}
+                                    for image in ground_truth["images"]]
+    assert from_split["categories"] == ground_truth["categories"]
+
+    # The same detections as of the image files, which only their file names tie to the dataset.
+    dataset_id = {image["file_name"]: image["id"] for image in ground_truth["images"]}
+    file_name = {image["id"]: image["file_name"] for image in from_files["images"]}
+    mapped = [{**a, "image_id": dataset_id[file_name[a["image_id"]]]} for a in from_files["annotations"]]
+    assert mapped and sorted((a["image_id"], a["category_id"], _rounded(a["bbox"], a["score"])) for a in mapped) == \
+        sorted((a["image_id"], a["category_id"], _rounded(a["bbox"], a["score"])) for a in from_split["annotations"])
+
+    # pycocotools scores the file as it is against the split's ground truth.
+    truth = COCO(str(ground_truth_path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        scores = []
+        for annotations in (from_split["annotations"], mapped):
+            scored = COCOeval(truth, truth.loadRes(annotations), "bbox")
+            scored.evaluate(), scored.accumulate(), scored.summarize()
+            scores.append(scored.stats[0])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6) and scores[0] >= 0
+
+
+def test_predict_refuses_a_split_of_other_classes(trained, tmp_path, capsys):
+    root, run_settings, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(root / "data", other)
+    for split in ("train", "val"):
+        coco = json.loads((other / f"{split}.json").read_text())
+        coco["categories"][0]["name"] = "box"
+        (other / f"{split}.json").write_text(json.dumps(coco))
+    settings = [*_data_settings(other), *run_settings]
+    assert main(["prep", *settings]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", "predict-test", "--split", "val", "--out", str(tmp_path / "d.json"),
+                 *settings]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"aploss predict: error: --model {root / 'runs' / 'predict-test' / 'model.pt'} was "
+                            "trained on classes ['square', 'disc'], but ")
+    assert error.endswith("has ['box', 'disc']: give a model trained on this data")
+    assert not (tmp_path / "d.json").exists()
+    assert main(["predict", "--model", "predict-test", "--split", "val", str(root / "data" / "val"),
+                 *settings]) == 2
+    assert "predict: --split labels a prepared split in this process; leave out the images" in capsys.readouterr().err
 
 
 def test_predict_refuses_what_is_not_there_or_not_an_image(trained, tmp_path, capsys):

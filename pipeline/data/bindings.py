@@ -24,6 +24,19 @@ def split_dir(config: Config, split: str) -> Location:
     return Location(config.data.prepared) / split
 
 
+def check_split(config: Config, split: str, setting: str, classes: list[str], model: str) -> None:
+    """The prepared data `config` is bound to has `split` (which `setting` chose), with the
+    `classes` that `model` (its file, and its run where it has one) was trained on, in their
+    order: the model's class indices are the data's."""
+    manifest = read_manifest(config.data.prepared)
+    if split not in manifest["splits"]:
+        raise DataError(f"{config.data.prepared} has no split {split!r} (it has {', '.join(manifest['splits'])}): "
+                        f"set {setting}")
+    if classes != manifest["classes"]:
+        raise DataError(f"{model} was trained on classes {classes}, but {config.data.prepared} has "
+                        f"{manifest['classes']}: give a model trained on this data")
+
+
 def prepared_category_ids(config: Config) -> list[int]:
     """The dataset's category id of each class of the prepared data `config` is bound to."""
     return read_manifest(config.data.prepared)["category_ids"]

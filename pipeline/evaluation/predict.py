@@ -6,6 +6,7 @@ file_name, width, height), `categories` (the dataset's ids and names) and `annot
 x, y, w, h in pixels, score). pycocotools loads it as it is, and `loadRes` takes its annotations.
 """
 import glob
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,12 @@ from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config, apply_override, config_from_dict, config_to_dict, parse_override
+from pipeline.data.bindings import check_split, split_dir
+from pipeline.data.dataset import DetectionDataset
+from pipeline.data.prep import locate_prepared
+from pipeline.data.shards import ShardReader
 from pipeline.errors import DataError, MissingInput
+from pipeline.evaluation import evaluate
 from pipeline.evaluation.coco_metrics import draw_detections
 from pipeline.images import ImageLimits, ImageRefused, decode_rgb, read_image_file
 from pipeline.io import write_json_atomic
@@ -136,15 +142,15 @@ def _batches(files: list[Location], batch_size: int) -> Iterator[list[Location]]
 def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence[int], files: list[Location],
                   batch_size: int, device: torch.device, limits: ImageLimits, draw_dir: Location | None = None,
                   progress: bool = True) -> dict:
-    """The COCO-format detections of `files`, image ids 1..n in order; drawn images in
-    `draw_dir` if given."""
+    """The COCO-format detections of `files`, image ids 1..n in order, each named by its file's
+    name (a path would tie the file to this machine); drawn images in `draw_dir` if given."""
     images, annotations = [], []
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for batch in _batches(files, batch_size):
             tensors = [read_image(file, limits) for file in batch]
             for file, tensor, found in zip(batch, tensors, detect(model, tensors, classes, device)):
                 image_id = len(images) + 1
-                images.append({"id": image_id, "file_name": str(file), "height": tensor.shape[1],
+                images.append({"id": image_id, "file_name": file.name, "height": tensor.shape[1],
                                "width": tensor.shape[2]})
                 annotations += _annotations(found, image_id, ids, first_id=len(annotations) + 1)
                 if draw_dir is not None:
@@ -155,14 +161,18 @@ def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence
 
 
 def _annotations(found: ImageDetections, image_id: int, ids: Sequence[int], first_id: int) -> list[dict]:
-    annotations = []
-    for offset, (box, score, label) in enumerate(zip(found.boxes.tolist(), found.scores.tolist(),
-                                                     found.labels.tolist())):
-        width, height = box[2] - box[0], box[3] - box[1]
-        annotations.append({"id": first_id + offset, "image_id": image_id, "category_id": ids[label],
-                            "bbox": [box[0], box[1], width, height], "area": width * height, "iscrowd": 0,
-                            "score": score})
-    return annotations
+    results = []
+    for box, score, label in zip(found.boxes.tolist(), found.scores.tolist(), found.labels.tolist()):
+        results.append({"image_id": image_id, "category_id": ids[label],
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+    return _as_annotations(results, first_id)
+
+
+def _as_annotations(results: list[dict], first_id: int) -> list[dict]:
+    """COCO result dicts (image_id, category_id, bbox, score) as the annotations of a COCO file."""
+    return [{"id": first_id + offset, **result, "bbox": list(result["bbox"]),
+             "area": result["bbox"][2] * result["bbox"][3], "iscrowd": 0}
+            for offset, result in enumerate(results)]
 
 
 def _draw(image: Tensor, found: ImageDetections, path: Location) -> None:
@@ -170,6 +180,28 @@ def _draw(image: Tensor, found: ImageDetections, path: Location) -> None:
     draw_detections((image * 255).to(torch.uint8), torch.from_numpy(found.boxes[confident]),
                     [name for name, keep in zip(found.names, confident) if keep],
                     torch.from_numpy(found.scores[confident]), path)
+
+
+def predict_split(config: Config, model_path: Location, split: str, overrides: Sequence[str], out: Location,
+                  progress: bool = True) -> dict:
+    """Detections of the model at `model_path` on the split `split` of the prepared data of
+    `config`, written to `out` with the dataset's own image ids, file names and categories: they
+    score against the split's ground truth as they are. A model trained on other classes is
+    refused."""
+    device = resolve_device(config.train.device)
+    model, classes, trained, _ = load_model(model_path, device)
+    config = config.with_prepared(locate_prepared(config))
+    check_split(config, split, "--split", classes, f"--model {model_path}")
+    directory = split_dir(config, split)
+    ground_truth = json.loads((directory / "ground_truth.json").read_text())
+    categories = ground_truth["categories"]
+    dataset = DetectionDataset(ShardReader(directory), limits=ImageLimits.of(config.data))
+    results = evaluate.predict(with_postprocessing(model, trained, overrides), dataset, config.eval.batch_size, device,
+                               [category["id"] for category in categories], progress)
+    images = [{key: image[key] for key in ("id", "file_name", "height", "width")} for image in ground_truth["images"]]
+    detections = {"images": images, "categories": categories, "annotations": _as_annotations(results, 1)}
+    write_json_atomic(detections, out)
+    return detections
 
 
 def predict_stage(config: Config, model_path: Location, inputs: Sequence[str], overrides: Sequence[str],

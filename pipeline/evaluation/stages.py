@@ -14,9 +14,9 @@ import torch
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config, config_record
-from pipeline.data.bindings import evaluation_config, split_dir
+from pipeline.data.bindings import check_split, evaluation_config, split_dir
 from pipeline.data.dataset import DetectionDataset
-from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.shards import ShardReader
 from pipeline.data.sources import PASCAL_VOC
 from pipeline.errors import DataError, MissingInput
 from pipeline.evaluation.coco_metrics import category_ids
@@ -129,7 +129,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
         raise MissingInput(f"{model_path}: no trained model; run the train stage first")
     model, classes, trained, _ = load_model(model_path, device)
     config = evaluation_config(config, trained)
-    _check_classes(config, classes, model_path, config.run.name)
+    check_split(config, config.eval_split(), "eval.split", classes, f"{model_path}: run '{config.run.name}'")
     split = split_dir(config, config.eval_split())
     # Ray workers start in directories of their own.
     detections = (_detect_on_ray(config, model_path, split_dir(config.with_absolute_paths(), config.eval_split()))
@@ -140,18 +140,6 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     return evaluate_split(model, dataset, split / "ground_truth.json", classes,
                           config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images,
                           voc=voc, detections=detections)
-
-
-def _check_classes(config: Config, classes: list[str], model_path: Path, name: str) -> None:
-    """The prepared data has the split to evaluate, with the classes the model was trained on."""
-    manifest = read_manifest(config.data.prepared)
-    if config.eval_split() not in manifest["splits"]:
-        raise DataError(f"{config.data.prepared} has no split {config.eval_split()!r} (it has "
-                        f"{', '.join(manifest['splits'])}): set eval.split")
-    prepared = manifest["classes"]
-    if classes != prepared:
-        raise DataError(f"{model_path}: run '{name}' was trained on classes {classes}, but "
-                        f"{config.data.prepared} has {prepared}")
 
 
 def robustness_stage(config: Config, names: list[str] | None = None, progress: bool = True) -> dict[str, tuple]:
@@ -170,7 +158,7 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
         models[name], classes, trained_config, _ = load_model(path, device)
         trained_with[name] = config_record(trained_config)
         bound[name] = evaluation_config(config, trained_config)
-        _check_classes(bound[name], classes, path, name)
+        check_split(bound[name], bound[name].eval_split(), "eval.split", classes, f"{path}: run '{name}'")
     first, *others = bound.values()
     for name, other in zip(list(bound)[1:], others):
         if (other.data.prepared, other.eval_split()) != (first.data.prepared, first.eval_split()):

@@ -130,11 +130,22 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
 
     out = Location(arguments.out or ("detections" if arguments.ray else "detections.json"))
     draw = Location(arguments.draw) if arguments.draw else None
-    if not inputs:
-        raise UserError("predict: give the images: files, folders, globs or an object-store URI")
+    if arguments.split and (inputs or arguments.ray or draw):
+        raise UserError("predict: --split labels a prepared split in this process; leave out the images"
+                        + (", --ray" if arguments.ray else "") + (", --draw" if draw else ""))
+    if not inputs and not arguments.split:
+        raise UserError("predict: give the images: files, folders, globs or an object-store URI (or --split SPLIT "
+                        "for a split of the prepared data)")
     if arguments.ray and draw:
         raise UserError("predict: --draw is for a single process; leave out --ray to draw the detections")
     with _model_file(arguments.model, config) as model_path:
+        if arguments.split:
+            from pipeline.evaluation.predict import predict_split
+
+            detections = predict_split(config, model_path, arguments.split, overrides, out)
+            print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images of the "
+                  f"{arguments.split} split: {out}")
+            return
         if arguments.ray:
             from pipeline.evaluation.batch_predict import predict_on_ray
             from pipeline.orchestration.run import start_ray
@@ -211,9 +222,13 @@ HELP = {
                 "Runs the model (a run's name, a model.pt or checkpoint, or an MLflow model URI such as "
                 "models:/aploss-bccd@champion) on image files, folders, globs or an object-store URI, and writes "
                 "their detections as a COCO json in the dataset's own category ids and names (bbox x, y, w, h in "
-                "pixels, with a score), and with --draw the images with their boxes. model.score_thresh, "
+                "pixels, with a score), and with --draw the images with their boxes; images are numbered 1..N and "
+                "named by their file names. With --split SPLIT it labels that split of the configured dataset's "
+                "prepared data instead, with the dataset's own image ids and file names (it scores against the "
+                "split's ground truth as it is), and refuses a model trained on other classes. model.score_thresh, "
                 "model.nms_thresh and model.detections_per_image are the model's own unless overridden.",
                 ["aploss predict --model bccd-ap images/ --out detections.json",
+                 "aploss predict --model bccd-ap --split test --out test-detections.json",
                  "aploss predict --ray --model run:bccd-ap s3://bucket/photos/ --out s3://bucket/detections "
                  "ray.workers=8 ray.use_gpu=true",
                  "aploss predict --model models:/aploss-bccd@champion 'photos/*.jpg' --draw drawn/ "
@@ -286,10 +301,12 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     predict.add_argument("--out", help="the detections json (default: detections.json), or with --ray the folder of "
                                        "Parquet shards (default: detections)")
     predict.add_argument("--draw", metavar="DIR", help="also write each image with its detections here")
+    predict.add_argument("--split", help="label this split of the prepared data of the data.* settings, keeping the "
+                                         "dataset's image ids, instead of image files")
     predict.add_argument("--ray", action="store_true",
                          help="run on Ray: Ray Data reads the images, ray.workers actors detect (one GPU each with "
                               "ray.use_gpu), Parquet shards out")
-    predict.usage = ("aploss predict --model MODEL [--out PATH] [--draw DIR | --ray] IMAGES... "
+    predict.usage = ("aploss predict --model MODEL [--out PATH] [--draw DIR | --ray] (IMAGES... | --split SPLIT) "
                      "[section.key=value ...]")
     parsers["export"].add_argument("--model", required=True, help="a run name, a model.pt, or an MLflow model URI")
     parsers["export"].add_argument("--out", required=True, help="the program file (local or object-store URI)")
