@@ -35,6 +35,8 @@ class _DropMessages(logging.Filter):
 
 # Ray's note that token authentication is on, as it should be; its warning that it is off stays.
 _TOKEN_AUTH_ON = _DropMessages(r"Token authentication is enabled")
+_WORKER_ERROR = _DropMessages(r"Error in training function")
+_GROUP_SHUTDOWN = _DropMessages(r"Graceful shutdown of backend failed")
 
 
 def quiet_third_party() -> None:
@@ -48,6 +50,11 @@ def quiet_third_party() -> None:
     # Ray Train's notes on moving the model, wrapping it in DDP and persisting each checkpoint.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
+    # Where Ray Train restarts the workers, a worker's error and the worker group's shutdown after
+    # it, each with a traceback: the run says it in one line (`ray_train.run_worker`). Filters,
+    # since Ray Train's logging.config.dictConfig resets the levels of the loggers under its own.
+    logging.getLogger("ray.train.v2._internal.util").addFilter(_WORKER_ERROR)
+    logging.getLogger("ray.train.v2._internal.callbacks.backend_setup").addFilter(_GROUP_SHUTDOWN)
     try:
         # Ray Train prints each ray.train.report() call in full ("Reporting training result N:
         # TrainingReport(...)"); the run's own step and validation lines say it better.

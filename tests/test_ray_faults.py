@@ -3,6 +3,7 @@ Ray cluster already running on the machine."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,31 @@ def test_ctrl_c_during_ray_train_ends_the_runs_killed_in_one_line_and_resumes(tm
     out = _finish(_pipeline(overrides))
     assert "resumed at step" in out
     assert _journal_steps(output) == list(range(1, 41))
+
+
+def _session_processes(session: int, name: str) -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, sid, args in (line.split(None, 2) for line in listing.splitlines())
+            if int(sid) == session and args.startswith(name)]
+
+
+def test_a_worker_killed_during_ray_train_is_one_line_and_the_run_goes_on(tmp_path):
+    # Ray printed the failure's tracebacks into the run's output as Train restarted the workers.
+    data, output = tmp_path / "data", tmp_path / "runs"
+    write_synthetic_coco(data, {"train": 8, "val": 2})
+    process = _pipeline([*_overrides(data, output), "train.max_steps=16"])
+    deadline = time.monotonic() + 300
+    while max(_journal_steps(output), default=0) < 5:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.1)
+    workers = _session_processes(process.pid, "ray::RayTrainWorker")
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    out = _finish(process)
+    assert "Traceback" not in out and "Graceful shutdown" not in out
+    assert re.search(r"^resumed at step \d+$", out, re.MULTILINE), out
+    assert _journal_steps(output) == list(range(1, 17))
 
 
 def _ray(*arguments: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
-from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed
+from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed, one_line
 from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
@@ -82,8 +82,18 @@ class StoppedTogether(Exception):
 
 def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
     """One Ray Train worker: DDP model, its share of every global batch, resumed if Ray hands
-    it a checkpoint."""
+    it a checkpoint. A failure is one line here (Ray's own logs of it are quieted): Ray Train
+    restarts the workers, or the driver ends the run with the error."""
     quiet_third_party()
+    try:
+        _work(payload, hooks_class)
+    except Exception as error:
+        say(f"training worker {ray.train.get_context().get_world_rank()} failed: {one_line(error)} (Ray Train "
+            "restarts the workers from their latest checkpoint, up to ray.max_failures times)")
+        raise
+
+
+def _work(payload: dict, hooks_class: type) -> None:
     config = config_from_dict(payload["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -130,6 +140,19 @@ def storage_path(config: Config) -> Location:
     return Location(config.run.output_dir) / "ray"
 
 
+class QuietController(ray.train.UserCallback):
+    """Quiets Ray Train's controller as the driver and the workers are: the controller unpickles
+    its callbacks, the one place where this project's code runs in it."""
+
+    def __reduce__(self) -> tuple:
+        return _quiet_controller, ()
+
+
+def _quiet_controller() -> QuietController:
+    quiet_third_party()
+    return QuietController()
+
+
 def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict], None] = run_worker,
                   callbacks: list | None = None) -> TorchTrainer:
     """The Ray Train run of `config`, which must be bound to its prepared data (`training_data`)."""
@@ -143,7 +166,8 @@ def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict
                                      placement_strategy=ray_config.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=config.run.name, storage_path=str(storage_path(config)), callbacks=callbacks,
+            name=config.run.name, storage_path=str(storage_path(config)),
+            callbacks=[*(callbacks or []), QuietController()],
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
             # Ray Train's controller configures its own loggers (resource requests, worker group).
             logging_config=LoggingConfig(log_level=ray_log_level()),
