@@ -48,10 +48,13 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "bccd"  # bccd | voc2007 | voc2012 | voc0712 | coco2017 | coco (instances json by path)
+    # bccd | voc2007 | voc2012 | voc0712 | coco2017 | coco (instances jsons of your own, by path) | voc (a
+    # VOC-layout folder of your own at data.root)
+    dataset: str = "bccd"
     root: str = ""  # data root; empty means $APLOSS_DATA_ROOT, else ./data
     annotations: dict[str, str] = field(default_factory=dict)  # coco: split -> instances json
     images: dict[str, str] = field(default_factory=dict)  # coco: split -> image folder
+    classes: list[str] = field(default_factory=list)  # voc: the class names, their category ids 1..K in this order
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -77,8 +80,17 @@ class DataConfig:
     prepared: str = ""
 
     def validate(self) -> None:
-        named = ("bccd", "voc2007", "voc2012", "voc0712", "coco2017", "coco")
+        named = ("bccd", "voc2007", "voc2012", "voc0712", "coco2017", "coco", "voc")
         _require(self.dataset in named, "data.dataset", f"must be one of {list(named)}, got {self.dataset!r}")
+        if self.dataset == "voc":
+            _require(bool(self.classes), "data.classes",
+                     "dataset 'voc' (a VOC-layout folder of your own at data.root) needs its class names, as the "
+                     "XML files name them, e.g. data.classes='[cat, dog]' (see the README's 'Your own data')")
+            _require(len(set(self.classes)) == len(self.classes) and all(self.classes), "data.classes",
+                     f"must be distinct, non-empty names, got {self.classes}")
+        else:
+            _require(not self.classes, "data.classes",
+                     f"is for dataset 'voc' only: {self.dataset!r} names its own classes")
         if self.dataset == "coco":
             _require(bool(self.annotations), "data.annotations",
                      "dataset 'coco' (your own COCO instances json) needs one json per split, relative to "

@@ -93,7 +93,7 @@ def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str,
 
 
 # The data.* keys that choose which images an evaluation scores.
-_CHOOSING_DATA = ("dataset", "root", "annotations", "images", "test_split")
+_CHOOSING_DATA = ("dataset", "root", "annotations", "images", "classes", "test_split")
 
 
 def _same(key: str, given, used) -> bool:

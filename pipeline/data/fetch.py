@@ -10,6 +10,7 @@ more than `MAX_EXPANSION` times the archive's size.
 """
 import hashlib
 import os
+import posixpath
 import tarfile
 import tempfile
 import urllib.request
@@ -19,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from pipeline.config import DataConfig
-from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths
+from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths, voc_layout
 from pipeline.redaction import redact
 from pipeline.storage import Location, is_uri
 
@@ -89,10 +90,10 @@ def _missing(dataset: str, root: Path, splits: Sequence[str], images: bool = Tru
 def _inputs(data: DataConfig, splits: Sequence[str], images: bool = True) -> list[str]:
     """The files and folders, relative to the data root, that the sources read for `splits`;
     without `images`, only what lists and annotates them."""
-    if data.dataset in VOC_LAYOUTS:
-        folders = sorted({folder for split in splits for folder in VOC_LAYOUTS[data.dataset].splits[split]})
-        annotated = [f"{folder}/{part}" for folder in folders for part in ("ImageSets", "Annotations")]
-        return folders if images else annotated
+    if (layout := voc_layout(data)) is not None:
+        folders = sorted({folder for split in splits for folder in layout.splits[split]})
+        parts = ("ImageSets", "Annotations", *(("JPEGImages",) if images else ()))
+        return [posixpath.join(folder, part) for folder in folders for part in parts]
     if data.dataset == "coco2017":
         pairs = [coco2017_paths(Path(), split) for split in splits]
     else:
@@ -104,10 +105,7 @@ def _inputs(data: DataConfig, splits: Sequence[str], images: bool = True) -> lis
 
 def image_folders(data: DataConfig, splits: Sequence[str]) -> list[str]:
     """The folders, relative to the data root, that hold the images of `splits`."""
-    annotated = set(_inputs(data, splits, images=False))
-    if data.dataset in VOC_LAYOUTS:
-        return sorted({f"{folder}/JPEGImages" for folder in _inputs(data, splits)})
-    return sorted(set(_inputs(data, splits)) - annotated)
+    return sorted(set(_inputs(data, splits)) - set(_inputs(data, splits, images=False)))
 
 
 def copy_from_store(data: DataConfig, splits: Sequence[str], images: bool = True) -> None:
@@ -129,12 +127,12 @@ def copy_from_store(data: DataConfig, splits: Sequence[str], images: bool = True
 
 def fetch(data: DataConfig, splits: Sequence[str], images: bool = True) -> None:
     """Make sure a named dataset's `splits` are in the data root, downloading what is missing
-    when data.download allows; `coco` datasets given by path are never fetched. A data root in
+    when data.download allows; data of your own (coco, voc) is never fetched. A data root in
     an object store is copied to this machine first: all of it, or without `images` (which
     data-prep's Ray workers read from the store) only its listings and annotations."""
     if is_uri(data.root_location()):
         copy_from_store(data, splits, images)
-    if data.dataset == "coco":
+    if data.dataset in ("coco", "voc"):  # your own data
         return
     root = data.resolved_root()
     missing = _missing(data.dataset, root, splits, images)

@@ -113,9 +113,25 @@ class Source(Protocol):
     def load(self, split: str, entry: Entry) -> SourceImage: ...
 
 
-def available_splits(data: DataConfig) -> tuple[str, ...]:
+def voc_layout(data: DataConfig) -> VOCLayout | None:
+    """The VOC layout `data` is read in: a named dataset's, or a folder of your own (data.root
+    itself) with the splits its ImageSets/Main listings name; None for COCO data."""
     if data.dataset in VOC_LAYOUTS:
-        return tuple(VOC_LAYOUTS[data.dataset].splits)
+        return VOC_LAYOUTS[data.dataset]
+    if data.dataset != "voc":
+        return None
+    if is_uri(data.root_location()):  # the listings are copied here only once the splits are known
+        splits = data.splits
+    else:
+        listings = data.resolved_root() / "ImageSets" / "Main"
+        # Class listings (cat_train.txt) beside the split listings are VOC's own: not splits.
+        splits = sorted(path.stem for path in listings.glob("*.txt") if "_" not in path.stem)
+    return VOCLayout(tuple(data.classes), {split: ("",) for split in splits})
+
+
+def available_splits(data: DataConfig) -> tuple[str, ...]:
+    if (layout := voc_layout(data)) is not None:
+        return tuple(layout.splits)
     if data.dataset == "coco2017":
         return COCO2017_SPLITS
     return tuple(data.annotations)
@@ -127,7 +143,9 @@ def check_splits(data: DataConfig) -> list[str]:
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(data, key)
         if split not in available:
-            advice = (f"; or give data.annotations.{split} a json" if data.dataset == "coco" else "")
+            advice = {"coco": f"; or give data.annotations.{split} a json",
+                      "voc": f"; or list its images in ImageSets/Main/{split}.txt under the data root"
+                      }.get(data.dataset, "")
             test = "; set data.test_split=val to test on the validation split" if key == "test_split" else ""
             raise ConfigError(f"data.{key}: dataset {data.dataset!r} has no split {split!r}; "
                               f"available: {', '.join(available)}{test}{advice}")
@@ -141,8 +159,8 @@ def coco2017_paths(root: Path, split: str) -> tuple[Path, Path]:
 
 def open_source(data: DataConfig) -> Source:
     root = data.resolved_root()
-    if data.dataset in VOC_LAYOUTS:
-        return VOCSource(root, VOC_LAYOUTS[data.dataset], data.max_annotation_mb)
+    if (layout := voc_layout(data)) is not None:
+        return VOCSource(root, layout, data.max_annotation_mb)
     if data.dataset == "coco2017":
         paths = {split: coco2017_paths(root, split) for split in data.splits}
         return COCOSource({split: p[0] for split, p in paths.items()}, {split: p[1] for split, p in paths.items()},

@@ -458,13 +458,13 @@ def _input_example() -> pd.DataFrame:
 def registered_name(config: Config) -> str:
     """`tracking.registered_model`, or by default one registered model per dataset, so that a
     dataset's `champion` is always a detector of its classes: aploss-<dataset> for a named one,
-    aploss-coco-<8 hex of its class names> for a COCO json by path."""
+    aploss-<coco|voc>-<8 hex of its class names> for data of your own."""
     if config.tracking.registered_model:
         return config.tracking.registered_model
-    if config.data.dataset != "coco":
+    if config.data.dataset not in ("coco", "voc"):
         return f"aploss-{config.data.dataset}"
     classes = "\n".join(read_manifest(config.data.prepared)["classes"])
-    return f"aploss-coco-{hashlib.sha256(classes.encode()).hexdigest()[:8]}"
+    return f"aploss-{config.data.dataset}-{hashlib.sha256(classes.encode()).hexdigest()[:8]}"
 
 
 def log_model(model_path: Path | Location, config: Config) -> None:
