@@ -46,7 +46,7 @@ def test_prep_train_eval_learns_the_training_images(workspace, capsys):
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3  # the loss falls
     assert main(["eval", "--config", str(config)]) == 0
     printed = capsys.readouterr().out
-    assert "| AP50 |" in printed and "AP[square]" in printed
+    assert "| AP50 |" in printed and "| class | AP | AP50 |" in printed and "| square | " in printed
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["metrics"]["AP50"] > 0.5 and metrics["metrics"]["AP"] > 0.2
     assert metrics["metrics"]["APl"] is None  # no large objects: undefined, not a number

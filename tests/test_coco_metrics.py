@@ -324,8 +324,10 @@ def test_a_class_without_ground_truth_reads_n_a_in_every_table():
     # `aploss eval` printed nan where `pipeline run` printed n/a.
     from pipeline.evaluation.evaluate import metrics_table
 
-    table = metrics_table({"AP": 0.5, "AP_small": float("nan")}, {"RBC": 0.25, "WBC": None})
-    assert table.splitlines() == ["| metric | value |", "|---|---|", "| AP | 0.500 |", "| AP_small | n/a |",
-                                  "| AP[RBC] | 0.250 |", "| AP[WBC] | n/a |",
+    table = metrics_table({"AP": 0.5, "AP_small": float("nan")}, {"RBC": 0.25, "WBC": None},
+                          {"RBC": 0.75, "WBC": float("nan")})
+    assert table.splitlines() == ["| metric | value |", "|---|---|", "| AP | 0.500 |", "| AP_small | n/a |", "",
+                                  "| class | AP | AP50 |", "|---|---|---|", "| RBC | 0.250 | 0.750 |",
+                                  "| WBC | n/a | n/a |",
                                   "(n/a: the split holds no ground truth of that class or size)"]
-    assert "n/a" not in metrics_table({"AP": 0.5}, {"RBC": 0.25})
+    assert "n/a" not in metrics_table({"AP": 0.5}, {"n/a": 0.25}, {"n/a": 0.5}).replace("| n/a |", "")

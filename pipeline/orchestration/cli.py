@@ -46,7 +46,8 @@ def _eval(config: Config) -> None:
     if config.eval.workers:
         start_ray(config)
     evaluation = evaluate_stage(config)
-    print(metrics_table(evaluation.result.metrics, evaluation.result.per_class_ap))
+    print(metrics_table(evaluation.result.metrics, evaluation.result.per_class_ap,
+                        evaluation.result.per_class_ap50))
     print(f"detections: {evaluation.detections_path}\nmetrics: {evaluation.metrics_path}")
 
 

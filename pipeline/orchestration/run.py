@@ -33,6 +33,7 @@ class PipelineResult:
     parent_run_id: str
     metrics: dict[str, float | None]
     per_class_ap: dict[str, float | None]
+    per_class_ap50: dict[str, float | None]
     skipped: list[str]
     registered_model: str  # the registry's name for the run's detector
 
@@ -155,7 +156,8 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             tracking.promote(config, train_run_id, evaluation.result.metrics["AP"])
         outcome.ran = len(skipped) < len(STAGES)
     saved = json.loads(metrics_path.read_text())
-    return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], skipped, tracking.registered_name(config))
+    return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], saved["per_class_ap50"], skipped,
+                          tracking.registered_name(config))
 
 
 def run_robustness(config: Config, names: list[str], progress: bool = True) -> dict[str, tuple]:
@@ -177,7 +179,7 @@ def summary(config: Config, result: PipelineResult) -> str:
     uri = redact(config.tracking_uri())
     browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     skipped = f"skipped (already done): {', '.join(result.skipped)}\n" if result.skipped else ""
-    return "\n".join([metrics_table(result.metrics, result.per_class_ap), "", skipped +
+    return "\n".join([metrics_table(result.metrics, result.per_class_ap, result.per_class_ap50), "", skipped +
                       f"MLflow run {result.parent_run_id} in experiment '{config.tracking.experiment}'; "
                       f"browse with:\n  {browse}\nthe best detector on this dataset: "
                       f"models:/{result.registered_model}@champion"])
