@@ -26,13 +26,12 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from aploss.anchors import AnchorLayout
+from aploss.catalog import ARCHITECTURES, IMAGENET_TRUNKS
 from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
 from aploss.torchvision_private import BackboneWithFPN, vgg_extractor
 
 Norm = Literal["group", "frozen_bn", "batch"]
-ARCHITECTURES = ("retinanet_r18", "retinanet_r34", "retinanet_r50", "retinanet_r101", "ssd300_vgg16",
-                 "ssd512_vgg16", "ssdlite_mobilenet_v3")
 _RESNETS = {"retinanet_r18": resnet.resnet18, "retinanet_r34": resnet.resnet34, "retinanet_r50": resnet.resnet50,
             "retinanet_r101": resnet.resnet101}
 # SSD300 and SSD512 default boxes (Liu et al.): aspect ratios per feature map, box scales
@@ -48,6 +47,7 @@ _PRIOR_PROBABILITY = 0.01
 IMAGENET_WEIGHTS = {"retinanet_r18": ResNet18_Weights.IMAGENET1K_V1, "retinanet_r34": ResNet34_Weights.IMAGENET1K_V1,
                     "retinanet_r50": ResNet50_Weights.IMAGENET1K_V1, "retinanet_r101": ResNet101_Weights.IMAGENET1K_V1,
                     "ssd300_vgg16": VGG16_BN_Weights.IMAGENET1K_V1, "ssd512_vgg16": VGG16_BN_Weights.IMAGENET1K_V1}
+assert tuple(IMAGENET_WEIGHTS) == IMAGENET_TRUNKS
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 Weights = Mapping[str, Tensor]
 

@@ -14,12 +14,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from aploss.anchors import AnchorLayout
-from aploss.architectures import ARCHITECTURES, IMAGENET_WEIGHTS
+from aploss.catalog import ARCHITECTURES, IMAGENET_TRUNKS
 from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
 from pipeline.errors import ConfigError
@@ -27,6 +26,9 @@ from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
 from pipeline.storage import InputRefused, Location, absolute, is_uri
+
+if TYPE_CHECKING:
+    from aploss.anchors import AnchorLayout
 
 
 # Upper bounds on the values that decide what is allocated, checked before anything is built: a
@@ -143,7 +145,9 @@ class AnchorConfig:
     sizes: list[list[float]] = field(default_factory=list)  # per level up to P7, pixels at the network input
     ratios: list[list[float]] = field(default_factory=list)  # per level, height / width
 
-    def layout(self) -> AnchorLayout:
+    def layout(self) -> "AnchorLayout":
+        from aploss.anchors import AnchorLayout  # torch's: a config is read without it
+
         if not self.sizes:
             return AnchorLayout.paper(self.scales_per_octave, self.lowest_level)
         try:
@@ -198,8 +202,8 @@ class ModelConfig:
         _require(bool(self.init.strip()), "model.init", "must not be empty ('none' trains from scratch)")
         _require(self.init != "run:" and not (self.init.startswith("run:") and "/" in self.init), "model.init",
                  f"run:NAME names a run under run.output_dir, got {self.init!r}")
-        _require(self.init != "imagenet" or self.arch in IMAGENET_WEIGHTS, "model.init",
-                 f"no ImageNet weights for {self.arch}'s trunk; choose one of {sorted(IMAGENET_WEIGHTS)}")
+        _require(self.init != "imagenet" or self.arch in IMAGENET_TRUNKS, "model.init",
+                 f"no ImageNet weights for {self.arch}'s trunk; choose one of {sorted(IMAGENET_TRUNKS)}")
         _require(self.arch.startswith("retinanet") or self.anchors == AnchorConfig(), "model.anchors",
                  f"{self.arch} has SSD's default boxes: leave model.anchors at its defaults")
         _require(0 < self.bg_iou <= self.fg_iou <= 1, "model.fg_iou",

@@ -1,5 +1,6 @@
 """Quiet by default: third-party notices a user of this project cannot act on stay off the
 console; `aploss -v` (APLOSS_VERBOSE=1, which Ray workers started by the run inherit) shows them."""
+import importlib.util
 import logging
 import os
 import re
@@ -55,10 +56,10 @@ def quiet_third_party() -> None:
     # since Ray Train's logging.config.dictConfig resets the levels of the loggers under its own.
     logging.getLogger("ray.train.v2._internal.util").addFilter(_WORKER_ERROR)
     logging.getLogger("ray.train.v2._internal.callbacks.backend_setup").addFilter(_GROUP_SHUTDOWN)
-    try:
-        # Ray Train prints each ray.train.report() call in full ("Reporting training result N:
-        # TrainingReport(...)"); the run's own step and validation lines say it better.
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # Ray Train prints each ray.train.report() call in full ("Reporting training result N:
+    # TrainingReport(...)"); the run's own step and validation lines say it better. That module's
+    # logger is named by its file, found without importing Ray (help and `config show` do not).
+    ray = importlib.util.find_spec("ray")
+    if ray is not None and ray.origin:
+        context = os.path.join(os.path.dirname(ray.origin), "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(context).setLevel(logging.WARNING)

@@ -331,13 +331,20 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     return arguments, command
 
 
+# The errors of MLflow and Ray that a user meets rather than causes (a server gone, a cluster
+# lost), named by module: a command that never loaded MLflow or Ray cannot meet them, and need not
+# import them to tell (help and `config show` stay light).
+_MET_OUTSIDE = (("mlflow.exceptions", "MlflowException"), ("ray.exceptions", "RayError"),
+                ("ray.train", "TrainingFailedError"), ("ray.tune.error", "TuneError"))
+
+
+def _met_outside(error: Exception) -> bool:
+    kinds = (getattr(sys.modules.get(module), name, None) for module, name in _MET_OUTSIDE)
+    return isinstance(error, OSError) or any(kind is not None and isinstance(error, kind) for kind in kinds)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments, command = _parse(argv)
-    from mlflow.exceptions import MlflowException
-    from ray.exceptions import RayError
-    from ray.train import TrainingFailedError
-    from ray.tune.error import TuneError
-
     try:
         overrides = list(arguments.overrides)
         inputs = []
@@ -364,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"aploss {command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
-    except (OSError, MlflowException, RayError, TrainingFailedError, TuneError) as error:
+    except Exception as error:
         # What the user meets rather than causes (disk full, a server gone): one line, and
         # --debug for the traceback. Anything else is a bug and keeps its traceback.
-        if arguments.debug:
+        if arguments.debug or not _met_outside(error):
             raise
         print(f"aploss {command}: error: {redact(one_line(error))} (--debug shows the traceback)", file=sys.stderr)
         return 1
