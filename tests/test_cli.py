@@ -32,6 +32,18 @@ def workspace(tmp_path_factory):
     return root, path
 
 
+def test_train_prepares_the_data_it_finds_unprepared_as_its_help_says(tmp_path, capsys):
+    write_synthetic_coco(tmp_path / "data", {"train": 4, "val": 2})
+    settings = ["data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.test_split=val",
+                "data.annotations={train: train.json, val: val.json}", "data.images={train: train, val: val}",
+                "model.min_size=96", "model.max_size=96", "train.batch_size=2", "train.max_steps=1",
+                f"run.output_dir={tmp_path / 'runs'}", "run.name=unprepared"]
+    assert main(["train", *settings]) == 0
+    printed = capsys.readouterr().out
+    assert f"prepared coco in {tmp_path / 'runs' / 'data'}/coco-" in printed and "  train: 4 images" in printed
+    assert printed.count("anchor recall (IoU") == 1 and "trained 1 steps" in printed
+
+
 def _logged(run_dir, key):
     lines = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     return [(line["step"], line[key]) for line in lines if key in line]

@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
 from pipeline.model import bind_init
 from pipeline.redaction import redact_tree
-from pipeline.storage import Location
+from pipeline.storage import InputRefused, Location
 
 
 def split_dir(config: Config, split: str) -> Location:
@@ -42,20 +42,43 @@ def prepared_category_ids(config: Config) -> list[int]:
     return read_manifest(config.data.prepared)["category_ids"]
 
 
+RUN_RECORD = "run.json"
+# A run's record is a few KB; the run folder is shared storage anyone may write.
+MAX_RECORD_BYTES, RECORD_READ_TIMEOUT_S = 1 << 20, 60.0
+
+
 def training_data(config: Config) -> tuple[Config, list[str]]:
-    """`config` as it trains: bound to its prepared data, `auto` anchors fitted to it and an
-    `auto` norm made concrete (`bind_init`); and the class names. Refuses splits that leave
-    nothing to learn from or to validate against."""
+    """`config` as it trains: bound to its prepared data, `auto` anchors fitted to it (or as the
+    run's record has them fitted to the same data: a rerun recomputes nothing) and an `auto` norm
+    made concrete (`bind_init`); and the class names. Refuses splits that leave nothing to learn
+    from or to validate against."""
     config = config.with_prepared(locate_prepared(config))
     manifest = read_manifest(config.data.prepared)
     for split, use in ((config.data.train_split, "train on"), (config.data.val_split, "validate against")):
         summary = manifest["splits"][split]
         if summary["boxes"] == summary["crowd_boxes"]:
             raise DataError(f"{split_dir(config, split)}: split {split!r} has no ground-truth boxes to {use}")
-    return bind_init(fit_anchors(config)), manifest["classes"]
+    return bind_init(_recorded_anchors(config) or fit_anchors(config)), manifest["classes"]
 
 
-RUN_RECORD = "run.json"
+def _recorded_anchors(config: Config) -> Config | None:
+    """`config` with the `auto` anchors its run fitted to the same prepared data, from the run's
+    record; None where there is none. Safe to take: fitting is deterministic, and any other
+    change to the model config is refused against the same record (`record_training_run`)."""
+    anchors = config.model.anchors
+    path = config.run.directory() / "train" / RUN_RECORD
+    if anchors.mode != "auto" or anchors.sizes or not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_bounded(MAX_RECORD_BYTES, RECORD_READ_TIMEOUT_S, ("", "")))
+        recorded = saved["model"]["anchors"]
+        if saved["prepared"] != config.data.prepared or recorded["mode"] != "auto" or not recorded["sizes"]:
+            return None
+        fitted = dataclasses.replace(anchors, sizes=recorded["sizes"], ratios=recorded["ratios"],
+                                     lowest_level=recorded["lowest_level"])
+    except (InputRefused, ValueError, KeyError, TypeError):
+        return None  # not a record of this project's: fitted afresh, and the record check names it
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, anchors=fitted))
 
 
 def record_training_run(config: Config) -> None:

@@ -30,10 +30,29 @@ def _prep(config: Config) -> None:
     report_anchor_recall(fit_anchors(config.with_prepared(result.directory)))
 
 
+def _training(config: Config) -> Config:
+    """`config` bound to its prepared data (prepared first where there is none, as `aploss prep`
+    does) with its anchors fitted, whose recall it prints."""
+    from pipeline.data.anchors import report_anchor_recall
+    from pipeline.data.bindings import training_data
+    from pipeline.data.prep import prepare, summary_lines
+    from pipeline.orchestration.run import start_ray
+
+    if config.data.prep_workers:
+        start_ray(config)
+    prepared = prepare(config)
+    if not prepared.reused:
+        print(f"prepared {config.data.dataset} in {prepared.directory}")
+        print("\n".join(summary_lines(prepared)))
+    config, _ = training_data(config.with_prepared(prepared.directory))
+    report_anchor_recall(config)
+    return config
+
+
 def _train(config: Config) -> None:
     from pipeline.training.local import train_stage
 
-    summary = train_stage(config)
+    summary = train_stage(_training(config))
     print(f"trained {summary.steps} steps ({summary.skipped} skipped without positives); "
           f"model: {summary.model_path}")
 
@@ -76,11 +95,10 @@ def _report(config: Config, runs: list[str]) -> None:
 
 
 def _pipeline_train(config: Config) -> None:
-    from pipeline.data.bindings import training_data
     from pipeline.orchestration.run import start_ray
     from pipeline.training.ray_train import train_distributed
 
-    config, _ = training_data(config)  # before Ray starts: missing data is the likelier mistake
+    config = _training(config)
     start_ray(config)
     result, model_path = train_distributed(config)
     print(f"trained to step {result.metrics['step']}; model: {model_path}")

@@ -12,7 +12,7 @@ import ray
 
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
-from pipeline.data.anchors import anchor_recall, fit_anchors, report_anchor_recall
+from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import record_training_run, training_data
 from pipeline.data.prep import locate_prepared, prepare, summary_lines
 from pipeline.data.shards import read_manifest
@@ -119,9 +119,9 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                 prepared = prepare(config)
                 print("\n".join(summary_lines(prepared)))
                 tracking.log_prep(prepared.manifest, prepared.directory)
-                tracking.log_anchor_recall(report_anchor_recall(fit_anchors(config.with_prepared(prepared.directory))))
             directory = prepared.directory
-        config, _ = training_data(config.with_prepared(directory))  # and auto anchors fitted to it
+        # Auto anchors fitted to it, or as the run's record has them.
+        config, _ = training_data(config.with_prepared(directory))
 
         run_id, finished = tracking.stage_run(experiment, parent, "train")
         train_run_id = run_id
@@ -132,7 +132,7 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             with _stage("train", run_id):
                 tracking.log_train_params(config)
                 tracking.log_headline(parent, config, training_steps(config))
-                tracking.log_anchor_recall(anchor_recall(config, config.data.train_split))
+                tracking.log_anchor_recall(report_anchor_recall(config))
                 journal = run_dir / "train" / METRICS_FILE
                 with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
                     if distributed:

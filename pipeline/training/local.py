@@ -11,7 +11,6 @@ from pathlib import Path
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config, config_record
-from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
@@ -37,7 +36,6 @@ class TrainSummary:
 def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     """Train in this process, resuming the run's latest checkpoint if there is one."""
     config, classes = training_data(config)
-    report_anchor_recall(config)
     record_training_run(config)
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)

@@ -21,7 +21,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_record
-from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
@@ -254,7 +253,6 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
                       ) -> tuple[ray.train.Result, Location]:
     """Fit on Ray Train and write the best weights as the run's model.pt (as `train_stage` does)."""
     config, classes = training_data(config)
-    report_anchor_recall(config)
     record_training_run(config)
     result = fit_run(config, build_trainer(config, classes, train_loop))
     model_path = config.run.directory() / "model.pt"
