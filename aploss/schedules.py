@@ -37,6 +37,9 @@ class ConstantDelta:
         _check_progress(progress)
         return float(self.value)
 
+    def __str__(self) -> str:  # as MLflow shows it: constant(1)
+        return f"constant({self.value:g})"
+
 
 @dataclass(frozen=True)
 class _Narrowing:
@@ -55,6 +58,12 @@ class _Narrowing:
         if self.narrow_from > self.narrow_until:
             raise ValueError(f"delta schedule: narrow_from ({self.narrow_from}) is after "
                              f"narrow_until ({self.narrow_until})")
+
+    def __str__(self) -> str:  # linear(1→0.1), or linear(1→0.1 from 0.2 to 0.8 of training)
+        shape = type(self).__name__.removesuffix("Delta").lower()
+        window = ("" if (self.narrow_from, self.narrow_until) == (0.0, 1.0)
+                  else f" from {self.narrow_from:g} to {self.narrow_until:g} of training")
+        return f"{shape}({self.start:g}→{self.end:g}{window})"
 
     def _fraction_narrowed(self, progress: float) -> float:
         _check_progress(progress)
@@ -100,6 +109,9 @@ class StepDelta:
             _check_fraction("milestones", milestone)
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"delta schedule: milestones must be increasing, got {self.milestones}")
+
+    def __str__(self) -> str:  # step(1→0.1 at 0.5, 0.75 of training)
+        return f"step({self.start:g}→{self.end:g} at {', '.join(f'{m:g}' for m in self.milestones)} of training)"
 
     def __call__(self, progress: float) -> float:
         _check_progress(progress)

@@ -89,7 +89,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["loss.classification"] == "ap" and parent.data.params["train.steps"] == "4"
-    assert parent.data.params["loss.delta"] == "ConstantDelta(value=1.0)"
+    assert parent.data.params["loss.delta"] == "constant(1)"
     assert parent.data.params["data.root"] == str(root / "data") and parent.data.params["model.arch"] == "retinanet_r18"
     assert parent.data.metrics["AP"] == evaluation.data.metrics["AP"]
     champion = client.get_model_version_by_alias(REGISTERED, "champion")  # the best test AP

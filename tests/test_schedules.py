@@ -60,3 +60,14 @@ def test_bad_specs_are_named(spec, message):
 def test_progress_outside_training_is_an_error():
     with pytest.raises(ValueError, match="progress"):
         LinearDelta()(1.5)
+
+
+@pytest.mark.parametrize(("schedule", "shown"), [
+    (ConstantDelta(), "constant(1)"),
+    (LinearDelta(1.0, 0.25), "linear(1→0.25)"),
+    (CosineDelta(0.5, 0.1, 0.2, 0.8), "cosine(0.5→0.1 from 0.2 to 0.8 of training)"),
+    (StepDelta(1.0, 0.1, (0.5, 0.75)), "step(1→0.1 at 0.5, 0.75 of training)"),
+])
+def test_a_schedule_reads_as_its_shape_and_values(schedule, shown):
+    # MLflow's params showed the dataclass's repr: ConstantDelta(value=1.0).
+    assert str(schedule) == shown
