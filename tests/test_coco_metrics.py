@@ -16,8 +16,8 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.config import config_from_dict
 from pipeline.data.prep import prepare
-from pipeline.evaluation.coco_metrics import (
-    METRIC_NAMES, PR_IOU_THRESHOLDS, draw_detections, evaluate_detections, plot_pr_curves)
+from pipeline.evaluation.coco_metrics import METRIC_NAMES, PR_IOU_THRESHOLDS, evaluate_detections, plot_pr_curves
+from pipeline.evaluation.drawing import draw_detections
 from pipeline.io import write_json_atomic
 from tests.conftest import DATA_ROOT
 
@@ -296,20 +296,21 @@ def test_pr_curve_pngs(tmp_path):
             png.verify()
 
 
-def test_draw_detections(tmp_path):
-    image = torch.full((3, 60, 80), 128, dtype=torch.uint8)
+def test_draw_detections_in_a_colour_per_class(tmp_path):
+    image = torch.full((3, 60, 120), 128, dtype=torch.uint8)
     out = tmp_path / "sample" / "drawn.png"
-    draw_detections(image, torch.tensor([[10.0, 10.0, 40.0, 50.0]]), ["cat"], torch.tensor([0.87]),
-                    out, ground_truth=torch.tensor([[50.0, 5.0, 75.0, 55.0]]))
+    draw_detections(image, torch.tensor([[10.0, 10.0, 40.0, 50.0], [80.0, 10.0, 110.0, 50.0]]), [0, 1],
+                    ["cat", "dog"], torch.tensor([0.87, 0.5]), out, ground_truth=torch.tensor([[50.0, 5.0, 75.0, 55.0]]))
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(out) as png:
         drawn = np.asarray(png)
-    assert drawn.shape == (60, 80, 3)
-    assert drawn[30, 10].tolist() == [255, 0, 0]  # detection's left edge
+    assert drawn.shape == (60, 120, 3)
+    assert drawn[30, 10].tolist() == [0x1F, 0x77, 0xB4]  # the cat's left edge, in tab10's first colour
+    assert drawn[30, 80].tolist() == [0xFF, 0x7F, 0x0E]  # the dog's, in its second
     assert drawn[30, 50].tolist() == [0, 255, 0]  # ground truth's left edge
     assert drawn[30, 25].tolist() == [128, 128, 128]  # untouched inside
     with pytest.raises(ValueError, match="1 boxes, 2 labels"):
-        draw_detections(image, torch.zeros(1, 4), ["a", "b"], torch.zeros(1), out)
+        draw_detections(image, torch.zeros(1, 4), [0, 1], ["a", "b"], torch.zeros(1), out)
 
 
 def test_write_json_atomic(tmp_path):

@@ -8,11 +8,13 @@ import shutil
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -146,6 +148,27 @@ def test_predict_refuses_a_split_of_other_classes(trained, tmp_path, capsys):
     assert main(["predict", "--model", "predict-test", "--split", "val", str(root / "data" / "val"),
                  *settings]) == 2
     assert "predict: --split labels a prepared split in this process; leave out the images" in capsys.readouterr().err
+
+
+def test_predict_writes_beside_the_runs_unless_told_and_draws_above_its_score(trained, tmp_path, capsys,
+                                                                              monkeypatch):
+    # detections.json landed in the working directory: the repository's root, following the README.
+    root, run_settings, _ = trained
+    monkeypatch.chdir(tmp_path)
+    drawn = {}
+    for score in ("0", "1"):
+        assert main(["predict", "--model", "predict-test", str(root / "data" / "val" / "*.png"), "--draw",
+                     str(tmp_path / score), "--draw-score", score, "model.score_thresh=0.0", *run_settings]) == 0
+        drawn[score] = [np.asarray(Image.open(path)) for path in sorted((tmp_path / score).iterdir())]
+    out = root / "runs" / "predict" / "detections.json"
+    assert f"detections on 3 images: {out}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["annotations"] and not list(tmp_path.glob("*.json"))
+    original = [np.asarray(Image.open(path).convert("RGB")) for path in sorted((root / "data" / "val").iterdir())]
+    assert all((image == plain).all() for image, plain in zip(drawn["1"], original))  # none scores 1
+    assert all((image != plain).any() for image, plain in zip(drawn["0"], original))
+    assert main(["predict", "--model", "predict-test", str(root / "data" / "val"), "--draw-score", "2",
+                 *run_settings]) == 2
+    assert "predict: --draw-score must be in [0, 1], got 2.0" in capsys.readouterr().err
 
 
 def test_predict_refuses_what_is_not_there_or_not_an_image(trained, tmp_path, capsys):

@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 from pycocotools.coco import COCO
-from torchvision.utils import draw_bounding_boxes
 
 from pipeline.errors import DataError, MissingInput
 from pipeline.io import write_bytes_atomic
@@ -43,8 +40,6 @@ from pipeline.storage import Location
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 # IoU thresholds of the stored precision-recall curves (rows of `CocoResult.precision`).
 PR_IOU_THRESHOLDS = (0.5, 0.75)
-DETECTION_COLOUR = "red"
-GROUND_TRUTH_COLOUR = "lime"
 
 # What COCOeval indexes in each section of a ground-truth file.
 _GROUND_TRUTH_KEYS = {
@@ -264,23 +259,3 @@ def _save_figure(figure: Figure, path: Path) -> Path:
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
 
-
-def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
-                    scores: torch.Tensor, out_path: Path,
-                    ground_truth: torch.Tensor | None = None) -> None:
-    """Save `image` (uint8 [C, H, W]) as a PNG with `boxes` ([n, 4] xyxy) in DETECTION_COLOUR
-    captioned "label score", over `ground_truth` boxes ([m, 4] xyxy) in GROUND_TRUTH_COLOUR."""
-    if not len(boxes) == len(labels) == len(scores):
-        raise DataError(f"{len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores")
-    canvas = image.cpu()
-    # draw_bounding_boxes warns on an empty box set, so those are skipped.
-    if ground_truth is not None and len(ground_truth):
-        canvas = draw_bounding_boxes(canvas, ground_truth.cpu(), colors=GROUND_TRUTH_COLOUR, width=2)
-    if len(boxes):
-        captions = [f"{label} {score:.2f}" for label, score in zip(labels, scores.tolist())]
-        canvas = draw_bounding_boxes(canvas, boxes.cpu(), labels=captions, colors=DETECTION_COLOUR,
-                                     width=2)
-    # Pillow rather than torchvision.io, whose PNG encoder is deprecated since torchvision 0.29.
-    buffer = io.BytesIO()
-    Image.fromarray(canvas.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="png")
-    write_bytes_atomic(buffer.getvalue(), out_path)

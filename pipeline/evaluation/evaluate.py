@@ -18,18 +18,12 @@ from pipeline.config import Config
 from pipeline.data.bindings import prepared_category_ids, split_dir
 from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.data.shards import ShardReader
-from pipeline.evaluation.coco_metrics import (
-    CocoResult,
-    category_ids,
-    draw_detections,
-    evaluate_detections,
-    plot_pr_curves,
-)
+from pipeline.evaluation.coco_metrics import CocoResult, category_ids, evaluate_detections, plot_pr_curves
+from pipeline.evaluation.drawing import DRAW_SCORE, draw_detections
 from pipeline.evaluation.voc_metrics import VocResult, voc_map
 from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 
-SAMPLE_SCORE = 0.3  # detections drawn on sample images: the confident ones
 
 
 @torch.no_grad()
@@ -138,10 +132,10 @@ def _draw_samples(model: OneStageDetector, dataset: DetectionDataset, count: int
         for index in range(min(count, len(dataset))):
             image, target, image_id = dataset[index]
             detections = model([image.to(device)])[0]
-            confident = detections["scores"] >= SAMPLE_SCORE
+            confident = detections["scores"] >= DRAW_SCORE
             path = out_dir / f"sample-{image_id}.png"
             draw_detections((image * 255).to(torch.uint8), detections["boxes"][confident].cpu(),
-                            [classes[i] for i in detections["labels"][confident].tolist()],
+                            detections["labels"][confident].tolist(), classes,
                             detections["scores"][confident].cpu(), path, ground_truth=target["boxes"])
             paths.append(path)
     return paths

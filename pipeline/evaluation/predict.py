@@ -24,14 +24,13 @@ from pipeline.data.prep import locate_prepared
 from pipeline.data.shards import ShardReader
 from pipeline.errors import DataError, MissingInput
 from pipeline.evaluation import evaluate
-from pipeline.evaluation.coco_metrics import draw_detections
+from pipeline.evaluation.drawing import DRAW_SCORE, draw_detections
 from pipeline.images import ImageLimits, ImageRefused, decode_rgb, read_image_file
 from pipeline.io import write_json_atomic
 from pipeline.model import load_model, resolve_device
 from pipeline.storage import Location, is_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DRAW_SCORE = 0.3  # detections drawn on the images: the confident ones, as on evaluation samples
 
 
 def image_files(inputs: Sequence[str]) -> list[Location]:
@@ -141,9 +140,10 @@ def _batches(files: list[Location], batch_size: int) -> Iterator[list[Location]]
 
 def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence[int], files: list[Location],
                   batch_size: int, device: torch.device, limits: ImageLimits, draw_dir: Location | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, draw_score: float = DRAW_SCORE) -> dict:
     """The COCO-format detections of `files`, image ids 1..n in order, each named by its file's
-    name (a path would tie the file to this machine); drawn images in `draw_dir` if given."""
+    name (a path would tie the file to this machine); in `draw_dir` if given, the images with
+    their detections scoring at least `draw_score`."""
     images, annotations = [], []
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for batch in _batches(files, batch_size):
@@ -154,7 +154,7 @@ def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence
                                "width": tensor.shape[2]})
                 annotations += _annotations(found, image_id, ids, first_id=len(annotations) + 1)
                 if draw_dir is not None:
-                    _draw(tensor, found, draw_dir / f"{image_id:06d}-{Path(file.name).stem}.png")
+                    _draw(tensor, found, classes, draw_score, draw_dir / f"{image_id:06d}-{Path(file.name).stem}.png")
             bar.update(len(batch))
     categories = [{"id": category, "name": name} for category, name in zip(ids, classes)]
     return {"images": images, "categories": categories, "annotations": annotations}
@@ -175,11 +175,10 @@ def _as_annotations(results: list[dict], first_id: int) -> list[dict]:
             for offset, result in enumerate(results)]
 
 
-def _draw(image: Tensor, found: ImageDetections, path: Location) -> None:
-    confident = found.scores >= DRAW_SCORE
+def _draw(image: Tensor, found: ImageDetections, classes: Sequence[str], min_score: float, path: Location) -> None:
+    confident = found.scores >= min_score
     draw_detections((image * 255).to(torch.uint8), torch.from_numpy(found.boxes[confident]),
-                    [name for name, keep in zip(found.names, confident) if keep],
-                    torch.from_numpy(found.scores[confident]), path)
+                    found.labels[confident].tolist(), classes, torch.from_numpy(found.scores[confident]), path)
 
 
 def predict_split(config: Config, model_path: Location, split: str, overrides: Sequence[str], out: Location,
@@ -205,13 +204,14 @@ def predict_split(config: Config, model_path: Location, split: str, overrides: S
 
 
 def predict_stage(config: Config, model_path: Location, inputs: Sequence[str], overrides: Sequence[str],
-                  out: Location, draw_dir: Location | None = None, progress: bool = True) -> dict:
+                  out: Location, draw_dir: Location | None = None, progress: bool = True,
+                  draw_score: float = DRAW_SCORE) -> dict:
     """Detections of the model at `model_path` on the images `inputs` name, written to `out`."""
     device = resolve_device(config.train.device)
     model, classes, trained, ids = load_model(model_path, device)
     files = image_files(inputs)
     detections = predict_files(with_postprocessing(model, trained, overrides), classes, ids, files,
                                config.eval.batch_size, device,
-                               ImageLimits.of(config.data), draw_dir, progress)
+                               ImageLimits.of(config.data), draw_dir, progress, draw_score)
     write_json_atomic(detections, out)
     return detections

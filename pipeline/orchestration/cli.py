@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Iterator
 
 from pipeline.config import Config, load_config
+from pipeline.evaluation.drawing import DRAW_SCORE
 from pipeline.errors import UserError, one_line
 from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
@@ -147,8 +148,12 @@ def _export(config: Config, arguments: argparse.Namespace, overrides: list[str])
 def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], overrides: list[str]) -> None:
     from pipeline.evaluation.predict import predict_stage
 
-    out = Location(arguments.out or ("detections" if arguments.ray else "detections.json"))
+    # Beside the runs (run.output_dir, which .gitignore covers), not in the working directory.
+    out = Location(arguments.out or Location(config.run.output_dir) / "predict" / (
+        "detections" if arguments.ray else "detections.json"))
     draw = Location(arguments.draw) if arguments.draw else None
+    if not 0 <= arguments.draw_score <= 1:
+        raise UserError(f"predict: --draw-score must be in [0, 1], got {arguments.draw_score}")
     if arguments.split and (inputs or arguments.ray or draw):
         raise UserError("predict: --split labels a prepared split in this process; leave out the images"
                         + (", --ray" if arguments.ray else "") + (", --draw" if draw else ""))
@@ -172,7 +177,7 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
             start_ray(config)
             print(f"detections of {predict_on_ray(config, model_path, inputs, overrides, out)} images: {out}")
             return
-        detections = predict_stage(config, model_path, inputs, overrides, out, draw)
+        detections = predict_stage(config, model_path, inputs, overrides, out, draw, draw_score=arguments.draw_score)
     print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images: {out}"
           + (f"; drawn: {draw}" if draw else ""))
 
@@ -241,8 +246,10 @@ HELP = {
                 "Runs the model (a run's name, a model.pt or checkpoint, or an MLflow model URI such as "
                 "models:/aploss-bccd@champion) on image files, folders, globs or an object-store URI, and writes "
                 "their detections as a COCO json in the dataset's own category ids and names (bbox x, y, w, h in "
-                "pixels, with a score), and with --draw the images with their boxes; images are numbered 1..N and "
-                "named by their file names. With --split SPLIT it labels that split of the configured dataset's "
+                "pixels, with a score) to run.output_dir/predict/detections.json unless --out says where; images are "
+                "numbered 1..N and named by their file names. --draw DIR also writes each image with its detections "
+                "scoring at least --draw-score (0.3), each class in a colour of its own, captioned with its name and "
+                "score. With --split SPLIT it labels that split of the configured dataset's "
                 "prepared data instead, with the dataset's own image ids and file names (it scores against the "
                 "split's ground truth as it is), and refuses a model trained on other classes. model.score_thresh, "
                 "model.nms_thresh and model.detections_per_image are the model's own unless overridden.",
@@ -317,9 +324,13 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                                               "perturbed images (default: run.name)")
     predict = parsers["predict"]
     predict.add_argument("--model", required=True, help="a run name, a model.pt or checkpoint, or an MLflow model URI")
-    predict.add_argument("--out", help="the detections json (default: detections.json), or with --ray the folder of "
-                                       "Parquet shards (default: detections)")
-    predict.add_argument("--draw", metavar="DIR", help="also write each image with its detections here")
+    predict.add_argument("--out", help="the detections json (default: run.output_dir/predict/detections.json), or "
+                                       "with --ray the folder of Parquet shards (default: run.output_dir/predict/"
+                                       "detections)")
+    predict.add_argument("--draw", metavar="DIR", help="also write each image with its detections here, a colour per "
+                                                       "class, captioned with class and score")
+    predict.add_argument("--draw-score", type=float, default=DRAW_SCORE, metavar="S",
+                         help=f"draw the detections scoring at least S (default: {DRAW_SCORE})")
     predict.add_argument("--split", help="label this split of the prepared data of the data.* settings, keeping the "
                                          "dataset's image ids, instead of image files")
     predict.add_argument("--ray", action="store_true",

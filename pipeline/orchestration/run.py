@@ -66,8 +66,11 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
     # machine (which a plain ray.init() would join, refusing num_cpus).
     ray.init(address="local", num_cpus=cpus, configure_logging=False,
              logging_config=ray.LoggingConfig(log_level=ray_log_level()))
-    print(f"started a local Ray instance with {cpus} CPUs (ray.address=auto joins a running cluster instead)",
-          flush=True)
+    # Logical CPUs, Ray's unit of scheduling rather than cores: say why there may be more than cores.
+    share = ("ray.local_cpus" if config.ray.local_cpus else
+             f"logical: {busy} for the workers, {2 + extra_cpus} for Ray's own actors; ray.local_cpus sets them")
+    print(f"started a local Ray instance with {cpus} CPUs ({share}); ray.address=auto joins a running cluster "
+          "instead", flush=True)
 
 
 def training_steps(config: Config) -> int:
