@@ -2,7 +2,7 @@
 import statistics
 
 from pipeline.evaluation.robustness import RobustnessResult, Setting
-from pipeline.orchestration.report import RunSummary, markdown
+from pipeline.orchestration.report import RunSummary, ap_figure, markdown
 
 
 def _summary(name: str, loss: str, seed: int, ap: float, noise_ap: float, fog: tuple[float, float],
@@ -37,3 +37,19 @@ def test_report_tables_per_run_per_group_and_per_perturbation():
 def test_report_warns_when_runs_cover_different_severities():
     runs = [_summary("a", "ap", 0, 0.3, 0.2, (0.2, 0.1)), _summary("b", "focal", 0, 0.3, 0.2, (0.2, 0.1), (3, 5))]
     assert any(line.startswith("**Warning: the runs' robustness covers different") for line in markdown(runs).splitlines())
+
+
+def test_the_ap_chart_draws_each_bar_opaque_in_its_legend_s_colour_beside_the_other():
+    # AP was drawn over AP50 at partial opacity: its bars took a colour of neither legend entry.
+    axes = ap_figure([_summary("ap0", "ap", 0, 0.30, 0.28, (0.25, 0.15)),
+                      _summary("focal0", "focal", 0, 0.50, 0.40, (0.30, 0.10))]).axes[0]
+    legend = {text.get_text(): handle.get_facecolor() for text, handle in
+              zip(axes.get_legend().get_texts(), axes.get_legend().legend_handles)}
+    bars = {container.get_label(): container.patches for container in axes.containers}
+    assert sorted(legend) == sorted(bars) == ["AP", "AP50"]
+    for metric, patches in bars.items():
+        assert all(patch.get_facecolor() == legend[metric] and patch.get_facecolor()[3] == 1 for patch in patches)
+    assert [patch.get_height() for patch in bars["AP"]] == [0.30, 0.50]
+    assert [patch.get_height() for patch in bars["AP50"]] == [0.60, 1.00]
+    for ap, ap50 in zip(bars["AP"], bars["AP50"]):
+        assert ap.get_x() + ap.get_width() <= ap50.get_x() + 1e-9  # side by side, not over each other

@@ -133,16 +133,24 @@ def _row_ap(result: RobustnessResult, row: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _bar_chart(summaries: list[RunSummary], path: Path) -> Path:
+def ap_figure(summaries: list[RunSummary]) -> Figure:
+    """Each run's AP and AP50 as bars side by side, opaque, so that each is in its legend's
+    colour (AP drawn over AP50 at partial opacity took a colour of neither)."""
     figure = Figure(figsize=(max(4, 1.2 * len(summaries)), 4), constrained_layout=True)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    names = [s.name for s in summaries]
-    axes.bar(names, [s.metrics.get("AP", 0.0) for s in summaries], label="AP")
-    axes.bar(names, [s.metrics.get("AP50", 0.0) for s in summaries], alpha=0.4, label="AP50")
+    positions = list(range(len(summaries)))
+    for offset, metric in ((-0.2, "AP"), (0.2, "AP50")):
+        axes.bar([x + offset for x in positions], [s.metrics.get(metric, 0.0) for s in summaries], width=0.4,
+                 label=metric)
+    axes.set_xticks(positions, [s.name for s in summaries], rotation=30)
     axes.set(ylabel="COCO AP", ylim=(0, 1))
-    axes.tick_params(axis="x", rotation=30)
     axes.legend()
+    return figure
+
+
+def _bar_chart(summaries: list[RunSummary], path: Path) -> Path:
+    figure = ap_figure(summaries)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     write_bytes_atomic(buffer.getvalue(), path)
