@@ -30,6 +30,9 @@ from pipeline.storage import InputRefused, Location, absolute, is_uri
 if TYPE_CHECKING:
     from aploss.anchors import AnchorLayout
 
+# model.init (or predict --model) naming a model in MLflow's registry or a run's artifacts.
+MLFLOW_URIS = ("models:/", "runs:/")
+
 
 # Upper bounds on the values that decide what is allocated, checked before anything is built: a
 # config may come from a model.pt or a shared run folder, where fpn_channels=32768 would ask for

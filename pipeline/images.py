@@ -12,14 +12,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.config import DataConfig
+
+if TYPE_CHECKING:
+    import torch
 from pipeline.storage import InputRefused, Location
 
 MEGABYTE = 1 << 20
@@ -79,9 +80,13 @@ def declared_size(encoded: bytes, limits: ImageLimits) -> tuple[int, int]:
     return width, height
 
 
-def decode_rgb(encoded: bytes, limits: ImageLimits) -> Tensor:
+def decode_rgb(encoded: bytes, limits: ImageLimits) -> "torch.Tensor":
     """The image as uint8 RGB, CHW, once its header passed `declared_size`; ImageRefused when it
     does not decode (truncated, corrupt)."""
+    # torch's, here: what only locates prepared data (a finished run's rerun) does not load it.
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
     declared_size(encoded, limits)
     with _opened(encoded) as image:
         image_format = image.format

@@ -22,12 +22,11 @@ from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
 from aploss.engine import LocalBatch
 from pipeline import checkpoints
-from pipeline.config import MAX_CLASSES, Config, check_bounded, config_from_dict
+from pipeline.config import MAX_CLASSES, MLFLOW_URIS, Config, check_bounded, config_from_dict
 from pipeline.errors import ConfigError, DataError, MissingInput, UserError
 from pipeline.redaction import redact
 from pipeline.storage import Location
 
-MLFLOW_URIS = ("models:/", "runs:/")
 
 
 def resolve_device(name: str) -> torch.device:

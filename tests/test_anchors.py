@@ -124,7 +124,7 @@ def test_a_run_s_rerun_takes_its_recorded_anchors_and_refits_for_other_data(tmp_
     def no_fitting(config):
         raise AssertionError("refitted the anchors the run's record holds")
 
-    monkeypatch.setattr(bindings, "fit_anchors", no_fitting)
+    monkeypatch.setattr("pipeline.data.anchors.fit_anchors", no_fitting)
     assert bindings.training_data(config)[0] == bound
     # Other data under the same run name is fitted afresh (and the record check refuses it).
     other = load_config(None, [*settings, "data.min_box_size=9"])

@@ -300,7 +300,8 @@ def test_draw_detections_in_a_colour_per_class(tmp_path):
     image = torch.full((3, 60, 120), 128, dtype=torch.uint8)
     out = tmp_path / "sample" / "drawn.png"
     draw_detections(image, torch.tensor([[10.0, 10.0, 40.0, 50.0], [80.0, 10.0, 110.0, 50.0]]), [0, 1],
-                    ["cat", "dog"], torch.tensor([0.87, 0.5]), out, ground_truth=torch.tensor([[50.0, 5.0, 75.0, 55.0]]))
+                    ["cat", "dog"], torch.tensor([0.87, 0.5]), out,
+                    ground_truth=torch.tensor([[50.0, 5.0, 75.0, 55.0]]))
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(out) as png:
         drawn = np.asarray(png)
@@ -323,7 +324,7 @@ def test_write_json_atomic(tmp_path):
 
 def test_a_class_without_ground_truth_reads_n_a_in_every_table():
     # `aploss eval` printed nan where `pipeline run` printed n/a.
-    from pipeline.evaluation.evaluate import metrics_table
+    from pipeline.evaluation.metrics_table import metrics_table
 
     table = metrics_table({"AP": 0.5, "AP_small": float("nan")}, {"RBC": 0.25, "WBC": None},
                           {"RBC": 0.75, "WBC": float("nan")})

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+import torchvision.io
 from PIL import Image
 
-from pipeline import images
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.prep import prepare
 from pipeline.data.shards import ImageRecord, ShardReader, write_shard
@@ -49,9 +49,9 @@ def tiff_declaring(width: int, height: int) -> bytes:
 
 @pytest.fixture
 def decoded(monkeypatch) -> list[bytes]:
-    """What reached the decoder."""
-    seen, real = [], images.decode_image
-    monkeypatch.setattr(images, "decode_image", lambda data, mode: seen.append(bytes(data)) or real(data, mode))
+    """What reached the decoder (torchvision's, which the gate imports when it decodes)."""
+    seen, real = [], torchvision.io.decode_image
+    monkeypatch.setattr(torchvision.io, "decode_image", lambda data, mode: seen.append(bytes(data)) or real(data, mode))
     return seen
 
 

@@ -84,8 +84,10 @@ def test_the_readme_s_voc_command_prepares_a_voc_folder_of_its_own_classes(tmp_p
     settings = [*command[3:], f"run.output_dir={tmp_path / 'runs'}"]
     assert main(["prep", *settings]) == 0
     printed = capsys.readouterr().out
-    boxes = {split: len(json.loads((source / f"{split}.json").read_text())["annotations"]) for split in ("train", "val")}
-    assert f"  train: 6 images, {boxes['train']} boxes" in printed and f"  val: 3 images, {boxes['val']} boxes" in printed
+    boxes = {split: len(json.loads((source / f"{split}.json").read_text())["annotations"])
+             for split in ("train", "val")}
+    assert f"  train: 6 images, {boxes['train']} boxes" in printed
+    assert f"  val: 3 images, {boxes['val']} boxes" in printed
     (prepared,) = [path for path in (tmp_path / "runs" / "data").iterdir() if path.name.startswith("voc-")]
     manifest = read_manifest(prepared)
     assert manifest["classes"] == list(names.values()) and manifest["category_ids"] == [1, 2]

@@ -8,13 +8,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipeline.config import Config, DataConfig
-from pipeline.data.anchors import fit_anchors
+from pipeline.config import Config, DataConfig, config_from_dict, config_to_dict
 from pipeline.data.prep import locate_prepared
 from pipeline.data.shards import read_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
-from pipeline.model import bind_init
 from pipeline.redaction import redact_tree
 from pipeline.storage import InputRefused, Location
 
@@ -48,37 +46,48 @@ MAX_RECORD_BYTES, RECORD_READ_TIMEOUT_S = 1 << 20, 60.0
 
 
 def training_data(config: Config) -> tuple[Config, list[str]]:
-    """`config` as it trains: bound to its prepared data, `auto` anchors fitted to it (or as the
-    run's record has them fitted to the same data: a rerun recomputes nothing) and an `auto` norm
-    made concrete (`bind_init`); and the class names. Refuses splits that leave nothing to learn
-    from or to validate against."""
+    """`config` as it trains: bound to its prepared data, `auto` anchors fitted to it and an
+    `auto` norm made concrete (`bind_init`), or as the run's record has them bound to the same
+    data (a rerun recomputes nothing, and loads no torch); and the class names. Refuses splits
+    that leave nothing to learn from or to validate against."""
     config = config.with_prepared(locate_prepared(config))
     manifest = read_manifest(config.data.prepared)
     for split, use in ((config.data.train_split, "train on"), (config.data.val_split, "validate against")):
         summary = manifest["splits"][split]
         if summary["boxes"] == summary["crowd_boxes"]:
             raise DataError(f"{split_dir(config, split)}: split {split!r} has no ground-truth boxes to {use}")
-    return bind_init(_recorded_anchors(config) or fit_anchors(config)), manifest["classes"]
+    recorded = _recorded_binding(config)
+    if recorded is not None:
+        return recorded, manifest["classes"]
+    from pipeline.data.anchors import fit_anchors  # torch's, as binding a model is
+    from pipeline.model import bind_init
+
+    return bind_init(fit_anchors(config)), manifest["classes"]
 
 
-def _recorded_anchors(config: Config) -> Config | None:
-    """`config` with the `auto` anchors its run fitted to the same prepared data, from the run's
-    record; None where there is none. Safe to take: fitting is deterministic, and any other
-    change to the model config is refused against the same record (`record_training_run`)."""
-    anchors = config.model.anchors
+def _recorded_binding(config: Config) -> Config | None:
+    """`config` with the model config its run's record holds, where the record is of the same
+    prepared data and differs from `config` only in what binding fills in (`auto` anchors'
+    sizes, ratios and lowest level, an `auto` norm); None otherwise. Fitting and binding are
+    deterministic: the record holds what they would give again."""
     path = config.run.directory() / "train" / RUN_RECORD
-    if anchors.mode != "auto" or anchors.sizes or not path.exists():
+    if not path.exists():
         return None
     try:
         saved = json.loads(path.read_bounded(MAX_RECORD_BYTES, RECORD_READ_TIMEOUT_S, ("", "")))
-        recorded = saved["model"]["anchors"]
-        if saved["prepared"] != config.data.prepared or recorded["mode"] != "auto" or not recorded["sizes"]:
+        if saved["prepared"] != config.data.prepared:
             return None
-        fitted = dataclasses.replace(anchors, sizes=recorded["sizes"], ratios=recorded["ratios"],
-                                     lowest_level=recorded["lowest_level"])
+        model = dataclasses.asdict(config.model)
+        recorded = saved["model"]
+        if model["anchors"]["mode"] == "auto" and not model["anchors"]["sizes"]:
+            model["anchors"] |= {key: recorded["anchors"][key] for key in ("sizes", "ratios", "lowest_level")}
+        if model["norm"] == "auto":
+            model["norm"] = recorded["norm"]
+        if redact_tree(model) != recorded:
+            return None
+        return config_from_dict({**config_to_dict(config), "model": model})
     except (InputRefused, ValueError, KeyError, TypeError):
-        return None  # not a record of this project's: fitted afresh, and the record check names it
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, anchors=fitted))
+        return None  # not a record of this project's: bound afresh, and the record check names it
 
 
 def record_training_run(config: Config) -> None:

@@ -9,7 +9,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 
-from pipeline.config import Config, load_config
+from pipeline.config import MLFLOW_URIS, Config, load_config
 from pipeline.evaluation.drawing import DRAW_SCORE
 from pipeline.errors import UserError, one_line
 from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
@@ -59,7 +59,7 @@ def _train(config: Config) -> None:
 
 
 def _eval(config: Config) -> None:
-    from pipeline.evaluation.evaluate import metrics_table
+    from pipeline.evaluation.metrics_table import metrics_table
     from pipeline.evaluation.stages import evaluate_stage
     from pipeline.orchestration.run import start_ray
 
@@ -126,7 +126,6 @@ def _model_file(spec: str, config: Config) -> Iterator[Location]:
     """The model.pt `--model` names: a run's, a file, or an MLflow model URI's (fetched for the
     command's duration)."""
     from pipeline.evaluation.predict import model_location
-    from pipeline.model import MLFLOW_URIS
     from pipeline.orchestration.tracking import fetch_model
 
     if not spec.startswith(MLFLOW_URIS):

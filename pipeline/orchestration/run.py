@@ -7,25 +7,22 @@ hash, training resumes from its latest Ray Train checkpoint.
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import ray
-
-from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
-from pipeline.data.anchors import report_anchor_recall
 from pipeline.data.bindings import record_training_run, training_data
 from pipeline.data.prep import locate_prepared, prepare, summary_lines
 from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
-from pipeline.evaluation.evaluate import metrics_table
-from pipeline.evaluation.stages import evaluate_stage, robustness_stage
+from pipeline.evaluation.metrics_table import metrics_table
 from pipeline.orchestration import tracking
 from pipeline.quiet import ray_log_level
 from pipeline.redaction import redact
 from pipeline.training.journal import METRICS_FILE
-from pipeline.training.local import train_stage
-from pipeline.training.loop import StepSchedule
-from pipeline.training.ray_train import train_distributed
+
+# Torch and Ray are imported where a stage runs: a finished run's rerun loads neither.
+if TYPE_CHECKING:
+    import ray.train
 
 
 @dataclass
@@ -41,6 +38,8 @@ class PipelineResult:
 def start_ray(config: Config, extra_cpus: int = 0) -> None:
     """Join the cluster of `ray.address` (or of the Ray job this runs in), or start a local
     instance sized for the workers, and say which."""
+    import ray
+
     if ray.is_initialized():
         return
     # The job supervisor gives an entrypoint RAY_ADDRESS: its cluster is the one to join.
@@ -75,16 +74,20 @@ def start_ray(config: Config, extra_cpus: int = 0) -> None:
 
 def training_steps(config: Config) -> int:
     """The number of optimiser steps `config` trains, bound to its prepared data."""
+    from pipeline.training.loop import StepSchedule
+
     images = read_manifest(config.data.prepared)["splits"][config.data.train_split]["images"]
     return StepSchedule.of(config.train, images).total_steps
 
 
-def kept_checkpoints(config: Config, result: ray.train.Result | None) -> list[tuple[int, float | None, str]]:
+def kept_checkpoints(config: Config, result: "ray.train.Result | None") -> list[tuple[int, float | None, str]]:
     """(step, validation AP, path) of the checkpoints a training kept: Ray Train's, or the
     local CheckpointStore's when it trained in this process (`result` None)."""
     if result is not None:
         return sorted((metrics["step"], metrics.get("val_ap"), checkpoint.path)
                       for checkpoint, metrics in result.best_checkpoints)
+    from pipeline.checkpoints import CheckpointStore
+
     store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
     return store.entries()
 
@@ -133,6 +136,10 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             skipped.append("train")
         else:
             with _stage("train", run_id):
+                from pipeline.data.anchors import report_anchor_recall
+                from pipeline.training.local import train_stage
+                from pipeline.training.ray_train import train_distributed
+
                 tracking.log_train_params(config)
                 tracking.log_headline(parent, config, training_steps(config))
                 tracking.log_anchor_recall(report_anchor_recall(config))
@@ -151,6 +158,8 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             skipped.append("evaluate")
         else:
             with _stage("evaluate", run_id):
+                from pipeline.evaluation.stages import evaluate_stage
+
                 if config.eval.workers:
                     start_ray(config)
                 evaluation = evaluate_stage(config)
@@ -169,6 +178,8 @@ def run_robustness(config: Config, names: list[str], progress: bool = True) -> d
     experiment = tracking.configure(config)
     run_ids = {name: tracking.stage_run(experiment, tracking.pipeline_run(config.for_run(name), experiment),
                                         "robustness")[0] for name in names}
+    from pipeline.evaluation.stages import robustness_stage
+
     if config.eval.workers:
         start_ray(config)
     outputs = robustness_stage(config, names, progress)

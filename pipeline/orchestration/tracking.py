@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
@@ -32,14 +33,15 @@ from PIL import Image
 
 import aploss
 import pipeline
-from pipeline.config import Config, flatten
+from pipeline.config import MLFLOW_URIS, Config, flatten
 from pipeline.data.shards import read_manifest
 from pipeline.errors import ConfigError, DataError, MissingInput, TrackingUnavailable, UserError, one_line
-from pipeline.evaluation.evaluate import Evaluation
-from pipeline.model import MLFLOW_URIS, fetched_init_path
 from pipeline.redaction import credentials, redact, redact_tree
 from pipeline.storage import Location
 from pipeline.training.journal import CURVES, read_journal
+
+if TYPE_CHECKING:  # torch's: a finished run's rerun loads neither
+    from pipeline.evaluation.evaluate import Evaluation
 
 RUN_NAME_TAG = "aploss.run_name"
 _URI_VARIABLE = "MLFLOW_TRACKING_URI"
@@ -211,7 +213,7 @@ def _log_params(run_id: str, params: dict[str, str], run_name: str) -> None:
         client.log_batch(run_id, params=new[start:start + MAX_PARAMS_PER_BATCH])
 
 
-def log_test_metrics(parent_id: str, evaluation: Evaluation) -> None:
+def log_test_metrics(parent_id: str, evaluation: "Evaluation") -> None:
     """The test metrics on the parent run too, beside its headline params."""
     mlflow.MlflowClient().log_batch(parent_id, metrics=[
         Metric(key, value, int(time.time() * 1000), 0) for key, value in _evaluation_metrics(evaluation).items()])
@@ -355,6 +357,8 @@ def fetch_init(config: Config) -> None:
     reads it (`pipeline.model.fetched_init_path`): workers read files, not the registry, and the
     config keeps the URI it was given."""
     if config.model.init.startswith(MLFLOW_URIS):
+        from pipeline.model import fetched_init_path  # torch's: a run that starts from no such model never loads it
+
         fetch_model(config.model.init, config.tracking_uri(), fetched_init_path(config), "model.init")
 
 
@@ -497,7 +501,7 @@ def _requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "torch", "torchvision", "pyyaml")]
 
 
-def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
+def _evaluation_metrics(evaluation: "Evaluation") -> dict[str, float]:
     result = evaluation.result
     metrics = {name: value for name, value in result.metrics.items() if not math.isnan(value)}
     metrics |= {f"AP_{name}": value for name, value in result.per_class_ap.items() if not math.isnan(value)}
@@ -510,7 +514,7 @@ EVALUATION_PARAMS = ("data.dataset", "data.root", "eval.split", "model.min_size"
                      "model.score_thresh", "model.nms_thresh", "model.detections_per_image")
 
 
-def log_evaluation(evaluation: Evaluation, config: Config) -> None:
+def log_evaluation(evaluation: "Evaluation", config: Config) -> None:
     params = param_safe(config)
     mlflow.log_params({key: params[key] for key in EVALUATION_PARAMS}
                       | {"eval.split": config.eval.split or config.data.test_split})

@@ -15,7 +15,8 @@ from pathlib import Path
 import ray.train
 import ray.train.collective
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from aploss.distributed import ProcessGroupBatch
