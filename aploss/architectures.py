@@ -25,7 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from aploss.anchors import AnchorLayout
+from aploss.anchor_layout import AnchorLayout
 from aploss.catalog import ARCHITECTURES, IMAGENET_TRUNKS
 from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector

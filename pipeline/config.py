@@ -14,10 +14,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 
+from aploss.anchor_layout import AnchorLayout
 from aploss.catalog import ARCHITECTURES, IMAGENET_TRUNKS
 from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
@@ -26,9 +27,6 @@ from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
 from pipeline.storage import InputRefused, Location, absolute, is_uri
-
-if TYPE_CHECKING:
-    from aploss.anchors import AnchorLayout
 
 # model.init (or predict --model) naming a model in MLflow's registry or a run's artifacts.
 MLFLOW_URIS = ("models:/", "runs:/")
@@ -148,9 +146,7 @@ class AnchorConfig:
     sizes: list[list[float]] = field(default_factory=list)  # per level up to P7, pixels at the network input
     ratios: list[list[float]] = field(default_factory=list)  # per level, height / width
 
-    def layout(self) -> "AnchorLayout":
-        from aploss.anchors import AnchorLayout  # torch's: a config is read without it
-
+    def layout(self) -> AnchorLayout:
         if not self.sizes:
             return AnchorLayout.paper(self.scales_per_octave, self.lowest_level)
         try:

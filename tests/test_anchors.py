@@ -9,7 +9,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from aploss.anchors import AnchorLayout, best_iou, input_scale
+from aploss.anchor_layout import AnchorLayout
+from aploss.anchors import best_iou, input_scale
 from aploss.architectures import build_detector
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.data.anchors import ClassRecall, anchor_recall, fit_anchors, recall_lines, report_anchor_recall
