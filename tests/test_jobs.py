@@ -120,10 +120,12 @@ def test_entrypoint_config_error_exits_2(clean_env, capsys):
     assert "aploss prep: error: unknown key(s) ['no']" in capsys.readouterr().err
 
 
-def test_train_without_prepared_data_says_to_run_prep(clean_env, tmp_path, capsys):
-    assert train.main([f"run.output_dir={tmp_path}"]) == 2
-    error = capsys.readouterr().err
-    assert "no prepared 'bccd' data" in error and "jobs.prep" in error
+def test_train_prepares_first_and_says_in_one_line_what_is_missing(clean_env, tmp_path, capsys):
+    # It prepares what it finds unprepared, as its help says; no dataset and no download is one line.
+    assert train.main([f"run.output_dir={tmp_path}", f"data.root={tmp_path / 'data'}", "data.download=false"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "dataset 'bccd' not found: missing" in error and "Set data.download=true" in error
+    assert len(error.splitlines()) == 1
 
 
 def test_auth_headers(clean_env, tmp_path):
