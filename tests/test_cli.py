@@ -40,7 +40,7 @@ def test_train_prepares_the_data_it_finds_unprepared_as_its_help_says(tmp_path, 
                 f"run.output_dir={tmp_path / 'runs'}", "run.name=unprepared"]
     assert main(["train", *settings]) == 0
     printed = capsys.readouterr().out
-    assert f"prepared coco in {tmp_path / 'runs' / 'data'}/coco-" in printed and "  train: 4 images" in printed
+    assert f"prepared coco (written) in {tmp_path / 'runs' / 'data'}/coco-" in printed and "  train: 4 images" in printed
     assert printed.count("anchor recall (IoU") == 1 and "trained 1 steps" in printed
 
 

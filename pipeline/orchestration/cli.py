@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from pipeline.config import MLFLOW_URIS, Config, load_config
 from pipeline.evaluation.drawing import DRAW_SCORE
@@ -16,9 +17,13 @@ from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
 from pipeline.storage import Location
 
+if TYPE_CHECKING:
+    from pipeline.data.prep import PrepResult
 
-def _prep(config: Config) -> None:
-    from pipeline.data.anchors import fit_anchors, report_anchor_recall
+
+def _prepared(config: Config) -> "PrepResult":
+    """Data-prep of `config` (on Ray with data.prep_workers), or the prepared data it reuses,
+    said in a line and a summary per split."""
     from pipeline.data.prep import prepare, summary_lines
     from pipeline.orchestration.run import start_ray
 
@@ -28,7 +33,13 @@ def _prep(config: Config) -> None:
     state = "reused" if result.reused else "written"
     print(f"prepared {config.data.dataset} ({state}) in {result.directory}")
     print("\n".join(summary_lines(result)))
-    report_anchor_recall(fit_anchors(config.with_prepared(result.directory)))
+    return result
+
+
+def _prep(config: Config) -> None:
+    from pipeline.data.anchors import fit_anchors, report_anchor_recall
+
+    report_anchor_recall(fit_anchors(config.with_prepared(_prepared(config).directory)))
 
 
 def _training(config: Config) -> Config:
@@ -36,16 +47,8 @@ def _training(config: Config) -> Config:
     does) with its anchors fitted, whose recall it prints."""
     from pipeline.data.anchors import report_anchor_recall
     from pipeline.data.bindings import training_data
-    from pipeline.data.prep import prepare, summary_lines
-    from pipeline.orchestration.run import start_ray
 
-    if config.data.prep_workers:
-        start_ray(config)
-    prepared = prepare(config)
-    if not prepared.reused:
-        print(f"prepared {config.data.dataset} in {prepared.directory}")
-        print("\n".join(summary_lines(prepared)))
-    config, _ = training_data(config.with_prepared(prepared.directory))
+    config, _ = training_data(config.with_prepared(_prepared(config).directory))
     report_anchor_recall(config)
     return config
 
@@ -247,8 +250,8 @@ HELP = {
                 "their detections as a COCO json in the dataset's own category ids and names (bbox x, y, w, h in "
                 "pixels, with a score) to run.output_dir/predict/detections.json unless --out says where; images are "
                 "numbered 1..N and named by their file names. --draw DIR also writes each image with its detections "
-                "scoring at least --draw-score (0.3), each class in a colour of its own, captioned with its name and "
-                "score. With --split SPLIT it labels that split of the configured dataset's "
+                f"scoring at least --draw-score ({DRAW_SCORE}), each class in a colour of its own, captioned with its "
+                "name and score. With --split SPLIT it labels that split of the configured dataset's "
                 "prepared data instead, with the dataset's own image ids and file names (it scores against the "
                 "split's ground truth as it is), and refuses a model trained on other classes. model.score_thresh, "
                 "model.nms_thresh and model.detections_per_image are the model's own unless overridden.",
