@@ -53,7 +53,7 @@ from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.orchestration.run import start_ray  # noqa: E402
 from pipeline.quiet import quiet_third_party  # noqa: E402
-from pipeline.training.journal import METRICS_FILE, read_journal  # noqa: E402
+from pipeline.training.journal import read_journal  # noqa: E402
 from pipeline.training.loop import Training, seed_everything  # noqa: E402
 from pipeline.training.ray_train import run_worker, train_distributed  # noqa: E402
 from tests.synthetic import write_synthetic_coco  # noqa: E402
@@ -268,7 +268,7 @@ def checked_worker(payload: dict) -> None:
     """The project's Ray Train worker, after `collective_check` on its process group."""
     check = collective_check(ray.train.torch.get_device())
     if ray.train.get_context().get_world_rank() == 0:
-        write_json_atomic(check, config_from_dict(payload["config"]).run.directory() / COLLECTIVES_FILE)
+        write_json_atomic(check, config_from_dict(payload["config"]).run.folder().root / COLLECTIVES_FILE)
     run_worker(payload)
 
 
@@ -281,9 +281,9 @@ def check_ray_train(scale: Scale, root: Path, device: torch.device) -> list[Chec
         _, model_path = train_distributed(config, train_loop=checked_worker)
     finally:
         ray.shutdown()
-    run = config.run.directory()
-    losses = [record["loss"] for record in read_journal(run / "train" / METRICS_FILE) if "loss" in record]
-    collectives = json.loads((run / COLLECTIVES_FILE).read_text())
+    run = config.run.folder()
+    losses = [record["loss"] for record in read_journal(run.journal) if "loss" in record]
+    collectives = json.loads((run.root / COLLECTIVES_FILE).read_text())
     finite = len(losses) == scale.ray_steps and all(math.isfinite(value) for value in losses)
     collectives_ok = (collectives["backend"] == backend and collectives["finite"]
                       and collectives["max_abs_diff"] <= TOLERANCE)

@@ -27,6 +27,7 @@ from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.search_space import parse_domain
 from pipeline.storage import InputRefused, Location, absolute, is_uri
+from pipeline.run_folder import OutputDir, RunFolder
 
 # model.init (or predict --model) naming a model in MLflow's registry or a run's artifacts.
 MLFLOW_URIS = ("models:/", "runs:/")
@@ -444,14 +445,13 @@ class RunConfig:
         _require(bool(self.name) and "/" not in self.name, "run.name",
                  f"must be a non-empty name without '/', got {self.name!r}")
 
-    def directory(self) -> Location:
-        """Where this run's checkpoints and evaluation outputs go."""
-        return Location(self.output_dir) / self.name
+    def folder(self) -> RunFolder:
+        """This run's outputs: checkpoints, journal, model, evaluation."""
+        return self.outputs().run(self.name)
 
-    def prepared_root(self) -> Location:
-        """Where data-prep writes: one directory per dataset and content, shared by every run
-        under the same output_dir (a local path or an object-store URI)."""
-        return Location(self.output_dir) / "data"
+    def outputs(self) -> OutputDir:
+        """What the runs under output_dir share: prepared data, Ray's storage, fetched models."""
+        return OutputDir(Location(self.output_dir))
 
 
 @dataclass
@@ -527,7 +527,7 @@ class Config:
             raise ConfigError(f"tracking.uri: run.output_dir is an object store ({self.run.output_dir}), which "
                               "cannot hold MLflow's sqlite store; set tracking.uri or $MLFLOW_TRACKING_URI to a "
                               "tracking server")
-        return f"sqlite:///{Location(self.run.output_dir) / 'mlflow.db'}"
+        return f"sqlite:///{self.run.outputs().mlflow_store}"
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -96,7 +96,7 @@ def _norm(config: Config) -> str:
 def _source_path(config: Config) -> Path | Location:
     init = config.model.init
     if init.startswith("run:"):
-        return Location(config.run.output_dir) / init[len("run:"):] / "model.pt"
+        return config.run.outputs().run(init[len("run:"):]).model
     if init.startswith(MLFLOW_URIS):
         return fetched_init_path(config)
     return Path(init).expanduser()
@@ -106,8 +106,7 @@ def fetched_init_path(config: Config) -> Location:
     """Where the aploss commands put the model.pt of an MLflow model URI in model.init before
     training (`pipeline.orchestration.tracking.fetch_init`): one file per URI under
     run.output_dir, which a sweep's trials share."""
-    digest = hashlib.sha256(config.model.init.encode()).hexdigest()[:16]
-    return Location(config.run.output_dir) / "init" / digest / "model.pt"
+    return config.run.outputs().fetched_model(config.model.init)
 
 
 def init_weights(config: Config) -> dict:

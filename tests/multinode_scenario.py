@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.data.prep import prepare
 from pipeline.evaluation.stages import evaluate_stage
 from pipeline.storage import Location
-from pipeline.training.journal import METRICS_FILE, read_journal
+from pipeline.training.journal import read_journal
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
 
@@ -69,7 +69,7 @@ def main(raw: str, output: Location) -> dict:
         ray.cloudpickle.register_pickle_by_value(ray_workers)
         clean = run(raw, output, "clean")
         removed: list[int] = []
-        watcher = remove_when(cluster, second, output / "lost-node" / "lost-node" / "train" / METRICS_FILE, 5, removed)
+        watcher = remove_when(cluster, second, output / "lost-node" / "lost-node" / "train" / "metrics.jsonl", 5, removed)
         lost = run(raw, output, "lost-node")
         watcher.join(timeout=5)
         return {"head": cluster.head_node.node_id, "nodes": [first.node_id, second.node_id], "removed": removed,

@@ -190,7 +190,7 @@ def test_validation_gathered_from_a_process_group_equals_one_process(trained, on
     assert len(expected) > 7  # something to compare: several detections per image
     assert results[0] == {"saved": [(1, True, expected_ap)], "scored": [expected]}
     assert all(result == {"saved": [(1, False, None)], "scored": []} for result in results[1:])  # rank 0 scores
-    journal = (config.run.directory() / "train" / "metrics.jsonl").read_text().splitlines()
+    journal = (config.run.folder().root / "train" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["val_ap"] for line in journal] == [expected_ap]
 
 

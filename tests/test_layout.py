@@ -40,3 +40,16 @@ def test_pipeline_imports_point_down(path):
 def test_the_library_never_imports_the_pipeline_ray_or_mlflow(path):
     roots = {name.split(".")[0] for name in _imports(path)}
     assert not roots & {"pipeline", "ray", "mlflow", "jobs"}
+
+
+# The names of a run's files, which only pipeline/run_folder.py spells out.
+RUN_FILES = ("metrics.jsonl", "run.json", "stopped.json", "mlflow.db", "mlartifacts", "-best.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT / "pipeline").rglob("*.py")), ids=lambda p: _module(p))
+def test_the_run_folder_alone_spells_a_runs_layout(path):
+    if path.name == "run_folder.py":
+        return
+    strings = {node.value for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not [name for name in RUN_FILES for text in strings if name in text and "\n" not in text]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.storage import Location
-from pipeline.training.journal import METRICS_FILE, read_journal
+from pipeline.training.journal import read_journal
 from tests.object_store import TEST_BUCKET as BUCKET
 from tests.synthetic import write_synthetic_coco
 
@@ -62,14 +62,14 @@ def test_a_run_across_nodes_survives_losing_one(s3_server, tmp_path, monkeypatch
     first = placements(output / "clean")
     assert [record["rank"] for record in first] == [0, 1]
     assert len({record["node"] for record in first}) == 2 and result["head"] not in {r["node"] for r in first}
-    clean_journal = read_journal(output / "clean" / "clean" / "train" / METRICS_FILE)
+    clean_journal = read_journal(output / "clean" / "clean" / "train" / "metrics.jsonl")
     assert [record["step"] for record in clean_journal if "val_ap" in record] == [5, 10]
 
     assert result["removed"], "the node was never removed"
     attempts = placements(output / "lost-node")
     resumed = [record for record in attempts if record["step"] > 1]
     assert resumed and {record["node"] for record in resumed} == {first_node}  # the node left
-    records = read_journal(output / "lost-node" / "lost-node" / "train" / METRICS_FILE)
+    records = read_journal(output / "lost-node" / "lost-node" / "train" / "metrics.jsonl")
     assert [record["step"] for record in records if "loss" in record] == list(range(1, 11))  # each step once
     assert [record["step"] for record in records if "val_ap" in record] == [5, 10]
 

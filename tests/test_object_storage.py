@@ -21,7 +21,7 @@ from pipeline.evaluation.stages import evaluate_stage
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking import param_safe
 from pipeline.storage import Location
-from pipeline.training.journal import METRICS_FILE, read_journal
+from pipeline.training.journal import read_journal
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
 from tests.mlflow_server import Server
@@ -118,7 +118,7 @@ def test_a_run_lives_in_s3_through_a_killed_worker_and_evaluation(s3, tmp_path, 
     assert result.metrics["step"] == 6 and str(result.checkpoint.path).startswith(f"{BUCKET}/{tmp_path.name}/runs/ray/")
     assert model_path == output / "in-s3" / "model.pt" and model_path.is_file()
     # The journal, rewritten whole in the store at each record, holds each step once across the restart.
-    journal = read_journal(output / "in-s3" / "train" / METRICS_FILE)
+    journal = read_journal(output / "in-s3" / "train" / "metrics.jsonl")
     assert [r["step"] for r in journal if "val_ap" not in r] == [1, 2, 3, 4, 5, 6]
 
     evaluation = evaluate_stage(config)

@@ -148,7 +148,7 @@ def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
     assert train.data.params["ray.workers"] == "2"  # the config as given, though one process trained
     (version,) = client.search_model_versions(f"name = '{REGISTERED}'")
     assert version.run_id == train.info.run_id
-    assert (config.run.directory() / "train" / "metrics.jsonl").exists()
+    assert (config.run.folder().root / "train" / "metrics.jsonl").exists()
     assert run_pipeline(config, distributed=False).skipped == ["data-prep", "train", "evaluate"]
 
     # Another dataset registers a model of its own, with its own champion: a detector of the

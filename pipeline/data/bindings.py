@@ -40,7 +40,6 @@ def prepared_category_ids(config: Config) -> list[int]:
     return read_manifest(config.data.prepared)["category_ids"]
 
 
-RUN_RECORD = "run.json"
 # A run's record is a few KB; the run folder is shared storage anyone may write.
 MAX_RECORD_BYTES, RECORD_READ_TIMEOUT_S = 1 << 20, 60.0
 
@@ -70,7 +69,7 @@ def _recorded_binding(config: Config) -> Config | None:
     prepared data and differs from `config` only in what binding fills in (`auto` anchors'
     sizes, ratios and lowest level, an `auto` norm); None otherwise. Fitting and binding are
     deterministic: the record holds what they would give again."""
-    path = config.run.directory() / "train" / RUN_RECORD
+    path = config.run.folder().record
     if not path.exists():
         return None
     try:
@@ -94,7 +93,7 @@ def record_training_run(config: Config) -> None:
     """Remember, in the run directory, the model and the prepared data the run trains; a later
     start of the same run (a resume) with another model or other data is refused, since it would
     mix two trainings in one set of weights."""
-    path = config.run.directory() / "train" / RUN_RECORD
+    path = config.run.folder().record
     # As written: a record never holds credentials (a presigned model.init URL's signature).
     record = redact_tree({"model": dataclasses.asdict(config.model), "prepared": config.data.prepared})
     if path.exists():

@@ -1,5 +1,5 @@
 """The data-prep stage: a dataset in its own layout becomes checked Parquet shards, COCO-format
-ground truth for evaluation and a manifest, under `run.prepared_root()/<dataset>-<input hash>`:
+ground truth for evaluation and a manifest, under `run.output_dir/data/<dataset>-<input hash>`:
 
     manifest.json
     <split>/part-00000.parquet, part-00001.parquet, ...
@@ -124,7 +124,7 @@ def _settings(data: DataConfig, source: Source, splits: list[str]) -> dict:
 
 def prepared_directory(config: Config, input_hash: str) -> Location:
     """Prepared data is addressed by what it was made of: other data never lands in its place."""
-    return config.run.prepared_root() / f"{config.data.dataset}-{input_hash[:12]}"
+    return config.run.outputs().prepared / f"{config.data.dataset}-{input_hash[:12]}"
 
 
 def locate_prepared(config: Config) -> Location:

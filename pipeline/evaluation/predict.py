@@ -119,7 +119,7 @@ def model_location(spec: str, config: Config) -> Location:
     """The model.pt `spec` names: `run:NAME` or a run's name under run.output_dir, a model.pt
     or checkpoint file, or a run's folder (local or in an object store)."""
     name = spec.removeprefix("run:")
-    run_model = Location(config.run.output_dir) / name / "model.pt"
+    run_model = config.run.outputs().run(name).model
     if spec.startswith("run:") or ("/" not in spec and run_model.is_file()):
         if not run_model.is_file():
             raise MissingInput(f"--model {spec}: run {name!r} has no model.pt under run.output_dir ({run_model})")

@@ -124,7 +124,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     (or data.prepared), written under the run's eval/; detected in this process, or in
     eval.workers Ray tasks."""
     device = resolve_device(config.train.device)
-    model_path = model_path or config.run.directory() / "model.pt"
+    model_path = model_path or config.run.folder().model
     if not model_path.exists():
         raise MissingInput(f"{model_path}: no trained model; run the train stage first")
     model, classes, trained, _ = load_model(model_path, device)
@@ -138,7 +138,7 @@ def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation
     voc = config.data.dataset in PASCAL_VOC
     dataset = DetectionDataset(ShardReader(split), limits=ImageLimits.of(config.data))
     return evaluate_split(model, dataset, split / "ground_truth.json", classes,
-                          config.run.directory() / "eval", config.eval.batch_size, device, config.eval.sample_images,
+                          config.run.folder().evaluation, config.eval.batch_size, device, config.eval.sample_images,
                           voc=voc, detections=detections)
 
 
@@ -152,7 +152,7 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
     device = resolve_device(config.train.device)
     models, paths, trained_with, bound = {}, {}, {}, {}
     for name in names or [config.run.name]:
-        path = paths[name] = config.for_run(name).run.directory() / "model.pt"
+        path = paths[name] = config.run.outputs().run(name).model
         if not path.exists():
             raise MissingInput(f"{path}: no trained model for run '{name}'; run its train stage first")
         models[name], classes, trained_config, _ = load_model(path, device)
@@ -178,5 +178,5 @@ def robustness_stage(config: Config, names: list[str] | None = None, progress: b
                                       config.eval.batch_size, device, config.robustness.seed, unavailable,
                                       config.robustness.workers, progress)
     results = {name: dataclasses.replace(result, trained_with=trained_with[name]) for name, result in results.items()}
-    return {name: (result, write_result(result, config.for_run(name).run.directory() / "robustness"))
+    return {name: (result, write_result(result, config.run.outputs().run(name).robustness))
             for name, result in results.items()}

@@ -95,7 +95,7 @@ def _report(config: Config, runs: list[str]) -> None:
 
     summaries = collect(config, runs)
     print(markdown(summaries))
-    print(f"report: {write_report(summaries, Location(config.run.output_dir) / 'report')}")
+    print(f"report: {write_report(summaries, config.run.outputs().report)}")
 
 
 def _pipeline_train(config: Config) -> None:
@@ -151,7 +151,7 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
     from pipeline.evaluation.predict import predict_stage
 
     # Beside the runs (run.output_dir, which .gitignore covers), not in the working directory.
-    out = Location(arguments.out or Location(config.run.output_dir) / "predict" / (
+    out = Location(arguments.out or config.run.outputs().predictions / (
         "detections" if arguments.ray else "detections.json"))
     draw = Location(arguments.draw) if arguments.draw else None
     if not 0 <= arguments.draw_score <= 1:

@@ -7,7 +7,6 @@ hash, training resumes from its latest Ray Train checkpoint.
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pipeline.config import Config
 from pipeline.data.bindings import record_training_run, training_data
@@ -18,11 +17,8 @@ from pipeline.evaluation.metrics_table import metrics_table
 from pipeline.orchestration import tracking
 from pipeline.quiet import ray_log_level
 from pipeline.redaction import redact
-from pipeline.training.journal import METRICS_FILE
 
 # Torch and Ray are imported where a stage runs: a finished run's rerun loads neither.
-if TYPE_CHECKING:
-    import ray.train
 
 
 @dataclass
@@ -80,18 +76,6 @@ def training_steps(config: Config) -> int:
     return StepSchedule.of(config.train, images).total_steps
 
 
-def kept_checkpoints(config: Config, result: "ray.train.Result | None") -> list[tuple[int, float | None, str]]:
-    """(step, validation AP, path) of the checkpoints a training kept: Ray Train's, or the
-    local CheckpointStore's when it trained in this process (`result` None)."""
-    if result is not None:
-        return sorted((metrics["step"], metrics.get("val_ap"), checkpoint.path)
-                      for checkpoint, metrics in result.best_checkpoints)
-    from pipeline.checkpoints import CheckpointStore
-
-    store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
-    return store.entries()
-
-
 STAGES = ("data-prep", "train", "evaluate")
 
 
@@ -104,9 +88,9 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     """data-prep -> train (Ray Train DDP, or in this process when not `distributed`) -> evaluate."""
     experiment = tracking.configure(config)
     parent = tracking.pipeline_run(config, experiment)
-    run_dir = config.run.directory()
-    model_path = run_dir / "model.pt"
-    metrics_path = run_dir / "eval" / "metrics.json"
+    folder = config.run.folder()
+    model_path = folder.model
+    metrics_path = folder.eval_metrics
     skipped = []
 
     with tracking.parent_run(parent) as outcome:
@@ -138,19 +122,21 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             with _stage("train", run_id):
                 from pipeline.data.anchors import report_anchor_recall
                 from pipeline.training.local import train_stage
-                from pipeline.training.ray_train import train_distributed
+                from pipeline.training.ray_train import ray_checkpoints, train_distributed
 
                 tracking.log_train_params(config)
                 tracking.log_headline(parent, config, training_steps(config))
                 tracking.log_anchor_recall(report_anchor_recall(config))
-                journal = run_dir / "train" / METRICS_FILE
+                journal = folder.journal
                 with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
                     if distributed:
                         start_ray(config)
                         result, model_path = train_distributed(config)
+                        kept = ray_checkpoints(result)
                     else:
-                        model_path = train_stage(config, progress=False).model_path
-                tracking.log_checkpoints(kept_checkpoints(config, result if distributed else None))
+                        summary = train_stage(config, progress=False)
+                        model_path, kept = summary.model_path, summary.checkpoints
+                tracking.log_checkpoints(kept)
                 tracking.log_model(model_path, config)
 
         run_id, finished = tracking.stage_run(experiment, parent, "evaluate")

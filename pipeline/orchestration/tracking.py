@@ -100,7 +100,7 @@ def configure(config: Config) -> str:
     # a tracking server keeps them in its own artifact store.
     location = None
     if config.tracking_uri().startswith("sqlite:"):
-        location = Path(Location(config.run.output_dir) / "mlartifacts").as_uri()
+        location = Path(config.run.outputs().mlflow_artifacts).as_uri()
     return mlflow.create_experiment(config.tracking.experiment, artifact_location=location)
 
 

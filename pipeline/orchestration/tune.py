@@ -27,7 +27,6 @@ from pipeline.model import bind_init
 from pipeline.orchestration import tracking
 from pipeline.orchestration.sweep_journal import JOURNAL, SweepJournal, TrialRecord, open_journal, plan_trials
 from pipeline.search_space import parse_domain
-from pipeline.training.journal import METRICS_FILE
 from pipeline.training.loop import StepSchedule
 from pipeline.training.ray_train import build_trainer, fit_run, storage_path
 
@@ -73,7 +72,7 @@ def _run_trial(params: dict, sweep: dict) -> None:
     config = bind_init(fit_anchors(trial_config(sweep["base"], params)))
     run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
     trainer = build_trainer(config, sweep["classes"], callbacks=[_ReportValidationAP()])
-    with tracking.MetricsForwarder(config.run.directory() / "train" / METRICS_FILE, run_id, sweep["tracking_uri"]):
+    with tracking.MetricsForwarder(config.run.folder().journal, run_id, sweep["tracking_uri"]):
         fit_run(config, trainer)
     # A trial that ASHA stops, or that raises (its training failed, diverged or filled the disk),
     # never gets here: the sweep driver ends its run (`_trial_outcomes`). Ending it on the way out
@@ -178,7 +177,7 @@ def _sweep(config: Config, experiment: str, sweep_run: str) -> SweepResult:
     if remaining:
         _run_trials(config, experiment, sweep_run, journal, search, remaining, validations, manifest["classes"])
     tracking.end_trials(sweep_run, _trial_outcomes(journal),
-                        lambda trial: config.run.directory().parent / trial / "train" / METRICS_FILE)
+                        lambda trial: config.run.outputs().run(trial).journal)
     best = max((trial for trial in journal.trials.values() if any(not math.isnan(ap) for ap in trial.val_ap)),
                key=lambda trial: max(ap for ap in trial.val_ap if not math.isnan(ap)), default=None)
     if best is None:
@@ -187,7 +186,7 @@ def _sweep(config: Config, experiment: str, sweep_run: str) -> SweepResult:
     for key, value in best.params.items():
         apply_override(data, key, value)
     best_config = config_from_dict(data)
-    best_path = config.run.directory().parent / f"{name}-best.yaml"
+    best_path = config.run.outputs().best_config(name)
     save_config(best_config, best_path)
     best_ap = max(ap for ap in best.val_ap if not math.isnan(ap))
     tracking.log_sweep_result(sweep_run, best_path, best.params, METRIC, best_ap)

@@ -16,7 +16,7 @@ from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config
 from pipeline.evaluation.evaluate import validation_ap
 from pipeline.redaction import redact
-from pipeline.training.journal import CURVES, METRICS_FILE, MetricsJournal
+from pipeline.training.journal import CURVES, MetricsJournal
 from pipeline.training.loop import StepSchedule, Training
 
 
@@ -51,7 +51,7 @@ class TrainingHooks:
                  rank: int = 0, progress: bool = False) -> None:
         self.config, self.schedule, self.sink, self.extra_state = config, schedule, sink, extra_state
         self.rank = rank
-        self.journal = MetricsJournal(config.run.directory() / "train" / METRICS_FILE) if rank == 0 else None
+        self.journal = MetricsJournal(config.run.folder().journal) if rank == 0 else None
         self.progress = progress and rank == 0
         self.bar: tqdm | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0

@@ -13,7 +13,6 @@ from pathlib import Path
 from pipeline.errors import naming_full_disk
 from pipeline.storage import Location
 
-METRICS_FILE = "metrics.jsonl"
 # The per-step curves of a run, as MLflow shows them (with "val_ap" at validations).
 CURVES = ("loss", "cls_loss", "box_loss", "delta", "lr", "images_per_s")
 TRAINING = "train"

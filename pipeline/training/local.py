@@ -31,6 +31,7 @@ class TrainSummary:
     steps: int
     skipped: int
     last_metrics: dict[str, float]
+    checkpoints: list[tuple[int, float | None, str]]  # (step, validation AP, path) of those kept
 
 
 def train_stage(config: Config, progress: bool = True) -> TrainSummary:
@@ -43,7 +44,7 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
                                seed=config.train.seed, augment=config.train.augment,
                                input_size=config.train.input_size, limits=ImageLimits.of(config.data))
     schedule = StepSchedule.of(config.train, len(dataset))
-    store = CheckpointStore(config.run.directory() / "checkpoints", config.train.keep_checkpoints)
+    store = CheckpointStore(config.run.folder().checkpoints, config.train.keep_checkpoints)
     store.remove_partials()
     latest = store.latest()
     model = build_model(config, len(classes)) if latest else initial_model(config, len(classes))
@@ -61,8 +62,8 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     finally:
         hooks.close()
     model_path = checkpoints.export_model(checkpoints.load(store.best(), device), prepared_category_ids(config),
-                                          config.run.directory() / "model.pt")
-    return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics)
+                                          config.run.folder().model)
+    return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics, store.entries())
 
 
 def _cpus() -> int:

@@ -131,13 +131,13 @@ def _work(payload: dict, hooks_class: type) -> None:
 
 
 def _stopped_path(config: Config) -> Location:
-    return config.run.directory() / "train" / "stopped.json"
+    return config.run.folder().stopped
 
 
 def storage_path(config: Config) -> Location:
     """Ray Train's checkpoints and state, beside the run's other outputs (Ray opens an object
     store's URI with pyarrow.fs, as this project does)."""
-    return Location(config.run.output_dir) / "ray"
+    return config.run.outputs().ray
 
 
 class QuietController(ray.train.UserCallback):
@@ -174,6 +174,12 @@ def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict
             # Ray keeps the latest beside the best num_to_keep.
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints - 1,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="max")))
+
+
+def ray_checkpoints(result: ray.train.Result) -> list[tuple[int, float | None, str]]:
+    """(step, validation AP, path) of the checkpoints Ray Train kept, as `TrainSummary.checkpoints`."""
+    return sorted((metrics["step"], metrics.get("val_ap"), checkpoint.path)
+                  for checkpoint, metrics in result.best_checkpoints)
 
 
 def best_state(result: ray.train.Result) -> dict:
@@ -256,5 +262,5 @@ def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_w
     config, classes = training_data(config)
     record_training_run(config)
     result = fit_run(config, build_trainer(config, classes, train_loop))
-    model_path = config.run.directory() / "model.pt"
+    model_path = config.run.folder().model
     return result, checkpoints.export_model(best_state(result), prepared_category_ids(config), model_path)
