@@ -79,8 +79,19 @@ class TrackingUnavailable(UserError):
     """The MLflow tracking server does not answer."""
 
 
-class TrainingFailed(UserError):
-    """A Ray Train run failed after its retries; the message carries the workers' error."""
+class TrainingFailed(Exception):
+    """A Ray Train run failed after its restarts; the message carries the workers' error in one
+    line and `causes` the errors as the workers raised them. Not a UserError: whether it is the
+    user's to fix depends on those causes (the CLI keeps a bug's traceback), and a worker's own
+    UserError is raised as `WorkerRefused` instead."""
+
+    def __init__(self, message: str, causes: tuple[BaseException, ...] = ()) -> None:
+        super().__init__(message)
+        self.causes = causes
+
+
+class WorkerRefused(UserError):
+    """A Ray Train worker stopped at a user error (input, config) on every restart."""
 
 
 class NoSpace(UserError, OSError):

@@ -4,6 +4,7 @@ import os
 import signal
 import time
 
+from pipeline.errors import DataError
 from pipeline.storage import Location
 from pipeline.training.hooks import TrainingHooks
 from pipeline.training.ray_train import run_worker
@@ -37,6 +38,16 @@ def flaky_worker(payload: dict) -> None:
 def broken_worker(payload: dict) -> None:
     """A worker that fails on every attempt, as a bug or a bad node would."""
     raise OSError("the GPU fell off the bus")
+
+
+def buggy_worker(payload: dict) -> None:
+    """A worker with a bug in this project's code."""
+    raise KeyError("positives")
+
+
+def refusing_worker(payload: dict) -> None:
+    """A worker that meets bad input: the user's to fix, on every attempt."""
+    raise DataError("shard.parquet: row group 3 is not this project's")
 
 
 class PlacementHooks(TrainingHooks):

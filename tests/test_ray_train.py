@@ -7,7 +7,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.prep import prepare
-from pipeline.errors import TrainingDiverged, TrainingFailed
+from pipeline.errors import TrainingDiverged, TrainingFailed, UserError, WorkerRefused
+from pipeline.orchestration.cli import _met_outside
 from pipeline.training.local import train_stage
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
@@ -114,3 +115,23 @@ def test_a_run_that_keeps_failing_ends_as_one_line_naming_the_cause(ray_cluster,
     message = str(error.value)
     assert message.startswith("distributed training of run 'broken' failed after 1 restart(s): ")
     assert message.endswith("OSError: the GPU fell off the bus") and "\n" not in message
+    # Met outside the project (a device, a node): one line at the CLI, --debug for the traceback.
+    assert not isinstance(error.value, UserError) and _met_outside(error.value)
+
+
+def test_a_bug_on_a_worker_keeps_its_traceback(ray_cluster, data_root, tmp_path):
+    config = _config(data_root, tmp_path, "buggy", "train.max_steps=2", "ray.max_failures=0")
+    with pytest.raises(TrainingFailed) as error:
+        train_distributed(config, train_loop=ray_workers.buggy_worker)
+    assert str(error.value).endswith("KeyError: 'positives'")
+    assert {type(cause) for cause in error.value.causes} == {KeyError}  # each worker's, as raised
+    assert not _met_outside(error.value)  # so the CLI lets it through with its traceback
+
+
+def test_a_user_error_on_a_worker_is_one_line_for_the_user(ray_cluster, data_root, tmp_path):
+    config = _config(data_root, tmp_path, "refused", "train.max_steps=2", "ray.max_failures=0")
+    with pytest.raises(WorkerRefused) as error:
+        train_distributed(config, train_loop=ray_workers.refusing_worker)
+    assert isinstance(error.value, UserError)
+    assert str(error.value) == ("distributed training of run 'refused' failed after 0 restart(s): "
+                                "shard.parquet: row group 3 is not this project's")

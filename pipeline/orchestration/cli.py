@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import MLFLOW_URIS, Config, load_config
 from pipeline.evaluation.drawing import DRAW_SCORE
-from pipeline.errors import UserError, one_line
+from pipeline.errors import TrainingFailed, UserError, one_line
 from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
 from pipeline.storage import Location
@@ -369,7 +369,9 @@ _MET_OUTSIDE = (("mlflow.exceptions", "MlflowException"), ("ray.exceptions", "Ra
                 ("ray.train", "TrainingFailedError"), ("ray.tune.error", "TuneError"))
 
 
-def _met_outside(error: Exception) -> bool:
+def _met_outside(error: BaseException) -> bool:
+    if isinstance(error, TrainingFailed):  # the workers' errors say whose it is
+        return all(_met_outside(cause) for cause in error.causes)
     kinds = (getattr(sys.modules.get(module), name, None) for module, name in _MET_OUTSIDE)
     return isinstance(error, OSError) or any(kind is not None and isinstance(error, kind) for kind in kinds)
 

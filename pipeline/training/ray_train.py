@@ -25,7 +25,7 @@ from pipeline.config import Config, config_from_dict, config_record
 from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
-from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed, one_line
+from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed, UserError, WorkerRefused, one_line
 from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
@@ -187,22 +187,19 @@ def best_state(result: ray.train.Result) -> dict:
     kept = sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])
     checkpoint = checkpoints.best([(metrics.get("val_ap"), checkpoint) for checkpoint, metrics in kept])
     if checkpoint is None:
-        raise TrainingFailed(f"training run '{result.path}' produced no checkpoint")
+        raise RuntimeError(f"training run '{result.path}' produced no checkpoint")
     with checkpoint.as_directory() as directory:
         return checkpoints.load(Path(directory) / STATE_FILE)
 
 
-def _root_cause(error: BaseException) -> str:
-    """The last line of the innermost error's message: what went wrong on the worker."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
-def _failed(config: Config, error: BaseException) -> TrainingFailed:
-    return TrainingFailed(f"distributed training of run '{config.run.name}' failed after "
-                          f"{config.ray.max_failures} restart(s): {_root_cause(error)}")
+def _failed(config: Config, error: BaseException) -> TrainingFailed | WorkerRefused:
+    """The error of a run that failed after its restarts: the workers' own errors as Ray hands
+    them back (`WorkerGroupError.worker_failures`), else Ray's (a lost controller)."""
+    causes = tuple(error.worker_failures.values()) if isinstance(error, ray.train.WorkerGroupError) else ()
+    refused = [cause for cause in causes if isinstance(cause, UserError)]
+    detail = str(refused[0]) if refused else one_line((causes or (error,))[0])
+    message = f"distributed training of run '{config.run.name}' failed after {config.ray.max_failures} restart(s): "
+    return WorkerRefused(message + detail) if refused else TrainingFailed(message + detail, causes)
 
 
 def _fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
