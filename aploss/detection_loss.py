@@ -14,6 +14,7 @@ Every term is normalised by batch-wide counts, and the batch may span several pr
 by the world size. DDP then averages gradients over processes, which makes the parameter update
 exactly that of one process holding the whole (global) batch.
 """
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -35,14 +36,25 @@ CLASSIFICATIONS = ("ap", "focal", "alrp", "rs")
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
+@dataclass
+class DetectionLosses:
+    """One step's loss terms, and the number of positive pairs in the whole (global) batch: a
+    step with none has nothing to learn from, and the trainer skips it."""
+    classification: Tensor
+    box_regression: Tensor
+    positives: Tensor
+
+    def total(self) -> Tensor:
+        """What backward runs through."""
+        return self.classification + self.box_regression
+
+
 class DetectionLoss(nn.Module):
     """Classification ("ap", "alrp", "rs": the ranking engine; "focal": torchvision's sigmoid
     focal loss) plus box regression (module docstring).
 
-    `delta` may be changed between steps (a schedule). The returned dict holds the two terms to
-    backpropagate and `positives`, the number of positive pairs in the whole batch (a step with
-    none has nothing to learn from and is skipped by the trainer). aLRP's self-balancing weight
-    is a buffer of `self_balance`, updated every `self_balance_period` training steps.
+    What a trainer may change between steps is `set_delta` (a schedule) and aLRP's
+    `set_balance_period`; aLRP's self-balancing weight is a buffer of `self_balance`.
     """
 
     def __init__(self, num_classes: int, box_coder: BoxCoder | None = None, classification: Classification = "ap",
@@ -65,7 +77,7 @@ class DetectionLoss(nn.Module):
         self.self_balance = SelfBalance(self_balance_initial, self_balance_period) if classification == "alrp" else None
 
     def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: list[Tensor],
-                targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+                targets: list[dict[str, Tensor]]) -> DetectionLosses:
         """cls_logits [B, A, C], box_deltas [B, A, 4], anchors B x [A, 4], targets B dicts with
         "boxes" [G, 4] and "labels" [G] (0-based classes)."""
         labels, matched_boxes, positive_anchors_of = [], [], []
@@ -96,7 +108,20 @@ class DetectionLoss(nn.Module):
             classification = self._classification(cls_logits, labels, positives_total, scale)
             box = self._box_regression(deltas, self.box_coder.encode_single(gt_boxes, anchor_boxes),
                                        positives_total, scale)
-        return {"classification": classification, "box_regression": box, "positives": positives_total}
+        return DetectionLosses(classification, box, positives_total)
+
+    def set_delta(self, delta: float) -> None:
+        """The half-width of the ranking's step function H from the next batch on."""
+        if not delta >= 0:
+            raise ValueError(f"DetectionLoss: delta must be >= 0, got {delta}")
+        self.delta = delta
+
+    def set_balance_period(self, steps: int) -> None:
+        """aLRP: training steps between updates of its self-balancing weight (others: none)."""
+        if self.self_balance is not None:
+            if steps < 1:
+                raise ValueError(f"DetectionLoss: the self-balance period must be >= 1 step, got {steps}")
+            self.self_balance.period = steps
 
     def _alrp(self, logits: Tensor, labels: Tensor, giou_loss: Tensor, positives_total: Tensor,
               scale: int) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from aploss.detection_loss import DetectionLoss
+from aploss.detection_loss import DetectionLoss, DetectionLosses
 from aploss.torchvision_private import BoxCoder
 
 
@@ -63,7 +63,7 @@ class OneStageDetector(nn.Module):
 
     @torch.jit.unused
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+                ) -> DetectionLosses | list[dict[str, Tensor]]:
         if not self.training:
             return self.detect(images)
         if targets is None:

@@ -67,7 +67,7 @@ def step_times(config: Config, batches: int) -> dict[str, float]:
             logits, deltas = logits.detach().requires_grad_(), deltas.detach().requires_grad_()
             started = time.perf_counter()
             losses = model.criterion(logits, deltas, anchors, step_targets)
-            (losses["classification"] + losses["box_regression"]).backward()
+            losses.total().backward()
             in_loss = time.perf_counter() - started
             if batch:
                 times[loss].append(step)

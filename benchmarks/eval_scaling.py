@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import checkpoints  # noqa: E402
 from pipeline.config import Config, config_record, load_config  # noqa: E402
-from pipeline.data.bindings import split_dir, training_data  # noqa: E402
+from pipeline.data.bindings import split_dir
+from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.data.dataset import DetectionDataset  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402

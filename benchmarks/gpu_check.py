@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import ray.train
-import ray.train.torch
+import ray
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -44,8 +43,9 @@ from aploss.ranking_reference import alrp_reference, rs_reference  # noqa: E402
 from aploss.reference import reference_ap_loss  # noqa: E402
 from benchmarks.loss_speed import LOSSES as TIMED_LOSSES  # noqa: E402
 from benchmarks.loss_speed import detection_batch, measure_time, timed  # noqa: E402
-from pipeline.config import RELEASED_SETTINGS, Config, config_from_dict, load_config  # noqa: E402
-from pipeline.data.bindings import split_dir, training_data  # noqa: E402
+from pipeline.config import RELEASED_SETTINGS, Config, load_config  # noqa: E402
+from pipeline.data.bindings import split_dir
+from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.data.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402
@@ -54,8 +54,8 @@ from pipeline.model import build_model  # noqa: E402
 from pipeline.orchestration.run import start_ray  # noqa: E402
 from pipeline.quiet import quiet_third_party  # noqa: E402
 from pipeline.training.journal import read_journal  # noqa: E402
-from pipeline.training.loop import Training, seed_everything  # noqa: E402
-from pipeline.training.ray_train import run_worker, train_distributed  # noqa: E402
+from pipeline.training.loop import HookBase, Training, seed_everything  # noqa: E402
+from pipeline.training.ray_train import train_distributed  # noqa: E402
 from tests.synthetic import write_synthetic_coco  # noqa: E402
 
 NO_GPU = ("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); "
@@ -264,12 +264,16 @@ def collective_check(device: torch.device) -> dict:
             "bytes_sent": batch.bytes_sent, "finite": bool(torch.isfinite(global_loss))}
 
 
-def checked_worker(payload: dict) -> None:
-    """The project's Ray Train worker, after `collective_check` on its process group."""
-    check = collective_check(ray.train.torch.get_device())
-    if ray.train.get_context().get_world_rank() == 0:
-        write_json_atomic(check, config_from_dict(payload["config"]).run.folder().root / COLLECTIVES_FILE)
-    run_worker(payload)
+class CollectiveCheck(HookBase):
+    """Before the project's Ray Train worker trains, `collective_check` on its process group."""
+
+    def __init__(self, config: Config, rank: int) -> None:
+        self.config, self.rank = config, rank
+
+    def before_train(self, training) -> None:
+        check = collective_check(training.device)
+        if self.rank == 0:
+            write_json_atomic(check, self.config.run.folder().root / COLLECTIVES_FILE)
 
 
 def check_ray_train(scale: Scale, root: Path, device: torch.device) -> list[Check]:
@@ -278,7 +282,7 @@ def check_ray_train(scale: Scale, root: Path, device: torch.device) -> list[Chec
                          f"ray.use_gpu={str(device.type == 'cuda').lower()}", f"train.max_steps={scale.ray_steps}")
     start_ray(config)
     try:
-        _, model_path = train_distributed(config, train_loop=checked_worker)
+        _, model_path = train_distributed(config, extra_hooks=[CollectiveCheck])
     finally:
         ray.shutdown()
     run = config.run.folder()

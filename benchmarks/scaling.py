@@ -21,13 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
-from pipeline.training.hooks import TrainingHooks  # noqa: E402
-from pipeline.training.ray_train import build_trainer, run_worker  # noqa: E402
+from pipeline.training.loop import HookBase  # noqa: E402
+from pipeline.training.ray_train import build_trainer  # noqa: E402
 
 
-class TimingHooks(TrainingHooks):
-    """Per step: seconds, global positives, bytes this process sent for the AP-loss; no
-    validation or checkpoints, so that only training steps are timed."""
+class TimingHooks(HookBase):
+    """Per step: seconds (of the step itself: validation and checkpoints are not in them), global
+    positives, bytes this process sent for the AP-loss."""
+
+    def __init__(self, config: Config, rank: int) -> None:
+        self.config, self.rank = config, rank
 
     def after_step(self, training, metrics) -> None:
         exchange = training.detector.criterion.batch
@@ -40,10 +43,6 @@ class TimingHooks(TrainingHooks):
             log.write(json.dumps(record) + "\n")
 
 
-def timing_worker(payload: dict) -> None:
-    run_worker(payload, TimingHooks)
-
-
 def measure(base: Config, workers: int, per_worker: int, steps: int, output: Path) -> dict:
     name = f"scaling-{workers}w-{int(time.time())}"
     data = config_to_dict(base)
@@ -52,7 +51,7 @@ def measure(base: Config, workers: int, per_worker: int, steps: int, output: Pat
     config = config_from_dict(data)
     prepared = prepare(config, progress=False)
     config = config.with_prepared(prepared.directory)
-    build_trainer(config, prepared.manifest["classes"], train_loop=timing_worker).fit()
+    build_trainer(config, prepared.manifest["classes"], extra_hooks=[TimingHooks]).fit()
     ranks = [[json.loads(line) for line in (output / f"{name}-rank{r}.jsonl").read_text().splitlines()]
              for r in range(workers)]
     warm = [r for r in ranks[0] if r["step"] > 2]

@@ -3,7 +3,8 @@ loaded from a run's model.pt.
 
 `model.init` sources load as data only (weights_only), from a file, an http(s) URL (downloaded
 once into aploss's own cache), torchvision's ImageNet weights or an earlier run; an MLflow model URI is fetched
-into a file by the orchestration layer first (`tracking.fetch_init`)."""
+into a file by the orchestration layer first (`tracking.fetch_source`); `model_source.py` resolves
+every source that names a file."""
 import dataclasses
 import hashlib
 import os
@@ -22,11 +23,10 @@ from aploss.detection_loss import DetectionLoss
 from aploss.detector import OneStageDetector
 from aploss.engine import LocalBatch
 from pipeline import checkpoints
-from pipeline.config import MAX_CLASSES, MLFLOW_URIS, Config, check_bounded, config_from_dict
+from pipeline.config import MAX_CLASSES, Config, check_bounded, config_from_dict
 from pipeline.errors import ConfigError, DataError, MissingInput, UserError
 from pipeline.redaction import redact
-from pipeline.storage import Location
-
+from pipeline.model_source import model_file
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,14 +40,16 @@ def resolve_device(name: str) -> torch.device:
 def build_model(config: Config, num_classes: int, batch: LocalBatch | None = None,
                 backbone_weights: dict[str, Tensor] | None = None) -> OneStageDetector:
     """The detector of `config.model`, trained with the loss of `config.loss` over `batch` (this
-    process's, or a process group's). Its δ is set by `Training` at every step, from the schedule."""
+    process's, or a process group's). Its δ starts at the schedule's first value; the δ hook of
+    training (`pipeline.training.hooks.DeltaScheduling`) sets it at every step."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise DataError(f"{num_classes} classes: a detector has 1 to {MAX_CLASSES}")
     model, loss = config.model, config.loss
     criterion = DetectionLoss(num_classes, classification=loss.classification, interpolate=loss.interpolate,
                               fg_iou=model.fg_iou, bg_iou=model.bg_iou, focal_alpha=loss.focal_alpha,
                               focal_gamma=loss.focal_gamma, box_beta=loss.box_beta, box_weight=loss.box_weight,
-                              batch=batch, self_balance_initial=loss.self_balance_initial)
+                              batch=batch, self_balance_initial=loss.self_balance_initial,
+                              delta=loss.delta.build()(0.0))
     return build_detector(
         model.arch, num_classes, norm=_norm(config), min_size=model.min_size, max_size=model.max_size,
         anchors=model.anchors.layout() if model.arch.startswith("retinanet") else None,
@@ -93,39 +95,20 @@ def _norm(config: Config) -> str:
     return norm if norm != "auto" else "group" if config.model.init == "none" else "frozen_bn"
 
 
-def _source_path(config: Config) -> Path | Location:
-    init = config.model.init
-    if init.startswith("run:"):
-        return config.run.outputs().run(init[len("run:"):]).model
-    if init.startswith(MLFLOW_URIS):
-        return fetched_init_path(config)
-    return Path(init).expanduser()
-
-
-def fetched_init_path(config: Config) -> Location:
-    """Where the aploss commands put the model.pt of an MLflow model URI in model.init before
-    training (`pipeline.orchestration.tracking.fetch_init`): one file per URI under
-    run.output_dir, which a sweep's trials share."""
-    return config.run.outputs().fetched_model(config.model.init)
-
-
 def init_weights(config: Config) -> dict:
     """What model.init names, as loaded: a state dict (a trunk's or a detector's), or one of
     this project's checkpoint or model.pt dicts. Nothing in it is executed."""
     init = config.model.init
+    if init != "imagenet" and not init.startswith(("http://", "https://")):
+        return checkpoints.load(model_file(init, config.run.outputs(), "model.init"))
     try:
         if init == "imagenet":
             return IMAGENET_WEIGHTS[config.model.arch].get_state_dict(progress=True, check_hash=True,
                                                                       weights_only=True)
-        path = _downloaded(init) if init.startswith(("http://", "https://")) else _source_path(config)
+        path = _downloaded(init)
     except (urllib.error.URLError, OSError) as error:
         raise MissingInput(f"model.init={redact(init)}: cannot download its weights ({redact(str(error))}); "
                            "download the file elsewhere and give its path") from None
-    if not path.is_file():
-        why = (f" (run {init[4:]!r} has no model.pt under run.output_dir)" if init.startswith("run:") else
-               " (an MLflow model URI is fetched by the aploss training commands)" if init.startswith(MLFLOW_URIS)
-               else "")
-        raise MissingInput(f"model.init={init}: {path} does not exist{why}")
     return checkpoints.load(path)
 
 

@@ -37,7 +37,7 @@ def overrides(raw: str, output: str, name: str) -> list[str]:
 def run(raw: str, output: Location, name: str) -> dict:
     config = load_config(None, overrides(raw, str(output / name), name))
     prepare(config, progress=False)
-    _, model_path = train_distributed(config, train_loop=ray_workers.placement_worker)
+    _, model_path = train_distributed(config, extra_hooks=[ray_workers.PlacementHooks])
     evaluation = evaluate_stage(config)
     return {"model": str(model_path), "metrics": json.loads(evaluation.metrics_path.read_text())}
 

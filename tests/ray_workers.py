@@ -1,4 +1,5 @@
-"""Ray Train worker functions for the tests (pickled by value: Ray workers cannot import tests/)."""
+"""Hooks for the Ray Train workers of the tests (pickled by value: Ray workers cannot import tests/).
+Each is made on a worker from the run's config and the worker's rank, and runs before the run's own."""
 import json
 import os
 import signal
@@ -6,13 +7,17 @@ import time
 
 from pipeline.errors import DataError
 from pipeline.storage import Location
-from pipeline.training.hooks import TrainingHooks
-from pipeline.training.ray_train import run_worker
+from pipeline.training.loop import HookBase
 
 
-class FlakyHooks(TrainingHooks):
+class WorkerHook(HookBase):
+    def __init__(self, config, rank):
+        self.config, self.rank = config, rank
+
+
+class FlakyHooks(WorkerHook):
     """Records each attempt's steps in <output_dir>/steps.jsonl; on the first attempt, rank 1
-    kills its own process at the step <output_dir>/kill_at names."""
+    kills its own process at the step <output_dir>/kill_at names (before that step's checkpoint)."""
 
     def after_step(self, training, metrics):
         output = Location(self.config.run.output_dir)  # a local directory or an object store
@@ -28,29 +33,30 @@ class FlakyHooks(TrainingHooks):
             time.sleep(3)
             killed.write_bytes(b"")
             os.kill(os.getpid(), signal.SIGKILL)
-        super().after_step(training, metrics)
 
 
-def flaky_worker(payload: dict) -> None:
-    run_worker(payload, FlakyHooks)
+class BrokenDevice(WorkerHook):
+    """Fails on every attempt, as a bad node would."""
+
+    def before_train(self, training):
+        raise OSError("the GPU fell off the bus")
 
 
-def broken_worker(payload: dict) -> None:
-    """A worker that fails on every attempt, as a bug or a bad node would."""
-    raise OSError("the GPU fell off the bus")
+class Bug(WorkerHook):
+    """A bug in this project's code."""
+
+    def before_train(self, training):
+        raise KeyError("positives")
 
 
-def buggy_worker(payload: dict) -> None:
-    """A worker with a bug in this project's code."""
-    raise KeyError("positives")
+class BadInput(WorkerHook):
+    """Bad input: the user's to fix, on every attempt."""
+
+    def before_train(self, training):
+        raise DataError("shard.parquet: row group 3 is not this project's")
 
 
-def refusing_worker(payload: dict) -> None:
-    """A worker that meets bad input: the user's to fix, on every attempt."""
-    raise DataError("shard.parquet: row group 3 is not this project's")
-
-
-class PlacementHooks(TrainingHooks):
+class PlacementHooks(WorkerHook):
     """Records, at each attempt's first step, which Ray node each rank runs on, in
     <output_dir>/placement/ (a local directory or an object store)."""
 
@@ -64,8 +70,3 @@ class PlacementHooks(TrainingHooks):
             where = Location(self.config.run.output_dir) / "placement" / f"{training.step}-{self.rank}-{os.getpid()}"
             where.write_text(json.dumps({"step": training.step, "rank": self.rank, "node": node}))
             self.recorded = True
-        super().after_step(training, metrics)
-
-
-def placement_worker(payload: dict) -> None:
-    run_worker(payload, PlacementHooks)

@@ -109,7 +109,7 @@ def test_auto_anchors_reach_the_platelets_the_paper_s_miss(bccd, capsys):
 
 def test_a_run_s_rerun_takes_its_recorded_anchors_and_refits_for_other_data(tmp_path, monkeypatch):
     # A finished run's rerun spent most of its time refitting the anchors its record holds.
-    from pipeline.data import bindings
+    from pipeline.training import preparation
     from tests.synthetic import write_synthetic_coco
 
     write_synthetic_coco(tmp_path / "data", {"train": 4, "val": 2})
@@ -118,17 +118,16 @@ def test_a_run_s_rerun_takes_its_recorded_anchors_and_refits_for_other_data(tmp_
                 "model.min_size=96", "model.max_size=96", f"run.output_dir={tmp_path / 'runs'}", "run.name=rerun"]
     config = load_config(None, settings)
     prepare(config, progress=False)
-    bound, _ = bindings.training_data(config)
+    bound, _ = preparation.prepare_training(config)
     assert bound.model.anchors.sizes
-    bindings.record_training_run(bound)
 
     def no_fitting(config):
         raise AssertionError("refitted the anchors the run's record holds")
 
     monkeypatch.setattr("pipeline.data.anchors.fit_anchors", no_fitting)
-    assert bindings.training_data(config)[0] == bound
+    assert preparation.prepare_training(config)[0] == bound
     # Other data under the same run name is fitted afresh (and the record check refuses it).
     other = load_config(None, [*settings, "data.min_box_size=9"])
     prepare(other, progress=False)
     with pytest.raises(AssertionError, match="refitted"):
-        bindings.training_data(other)
+        preparation.training_data(other)

@@ -88,9 +88,9 @@ def test_ap_classification_ranks_all_images_together():
     losses = criterion(logits, deltas, anchors, targets)
     labels, _ = _labels_and_box_targets(anchors, targets, 4, coder)
     expected_loss, expected_update = reference_ap_loss(logits.detach().double(), labels, delta=0.5)
-    assert losses["positives"].item() == (labels == 1).sum().item()
-    assert losses["classification"].item() == pytest.approx(expected_loss.item(), abs=1e-6)
-    losses["classification"].backward()
+    assert losses.positives.item() == (labels == 1).sum().item()
+    assert losses.classification.item() == pytest.approx(expected_loss.item(), abs=1e-6)
+    losses.classification.backward()
     torch.testing.assert_close(logits.grad.double(), expected_update, atol=1e-6, rtol=1e-5)
     per_image = sum(ap_loss(logits[i].detach(), labels[i], 0.5).item() for i in range(3)) / 3
     assert abs(per_image - expected_loss.item()) > 1e-3  # a batch ranking is not a mean of per-image ones
@@ -106,16 +106,16 @@ def test_focal_and_box_terms_match_their_definitions():
     focal = sigmoid_focal_loss(logits[valid], labels[valid].float(), 0.25, 2.0, reduction="sum") / positives
     positive_anchors = (labels == 1).any(2)
     smooth = F.smooth_l1_loss(deltas[positive_anchors], box_targets, beta=0.5, reduction="sum") / (4 * positives)
-    assert losses["classification"].item() == pytest.approx(focal.item(), rel=1e-6)
-    assert losses["box_regression"].item() == pytest.approx(smooth.item(), rel=1e-6)
+    assert losses.classification.item() == pytest.approx(focal.item(), rel=1e-6)
+    assert losses.box_regression.item() == pytest.approx(smooth.item(), rel=1e-6)
 
 
 def test_batch_without_positives_has_zero_losses():
     logits, deltas, anchors, targets = _batch(seed=2)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in targets]
     losses = DetectionLoss(4, BoxCoder((10.0, 10.0, 5.0, 5.0)), "ap")(logits, deltas, anchors, empty)
-    assert losses["positives"].item() == 0
-    assert losses["classification"].item() == 0 and losses["box_regression"].item() == 0
+    assert losses.positives.item() == 0
+    assert losses.classification.item() == 0 and losses.box_regression.item() == 0
 
 
 def _predicted_and_matched(deltas, anchors, targets, coder):
@@ -138,9 +138,9 @@ def test_alrp_terms_match_their_definitions():
     predicted, matched = _predicted_and_matched(deltas, anchors, targets, coder)
     loc_errors = (1 - generalized_box_iou(predicted, matched).diagonal()) / 2
     cls, loc, update = alrp_reference(logits.detach().double(), labels, loc_errors.detach().double(), 1.0)
-    assert losses["classification"].item() == pytest.approx(cls.item(), abs=1e-6)
-    assert losses["box_regression"].item() == pytest.approx(50 * loc.item(), rel=1e-5)  # the initial weight
-    (losses["classification"] + losses["box_regression"]).backward()
+    assert losses.classification.item() == pytest.approx(cls.item(), abs=1e-6)
+    assert losses.box_regression.item() == pytest.approx(50 * loc.item(), rel=1e-5)  # the initial weight
+    losses.total().backward()
     torch.testing.assert_close(logits.grad.double(), update, atol=1e-6, rtol=1e-5)
     # The localisation loss is linear in the errors with the ranks fixed: its coefficients are the
     # reference's loss at each unit vector, and its gradient reaches the boxes through the GIoU.
@@ -168,10 +168,10 @@ def test_rank_and_sort_terms_match_their_definitions():
     missed[labels == 1] = iou == 0
     assert missed.sum() == 1  # the moved box's pair is ranked as a negative
     ranking, sorting, update = rs_reference(logits.detach().double(), labels.masked_fill(missed, 0), iou[iou > 0], 0.5)
-    assert losses["classification"].item() == pytest.approx((ranking + sorting).item(), abs=1e-6)
+    assert losses.classification.item() == pytest.approx((ranking + sorting).item(), abs=1e-6)
     # Self-balance: the box term is worth the two ranking terms; its gradient is the weighted GIoU's.
-    assert losses["box_regression"].item() == pytest.approx((ranking + sorting).item(), rel=1e-5)
-    (losses["classification"] + losses["box_regression"]).backward()
+    assert losses.box_regression.item() == pytest.approx((ranking + sorting).item(), rel=1e-5)
+    losses.total().backward()
     torch.testing.assert_close(logits.grad.double(), update, atol=1e-6, rtol=1e-5)
     positive_anchors = (labels == 1).any(2)
     weight = logits.detach()[positive_anchors].max(1).values.sigmoid()
@@ -194,8 +194,8 @@ def test_every_architecture_trains_and_detects(arch):
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 80.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     losses = model(images, targets)
-    assert losses["positives"].item() > 0
-    (losses["classification"] + losses["box_regression"]).backward()
+    assert losses.positives.item() > 0
+    losses.total().backward()
     assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)
     model.eval()
     with torch.no_grad():

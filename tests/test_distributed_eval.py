@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torchvision.io import read_image, write_png
 
 from pipeline.config import Config, load_config
-from pipeline.data.bindings import training_data
+from pipeline.training.preparation import training_data
 from pipeline.data.prep import prepare
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.evaluate import evaluation_slices, validation_ap
@@ -156,7 +156,8 @@ class _Kept:
 
 def _validate_in_group(rank: int, world_size: int, config: Config, model_path, init_file: str, out_dir: str) -> None:
     """One process of a group: the training hooks at a validated step."""
-    from pipeline.training.hooks import TrainingHooks
+    from pipeline.training.hooks import Checkpointing
+    from pipeline.training.journal import MetricsJournal
     from pipeline.training.loop import StepSchedule, Training
 
     torch.set_num_threads(1)
@@ -171,7 +172,8 @@ def _validate_in_group(rank: int, world_size: int, config: Config, model_path, i
     training.step = 1
     schedule = StepSchedule(steps_per_epoch=10, total_steps=10, log_every=100, eval_every=1, checkpoint_every=100)
     with _scored() as scored:
-        TrainingHooks(config, schedule, sink, {}, rank=rank).after_step(training, {})
+        journal = MetricsJournal(config.run.folder().journal) if rank == 0 else None
+        Checkpointing(config, schedule, sink, {}, journal, rank=rank).after_step(training, {})
     torch.save({"saved": sink.saved, "scored": scored}, f"{out_dir}/rank{rank}.pt")
     dist.barrier()  # without it, some runs hang in destroy_process_group
     dist.destroy_process_group()

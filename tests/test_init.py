@@ -82,7 +82,7 @@ def test_a_backbone_file_and_url_load_as_imagenet_does(tmp_path, monkeypatch):
 
     with pytest.raises(DataError, match=r"norm 'group': .*unexpected bn1\.running_mean"):
         initial_model(_config(tmp_path, f"model.init={tmp_path / 'served' / 'trunk.pth'}", "model.norm=group"), 3)
-    with pytest.raises(MissingInput, match="does not exist"):
+    with pytest.raises(MissingInput, match="nothing.pt: no such model file"):
         initial_model(_config(tmp_path, f"model.init={tmp_path / 'nothing.pt'}"), 3)
 
 
@@ -167,9 +167,9 @@ def test_a_registered_model_is_fetched_and_fine_tuned(tmp_path):
     with tracking.active(tracking.stage_run(experiment, tracking.pipeline_run(source, experiment), "train")[0]):
         tracking.log_model(tmp_path / "runs" / "earlier" / "model.pt", source)
     config = _config(tmp_path, "model.init=models:/aploss-bccd/1", "run.name=tuned")
-    with pytest.raises(MissingInput, match="fetched by the aploss training commands"):
+    with pytest.raises(MissingInput, match="an MLflow model URI is fetched by the aploss commands"):
         initial_model(config, 2)
-    tracking.fetch_init(config)
+    tracking.fetch_source(config.model.init, config, "model.init")
     model = initial_model(bind_init(config), 2)
     assert all(torch.equal(value, earlier[name]) for name, value in model.state_dict().items())
 

@@ -109,7 +109,7 @@ def test_a_run_lives_in_s3_through_a_killed_worker_and_evaluation(s3, tmp_path, 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # its workers get this process's AWS_*
     ray.cloudpickle.register_pickle_by_value(ray_workers)
     try:
-        result, model_path = train_distributed(config, train_loop=ray_workers.flaky_worker)
+        result, model_path = train_distributed(config, extra_hooks=[ray_workers.FlakyHooks])
     finally:
         ray.shutdown()
     steps = [json.loads(line) for line in (output / "steps.jsonl").read_text().splitlines()]

@@ -175,7 +175,7 @@ def test_predict_writes_beside_the_runs_unless_told_and_draws_above_its_score(tr
 def test_predict_refuses_what_is_not_there_or_not_an_image(trained, tmp_path, capsys):
     root, run_settings, _ = trained
     assert main(["predict", "--model", "no-such-run", str(root / "data" / "val"), *run_settings]) == 2
-    assert "--model no-such-run: no such model file" in capsys.readouterr().err
+    assert "--model=no-such-run: no such model file" in capsys.readouterr().err
     assert main(["predict", "--model", "run:predict-test", str(tmp_path / "missing.jpg"), *run_settings]) == 2
     assert f"{tmp_path / 'missing.jpg'}: no such file or folder" in capsys.readouterr().err
     (tmp_path / "notes.jpg").write_text("not an image")

@@ -80,7 +80,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, data_root
     overrides = ["train.max_steps=6", "train.checkpoint_every=2", "ray.workers=2", "ray.max_failures=1"]
     (tmp_path / "kill_at").write_text("5")
     config = _config(data_root, tmp_path, "flaky", *overrides)
-    result, model_path = train_distributed(config, train_loop=ray_workers.flaky_worker)
+    result, model_path = train_distributed(config, extra_hooks=[ray_workers.FlakyHooks])
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     first = [s["step"] for s in steps if s["attempt"] == 1]
     second = [s["step"] for s in steps if s["attempt"] == 2]
@@ -111,7 +111,7 @@ def test_divergence_on_the_workers_stops_the_run_at_once(ray_cluster, data_root,
 def test_a_run_that_keeps_failing_ends_as_one_line_naming_the_cause(ray_cluster, data_root, tmp_path):
     config = _config(data_root, tmp_path, "broken", "train.max_steps=2", "ray.workers=2", "ray.max_failures=1")
     with pytest.raises(TrainingFailed) as error:
-        train_distributed(config, train_loop=ray_workers.broken_worker)
+        train_distributed(config, extra_hooks=[ray_workers.BrokenDevice])
     message = str(error.value)
     assert message.startswith("distributed training of run 'broken' failed after 1 restart(s): ")
     assert message.endswith("OSError: the GPU fell off the bus") and "\n" not in message
@@ -122,7 +122,7 @@ def test_a_run_that_keeps_failing_ends_as_one_line_naming_the_cause(ray_cluster,
 def test_a_bug_on_a_worker_keeps_its_traceback(ray_cluster, data_root, tmp_path):
     config = _config(data_root, tmp_path, "buggy", "train.max_steps=2", "ray.max_failures=0")
     with pytest.raises(TrainingFailed) as error:
-        train_distributed(config, train_loop=ray_workers.buggy_worker)
+        train_distributed(config, extra_hooks=[ray_workers.Bug])
     assert str(error.value).endswith("KeyError: 'positives'")
     assert {type(cause) for cause in error.value.causes} == {KeyError}  # each worker's, as raised
     assert not _met_outside(error.value)  # so the CLI lets it through with its traceback
@@ -131,7 +131,7 @@ def test_a_bug_on_a_worker_keeps_its_traceback(ray_cluster, data_root, tmp_path)
 def test_a_user_error_on_a_worker_is_one_line_for_the_user(ray_cluster, data_root, tmp_path):
     config = _config(data_root, tmp_path, "refused", "train.max_steps=2", "ray.max_failures=0")
     with pytest.raises(WorkerRefused) as error:
-        train_distributed(config, train_loop=ray_workers.refusing_worker)
+        train_distributed(config, extra_hooks=[ray_workers.BadInput])
     assert isinstance(error.value, UserError)
     assert str(error.value) == ("distributed training of run 'refused' failed after 0 restart(s): "
                                 "shard.parquet: row group 3 is not this project's")

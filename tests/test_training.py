@@ -105,9 +105,18 @@ def _batch(with_boxes: bool):
     return images, [{"boxes": boxes, "labels": labels} for _ in images]
 
 
+def _step(training, hook):
+    hook.before_step(training)
+    return training.train_step(*_batch(True))
+
+
 def test_training_steps_follow_the_delta_and_lr_schedules():
+    from pipeline.training.hooks import DeltaScheduling
+
     training = _tiny_training("loss.delta.kind=linear", "loss.delta.start=1.0", "loss.delta.end=0.2")
-    seen = [training.train_step(*_batch(True)) for _ in range(4)]
+    assert training.detector.criterion.delta == 1.0  # the schedule's start, before any hook
+    hook = DeltaScheduling(training.config.loss.delta.build(), training.total_steps)
+    seen = [_step(training, hook) for _ in range(4)]
     assert [m["delta"] for m in seen] == pytest.approx([1.0, 0.8, 0.6, 0.4])
     # warm-up from half the base lr over 2 steps, then x0.1 past 67 % of the 4 steps
     assert [m["lr"] for m in seen] == pytest.approx([0.005, 0.0075, 0.01, 0.001])
@@ -169,14 +178,22 @@ def test_training_state_round_trips():
 
 
 def test_log_lines_carry_the_step_time_and_eta(tmp_path, capsys):
-    from pipeline.training.hooks import TrainingHooks
+    from pipeline.training.hooks import training_hooks
     from pipeline.training.loop import StepSchedule
 
     training = _tiny_training(f"run.output_dir={tmp_path}")
     schedule = StepSchedule(steps_per_epoch=4, total_steps=4, log_every=2, eval_every=100, checkpoint_every=100)
-    hooks = TrainingHooks(training.config, schedule, sink=None, extra_state={}, progress=False)
+    hooks = training_hooks(training.config, schedule, sink=None, extra_state={}, progress=False)
+    for hook in hooks:
+        hook.before_train(training)
     for _ in range(2):
-        hooks.after_step(training, training.train_step(*_batch(True)))
+        for hook in hooks:
+            hook.before_step(training)
+        metrics = training.train_step(*_batch(True)) | {"batch_seconds": 0.5}
+        for hook in hooks:
+            hook.after_step(training, metrics)
+    # Two global batches in 1 s of batches and steps, the hooks' own time left out.
+    assert metrics["images_per_s"] == pytest.approx(2 * training.config.train.batch_size / (2 * 0.5))
     (line,) = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step 2/4 loss=\S+ cls_loss=\S+ box_loss=\S+ .*images_per_s=\S+ \| "
                         r"\d+\.\d\d s/step, ETA 00:\d\d", line), line

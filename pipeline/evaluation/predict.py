@@ -115,24 +115,6 @@ def with_postprocessing(model: OneStageDetector, trained: Config, overrides: Seq
     return model
 
 
-def model_location(spec: str, config: Config) -> Location:
-    """The model.pt `spec` names: `run:NAME` or a run's name under run.output_dir, a model.pt
-    or checkpoint file, or a run's folder (local or in an object store)."""
-    name = spec.removeprefix("run:")
-    run_model = config.run.outputs().run(name).model
-    if spec.startswith("run:") or ("/" not in spec and run_model.is_file()):
-        if not run_model.is_file():
-            raise MissingInput(f"--model {spec}: run {name!r} has no model.pt under run.output_dir ({run_model})")
-        return run_model
-    location = Location(spec)
-    if location.is_dir():
-        location = location / "model.pt"
-    if not location.is_file():
-        raise MissingInput(f"--model {spec}: no such model file (give a run name, a model.pt or checkpoint, or an "
-                           "MLflow model URI)")
-    return location
-
-
 def _batches(files: list[Location], batch_size: int) -> Iterator[list[Location]]:
     for start in range(0, len(files), batch_size):
         yield files[start:start + batch_size]

@@ -1,19 +1,17 @@
 """`aploss <command>`: the stages, the whole distributed pipeline, sweeps and reports, each on
 one config (the defaults, a YAML file and key=value overrides); `aploss --help` lists them."""
 import argparse
-import contextlib
 import os
 import re
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pipeline.config import MLFLOW_URIS, Config, load_config
+from pipeline.config import Config, load_config
 from pipeline.evaluation.drawing import DRAW_SCORE
 from pipeline.errors import TrainingFailed, UserError, one_line
 from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
+from pipeline.model_source import is_registered, model_file
 from pipeline.redaction import redact
 from pipeline.storage import Location
 
@@ -46,9 +44,9 @@ def _training(config: Config) -> Config:
     """`config` bound to its prepared data (prepared first where there is none, as `aploss prep`
     does) with its anchors fitted, whose recall it prints."""
     from pipeline.data.anchors import report_anchor_recall
-    from pipeline.data.bindings import training_data
+    from pipeline.training.preparation import prepare_training
 
-    config, _ = training_data(config.with_prepared(_prepared(config).directory))
+    config, _ = prepare_training(config.with_prepared(_prepared(config).directory))
     report_anchor_recall(config)
     return config
 
@@ -124,27 +122,20 @@ def _tune(config: Config) -> None:
           f"train it: aploss pipeline run --config {result.best_config_path}")
 
 
-@contextlib.contextmanager
-def _model_file(spec: str, config: Config) -> Iterator[Location]:
-    """The model.pt `--model` names: a run's, a file, or an MLflow model URI's (fetched for the
-    command's duration)."""
-    from pipeline.evaluation.predict import model_location
-    from pipeline.orchestration.tracking import fetch_model
+def _model_file(spec: str, config: Config) -> Location:
+    """The model.pt `--model` names: a run's, a file, or an MLflow model URI's (fetched first)."""
+    if is_registered(spec):
+        from pipeline.orchestration.tracking import fetch_source
 
-    if not spec.startswith(MLFLOW_URIS):
-        yield model_location(spec, config)
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Location(scratch) / "model.pt"
-        fetch_model(spec, config.tracking_uri(), path, "--model")
-        yield path
+        fetch_source(spec, config, "--model")
+    return model_file(spec, config.run.outputs(), "--model")
 
 
 def _export(config: Config, arguments: argparse.Namespace, overrides: list[str]) -> None:
     from pipeline.evaluation.export import export_detector
 
-    with _model_file(arguments.model, config) as model_path:
-        print(f"TorchScript program: {export_detector(model_path, Location(arguments.out), overrides)}")
+    model_path = _model_file(arguments.model, config)
+    print(f"TorchScript program: {export_detector(model_path, Location(arguments.out), overrides)}")
 
 
 def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], overrides: list[str]) -> None:
@@ -164,22 +155,22 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
                         "for a split of the prepared data)")
     if arguments.ray and draw:
         raise UserError("predict: --draw is for a single process; leave out --ray to draw the detections")
-    with _model_file(arguments.model, config) as model_path:
-        if arguments.split:
-            from pipeline.evaluation.predict import predict_split
+    model_path = _model_file(arguments.model, config)
+    if arguments.split:
+        from pipeline.evaluation.predict import predict_split
 
-            detections = predict_split(config, model_path, arguments.split, overrides, out)
-            print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images of the "
-                  f"{arguments.split} split: {out}")
-            return
-        if arguments.ray:
-            from pipeline.evaluation.batch_predict import predict_on_ray
-            from pipeline.orchestration.run import start_ray
+        detections = predict_split(config, model_path, arguments.split, overrides, out)
+        print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images of the "
+              f"{arguments.split} split: {out}")
+        return
+    if arguments.ray:
+        from pipeline.evaluation.batch_predict import predict_on_ray
+        from pipeline.orchestration.run import start_ray
 
-            start_ray(config)
-            print(f"detections of {predict_on_ray(config, model_path, inputs, overrides, out)} images: {out}")
-            return
-        detections = predict_stage(config, model_path, inputs, overrides, out, draw, draw_score=arguments.draw_score)
+        start_ray(config)
+        print(f"detections of {predict_on_ray(config, model_path, inputs, overrides, out)} images: {out}")
+        return
+    detections = predict_stage(config, model_path, inputs, overrides, out, draw, draw_score=arguments.draw_score)
     print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images: {out}"
           + (f"; drawn: {draw}" if draw else ""))
 
@@ -388,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"tune.samples={arguments.samples}")
         config = load_config(arguments.config, overrides)
         if command in ("train", "pipeline run", "pipeline train", "tune"):
-            from pipeline.orchestration.tracking import fetch_init
+            from pipeline.orchestration.tracking import fetch_source
 
-            fetch_init(config)
+            fetch_source(config.model.init, config, "model.init")
         if command in ("report", "robustness"):
             COMMANDS[command](config, arguments.runs)
         elif command == "predict":

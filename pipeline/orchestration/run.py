@@ -9,13 +9,13 @@ import os
 from dataclasses import dataclass
 
 from pipeline.config import Config
-from pipeline.data.bindings import record_training_run, training_data
 from pipeline.data.prep import locate_prepared, prepare, summary_lines
 from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.metrics_table import metrics_table
 from pipeline.orchestration import tracking
 from pipeline.quiet import ray_log_level
+from pipeline.training.preparation import prepare_training
 from pipeline.redaction import redact
 
 # Torch and Ray are imported where a stage runs: a finished run's rerun loads neither.
@@ -110,12 +110,12 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                 print("\n".join(summary_lines(prepared)))
                 tracking.log_prep(prepared.manifest, prepared.directory)
             directory = prepared.directory
-        # Auto anchors fitted to it, or as the run's record has them.
-        config, _ = training_data(config.with_prepared(directory))
+        # Auto anchors fitted to it, or as the run's record has them; a finished run's model is
+        # only reused for the same model and data.
+        config, _ = prepare_training(config.with_prepared(directory))
 
         run_id, finished = tracking.stage_run(experiment, parent, "train")
         train_run_id = run_id
-        record_training_run(config)  # a finished run's model is only reused for the same model and data
         if finished and model_path.exists():
             skipped.append("train")
         else:

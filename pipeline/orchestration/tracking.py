@@ -33,9 +33,10 @@ from PIL import Image
 
 import aploss
 import pipeline
-from pipeline.config import MLFLOW_URIS, Config, flatten
+from pipeline.config import Config, flatten
 from pipeline.data.shards import read_manifest
 from pipeline.errors import ConfigError, DataError, MissingInput, TrackingUnavailable, UserError, one_line
+from pipeline.model_source import is_registered
 from pipeline.redaction import credentials, redact, redact_tree
 from pipeline.storage import Location
 from pipeline.training.journal import CURVES, read_journal
@@ -352,14 +353,12 @@ def fetch_model(uri: str, tracking_uri: str, target: Path | Location, setting: s
         Location(target).write_bytes(weights.read_bytes())
 
 
-def fetch_init(config: Config) -> None:
-    """When model.init is an MLflow model URI, download the model.pt it holds to where training
-    reads it (`pipeline.model.fetched_init_path`): workers read files, not the registry, and the
-    config keeps the URI it was given."""
-    if config.model.init.startswith(MLFLOW_URIS):
-        from pipeline.model import fetched_init_path  # torch's: a run that starts from no such model never loads it
-
-        fetch_model(config.model.init, config.tracking_uri(), fetched_init_path(config), "model.init")
+def fetch_source(spec: str, config: Config, setting: str) -> None:
+    """When `spec` (what `setting` gave) is an MLflow model URI, download the model.pt it holds
+    to where `model_source.model_file` finds it: workers read files, not the registry, and the
+    config keeps the URI it was given. Fetched every time: an alias moves."""
+    if is_registered(spec):
+        fetch_model(spec, config.tracking_uri(), config.run.outputs().fetched_model(spec), setting)
 
 
 def log_anchor_recall(recall: dict) -> None:

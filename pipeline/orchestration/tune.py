@@ -20,14 +20,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline.config import Config, apply_override, config_from_dict, config_record, config_to_dict, save_config
-from pipeline.data.anchors import fit_anchors
 from pipeline.data.prep import prepare
 from pipeline.errors import UserError
-from pipeline.model import bind_init
 from pipeline.orchestration import tracking
 from pipeline.orchestration.sweep_journal import JOURNAL, SweepJournal, TrialRecord, open_journal, plan_trials
 from pipeline.search_space import parse_domain
 from pipeline.training.loop import StepSchedule
+from pipeline.training.preparation import prepare_training
 from pipeline.training.ray_train import build_trainer, fit_run, storage_path
 
 METRIC = "val_ap"
@@ -68,8 +67,8 @@ class _ReportValidationAP(TuneReportCallback):
 
 
 def _run_trial(params: dict, sweep: dict) -> None:
-    # Fitted per trial: a trial may search model.min_size or the anchors themselves.
-    config = bind_init(fit_anchors(trial_config(sweep["base"], params)))
+    # Prepared per trial: a trial may search model.min_size or the anchors themselves.
+    config, _ = prepare_training(trial_config(sweep["base"], params))
     run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
     trainer = build_trainer(config, sweep["classes"], callbacks=[_ReportValidationAP()])
     with tracking.MetricsForwarder(config.run.folder().journal, run_id, sweep["tracking_uri"]):

@@ -1,5 +1,6 @@
-"""What a training run does between steps, the same in one process and in every Ray Train
-worker: metrics to the run's journal and console, validation, checkpoints.
+"""What a training run does around its steps, one small hook per concern, the same in one
+process and in every Ray Train worker: the δ schedule, metrics to the run's journal and
+console, validation and checkpoints (`training_hooks` lists them in their order).
 
 The two ways of running differ only in where a checkpoint goes (a `CheckpointSink`: files of
 the run, or `ray.train.report`); the loss terms are already global means (`Training`), so no
@@ -7,6 +8,7 @@ rank needs to reduce them here.
 """
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch.distributed as dist
@@ -17,7 +19,7 @@ from pipeline.config import Config
 from pipeline.evaluation.evaluate import validation_ap
 from pipeline.redaction import redact
 from pipeline.training.journal import CURVES, MetricsJournal
-from pipeline.training.loop import StepSchedule, Training
+from pipeline.training.loop import HookBase, StepSchedule, Training
 
 
 class CheckpointSink(Protocol):
@@ -41,47 +43,49 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-class TrainingHooks:
-    """Rank 0 journals the curves every `log_every` steps (with images/s over the steps since
-    the last record, validation and checkpoint time left out) and shows them as a progress bar or
-    as lines; at a checkpoint every rank checks the weights and, when due, detects its slice of
-    the validation split, which rank 0 scores; rank 0 hands the state to the sink."""
+class DeltaScheduling(HookBase):
+    """Sets the loss's δ before each step from its schedule over the run's progress."""
 
-    def __init__(self, config: Config, schedule: StepSchedule, sink: CheckpointSink, extra_state: dict[str, Any],
-                 rank: int = 0, progress: bool = False) -> None:
-        self.config, self.schedule, self.sink, self.extra_state = config, schedule, sink, extra_state
-        self.rank = rank
-        self.journal = MetricsJournal(config.run.folder().journal) if rank == 0 else None
-        self.progress = progress and rank == 0
+    def __init__(self, schedule: Callable[[float], float], total_steps: int) -> None:
+        self.schedule, self.total_steps = schedule, total_steps
+
+    def before_step(self, training: Training) -> None:
+        training.detector.criterion.set_delta(self.schedule(min(training.step / self.total_steps, 1.0)))
+
+
+class MetricsLogging(HookBase):
+    """Rank 0 journals the curves every `log_every` steps, with images/s over the steps since the
+    last record (their batches' wait and the steps themselves: no validation or checkpoint), and
+    adds it and the skipped count to those steps' metrics; it shows them as a progress bar or as
+    lines with the time left at this process's pace (validation and checkpoints included)."""
+
+    def __init__(self, config: Config, schedule: StepSchedule, journal: MetricsJournal | None,
+                 progress: bool = False) -> None:
+        self.config, self.schedule, self.journal = config, schedule, journal
+        self.progress = progress and journal is not None
         self.bar: tqdm | None = None
-        self.window_start, self.window_steps = time.perf_counter(), 0
-        self.last_metrics: dict[str, float] = {}
-        # This process's pace, validation and checkpoints included: what the steps left will take.
+        self.window_seconds, self.window_steps = 0.0, 0
         self.pace_start, self.pace_steps = time.perf_counter(), 0
+
+    def before_train(self, training: Training) -> None:
+        self.pace_start = time.perf_counter()
+        if self.progress:
+            self.bar = tqdm(total=self.schedule.total_steps, initial=training.step, desc="train", unit="step")
 
     def after_step(self, training: Training, metrics: dict[str, float]) -> None:
         step = training.step
+        self.window_seconds += metrics["batch_seconds"]
         self.window_steps += 1
         self.pace_steps += 1
-        if self.progress:
-            if self.bar is None:
-                self.bar = tqdm(total=self.schedule.total_steps, initial=step - 1, desc="train", unit="step")
+        if self.bar is not None:
             self.bar.update(1)
         if self.schedule.logs(step):
-            elapsed = time.perf_counter() - self.window_start
-            metrics = {**metrics, "images_per_s": self.window_steps * self.config.train.batch_size / elapsed,
-                       "skipped": training.skipped}
+            metrics |= {"images_per_s": self.window_steps * self.config.train.batch_size / self.window_seconds,
+                        "skipped": training.skipped}
             self._log(step, metrics)
-            self.window_start, self.window_steps = time.perf_counter(), 0
-        self.last_metrics = metrics
-        if self.schedule.checkpoints(step):
-            started = time.perf_counter()
-            self._checkpoint(training, step)
-            self.window_start += time.perf_counter() - started
-        if self.bar is not None and step == self.schedule.total_steps:
-            self.bar.close()
+            self.window_seconds, self.window_steps = 0.0, 0
 
-    def close(self) -> None:
+    def after_train(self, training: Training) -> None:
         """Ends the progress bar's line, so that what follows (an error) starts a line of its own."""
         if self.bar is not None:
             self.bar.close()
@@ -100,7 +104,20 @@ class TrainingHooks:
             say(f"step {step}/{self.schedule.total_steps} " + " ".join(f"{k}={metrics[k]:.4g}" for k in CURVES)
                 + f" | {seconds_per_step:.2f} s/step, ETA {tqdm.format_interval(left)}")
 
-    def _checkpoint(self, training: Training, step: int) -> None:
+
+class Checkpointing(HookBase):
+    """At a checkpoint every rank checks the weights and, when due, detects its slice of the
+    validation split, which rank 0 scores and journals; rank 0 hands the state to the sink."""
+
+    def __init__(self, config: Config, schedule: StepSchedule, sink: CheckpointSink, extra_state: dict[str, Any],
+                 journal: MetricsJournal | None, rank: int = 0, progress: bool = False) -> None:
+        self.config, self.schedule, self.sink, self.extra_state = config, schedule, sink, extra_state
+        self.journal, self.rank, self.progress = journal, rank, progress
+
+    def after_step(self, training: Training, metrics: dict[str, float]) -> None:
+        step = training.step
+        if not self.schedule.checkpoints(step):
+            return
         training.check_weights()  # the same weights on every rank: all of them stop, or none
         val_ap = self._validate(training, step) if self.schedule.validates(step) else None
         state = {**training.state_dict(), **self.extra_state} if self.rank == 0 else None
@@ -119,7 +136,18 @@ class TrainingHooks:
         if self.rank != 0:
             return None
         self.journal.write(step, {"val_ap": val_ap})
-        if self.bar is None:
+        if not self.progress:
             say(f"validation at step {step}: AP {val_ap:.3f} on {self.config.data.val_split} "
                 f"({time.perf_counter() - started:.0f} s)")
         return val_ap
+
+
+def training_hooks(config: Config, schedule: StepSchedule, sink: CheckpointSink, extra_state: dict[str, Any],
+                   rank: int = 0, progress: bool = False) -> list[HookBase]:
+    """A run's hooks, in their order: the δ for the step, then (after it) its metrics, then the
+    checkpoint, whose validation line follows the step's."""
+    journal = MetricsJournal(config.run.folder().journal) if rank == 0 else None
+    progress = progress and rank == 0
+    return [DeltaScheduling(config.loss.delta.build(), schedule.total_steps),
+            MetricsLogging(config, schedule, journal, progress),
+            Checkpointing(config, schedule, sink, extra_state, journal, rank, progress)]

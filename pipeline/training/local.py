@@ -11,13 +11,14 @@ from pathlib import Path
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config, config_record
-from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
+from pipeline.data.bindings import prepared_category_ids, split_dir
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import TrainingDiverged
 from pipeline.images import ImageLimits
 from pipeline.model import build_model, initial_model, resolve_device
-from pipeline.training.hooks import LocalSink, TrainingHooks
+from pipeline.training.hooks import LocalSink, training_hooks
+from pipeline.training.preparation import prepare_training
 from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
 
 # A local run is given no share of the machine, as a Ray worker is: on a large one, a few loader
@@ -36,8 +37,7 @@ class TrainSummary:
 
 def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     """Train in this process, resuming the run's latest checkpoint if there is one."""
-    config, classes = training_data(config)
-    record_training_run(config)
+    config, classes = prepare_training(config)
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
     dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
@@ -51,19 +51,18 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     training = Training(config, model.to(device), device, schedule.total_steps, schedule.steps_per_epoch)
     if latest is not None:
         training.load_state_dict(checkpoints.load(latest, device))
-    hooks = TrainingHooks(config, schedule, LocalSink(store), {"config": config_record(config), "classes": classes},
-                          progress=progress)
+    hooks = training_hooks(config, schedule, LocalSink(store), {"config": config_record(config), "classes": classes},
+                           progress=progress)
     try:
-        fit(training, dataset, schedule, hooks, loaders=loader_processes(config.train, _cpus(), MOST_LOCAL_LOADERS))
+        last = fit(training, dataset, schedule, hooks,
+                   loaders=loader_processes(config.train, _cpus(), MOST_LOCAL_LOADERS))
     except TrainingDiverged as error:
         sound = store.sound()
         raise TrainingDiverged(error.step, error.term, error.value, str(sound) if sound else None, config.run.name,
                                config.optim.lr) from None
-    finally:
-        hooks.close()
     model_path = checkpoints.export_model(checkpoints.load(store.best(), device), prepared_category_ids(config),
                                           config.run.folder().model)
-    return TrainSummary(model_path, training.step, training.skipped, hooks.last_metrics, store.entries())
+    return TrainSummary(model_path, training.step, training.skipped, last, store.entries())
 
 
 def _cpus() -> int:

@@ -1,9 +1,11 @@
-"""The train stage: SGD with warm-up and a multistep or cosine learning rate, the delta
-schedule, gradient clipping, AMP on CUDA, skipping batches without positives.
+"""The train stage: SGD with warm-up and a multistep or cosine learning rate, gradient
+clipping, AMP on CUDA, skipping batches without positives.
 
-`Training` is one process's share of a run (model, optimiser, schedules, the step) and
-`fit` walks the global batches. Both are the same in a single process and in every Ray
-Train worker; only the `Hooks` that log, validate and checkpoint differ.
+`Training` is one process's share of a run (model, optimiser, lr schedule, the step) and
+`fit` walks the global batches, calling its hooks (`HookBase`, detectron2's small hooks with
+state of their own: the δ schedule, logging, validation and checkpoints, in
+`pipeline/training/hooks.py`) around each step. Both are the same in a single process and in
+every Ray Train worker; only where the checkpoint hook puts a checkpoint differs.
 """
 import functools
 import math
@@ -14,7 +16,8 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,16 +102,13 @@ class Training:
                  steps_per_epoch: int | None = None) -> None:
         self.config, self.model, self.device, self.total_steps = config, model, device, steps
         self.detector: OneStageDetector = getattr(model, "module", model)
-        self_balance = self.detector.criterion.self_balance
-        if self_balance is not None:
-            self_balance.period = config.loss.self_balance_period or steps_per_epoch or steps
+        self.detector.criterion.set_balance_period(config.loss.self_balance_period or steps_per_epoch or steps)
         optim = config.optim
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
         factor = LearningRateFactor(steps, optim.warmup_steps, optim.warmup_factor, optim.schedule,
                                     tuple(optim.milestones), optim.gamma)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.delta = config.loss.delta.build()
         self.amp = config.train.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         self.step = 0
@@ -117,23 +117,20 @@ class Training:
     def train_step(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, float]:
         """One optimiser step on this process's share of the global batch."""
         self.model.train()
-        delta = self.delta(min(self.step / self.total_steps, 1.0))
-        self.detector.criterion.delta = delta
         lr = self.optimizer.param_groups[0]["lr"]
         images, targets = _to_device(images, targets, self.device)
         with torch.autocast(self.device.type, enabled=self.amp):
             losses = self.model(images, targets)
-        loss = losses["classification"] + losses["box_regression"]
-        terms = _global_mean(torch.stack([losses["classification"].detach(), losses["box_regression"].detach()]))
+        terms = _global_mean(torch.stack([losses.classification.detach(), losses.box_regression.detach()]))
         for name, value in zip(("classification loss", "box regression loss"), terms.tolist()):
             if not math.isfinite(value):
                 raise TrainingDiverged(self.step + 1, name, value)
-        if losses["positives"].item() == 0:
+        if losses.positives.item() == 0:
             # No positive anywhere in the global batch: nothing to rank, and every process agrees.
             self.skipped += 1
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(losses.total()).backward()
             self.scaler.unscale_(self.optimizer)
             norm = _gradient_norm(self.model, self.config.optim.grad_clip)
             # DDP has averaged the gradients, so every process sees the same norm. Under AMP an
@@ -150,7 +147,7 @@ class Training:
         self.step += 1
         cls_loss, box_loss = terms.tolist()
         return {"loss": cls_loss + box_loss, "cls_loss": cls_loss, "box_loss": box_loss,
-                "positives": losses["positives"].item(), "delta": delta, "lr": lr}
+                "positives": losses.positives.item(), "delta": self.detector.criterion.delta, "lr": lr}
 
     def check_weights(self) -> None:
         """TrainingDiverged if a weight is not finite: a checkpoint is never replaced by a broken one."""
@@ -217,10 +214,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Hooks(Protocol):
-    """What happens between steps: logging, validation, checkpoints (pipeline.training.hooks)."""
+class HookBase:
+    """One concern around the steps, with state of its own. `fit` calls every hook, in order,
+    before the first step, before and after each step (with the step's metrics), and after the
+    last step or a failure."""
 
-    def after_step(self, training: Training, metrics: dict[str, float]) -> None: ...
+    def before_train(self, training: Training) -> None:
+        pass
+
+    def before_step(self, training: Training) -> None:
+        pass
+
+    def after_step(self, training: Training, metrics: dict[str, float]) -> None:
+        pass
+
+    def after_train(self, training: Training) -> None:
+        pass
 
 
 def loader_processes(train: TrainConfig, cpus: float, most: int | None = None) -> int:
@@ -283,15 +292,31 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, hooks: Hooks, rank: int = 0,
-        world_size: int = 1, loaders: int = 0) -> None:
-    """Train from `training.step` to its last step; the data position follows from the step.
-    One loader serves every remaining epoch, so its processes start once."""
+def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, hooks: Sequence[HookBase],
+        rank: int = 0, world_size: int = 1, loaders: int = 0) -> dict[str, float]:
+    """Train from `training.step` to its last step, and return that step's metrics; the data
+    position follows from the step. One loader serves every remaining epoch, so its processes
+    start once. A step's metrics time the step itself (`step_seconds`) and, beside it, the wait
+    for its batch (`batch_seconds`); the hooks' own time is in neither."""
     config = training.config.train
     sampler = RunBatchSampler(dataset.reader.row_groups(), config.batch_size, config.seed, training.step,
                               schedule.total_steps, rank, world_size)
-    for images, targets, _ in training_batches(dataset, sampler, loaders, training.device.type == "cuda"):
-        started = time.perf_counter()
-        metrics = training.train_step(images, targets)
-        metrics["step_seconds"] = time.perf_counter() - started
-        hooks.after_step(training, metrics)
+    metrics: dict[str, float] = {}
+    for hook in hooks:
+        hook.before_train(training)
+    try:
+        ready = time.perf_counter()
+        for images, targets, _ in training_batches(dataset, sampler, loaders, training.device.type == "cuda"):
+            for hook in hooks:
+                hook.before_step(training)
+            started = time.perf_counter()
+            metrics = training.train_step(images, targets)
+            done = time.perf_counter()
+            metrics |= {"step_seconds": done - started, "batch_seconds": done - ready}
+            for hook in hooks:
+                hook.after_step(training, metrics)
+            ready = time.perf_counter()
+    finally:
+        for hook in hooks:
+            hook.after_train(training)
+    return metrics

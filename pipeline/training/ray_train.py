@@ -9,7 +9,7 @@ a rerun with the same run name resumes where the run stopped.
 """
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray.train
@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_record
-from pipeline.data.bindings import prepared_category_ids, record_training_run, split_dir, training_data
+from pipeline.data.bindings import prepared_category_ids, split_dir
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed, UserError, WorkerRefused, one_line
@@ -31,8 +31,9 @@ from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
 from pipeline.quiet import quiet_third_party, ray_log_level
 from pipeline.storage import Location
-from pipeline.training.hooks import TrainingHooks, say
-from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
+from pipeline.training.hooks import say, training_hooks
+from pipeline.training.preparation import prepare_training
+from pipeline.training.loop import HookBase, StepSchedule, Training, fit, loader_processes, seed_everything
 
 STATE_FILE = "state.pt"
 SCORE = "score"
@@ -80,20 +81,24 @@ class StoppedTogether(Exception):
         self.record = record
 
 
-def run_worker(payload: dict, hooks_class: type = TrainingHooks) -> None:
+# A hook of a worker's beside the run's own (a test's, a benchmark's), made there from the config and the rank.
+ExtraHook = Callable[[Config, int], HookBase]
+
+
+def run_worker(payload: dict) -> None:
     """One Ray Train worker: DDP model, its share of every global batch, resumed if Ray hands
     it a checkpoint. A failure is one line here (Ray's own logs of it are quieted): Ray Train
     restarts the workers, or the driver ends the run with the error."""
     quiet_third_party()
     try:
-        _work(payload, hooks_class)
+        _work(payload)
     except Exception as error:
         say(f"training worker {ray.train.get_context().get_world_rank()} failed: {one_line(error)} (Ray Train "
             "restarts the workers from their latest checkpoint, up to ray.max_failures times)")
         raise
 
 
-def _work(payload: dict, hooks_class: type) -> None:
+def _work(payload: dict) -> None:
     config = config_from_dict(payload["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -114,8 +119,9 @@ def _work(payload: dict, hooks_class: type) -> None:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
         if rank == 0:
             say(f"resumed at step {training.step}")
-    hooks = hooks_class(config, schedule, RaySink(storage_path(config) / config.run.name),
-                        {"config": payload["config"], "classes": payload["classes"]}, rank=rank)
+    hooks = [make(config, rank) for make in payload["extra_hooks"]] + training_hooks(
+        config, schedule, RaySink(storage_path(config) / config.run.name),
+        {"config": payload["config"], "classes": payload["classes"]}, rank=rank)
     try:
         try:
             fit(training, dataset, schedule, hooks, rank, world_size,
@@ -153,14 +159,16 @@ def _quiet_controller() -> QuietController:
     return QuietController()
 
 
-def build_trainer(config: Config, classes: list[str], train_loop: Callable[[dict], None] = run_worker,
+def build_trainer(config: Config, classes: list[str], extra_hooks: Sequence[ExtraHook] = (),
                   callbacks: list | None = None) -> TorchTrainer:
-    """The Ray Train run of `config`, which must be bound to its prepared data (`training_data`)."""
+    """The Ray Train run of `config`, which must be prepared for training (`prepare_training`);
+    `extra_hooks` (each made on a worker from the config and the rank) run before the run's own."""
     # Workers need no credentials (the driver talks to MLflow), and Ray keeps what it is handed.
-    payload = {"config": config_record(config.with_absolute_paths()), "classes": classes}
+    payload = {"config": config_record(config.with_absolute_paths()), "classes": classes,
+               "extra_hooks": list(extra_hooks)}
     ray_config = config.ray
     return TorchTrainer(
-        train_loop, train_loop_config=payload,
+        run_worker, train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
                                      resources_per_worker={"CPU": ray_config.cpus_per_worker},
                                      placement_strategy=ray_config.placement_strategy),
@@ -253,11 +261,9 @@ def fit_run(config: Config, trainer: TorchTrainer) -> ray.train.Result:
                            config.optim.lr)
 
 
-def train_distributed(config: Config, train_loop: Callable[[dict], None] = run_worker
-                      ) -> tuple[ray.train.Result, Location]:
+def train_distributed(config: Config, extra_hooks: Sequence[ExtraHook] = ()) -> tuple[ray.train.Result, Location]:
     """Fit on Ray Train and write the best weights as the run's model.pt (as `train_stage` does)."""
-    config, classes = training_data(config)
-    record_training_run(config)
-    result = fit_run(config, build_trainer(config, classes, train_loop))
+    config, classes = prepare_training(config)
+    result = fit_run(config, build_trainer(config, classes, extra_hooks))
     model_path = config.run.folder().model
     return result, checkpoints.export_model(best_state(result), prepared_category_ids(config), model_path)
