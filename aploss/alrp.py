@@ -35,6 +35,7 @@ class ALRPRule:
 
     def __call__(self, ranked: Ranked) -> RuleResult:
         ranking, false_positives, loc_errors = ranked.ranking, ranked.false_positives, ranked.values
+        assert loc_errors is not None  # value_name: aLRP ranks with a localisation error per positive
         num_pos = ranking.scores.numel()
         # The own term of each step sum is H(0) = 1/2: made 1 in rank+, taken out of the loc sum.
         rank_plus = 0.5 + positive_step_sums(ranking)

@@ -2,9 +2,9 @@
 VGG16, SSDlite-MobileNetV3) built from torchvision's parts: untrained (with a normalisation that
 trains from scratch), from a trunk's pretrained weights, or with a whole detector's loaded."""
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +50,8 @@ IMAGENET_WEIGHTS = {"retinanet_r18": ResNet18_Weights.IMAGENET1K_V1, "retinanet_
 assert tuple(IMAGENET_WEIGHTS) == IMAGENET_TRUNKS
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 Weights = Mapping[str, Tensor]
+# A detector's transform, backbone, head and anchor generator.
+DetectorParts = tuple[GeneralizedRCNNTransform, nn.Module, nn.Module, nn.Module]
 
 
 class WeightsMismatch(ValueError):
@@ -94,7 +96,7 @@ def _listed(keys: list[str], shown: int = 5) -> str:
     return ", ".join(keys[:shown]) + more
 
 
-def _check_fit(what: str, own: Weights, given: Weights, ignored: set[str] = frozenset()) -> None:
+def _check_fit(what: str, own: Weights, given: Weights, ignored: Collection[str] = frozenset()) -> None:
     """WeightsMismatch unless `given` has exactly `own`'s names (but `ignored`) and shapes."""
     def counted(keys):
         return {key for key in keys if not key.endswith("num_batches_tracked") and key not in ignored}
@@ -141,14 +143,15 @@ def _init_classification_outputs(classification_head: nn.Module) -> None:
     the thousands of easy negatives do not dominate the first steps (SSD's Xavier init gives
     untrained logits in the hundreds)."""
     bias = -math.log((1 - _PRIOR_PROBABILITY) / _PRIOR_PROBABILITY)
-    for branch in classification_head.module_list:
+    for branch in classification_head.get_submodule("module_list").children():
         last_conv = [m for m in branch.modules() if isinstance(m, nn.Conv2d)][-1]
+        assert last_conv.bias is not None  # torchvision's heads give their outputs a bias
         nn.init.normal_(last_conv.weight, std=0.01)
         nn.init.constant_(last_conv.bias, bias)
 
 
 def _retinanet_parts(arch: str, num_classes: int, norm: Norm, min_size: int, max_size: int, anchors: AnchorLayout,
-                     fpn_channels: int, backbone_weights: Weights | None):
+                     fpn_channels: int, backbone_weights: Weights | None) -> DetectorParts:
     norm_layer = _norm_layer(norm)
     trunk = _RESNETS[arch](weights=None, norm_layer=norm_layer)
     if backbone_weights is not None:
@@ -181,7 +184,7 @@ def _ssd_vgg(size: int, num_classes: int, norm: Norm, backbone_weights: Weights 
                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
-def _ssd_parts(arch: str, num_classes: int, norm: Norm, backbone_weights: Weights | None):
+def _ssd_parts(arch: str, num_classes: int, norm: Norm, backbone_weights: Weights | None) -> DetectorParts:
     if arch in ("ssd300_vgg16", "ssd512_vgg16"):
         model = _ssd_vgg(int(arch[3:6]), num_classes, norm, backbone_weights)
     elif backbone_weights is not None:
@@ -229,9 +232,9 @@ def build_detector(arch: str, num_classes: int, *, norm: Norm = "group", min_siz
 
 def classification_outputs(model: OneStageDetector) -> list[str]:
     """State-dict names of the classification output layers (one per class and anchor)."""
-    head = model.head.classification_head
+    head = model.head.get_submodule("classification_head")
     names = {id(module): name for name, module in head.named_modules()}
-    branches = head.module_list if hasattr(head, "module_list") else [head]
+    branches = list(head.get_submodule("module_list").children()) if hasattr(head, "module_list") else [head]
     outputs = [[m for m in branch.modules() if isinstance(m, nn.Conv2d)][-1] for branch in branches]
     return [f"head.classification_head.{names[id(conv)]}.{kind}" for conv in outputs for kind in ("weight", "bias")]
 

@@ -80,14 +80,14 @@ class DetectionLoss(nn.Module):
                 targets: list[dict[str, Tensor]]) -> DetectionLosses:
         """cls_logits [B, A, C], box_deltas [B, A, 4], anchors B x [A, 4], targets B dicts with
         "boxes" [G, 4] and "labels" [G] (0-based classes)."""
-        labels, matched_boxes, positive_anchors_of = [], [], []
+        image_labels, matched_boxes, positive_anchors_of = [], [], []
         for anchors_per_image, target in zip(anchors, targets):
             matched = assign_anchors(anchors_per_image, target["boxes"], self.fg_iou, self.bg_iou)
-            labels.append(pair_labels(matched, target["labels"], self.num_classes))
+            image_labels.append(pair_labels(matched, target["labels"], self.num_classes))
             positive = matched >= 0
             matched_boxes.append(target["boxes"][matched[positive]])
             positive_anchors_of.append(anchors_per_image[positive])
-        labels = torch.stack(labels)
+        labels = torch.stack(image_labels)
         # A positive anchor has exactly one positive pair, so one count normalises both terms, and
         # the positive anchors in (image, anchor) order are the positive pairs in flattened order.
         positive_anchors = (labels == 1).any(dim=2)
@@ -125,6 +125,7 @@ class DetectionLoss(nn.Module):
 
     def _alrp(self, logits: Tensor, labels: Tensor, giou_loss: Tensor, positives_total: Tensor,
               scale: int) -> tuple[Tensor, Tensor]:
+        assert self.self_balance is not None  # made with the criterion for alrp
         loc_errors = (giou_loss / 2).clamp(0.0, 1.0)  # aLRP's normalised error; the clamp removes only rounding
         classification, localisation = ranked_loss(logits, labels, loc_errors, ALRPRule(), self.delta, self.batch,
                                                    float(scale))

@@ -82,8 +82,9 @@ class OneStageDetector(nn.Module):
         features = list(self.backbone(batch.tensors).values())
         outputs = self.head(features)
         anchors = self.anchor_generator(batch, features)
+        # nn.Module's __getattr__ types the generator's method as a Tensor, for the type checker.
         level_sizes = [f.shape[-2] * f.shape[-1] * n for f, n in
-                       zip(features, self.anchor_generator.num_anchors_per_location())]
+                       zip(features, self.anchor_generator.num_anchors_per_location())]  # type: ignore[operator]
         detections = [self._detect(logits.split(level_sizes), deltas.split(level_sizes),
                                    image_anchors.split(level_sizes), size)
                       for logits, deltas, image_anchors, size in

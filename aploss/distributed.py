@@ -56,9 +56,9 @@ class ProcessGroupBatch(LocalBatch):
 
     def gather_positives(self, scores: Tensor) -> tuple[Tensor, int]:
         count = torch.tensor([scores.shape[0]], dtype=torch.int64, device=scores.device)
-        counts = [torch.empty_like(count) for _ in range(self.world_size)]
-        dist.all_gather(counts, count, group=self.group)
-        counts = [int(c) for c in counts]
+        gathered_counts = [torch.empty_like(count) for _ in range(self.world_size)]
+        dist.all_gather(gathered_counts, count, group=self.group)
+        counts = [int(c) for c in gathered_counts]
         # all_gather needs equal sizes (gloo rejects ragged ones): pad to the largest count.
         padded = scores.new_zeros((max(counts), *scores.shape[1:]))
         padded[:scores.shape[0]] = scores

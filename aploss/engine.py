@@ -67,7 +67,9 @@ class LocalBatch:
     process. `distributed.ProcessGroupBatch` spreads it over a process group: positives are
     gathered for the ranking, counts summed, and each term scaled by the world size."""
 
-    world_size = 1
+    @property
+    def world_size(self) -> int:
+        return 1
 
     def agree(self, problem: tuple[type[Exception], str] | None, device: torch.device) -> None:
         """Raise `problem` (an input error found here), on every process if any has one."""
@@ -268,9 +270,16 @@ class RankingRule(Protocol):
     """What one ranking loss computes from the ranked positives (`AveragePrecisionRule`,
     `aploss.alrp.ALRPRule`, `aploss.rank_sort.RankSortRule`)."""
 
-    name: str                 # the function's name, for error messages
-    num_outputs: int
-    value_name: str | None    # the per-positive input's name, None without one
+    @property
+    def name(self) -> str:
+        """The function's name, for error messages."""
+
+    @property
+    def num_outputs(self) -> int: ...
+
+    @property
+    def value_name(self) -> str | None:
+        """The per-positive input's name, None without one."""
 
     def tie(self, delta: float) -> float:
         """H(0) of the loss's step at this delta."""
@@ -349,6 +358,7 @@ class _RankingLossFunction(torch.autograd.Function):
             return gathered_order[offset:offset + positive_index.numel()] * grad_scale
 
         if keep:
+            assert placed is not None  # the bins are kept when a gradient is needed
             intercept, slope = _negative_update(ranking, result.negative_weight)
             lowest, highest = _clamp_range(ranking)
             ctx.update = _Update(placed, intercept * grad_scale, slope * grad_scale, ranking.center,

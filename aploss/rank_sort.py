@@ -48,6 +48,7 @@ class RankSortRule:
 
     def __call__(self, ranked: Ranked) -> RuleResult:
         ranking, false_positives, targets = ranked.ranking, ranked.false_positives, ranked.values
+        assert targets is not None  # value_name: RS ranks with a target per positive
         num_pos = ranking.scores.numel()
         rank_plus = positive_step_sums(ranking)
         ranking_error = false_positives / (rank_plus + false_positives)

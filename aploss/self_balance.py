@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 
 class SelfBalance(nn.Module):
+    weight: Tensor  # buffers
+    sums: Tensor
+
     def __init__(self, initial: float = 50.0, period: int = 1) -> None:
         super().__init__()
         if not (initial > 0 and period >= 1):

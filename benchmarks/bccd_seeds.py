@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import RELEASED_SETTINGS, load_config  # noqa: E402
-from pipeline.orchestration import tracking  # noqa: E402
 from pipeline.orchestration.report import collect, markdown, write_report  # noqa: E402
 from pipeline.orchestration.run import run_pipeline, run_robustness  # noqa: E402
+from pipeline.orchestration.tracking import connection, pipeline_runs  # noqa: E402
 
 LOSSES = ("ap", "focal", "alrp", "rs")
 
@@ -42,9 +42,9 @@ def main() -> None:
                                         f"train.seed={seed}", f"run.name={name}", f"run.output_dir={args.output}",
                                         *args.overrides]), distributed=False)
     trained = time.perf_counter()
-    experiment = tracking.configure(config)
-    pending = [name for name in names if not tracking.stage_run(
-        experiment, tracking.pipeline_run(config.for_run(name), experiment), "robustness")[1]]
+    experiment = connection.configure(config)
+    pending = [name for name in names if not pipeline_runs.stage_run(
+        experiment, pipeline_runs.pipeline_run(config.for_run(name), experiment), "robustness")[1]]
     if pending:
         run_robustness(config, pending)
     finished = time.perf_counter()

@@ -89,7 +89,8 @@ def run_pycocotools(ground_truth: str, detections: list[dict]) -> Run:
 
 
 def faster_runner() -> Callable[[str, list[dict]], Run]:
-    from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
 
     def run_faster(ground_truth: str, detections: list[dict]) -> Run:
         dataset = json.loads(ground_truth)

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.bindings import split_dir
-from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.data.dataset import DetectionDataset, RunBatchSampler  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.training.loop import Training, seed_everything, training_batches  # noqa: E402
+from pipeline.training.preparation import training_data  # noqa: E402
 
 AUGMENTATIONS = ("flip", "ssd")
 WARM_BATCHES = 2  # per loader process, its first: they carry its start

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import checkpoints  # noqa: E402
 from pipeline.config import Config, config_record, load_config  # noqa: E402
 from pipeline.data.bindings import split_dir
-from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.data.dataset import DetectionDataset  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402
@@ -43,6 +42,7 @@ from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections  
 from pipeline.evaluation.evaluate import predict, validation_ap  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.model import build_model, load_model  # noqa: E402
+from pipeline.training.preparation import training_data  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _spec = importlib.util.spec_from_file_location("synthetic_coco", Path(__file__).with_name("synthetic_coco.py"))

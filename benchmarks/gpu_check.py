@@ -45,7 +45,6 @@ from benchmarks.loss_speed import LOSSES as TIMED_LOSSES  # noqa: E402
 from benchmarks.loss_speed import detection_batch, measure_time, timed  # noqa: E402
 from pipeline.config import RELEASED_SETTINGS, Config, load_config  # noqa: E402
 from pipeline.data.bindings import split_dir
-from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.data.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402
@@ -55,6 +54,7 @@ from pipeline.orchestration.run import start_ray  # noqa: E402
 from pipeline.quiet import quiet_third_party  # noqa: E402
 from pipeline.training.journal import read_journal  # noqa: E402
 from pipeline.training.loop import HookBase, Training, seed_everything  # noqa: E402
+from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.training.ray_train import train_distributed  # noqa: E402
 from tests.synthetic import write_synthetic_coco  # noqa: E402
 

@@ -3,7 +3,7 @@ loaded from a run's model.pt.
 
 `model.init` sources load as data only (weights_only), from a file, an http(s) URL (downloaded
 once into aploss's own cache), torchvision's ImageNet weights or an earlier run; an MLflow model URI is fetched
-into a file by the orchestration layer first (`tracking.fetch_source`); `model_source.py` resolves
+into a file by the orchestration layer first (`tracking.registry.fetch_source`); `model_source.py` resolves
 every source that names a file."""
 import dataclasses
 import hashlib

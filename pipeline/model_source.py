@@ -1,7 +1,7 @@
 """Where a trained detector comes from, as a user names it in `model.init` or `--model`: a run
 (`run:NAME`, or a run's bare name under run.output_dir), a model.pt or checkpoint file, a run's
 folder (local or in an object store), or an MLflow model URI. One resolver for every command;
-an MLflow URI's file is fetched first by the orchestration layer (`tracking.fetch_source`) to
+an MLflow URI's file is fetched first by the orchestration layer (`tracking.registry.fetch_source`) to
 the place named here, since workers read files, not the registry."""
 from pipeline.config import MLFLOW_URIS
 from pipeline.errors import MissingInput

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torchvision.io import read_image, write_png
 
 from pipeline.config import Config, load_config
-from pipeline.training.preparation import training_data
 from pipeline.data.prep import prepare
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.evaluate import evaluation_slices, validation_ap
 from pipeline.model import load_model
+from pipeline.training.preparation import training_data
 from tests.distributed_worker import spawn_group
 from tests.process_environment import environment
 from tests.synthetic import write_synthetic_coco

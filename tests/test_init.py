@@ -18,8 +18,8 @@ from pipeline import checkpoints
 from pipeline.config import config_record, load_config
 from pipeline.errors import DataError, MissingInput
 from pipeline.model import bind_init, build_model, initial_model
-from pipeline.orchestration import tracking
 from pipeline.orchestration.cli import main
+from pipeline.orchestration.tracking import connection, pipeline_runs, registry
 from tests.synthetic import write_synthetic_coco
 
 SMALL = ["model.arch=retinanet_r18", "model.min_size=96", "model.max_size=96"]
@@ -163,13 +163,13 @@ def test_an_earlier_run_fine_tunes_with_another_class_count(tmp_path, capsys):
 def test_a_registered_model_is_fetched_and_fine_tuned(tmp_path):
     earlier = _earlier_run(tmp_path)
     source = _config(tmp_path)
-    experiment = tracking.configure(source)
-    with tracking.active(tracking.stage_run(experiment, tracking.pipeline_run(source, experiment), "train")[0]):
-        tracking.log_model(tmp_path / "runs" / "earlier" / "model.pt", source)
+    experiment = connection.configure(source)
+    with pipeline_runs.active(pipeline_runs.stage_run(experiment, pipeline_runs.pipeline_run(source, experiment), "train")[0]):
+        registry.log_model(tmp_path / "runs" / "earlier" / "model.pt", source)
     config = _config(tmp_path, "model.init=models:/aploss-bccd/1", "run.name=tuned")
     with pytest.raises(MissingInput, match="an MLflow model URI is fetched by the aploss commands"):
         initial_model(config, 2)
-    tracking.fetch_source(config.model.init, config, "model.init")
+    registry.fetch_source(config.model.init, config, "model.init")
     model = initial_model(bind_init(config), 2)
     assert all(torch.equal(value, earlier[name]) for name, value in model.state_dict().items())
 

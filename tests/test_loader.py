@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from aploss import kernels
-
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, RunBatchSampler

@@ -19,7 +19,7 @@ from pipeline.errors import MissingInput
 from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
 from pipeline.evaluation.stages import evaluate_stage
 from pipeline.orchestration.cli import main
-from pipeline.orchestration.tracking import param_safe
+from pipeline.orchestration.tracking.records import param_safe
 from pipeline.storage import Location
 from pipeline.training.journal import read_journal
 from pipeline.training.ray_train import train_distributed
@@ -27,7 +27,6 @@ from tests import ray_workers
 from tests.mlflow_server import Server
 from tests.object_store import TEST_BUCKET as BUCKET
 from tests.synthetic import write_synthetic_coco
-
 
 
 @pytest.fixture

@@ -193,19 +193,18 @@ def test_report_gathers_the_runs_of_a_comparison(pipeline_config, capsys):
 
 
 def test_an_interrupted_stage_and_its_parent_end_killed(tmp_path, monkeypatch):
-    from pipeline.orchestration import tracking
-
+    from pipeline.orchestration.tracking import pipeline_runs
     # set_tracking_uri exports the URI too: monkeypatch takes the variable back afterwards.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("statuses")
     parent = client.create_run(experiment).info.run_id
-    stage, _ = tracking.stage_run(experiment, parent, "train")
-    with pytest.raises(KeyboardInterrupt), tracking.parent_run(parent), tracking.active(stage):
+    stage, _ = pipeline_runs.stage_run(experiment, parent, "train")
+    with pytest.raises(KeyboardInterrupt), pipeline_runs.parent_run(parent), pipeline_runs.active(stage):
         raise KeyboardInterrupt
     assert client.get_run(stage).info.status == "KILLED" and client.get_run(parent).info.status == "KILLED"
-    other, _ = tracking.stage_run(experiment, parent, "evaluate")
-    with pytest.raises(ValueError), tracking.parent_run(parent), tracking.active(other):
+    other, _ = pipeline_runs.stage_run(experiment, parent, "evaluate")
+    with pytest.raises(ValueError), pipeline_runs.parent_run(parent), pipeline_runs.active(other):
         raise ValueError("a bug")
     assert client.get_run(other).info.status == "FAILED" and client.get_run(parent).info.status == "FAILED"

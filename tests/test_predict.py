@@ -28,12 +28,12 @@ from pipeline.errors import DataError
 from pipeline.evaluation.evaluate import predict
 from pipeline.model import load_model
 from pipeline.orchestration.cli import main
-from pipeline.orchestration.registered_model import RegisteredDetector
+from pipeline.orchestration.tracking.registered_model import RegisteredDetector
 from pipeline.training.local import train_stage
 from tests.conftest import DATA_ROOT
+from tests.synthetic import write_synthetic_coco
 from tests.test_data_trust import png_declaring
 from tests.test_image_gate import gif_growing_to, tiff_declaring
-from tests.synthetic import write_synthetic_coco
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from pipeline.config import load_config
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
 from pipeline.errors import ConfigError, DataError
-from pipeline.orchestration import tracking
 from pipeline.evaluation.coco_metrics import evaluate_detections
 from pipeline.orchestration.cli import main
+from pipeline.orchestration.tracking import connection, pipeline_runs, records
 from tests.synthetic import write_synthetic_coco
 
 
@@ -230,13 +230,13 @@ def test_a_run_keeps_its_settings_and_a_rerun_with_others_says_which_differ(tmp_
     # Rerunning a diverged pipeline run with a new optim.lr ended in MLflow's "Changing param
     # values is not allowed" (exit 1).
     config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r"])
-    experiment = tracking.configure(config)
-    run_id, _ = tracking.stage_run(experiment, tracking.pipeline_run(config, experiment), "train")
-    with tracking.active(run_id):
-        tracking.log_train_params(config)
-        tracking.log_train_params(config)  # the same settings again: nothing to change
+    experiment = connection.configure(config)
+    run_id, _ = pipeline_runs.stage_run(experiment, pipeline_runs.pipeline_run(config, experiment), "train")
+    with pipeline_runs.active(run_id):
+        records.log_train_params(config)
+        records.log_train_params(config)  # the same settings again: nothing to change
     changed = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", f"optim.lr={config.optim.lr / 10:g}"])
-    with pytest.raises(ConfigError) as error, tracking.active(run_id):
-        tracking.log_train_params(changed)
+    with pytest.raises(ConfigError) as error, pipeline_runs.active(run_id):
+        records.log_train_params(changed)
     assert str(error.value) == (f"run 'r' was started with other settings (optim.lr: {config.optim.lr} -> "
                                 f"{config.optim.lr / 10:g}), and a run keeps its settings: choose another run.name")

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from pipeline.orchestration.cli import main
-from pipeline.orchestration.tracking import MetricsForwarder
+from pipeline.orchestration.tracking.forwarding import MetricsForwarder
 from pipeline.training.journal import MetricsJournal
 from tests.mlflow_server import Server, free_port
 

@@ -21,8 +21,8 @@ from pipeline import checkpoints
 from pipeline.config import config_record, load_config
 from pipeline.errors import DataError
 from pipeline.model import build_model, load_model
-from pipeline.orchestration import tracking
 from pipeline.orchestration.cli import main
+from pipeline.orchestration.tracking import connection, registry
 from pipeline.redaction import credentials, redact
 from tests.conftest import DATA_ROOT
 from tests.mlflow_server import Server, free_port
@@ -109,9 +109,9 @@ def test_the_registered_model_loads_and_serves_from_weights(tmp_path, capsys):
     model_path = tmp_path / "model.pt"
     checkpoints.export_model({"model": build_model(config, 3).state_dict(), "config": config_record(config),
                               "classes": ["RBC", "WBC", "Platelets"]}, [1, 2, 3], model_path)
-    with mlflow.start_run(experiment_id=tracking.configure(config)) as run:
-        tracking.log_model(model_path, config)
-    tracking.promote(config, run.info.run_id, 0.5)
+    with mlflow.start_run(experiment_id=connection.configure(config)) as run:
+        registry.log_model(model_path, config)
+    registry.promote(config, run.info.run_id, 0.5)
     logged = [path.name for path in (tmp_path / "mlartifacts").rglob("*") if path.is_file()]
     assert "model.pt" in logged and not [name for name in logged if name.endswith((".pkl", ".pickle"))]
     client = mlflow.MlflowClient(config.tracking_uri())

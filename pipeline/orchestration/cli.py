@@ -8,10 +8,10 @@ import textwrap
 from typing import TYPE_CHECKING
 
 from pipeline.config import Config, load_config
-from pipeline.evaluation.drawing import DRAW_SCORE
 from pipeline.errors import TrainingFailed, UserError, one_line
-from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
+from pipeline.evaluation.drawing import DRAW_SCORE
 from pipeline.model_source import is_registered, model_file
+from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
 from pipeline.storage import Location
 
@@ -125,7 +125,7 @@ def _tune(config: Config) -> None:
 def _model_file(spec: str, config: Config) -> Location:
     """The model.pt `--model` names: a run's, a file, or an MLflow model URI's (fetched first)."""
     if is_registered(spec):
-        from pipeline.orchestration.tracking import fetch_source
+        from pipeline.orchestration.tracking.registry import fetch_source
 
         fetch_source(spec, config, "--model")
     return model_file(spec, config.run.outputs(), "--model")
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"tune.samples={arguments.samples}")
         config = load_config(arguments.config, overrides)
         if command in ("train", "pipeline run", "pipeline train", "tune"):
-            from pipeline.orchestration.tracking import fetch_source
+            from pipeline.orchestration.tracking.registry import fetch_source
 
             fetch_source(config.model.init, config, "model.init")
         if command in ("report", "robustness"):

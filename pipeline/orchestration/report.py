@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from pipeline.config import Config, config_from_dict
 from pipeline.evaluation.robustness import RobustnessResult, Setting, plot_robustness, read_result
 from pipeline.io import write_bytes_atomic
-from pipeline.orchestration import tracking
+from pipeline.orchestration.tracking import connection, pipeline_runs, records
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 
@@ -32,7 +32,7 @@ class RunSummary:
         return " / ".join(self.params.get(key, "?") for key in GROUP_PARAMS)
 
 
-def _robustness(record: tracking.PipelineRecord) -> RobustnessResult:
+def _robustness(record: pipeline_runs.PipelineRecord) -> RobustnessResult:
     with tempfile.TemporaryDirectory() as directory:
         return read_result(record.artifact("robustness", "robustness/robustness.json", directory))
 
@@ -40,7 +40,7 @@ def _robustness(record: tracking.PipelineRecord) -> RobustnessResult:
 def collect(config: Config, names: list[str]) -> list[RunSummary]:
     """One summary per pipeline run name (all pipeline runs of the experiment if none given)."""
     summaries = []
-    for record in tracking.pipeline_records(tracking.configure(config), names):
+    for record in pipeline_runs.pipeline_records(connection.configure(config), names):
         stages = record.stages
         metrics = {**(stages["evaluate"].data.metrics if "evaluate" in stages else {}),
                    **(stages["robustness"].data.metrics if "robustness" in stages else {})}
@@ -58,7 +58,7 @@ def _params(stages: dict, robustness: RobustnessResult | None) -> dict[str, str]
     if "train" in stages:
         return stages["train"].data.params
     if robustness is not None and robustness.trained_with:
-        return tracking.param_safe(config_from_dict(robustness.trained_with))
+        return records.param_safe(config_from_dict(robustness.trained_with))
     return {}
 
 

@@ -13,10 +13,10 @@ from pipeline.data.prep import locate_prepared, prepare, summary_lines
 from pipeline.data.shards import read_manifest
 from pipeline.errors import MissingInput, UserError
 from pipeline.evaluation.metrics_table import metrics_table
-from pipeline.orchestration import tracking
+from pipeline.orchestration.tracking import connection, forwarding, pipeline_runs, records, registry
 from pipeline.quiet import ray_log_level
-from pipeline.training.preparation import prepare_training
 from pipeline.redaction import redact
+from pipeline.training.preparation import prepare_training
 
 # Torch and Ray are imported where a stage runs: a finished run's rerun loads neither.
 
@@ -81,22 +81,22 @@ STAGES = ("data-prep", "train", "evaluate")
 
 def _stage(name: str, run_id: str):
     print(f"== {name}", flush=True)
-    return tracking.active(run_id)
+    return pipeline_runs.active(run_id)
 
 
 def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
     """data-prep -> train (Ray Train DDP, or in this process when not `distributed`) -> evaluate."""
-    experiment = tracking.configure(config)
-    parent = tracking.pipeline_run(config, experiment)
+    experiment = connection.configure(config)
+    parent = pipeline_runs.pipeline_run(config, experiment)
     folder = config.run.folder()
     model_path = folder.model
     metrics_path = folder.eval_metrics
     skipped = []
 
-    with tracking.parent_run(parent) as outcome:
+    with pipeline_runs.parent_run(parent) as outcome:
         if config.data.prep_workers:
             start_ray(config)
-        run_id, finished = tracking.stage_run(experiment, parent, "data-prep")
+        run_id, finished = pipeline_runs.stage_run(experiment, parent, "data-prep")
         if finished:
             # Locating the prepared data hashes the inputs (their address) but not every shard again.
             try:
@@ -108,13 +108,13 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
             with _stage("data-prep", run_id):
                 prepared = prepare(config)
                 print("\n".join(summary_lines(prepared)))
-                tracking.log_prep(prepared.manifest, prepared.directory)
+                records.log_prep(prepared.manifest, prepared.directory)
             directory = prepared.directory
         # Auto anchors fitted to it, or as the run's record has them; a finished run's model is
         # only reused for the same model and data.
         config, _ = prepare_training(config.with_prepared(directory))
 
-        run_id, finished = tracking.stage_run(experiment, parent, "train")
+        run_id, finished = pipeline_runs.stage_run(experiment, parent, "train")
         train_run_id = run_id
         if finished and model_path.exists():
             skipped.append("train")
@@ -124,11 +124,11 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                 from pipeline.training.local import train_stage
                 from pipeline.training.ray_train import ray_checkpoints, train_distributed
 
-                tracking.log_train_params(config)
-                tracking.log_headline(parent, config, training_steps(config))
-                tracking.log_anchor_recall(report_anchor_recall(config))
+                records.log_train_params(config)
+                records.log_headline(parent, config, training_steps(config))
+                records.log_anchor_recall(report_anchor_recall(config))
                 journal = folder.journal
-                with tracking.MetricsForwarder(journal, run_id, config.tracking_uri()):
+                with forwarding.MetricsForwarder(journal, run_id, config.tracking_uri()):
                     if distributed:
                         start_ray(config)
                         result, model_path = train_distributed(config)
@@ -136,10 +136,10 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                     else:
                         summary = train_stage(config, progress=False)
                         model_path, kept = summary.model_path, summary.checkpoints
-                tracking.log_checkpoints(kept)
-                tracking.log_model(model_path, config)
+                records.log_checkpoints(kept)
+                registry.log_model(model_path, config)
 
-        run_id, finished = tracking.stage_run(experiment, parent, "evaluate")
+        run_id, finished = pipeline_runs.stage_run(experiment, parent, "evaluate")
         if finished and metrics_path.exists():
             skipped.append("evaluate")
         else:
@@ -149,20 +149,20 @@ def run_pipeline(config: Config, distributed: bool = True) -> PipelineResult:
                 if config.eval.workers:
                     start_ray(config)
                 evaluation = evaluate_stage(config)
-                tracking.log_evaluation(evaluation, config)
-            tracking.log_test_metrics(parent, evaluation)
-            tracking.promote(config, train_run_id, evaluation.result.metrics["AP"])
+                records.log_evaluation(evaluation, config)
+            records.log_test_metrics(parent, evaluation)
+            registry.promote(config, train_run_id, evaluation.result.metrics["AP"])
         outcome.ran = len(skipped) < len(STAGES)
     saved = json.loads(metrics_path.read_text())
     return PipelineResult(parent, saved["metrics"], saved["per_class_ap"], saved["per_class_ap50"], skipped,
-                          tracking.registered_name(config))
+                          registry.registered_name(config))
 
 
 def run_robustness(config: Config, names: list[str], progress: bool = True) -> dict[str, tuple]:
     """The robustness stage of the pipeline runs `names`, evaluated together (each perturbed
     image made once), each logged as the robustness child run of its own pipeline run."""
-    experiment = tracking.configure(config)
-    run_ids = {name: tracking.stage_run(experiment, tracking.pipeline_run(config.for_run(name), experiment),
+    experiment = connection.configure(config)
+    run_ids = {name: pipeline_runs.stage_run(experiment, pipeline_runs.pipeline_run(config.for_run(name), experiment),
                                         "robustness")[0] for name in names}
     from pipeline.evaluation.stages import robustness_stage
 
@@ -170,8 +170,8 @@ def run_robustness(config: Config, names: list[str], progress: bool = True) -> d
         start_ray(config)
     outputs = robustness_stage(config, names, progress)
     for name, (result, paths) in outputs.items():
-        with tracking.active(run_ids[name]):
-            tracking.log_robustness(result, paths)
+        with pipeline_runs.active(run_ids[name]):
+            records.log_robustness(result, paths)
     return outputs
 
 

@@ -22,8 +22,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pipeline.config import Config, apply_override, config_from_dict, config_record, config_to_dict, save_config
 from pipeline.data.prep import prepare
 from pipeline.errors import UserError
-from pipeline.orchestration import tracking
 from pipeline.orchestration.sweep_journal import JOURNAL, SweepJournal, TrialRecord, open_journal, plan_trials
+from pipeline.orchestration.tracking import connection, forwarding, pipeline_runs, records
 from pipeline.search_space import parse_domain
 from pipeline.training.loop import StepSchedule
 from pipeline.training.preparation import prepare_training
@@ -69,15 +69,15 @@ class _ReportValidationAP(TuneReportCallback):
 def _run_trial(params: dict, sweep: dict) -> None:
     # Prepared per trial: a trial may search model.min_size or the anchors themselves.
     config, _ = prepare_training(trial_config(sweep["base"], params))
-    run_id = tracking.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
+    run_id = pipeline_runs.trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["sweep_run_id"], config)
     trainer = build_trainer(config, sweep["classes"], callbacks=[_ReportValidationAP()])
-    with tracking.MetricsForwarder(config.run.folder().journal, run_id, sweep["tracking_uri"]):
+    with forwarding.MetricsForwarder(config.run.folder().journal, run_id, sweep["tracking_uri"]):
         fit_run(config, trainer)
     # A trial that ASHA stops, or that raises (its training failed, diverged or filled the disk),
     # never gets here: the sweep driver ends its run (`_trial_outcomes`). Ending it on the way out
     # as well raced with the driver, and a stopped trial's interrupted fit could overwrite the
     # driver's KILLED with FAILED.
-    tracking.finish(run_id, False, sweep["tracking_uri"])
+    pipeline_runs.finish(run_id, False, sweep["tracking_uri"])
 
 
 class _Journaling(tune.Callback):
@@ -154,9 +154,9 @@ def run_sweep(config: Config) -> SweepResult:
     """Run (or restore and finish) the sweep named `run.name`; ray must be initialised."""
     if not config.tune.space:
         raise UserError("tune.space: a sweep needs at least one key to search")
-    experiment = tracking.configure(config)
-    sweep_run = tracking.pipeline_run(config, experiment, stage="sweep")
-    with tracking.parent_run(sweep_run) as outcome:
+    experiment = connection.configure(config)
+    sweep_run = pipeline_runs.pipeline_run(config, experiment, stage="sweep")
+    with pipeline_runs.parent_run(sweep_run) as outcome:
         outcome.ran = True
         result = _sweep(config, experiment, sweep_run)
     return result
@@ -175,7 +175,7 @@ def _sweep(config: Config, experiment: str, sweep_run: str) -> SweepResult:
     search, remaining = _search_algorithm(config, journal)
     if remaining:
         _run_trials(config, experiment, sweep_run, journal, search, remaining, validations, manifest["classes"])
-    tracking.end_trials(sweep_run, _trial_outcomes(journal),
+    pipeline_runs.end_trials(sweep_run, _trial_outcomes(journal),
                         lambda trial: config.run.outputs().run(trial).journal)
     best = max((trial for trial in journal.trials.values() if any(not math.isnan(ap) for ap in trial.val_ap)),
                key=lambda trial: max(ap for ap in trial.val_ap if not math.isnan(ap)), default=None)
@@ -188,7 +188,7 @@ def _sweep(config: Config, experiment: str, sweep_run: str) -> SweepResult:
     best_path = config.run.outputs().best_config(name)
     save_config(best_config, best_path)
     best_ap = max(ap for ap in best.val_ap if not math.isnan(ap))
-    tracking.log_sweep_result(sweep_run, best_path, best.params, METRIC, best_ap)
+    records.log_sweep_result(sweep_run, best_path, best.params, METRIC, best_ap)
     stopped = sum(1 for trial in journal.trials.values() if trial.status == "STOPPED")
     return SweepResult(best_config, best_ap, best_path, len(journal.trials), stopped)
 

@@ -1,7 +1,7 @@
 """The per-step metrics of a training run, as a JSON-lines journal beside its checkpoints.
 
 The journal is the run's record of its curves: written by the training process (rank 0) as it
-goes, and read by `tracking.MetricsForwarder`, which sends it to MLflow, so that training never
+goes, and read by `tracking.forwarding.MetricsForwarder`, which sends it to MLflow, so that training never
 waits on the tracking server. A resumed run replays the steps after its last checkpoint; the
 journal keeps the first record of each step, so every step is recorded once.
 """
