@@ -17,6 +17,7 @@ from torch import Tensor
 
 from aploss.anchor_layout import HIGHEST_LEVEL, AnchorLayout
 
+
 def input_scale(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """The size torchvision's transform resizes an image to (the evaluation input)."""
     scale = min(min_size / min(height, width), max_size / max(height, width))

@@ -37,7 +37,8 @@ _RESNETS = {"retinanet_r18": resnet.resnet18, "retinanet_r34": resnet.resnet34, 
 # SSD300 and SSD512 default boxes (Liu et al.): aspect ratios per feature map, box scales
 # relative to the input side, feature-map strides.
 _SSD_BOXES = {
-    300: ([[2], [2, 3], [2, 3], [2, 3], [2], [2]], [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], [8, 16, 32, 64, 100, 300]),
+    300: ([[2], [2, 3], [2, 3], [2, 3], [2], [2]], [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+          [8, 16, 32, 64, 100, 300]),
     512: ([[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]], [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
           [8, 16, 32, 64, 128, 256, 512]),
 }
@@ -207,11 +208,13 @@ def build_detector(arch: str, num_classes: int, *, norm: Norm = "group", min_siz
     with `criterion` (default: the AP-loss over a batch held by this process).
 
     `min_size`/`max_size`, `anchors` (default: the paper's, P3-P7 with 6 per location) and
-    `fpn_channels` (the pyramid's and the head's width; RetinaNet's 256) apply to RetinaNet; SSD keeps its fixed input size and default boxes. `backbone_weights`: a
-    torchvision classification state dict of the trunk (ResNet, VGG16-BN), e.g. ImageNet's
+    `fpn_channels` (the pyramid's and the head's width; RetinaNet's 256) apply to RetinaNet; SSD
+    keeps its fixed input size and default boxes. `backbone_weights`: a torchvision
+    classification state dict of the trunk (ResNet, VGG16-BN), e.g. ImageNet's
     (`IMAGENET_WEIGHTS`), loaded before the trunk becomes the backbone; names or shapes that do
-    not fit (a GroupNorm trunk has no BN statistics) raise `WeightsMismatch` naming them. `train_input_size` > 0: training inputs are that square size as
-    given (made by augmentation), evaluation inputs are resized as above.
+    not fit (a GroupNorm trunk has no BN statistics) raise `WeightsMismatch` naming them.
+    `train_input_size` > 0: training inputs are that square size as given (made by
+    augmentation), evaluation inputs are resized as above.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {list(ARCHITECTURES)}, got {arch!r}")
@@ -245,7 +248,8 @@ def load_detector_weights(model: OneStageDetector, weights: Weights) -> list[str
     initialisation (at the prior); any other name or shape that does not fit raises
     `WeightsMismatch` naming it. Returns the names left re-initialised."""
     own = model.state_dict()
-    reinitialised = [key for key in classification_outputs(model) if key in weights and weights[key].shape != own[key].shape]
+    reinitialised = [key for key in classification_outputs(model)
+                     if key in weights and weights[key].shape != own[key].shape]
     given = {key: value for key, value in weights.items() if key not in reinitialised}
     _check_fit("detector weights do not fit this model", own, given, ignored=set(reinitialised))
     model.load_state_dict(given, strict=False)

@@ -134,7 +134,8 @@ class DetectionLoss(nn.Module):
             self.self_balance.observe(classification, localisation)
         return classification, weight * localisation
 
-    def _rank_sort(self, logits: Tensor, labels: Tensor, predicted: Tensor, gt_boxes: Tensor, giou_loss: Tensor, best_score: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+    def _rank_sort(self, logits: Tensor, labels: Tensor, predicted: Tensor, gt_boxes: Tensor, giou_loss: Tensor,
+                   best_score: Tensor, scale: int) -> tuple[Tensor, Tensor]:
         iou = _paired_iou(predicted, gt_boxes.float()).clamp(0.0, 1.0)
         positive_pairs = labels == 1
         # The release takes a target of 0 as a negative: a box that misses its object has no rank to earn.

@@ -28,7 +28,8 @@ def loaded() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="aploss_ranking", sources=[str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)
+        load(name="aploss_ranking", sources=[str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"],
+             is_python_module=False)
     except Exception as error:  # noqa: BLE001 - any build failure leaves the PyTorch path, said once
         warnings.warn(f"aploss: fused CPU kernels unavailable, using the pure-PyTorch engine: {error}", stacklevel=2)
         return False

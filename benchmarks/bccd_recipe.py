@@ -57,8 +57,9 @@ def step_times(config: Config, batches: int) -> dict[str, float]:
             model = copy.deepcopy(base)
             model.criterion.classification = loss
             training = Training(config, model, torch.device("cpu"), steps=100)
-            captured = []
-            hook = model.criterion.register_forward_pre_hook(lambda _, inputs: captured.append(inputs))
+            captured: list = []
+            hook = model.criterion.register_forward_pre_hook(
+                lambda _, inputs, captured=captured: captured.append(inputs))
             started = time.perf_counter()
             training.train_step(images, targets)
             step = time.perf_counter() - started

@@ -153,7 +153,8 @@ def family_outputs_and_update(loss, logits: Tensor, labels: Tensor, values: Tens
 
 def compared(case: str, loss_diff: float, update_diff: float) -> Check:
     return Check(case, f"max abs diff: loss {loss_diff:.1e}, update {update_diff:.1e}",
-                 loss_diff <= TOLERANCE and update_diff <= TOLERANCE, {"loss_diff": loss_diff, "update_diff": update_diff})
+                 loss_diff <= TOLERANCE and update_diff <= TOLERANCE,
+                 {"loss_diff": loss_diff, "update_diff": update_diff})
 
 
 def check_engine(scale: Scale, device: torch.device) -> list[Check]:
@@ -304,7 +305,7 @@ def check_ray_train(scale: Scale, root: Path, device: torch.device) -> list[Chec
 
 def header(device: torch.device, small: bool) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (no GPU used)"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"gpu_check, {date}: {name}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
             f"{', --small' if small else ''}")
 

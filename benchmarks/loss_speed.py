@@ -276,7 +276,8 @@ def main() -> None:
     if reference:
         print(f"\nO(P*N) reference, early input, N={reference['pairs']:,} P={reference['positives']:,}, "
               f"{reference['threads']} threads: {reference['reference_ms']:,.0f} ms, "
-              f"{reference['reference_ms'] / reference['engine_ms']:,.0f}x the engine's {reference['engine_ms']:.1f} ms")
+              f"{reference['reference_ms'] / reference['engine_ms']:,.0f}x the engine's "
+              f"{reference['engine_ms']:.1f} ms")
     write_json_atomically(args.json, {"device": args.device, "torch": torch.__version__, "fused_kernels": fused,
                                       "cores": os.cpu_count(), "rows": rows, "reference": reference})
     print(f"\nwritten: {args.json}")

@@ -25,9 +25,9 @@ from pipeline import yaml_values
 from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
+from pipeline.run_folder import OutputDir, RunFolder
 from pipeline.search_space import parse_domain
 from pipeline.storage import InputRefused, Location, absolute, is_uri
-from pipeline.run_folder import OutputDir, RunFolder
 
 # model.init (or predict --model) naming a model in MLflow's registry or a run's artifacts.
 MLFLOW_URIS = ("models:/", "runs:/")

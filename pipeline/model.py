@@ -25,8 +25,8 @@ from aploss.engine import LocalBatch
 from pipeline import checkpoints
 from pipeline.config import MAX_CLASSES, Config, check_bounded, config_from_dict
 from pipeline.errors import ConfigError, DataError, MissingInput, UserError
-from pipeline.redaction import redact
 from pipeline.model_source import model_file
+from pipeline.redaction import redact
 
 
 def resolve_device(name: str) -> torch.device:

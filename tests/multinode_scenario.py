@@ -69,7 +69,8 @@ def main(raw: str, output: Location) -> dict:
         ray.cloudpickle.register_pickle_by_value(ray_workers)
         clean = run(raw, output, "clean")
         removed: list[int] = []
-        watcher = remove_when(cluster, second, output / "lost-node" / "lost-node" / "train" / "metrics.jsonl", 5, removed)
+        journal = output / "lost-node" / "lost-node" / "train" / "metrics.jsonl"
+        watcher = remove_when(cluster, second, journal, 5, removed)
         lost = run(raw, output, "lost-node")
         watcher.join(timeout=5)
         return {"head": cluster.head_node.node_id, "nodes": [first.node_id, second.node_id], "removed": removed,

@@ -40,7 +40,8 @@ def test_train_prepares_the_data_it_finds_unprepared_as_its_help_says(tmp_path, 
                 f"run.output_dir={tmp_path / 'runs'}", "run.name=unprepared"]
     assert main(["train", *settings]) == 0
     printed = capsys.readouterr().out
-    assert f"prepared coco (written) in {tmp_path / 'runs' / 'data'}/coco-" in printed and "  train: 4 images" in printed
+    assert f"prepared coco (written) in {tmp_path / 'runs' / 'data'}/coco-" in printed
+    assert "  train: 4 images" in printed
     assert printed.count("anchor recall (IoU") == 1 and "trained 1 steps" in printed
 
 
@@ -275,14 +276,14 @@ def test_third_party_notices_are_hidden_unless_verbose(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_third_party()
-        warnings.warn("An input example was not provided when logging the model.", UserWarning)
+        warnings.warn("An input example was not provided when logging the model.", UserWarning, stacklevel=1)
     assert len(caught) == 1 and report_log.level == logging.NOTSET
     monkeypatch.delenv("APLOSS_VERBOSE")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_third_party()
-        warnings.warn("An input example was not provided when logging the model.", UserWarning)
-        warnings.warn("something the user should see", UserWarning)
+        warnings.warn("An input example was not provided when logging the model.", UserWarning, stacklevel=1)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something the user should see"]
     assert report_log.level == logging.WARNING and logging.getLogger("mlflow.pyfunc").level == logging.WARNING
     token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")

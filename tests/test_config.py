@@ -48,7 +48,8 @@ def test_flatten_uses_dotted_keys():
     (["loss.classification=lrp"], "loss.classification: must be one of"),
     (["loss.self_balance_period=-1"], r"loss.self_balance_period: must be >= 0 \(0: once per epoch\)"),
     (["loss.self_balance_initial=0"], "loss.self_balance_initial: must be > 0"),
-    (["data.dataset=coco"], "data.annotations: dataset 'coco' \\(your own COCO instances json\\) needs one json per split"),
+    (["data.dataset=coco"],
+     "data.annotations: dataset 'coco' \\(your own COCO instances json\\) needs one json per split"),
     (["optim.lr"], "must look like section.key=value"),
     (["model.arch=ssd300_vgg16", "train.input_size=512"], "train.input_size: ssd300_vgg16 takes 300x300 inputs"),
 ])

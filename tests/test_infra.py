@@ -170,12 +170,15 @@ def _check_pod_template(template: dict, where: str, claim_templates: set[str] = 
             source = entry.get("valueFrom", {})
             if "secretKeyRef" in source:
                 ref = source["secretKeyRef"]
-                assert ref["name"] in secrets, f"{where}/{name}: env {entry['name']} refers to undeclared Secret {ref['name']!r}"
-                assert ref["key"] in secrets[ref["name"]], f"{where}/{name}: Secret {ref['name']!r} has no key {ref['key']!r}"
+                assert ref["name"] in secrets, \
+                    f"{where}/{name}: env {entry['name']} refers to undeclared Secret {ref['name']!r}"
+                assert ref["key"] in secrets[ref["name"]], \
+                    f"{where}/{name}: Secret {ref['name']!r} has no key {ref['key']!r}"
             if "configMapKeyRef" in source:
                 ref = source["configMapKeyRef"]
                 assert ref["name"] in configmaps, f"{where}/{name}: undeclared ConfigMap {ref['name']!r}"
-                assert ref["key"] in configmaps[ref["name"]], f"{where}/{name}: ConfigMap {ref['name']!r} has no key {ref['key']!r}"
+                assert ref["key"] in configmaps[ref["name"]], \
+                    f"{where}/{name}: ConfigMap {ref['name']!r} has no key {ref['key']!r}"
         for source in container.get("envFrom", []):
             if "secretRef" in source:
                 assert source["secretRef"]["name"] in secrets, f"{where}/{name}: envFrom undeclared Secret"
@@ -214,7 +217,8 @@ def test_kubernetes_objects_have_api_version_kind_and_name(path, doc):
     assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], "apiVersion missing"
     assert isinstance(doc.get("kind"), str) and doc["kind"], "kind missing"
     name = doc.get("metadata", {}).get("name")
-    assert isinstance(name, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name), f"bad metadata.name {name!r}"
+    assert isinstance(name, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name), \
+        f"bad metadata.name {name!r}"
     expected_api = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Job": "batch/v1", "Service": "v1",
                     "Secret": "v1", "ConfigMap": "v1", "PersistentVolumeClaim": "v1", "Namespace": "v1",
                     "ServiceAccount": "v1", "NetworkPolicy": "networking.k8s.io/v1",
@@ -516,7 +520,8 @@ def test_compose_keeps_its_doors_shut(path):
     assert urlparse(config["database_uri"]).hostname in doc["services"], "the users must live on the stack's PostgreSQL"
     kubernetes = _kubernetes_auth_config()
     assert {k: v for k, v in config.items() if k != "database_uri"} == \
-        {k: v for k, v in kubernetes.items() if k != "database_uri"}, "compose and Kubernetes differ in their auth settings"
+        {k: v for k, v in kubernetes.items() if k != "database_uri"}, \
+        "compose and Kubernetes differ in their auth settings"
 
 
 def test_the_shared_volume_is_read_write_many():
@@ -758,9 +763,11 @@ def test_cluster_launcher_keeps_ray_private(path):
     # Extra rules of a Ray-made security group must not open anything (the dashboard, say) to
     # the world.
     for rule in doc["provider"].get("security_group", {}).get("IpPermissions", []):
-        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + \
+            [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
         assert not OPEN_TO_ALL & set(ranges), f"security group rule {rule} is open to the world"
-    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in doc[key] if "ray start" in c]
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in doc[key]
+              if "ray start" in c]
     assert starts
     for command in starts:
         assert "RAY_AUTH_MODE=token" in command, f"`{command}` starts Ray without token auth"
@@ -1466,4 +1473,5 @@ def test_checkov_finds_nothing_but_the_accepted(tmp_path):
     failed = _checkov_failures("-d", str(tmp_path), "--framework", "kubernetes")
     failed |= _checkov_failures("-f", str(INFRA / "docker" / "Dockerfile"), "--framework", "dockerfile")
     accepted = set(CHECKOV_SKIPS)
-    assert failed == accepted, f"new findings: {sorted(failed - accepted)}; skips not needed: {sorted(accepted - failed)}"
+    assert failed == accepted, \
+        f"new findings: {sorted(failed - accepted)}; skips not needed: {sorted(accepted - failed)}"

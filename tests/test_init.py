@@ -34,7 +34,7 @@ def _trunk_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     included, every value distinct from an untrained model's."""
     torch.manual_seed(seed)
     trunk = resnet18()
-    for name, value in trunk.state_dict().items():
+    for value in trunk.state_dict().values():
         if value.is_floating_point():
             value.copy_(torch.rand_like(value) + 0.5)
     return trunk.state_dict()
@@ -164,7 +164,8 @@ def test_a_registered_model_is_fetched_and_fine_tuned(tmp_path):
     earlier = _earlier_run(tmp_path)
     source = _config(tmp_path)
     experiment = connection.configure(source)
-    with pipeline_runs.active(pipeline_runs.stage_run(experiment, pipeline_runs.pipeline_run(source, experiment), "train")[0]):
+    parent = pipeline_runs.pipeline_run(source, experiment)
+    with pipeline_runs.active(pipeline_runs.stage_run(experiment, parent, "train")[0]):
         registry.log_model(tmp_path / "runs" / "earlier" / "model.pt", source)
     config = _config(tmp_path, "model.init=models:/aploss-bccd/1", "run.name=tuned")
     with pytest.raises(MissingInput, match="an MLflow model URI is fetched by the aploss commands"):
@@ -176,8 +177,9 @@ def test_a_registered_model_is_fetched_and_fine_tuned(tmp_path):
 
 def test_training_from_an_earlier_run_on_the_cli(tmp_path, capsys):
     write_synthetic_coco(tmp_path / "data", {"train": 4, "val": 2})
-    data = [f"data.root={tmp_path / 'data'}", "data.dataset=coco", "data.annotations={train: train.json, val: val.json}",
-            "data.images={train: train, val: val}", "data.test_split=val", "train.batch_size=2", "train.max_steps=1",
+    data = [f"data.root={tmp_path / 'data'}", "data.dataset=coco",
+            "data.annotations={train: train.json, val: val.json}", "data.images={train: train, val: val}",
+            "data.test_split=val", "train.batch_size=2", "train.max_steps=1",
             "train.eval_every=1", *SMALL, f"run.output_dir={tmp_path / 'runs'}"]
     assert main(["prep", *data]) == 0
     assert main(["train", *data, "run.name=first"]) == 0

@@ -32,7 +32,8 @@ TOKEN = "aploss-test-" + "0" * 20
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in [*PASSED_ENV, "APLOSS_SUBMIT_DIR", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]:
+    for name in [*PASSED_ENV, "APLOSS_SUBMIT_DIR", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                 "RAY_AUTH_TOKEN_PATH"]:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -45,7 +46,8 @@ def test_runtime_env_ships_the_project_and_only_set_variables(clean_env, capsys)
     # Ray matches the excludes as .gitignore does: every file of the project's code goes with the
     # job, and the local outputs and environment stay behind.
     excluded = _get_excludes(PROJECT, env["excludes"])
-    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT, capture_output=True, text=True,
+                             check=True).stdout.split()
     assert tracked and not [name for name in tracked if excluded(PROJECT / name)]
     for local in ("runs/x/model.pt", "data/bccd/x.jpg", ".venv/bin/python", "mlflow.db", "benchmarks/results/x.json"):
         assert excluded(PROJECT / local), local

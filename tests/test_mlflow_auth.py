@@ -129,9 +129,9 @@ def uri(tmp_path_factory, values):
             try:
                 urllib.request.urlopen(f"{address}/health", timeout=1)  # probes need no login
                 break
-            except OSError:
+            except OSError as error:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
+                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}") from error
                 time.sleep(0.3)
         yield address
     finally:

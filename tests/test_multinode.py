@@ -76,7 +76,8 @@ def test_a_run_across_nodes_survives_losing_one(s3_server, tmp_path, monkeypatch
     clean_weights = torch.load(_fetch(Location(result["clean"]["model"]), tmp_path), weights_only=False)["model"]
     lost_weights = torch.load(_fetch(Location(result["lost"]["model"]), tmp_path), weights_only=False)["model"]
     for key, value in clean_weights.items():
-        torch.testing.assert_close(lost_weights[key], value, rtol=1e-4, atol=2e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(lost_weights[key], value, rtol=1e-4, atol=2e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")
     clean_ap, lost_ap = (result[run]["metrics"]["metrics"]["AP"] for run in ("clean", "lost"))
     assert lost_ap == pytest.approx(clean_ap, abs=1e-3)
 

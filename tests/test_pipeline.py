@@ -121,7 +121,8 @@ def test_a_failed_pipeline_ends_its_runs_failed(pipeline_config, capsys):
     assert "train.batch_size (64) is larger than the training split" in capsys.readouterr().err
     client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aploss").experiment_id
-    (parent,) = client.search_runs([experiment], "tags.`aploss.run_name` = 'broken' and tags.`aploss.stage` = 'pipeline'")
+    (parent,) = client.search_runs([experiment],
+                                   "tags.`aploss.run_name` = 'broken' and tags.`aploss.stage` = 'pipeline'")
     children = _children(client, experiment, parent.info.run_id)
     assert parent.info.status == "FAILED" and children["train"].info.status == "FAILED"
     assert children["data-prep"].info.status == "FINISHED"

@@ -34,8 +34,8 @@ def _pipeline(overrides: list[str]) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
     environment.pop("RAY_ADDRESS", None)
     environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.orchestration.cli", "pipeline", "run", *overrides], cwd=PROJECT,
-                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.orchestration.cli", "pipeline", "run", *overrides],
+                            cwd=PROJECT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -95,10 +95,11 @@ def test_killing_the_driver_three_times_ends_with_the_uninterrupted_weights(tmp_
 
     clean = tmp_path / "clean"
     _finish(_pipeline(_overrides(data, clean)))
-    interrupted_weights, clean_weights = _weights(output / "faulty" / "model.pt"), _weights(clean / "faulty" / "model.pt")
+    interrupted_weights = _weights(output / "faulty" / "model.pt")
+    clean_weights = _weights(clean / "faulty" / "model.pt")
     for key in clean_weights:
         torch.testing.assert_close(interrupted_weights[key], clean_weights[key], rtol=1e-4, atol=2e-6,
-                                   msg=lambda m: f"seed {seed}, killed at {killed_at}: {key}: {m}")
+                                   msg=lambda m, key=key: f"seed {seed}, killed at {killed_at}: {key}: {m}")
 
     # Each step recorded once, in the journal and in MLflow, whatever was replayed.
     assert _journal_steps(output) == list(range(1, 13))
@@ -172,8 +173,9 @@ def test_a_running_ray_cluster_is_joined_only_when_asked(tmp_path):
     started = _ray("start", "--head", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats")
     assert started.returncode == 0, started.stderr
     try:
-        script = ("import sys; from pipeline.config import load_config; from pipeline.orchestration.run import start_ray; "
-                  "import ray; start_ray(load_config(None, sys.argv[1:])); "
+        script = ("import sys; from pipeline.config import load_config; "
+                  "from pipeline.orchestration.run import start_ray; import ray; "
+                  "start_ray(load_config(None, sys.argv[1:])); "
                   "print('cpus', ray.cluster_resources()['CPU'])")
         environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
         environment.pop("RAY_ADDRESS", None)

@@ -47,7 +47,7 @@ def _weights(path):
 def _assert_same_weights(left, right):
     assert left.keys() == right.keys()
     for key in left:
-        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=2e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=2e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("classification", ["ap", "focal", "alrp", pytest.param("rs", marks=pytest.mark.slow)])

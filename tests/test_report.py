@@ -25,7 +25,8 @@ def test_report_tables_per_run_per_group_and_per_perturbation():
     ap_group, focal_group = "ap / constant / retinanet_r18", "focal / constant / retinanet_r18"
     std = statistics.stdev([0.30, 0.40])
     assert (f"| {ap_group} | 2 | 0.350 ± {std:.3f} | 0.700 ± {2 * std:.3f} | 0.250 ± {std:.3f} | "
-            f"{statistics.mean([0.2 / 0.3, 0.3 / 0.4]):.3f} ± {statistics.stdev([0.2 / 0.3, 0.3 / 0.4]):.3f} |") in lines
+            f"{statistics.mean([0.2 / 0.3, 0.3 / 0.4]):.3f} ± "
+            f"{statistics.stdev([0.2 / 0.3, 0.3 / 0.4]):.3f} |") in lines
     assert "mPC: COCO-C, 1 corruptions × severities 1, 3." in lines
     assert "Not run: glass_blur (TypeError: old scikit-image)." in lines
     assert f"| perturbation | {ap_group} | {focal_group} |" in lines
@@ -36,7 +37,8 @@ def test_report_tables_per_run_per_group_and_per_perturbation():
 
 def test_report_warns_when_runs_cover_different_severities():
     runs = [_summary("a", "ap", 0, 0.3, 0.2, (0.2, 0.1)), _summary("b", "focal", 0, 0.3, 0.2, (0.2, 0.1), (3, 5))]
-    assert any(line.startswith("**Warning: the runs' robustness covers different") for line in markdown(runs).splitlines())
+    assert any(line.startswith("**Warning: the runs' robustness covers different")
+               for line in markdown(runs).splitlines())
 
 
 def test_the_ap_chart_draws_each_bar_opaque_in_its_legend_s_colour_beside_the_other():

@@ -15,9 +15,9 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence
 
 from pipeline.config import DataConfig
 from pipeline.data.sources import VOC2007_FOLDER, VOC2012_FOLDER, VOC_LAYOUTS, PrepError, coco2017_paths, voc_layout

@@ -142,7 +142,8 @@ def locate_prepared(config: Config) -> Location:
         directory = prepared_directory(config, _input_hash(_settings(data, source, splits), source,
                                                            _image_stats(data, splits)))
     except PrepError as error:
-        raise MissingInput(f"no prepared {data.dataset!r} data can be found, since its inputs cannot be read ({error}): "
+        raise MissingInput(f"no prepared {data.dataset!r} data can be found, since its inputs cannot be read "
+                           f"({error}): "
                            "run data-prep first (aploss prep or python -m jobs.prep, with the same data.* and "
                            "run.output_dir), or set data.prepared to a prepared-data directory") from None
     if not (directory / MANIFEST).is_file():

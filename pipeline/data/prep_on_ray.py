@@ -60,8 +60,8 @@ def write_shards(plans: list[tuple[str, list[CheckedImage]]], destination: Locat
     target = str(destination) if destination.remote else ""
     with _ordered():
         written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _write_batch, fn_kwargs={"destination": target, "limits": limits}, batch_size=1, concurrency=min(workers, len(items)),
-            num_cpus=1)
+            _write_batch, fn_kwargs={"destination": target, "limits": limits}, batch_size=1,
+            concurrency=min(workers, len(items)), num_cpus=1)
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
             for summary, data in zip(batch["summary"], batch["data"]):
                 summary = json.loads(summary)

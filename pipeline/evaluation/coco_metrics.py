@@ -20,9 +20,10 @@ import io
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from faster_coco_eval import COCO as FasterCOCO

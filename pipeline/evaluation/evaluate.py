@@ -25,7 +25,6 @@ from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 
 
-
 @torch.no_grad()
 def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], device: torch.device,
            category_ids: Sequence[int]) -> list[dict]:

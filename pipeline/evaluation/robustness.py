@@ -257,7 +257,7 @@ def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:
             mean_ap = [np.mean([result.ap[s.label] for s in chosen if s.severity == v]) for v in severities]
             axes.plot([0, *severities], [result.clean_ap, *mean_ap], marker="o", label=name)
         axes.set(title=family + (" (mean over corruptions)" if family == "coco-c" else ""),
-                 xlabel="severity" if family == "coco-c" else ("covered fraction" if family == "occlusion" else "sigma"),
+                 xlabel={"coco-c": "severity", "occlusion": "covered fraction"}.get(family, "sigma"),
                  ylabel="AP", ylim=(0, None))
         axes.legend()
     buffer = io.BytesIO()

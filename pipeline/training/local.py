@@ -18,8 +18,8 @@ from pipeline.errors import TrainingDiverged
 from pipeline.images import ImageLimits
 from pipeline.model import build_model, initial_model, resolve_device
 from pipeline.training.hooks import LocalSink, training_hooks
-from pipeline.training.preparation import prepare_training
 from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
+from pipeline.training.preparation import prepare_training
 
 # A local run is given no share of the machine, as a Ray worker is: on a large one, a few loader
 # processes keep up with one training process, and more would take the step's own threads.

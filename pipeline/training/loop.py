@@ -15,8 +15,8 @@ import random
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,8 @@ class StepSchedule:
         steps = per_epoch * train.epochs
         steps = min(steps, train.max_steps) if train.max_steps else steps
         # 0 means once per epoch.
-        return cls(per_epoch, steps, train.log_every, train.eval_every or per_epoch, train.checkpoint_every or per_epoch)
+        return cls(per_epoch, steps, train.log_every, train.eval_every or per_epoch,
+                   train.checkpoint_every or per_epoch)
 
     def logs(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total_steps

@@ -15,8 +15,15 @@ from pathlib import Path
 import ray.train
 import ray.train.collective
 import ray.train.torch
-from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
-                       ScalingConfig)
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from aploss.distributed import ProcessGroupBatch
@@ -32,8 +39,8 @@ from pipeline.model import build_model, initial_model
 from pipeline.quiet import quiet_third_party, ray_log_level
 from pipeline.storage import Location
 from pipeline.training.hooks import say, training_hooks
-from pipeline.training.preparation import prepare_training
 from pipeline.training.loop import HookBase, StepSchedule, Training, fit, loader_processes, seed_everything
+from pipeline.training.preparation import prepare_training
 
 STATE_FILE = "state.pt"
 SCORE = "score"
