@@ -39,7 +39,8 @@ from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402
 from pipeline.evaluation import stages  # noqa: E402
 from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections  # noqa: E402
-from pipeline.evaluation.evaluate import predict, validation_ap  # noqa: E402
+from pipeline.evaluation.evaluate import validation_ap  # noqa: E402
+from pipeline.inference.detection import detect_split  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.model import build_model, load_model  # noqa: E402
 from pipeline.training.preparation import training_data  # noqa: E402
@@ -80,7 +81,7 @@ def evaluation_times(config: Config, model_path: Path, workers: int) -> dict:
         detections = stages._detect_on_ray(config, model_path, split)
     else:
         model = load_model(model_path, CPU)[0]
-        detections = predict(model, DetectionDataset(ShardReader(split)), config.eval.batch_size, CPU,
+        detections = detect_split(model, DetectionDataset(ShardReader(split)), config.eval.batch_size, CPU,
                              category_ids(ground_truth))
     detected = time.perf_counter()
     evaluate_detections(ground_truth, detections)

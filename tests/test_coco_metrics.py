@@ -17,7 +17,7 @@ from pycocotools.cocoeval import COCOeval
 from pipeline.config import config_from_dict
 from pipeline.data.prep import prepare
 from pipeline.evaluation.coco_metrics import METRIC_NAMES, PR_IOU_THRESHOLDS, evaluate_detections, plot_pr_curves
-from pipeline.evaluation.drawing import draw_detections
+from pipeline.inference.drawing import draw_detections
 from pipeline.io import write_json_atomic
 from tests.conftest import DATA_ROOT
 

@@ -20,7 +20,8 @@ from torchvision.io import read_image, write_png
 from pipeline.config import Config, load_config
 from pipeline.data.prep import prepare
 from pipeline.evaluation import evaluate
-from pipeline.evaluation.evaluate import evaluation_slices, validation_ap
+from pipeline.evaluation.evaluate import validation_ap
+from pipeline.inference.detection import detection_slices, pack_detections, unpack_detections
 from pipeline.model import load_model
 from pipeline.training.preparation import training_data
 from tests.distributed_worker import spawn_group
@@ -34,15 +35,15 @@ def test_slices_are_whole_single_process_batches_in_order():
     def batch(*indices):
         return list(indices)
 
-    assert evaluation_slices(7, 2, 3) == [[batch(0, 1), batch(2, 3)], [batch(4, 5)], [batch(6)]]
-    assert evaluation_slices(10, 3, 2) == [[batch(0, 1, 2), batch(3, 4, 5)], [batch(6, 7, 8), batch(9)]]
-    assert evaluation_slices(5, 4, 3) == [[batch(0, 1, 2, 3)], [batch(4)], []]  # fewer batches than workers
-    assert evaluation_slices(4, 2, 1) == [[batch(0, 1), batch(2, 3)]]
+    assert detection_slices(7, 2, 3) == [[batch(0, 1), batch(2, 3)], [batch(4, 5)], [batch(6)]]
+    assert detection_slices(10, 3, 2) == [[batch(0, 1, 2), batch(3, 4, 5)], [batch(6, 7, 8), batch(9)]]
+    assert detection_slices(5, 4, 3) == [[batch(0, 1, 2, 3)], [batch(4)], []]  # fewer batches than workers
+    assert detection_slices(4, 2, 1) == [[batch(0, 1), batch(2, 3)]]
     for images in range(12):
         for batch_size in range(1, 5):
-            (single,) = evaluation_slices(images, batch_size, 1)
+            (single,) = detection_slices(images, batch_size, 1)
             for workers in range(1, 6):
-                slices = evaluation_slices(images, batch_size, workers)
+                slices = detection_slices(images, batch_size, workers)
                 assert len(slices) == workers
                 assert [b for part in slices for b in part] == single  # the same batches, in order
                 sizes = [len(part) for part in slices]
@@ -54,9 +55,9 @@ def test_packed_detections_unpack_to_the_same_dicts():
                   {"image_id": 12, "category_id": 1, "bbox": [0.0, 0.0, 1.0, 2.0], "score": 0.05}]
     detections = [{**d, "bbox": torch.tensor(d["bbox"]).tolist(), "score": torch.tensor(d["score"]).item()}
                   for d in detections]  # float32 values, as the detector makes them
-    unpacked = evaluate.unpack_detections(evaluate.pack_detections(detections))
+    unpacked = unpack_detections(pack_detections(detections))
     assert json.dumps(unpacked) == json.dumps(detections)
-    assert evaluate.unpack_detections(evaluate.pack_detections([])) == []
+    assert unpack_detections(pack_detections([])) == []
 
 
 def _widen_every_other(json_path, image_dir) -> None:

@@ -10,7 +10,7 @@ import torch
 from pipeline.checkpoints import export_model
 from pipeline.config import config_record, load_config
 from pipeline.errors import MissingInput
-from pipeline.evaluation.export import export_detector
+from pipeline.inference.export import export_detector
 from pipeline.model import build_model, load_model
 from pipeline.orchestration.cli import main
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
-LAYERS = {"": 0, "data": 1, "evaluation": 2, "training": 3, "orchestration": 4}
+LAYERS = {"": 0, "data": 1, "inference": 2, "evaluation": 3, "training": 4, "orchestration": 5}
 
 
 def _layer(module: str) -> int:

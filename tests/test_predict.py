@@ -25,7 +25,7 @@ from pipeline.data.dataset import DetectionDataset
 from pipeline.data.prep import prepare
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.errors import DataError
-from pipeline.evaluation.evaluate import predict
+from pipeline.inference.detection import detect_split
 from pipeline.model import load_model
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking.registered_model import RegisteredDetector
@@ -79,7 +79,7 @@ def test_predict_on_image_files_equals_the_evaluation_of_the_same_images(trained
     model.score_thresh = 0.01
     ground_truth = json.loads((split_dir(config, "val") / "ground_truth.json").read_text())
     names = {image["id"]: image["file_name"] for image in ground_truth["images"]}
-    evaluated = predict(model, DetectionDataset(ShardReader(split_dir(config, "val"))), 2, torch.device("cpu"),
+    evaluated = detect_split(model, DetectionDataset(ShardReader(split_dir(config, "val"))), 2, torch.device("cpu"),
                         manifest["category_ids"])
     files = {image["id"]: image["file_name"] for image in detections["images"]}
     assert evaluated and sorted((files[a["image_id"]], a["category_id"], _rounded(a["bbox"], a["score"]))

@@ -2,88 +2,29 @@
 faster-coco-eval) and Pascal VOC AP when asked, precision-recall curves, sample images with their
 detections, and the detections json."""
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config
 from pipeline.data.bindings import prepared_category_ids, split_dir
-from pipeline.data.dataset import DetectionDataset, collate
+from pipeline.data.dataset import DetectionDataset
 from pipeline.data.shards import ShardReader
 from pipeline.evaluation.coco_metrics import CocoResult, category_ids, evaluate_detections, plot_pr_curves
-from pipeline.evaluation.drawing import DRAW_SCORE, draw_detections
 from pipeline.evaluation.voc_metrics import VocResult, voc_map
 from pipeline.images import ImageLimits
+from pipeline.inference.detection import (
+    detect_batches,
+    detect_split,
+    detection_slices,
+    pack_detections,
+    unpack_detections,
+)
+from pipeline.inference.drawing import DRAW_SCORE, draw_detections
 from pipeline.io import write_json_atomic
-
-
-@torch.no_grad()
-def detect(model: OneStageDetector, images: list[Tensor], image_ids: list[int], device: torch.device,
-           category_ids: Sequence[int]) -> list[dict]:
-    """COCO result dicts (the dataset's category id of each class, bbox x, y, w, h) of `model`
-    on one batch."""
-    results = []
-    for image_id, detections in zip(image_ids, model([image.to(device) for image in images])):
-        boxes = detections["boxes"].cpu()
-        boxes[:, 2:] -= boxes[:, :2]
-        for bbox, score, label in zip(boxes.tolist(), detections["scores"].tolist(), detections["labels"].tolist()):
-            results.append({"image_id": image_id, "category_id": category_ids[label], "bbox": bbox, "score": score})
-    return results
-
-
-def evaluation_slices(num_images: int, batch_size: int, workers: int) -> list[list[list[int]]]:
-    """The batches of indices each of `workers` processes detects: the single-process batches of
-    `batch_size`, in order, cut into consecutive runs (the first runs one batch longer when they do
-    not divide evenly, empty ones when there are fewer batches than workers). Whole batches, since
-    a batch is padded to its largest image and GroupNorm sees the padding: each image is detected
-    exactly as in one process, and the slices' detections in order are one process's."""
-    batches = [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
-    share, longer = divmod(len(batches), workers)
-    bounds = [0]
-    for worker in range(workers):
-        bounds.append(bounds[-1] + share + (worker < longer))
-    return [batches[start:stop] for start, stop in zip(bounds, bounds[1:])]
-
-
-def detect_batches(model: OneStageDetector, dataset: DetectionDataset, batches: list[list[int]], device: torch.device,
-                   category_ids: Sequence[int], progress: bool = False) -> list[dict]:
-    """COCO result dicts of `model` on `batches` of `dataset`'s indices, with a progress bar if asked."""
-    model.eval()
-    results = []
-    with tqdm(total=sum(map(len, batches)), desc="evaluate", unit="img", disable=not progress) as bar:
-        for images, _, image_ids in DataLoader(dataset, batch_sampler=batches, collate_fn=collate):
-            results += detect(model, images, image_ids, device, category_ids)
-            bar.update(len(images))
-    return results
-
-
-def predict(model: OneStageDetector, dataset: DetectionDataset, batch_size: int, device: torch.device,
-            category_ids: Sequence[int], progress: bool = False) -> list[dict]:
-    """COCO result dicts of `model` on all of `dataset`, in batches of `batch_size`: the one slice
-    of a single process."""
-    (batches,) = evaluation_slices(len(dataset), batch_size, 1)
-    return detect_batches(model, dataset, batches, device, category_ids, progress)
-
-
-def pack_detections(detections: list[dict]) -> np.ndarray:
-    """`detections` as one float64 array [n, 7] of image_id, category_id, x, y, w, h, score, to
-    ship between processes: float64 holds the ids and the detector's float32 values exactly."""
-    rows = [[d["image_id"], d["category_id"], *d["bbox"], d["score"]] for d in detections]
-    return np.array(rows, dtype=np.float64).reshape(-1, 7)
-
-
-def unpack_detections(packed: np.ndarray) -> list[dict]:
-    """The result dicts `pack_detections` packed, equal to the originals."""
-    return [{"image_id": int(row[0]), "category_id": int(row[1]), "bbox": row[2:6], "score": row[6]}
-            for row in packed.tolist()]
 
 
 def _process_group() -> tuple[int, int]:
@@ -96,12 +37,12 @@ def _process_group() -> tuple[int, int]:
 def validation_ap(model: OneStageDetector, config: Config, device: torch.device) -> float | None:
     """COCO AP of `model` on the validation split of the prepared data `config` is bound to. In a
     process group of several, every process calls it at the same point and detects its slice
-    (`evaluation_slices`); rank 0 gathers the detections and returns the AP, the others None."""
+    (`detection_slices`); rank 0 gathers the detections and returns the AP, the others None."""
     split = split_dir(config, config.data.val_split)
     ground_truth = split / "ground_truth.json"
     dataset = DetectionDataset(ShardReader(split), limits=ImageLimits.of(config.data))
     rank, world_size = _process_group()
-    batches = evaluation_slices(len(dataset), config.eval.batch_size, world_size)[rank]
+    batches = detection_slices(len(dataset), config.eval.batch_size, world_size)[rank]
     # The manifest's ids, not the ground truth's: every rank needs them, only rank 0 the whole json.
     detections = detect_batches(model, dataset, batches, device, prepared_category_ids(config))
     if world_size > 1:
@@ -152,7 +93,7 @@ def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_tr
     same detections as well. `detections` made elsewhere (Ray workers) are taken as they are;
     `model` still draws the sample images."""
     if detections is None:
-        detections = predict(model, dataset, batch_size, device, category_ids(ground_truth), progress=progress)
+        detections = detect_split(model, dataset, batch_size, device, category_ids(ground_truth), progress=progress)
     result = evaluate_detections(ground_truth, detections)
     voc_result = voc_map(ground_truth, detections) if voc else None
     detections_path = out_dir / "detections.json"

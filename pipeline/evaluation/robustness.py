@@ -34,7 +34,7 @@ from aploss.detector import OneStageDetector
 from pipeline.config import ConfigError, RobustnessConfig
 from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections
-from pipeline.evaluation.evaluate import detect, evaluation_slices
+from pipeline.inference.detection import coco_results, detect, detection_slices
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.storage import Location
 
@@ -214,7 +214,8 @@ def perturbed_detections(models: dict[str, OneStageDetector], dataset: Detection
     for images, _, image_ids in DataLoader(PerturbedDataset(dataset, setting, seed), batch_sampler=batches,
                                            collate_fn=collate, num_workers=workers):
         for name, model in models.items():
-            detections[name] += detect(model, images, image_ids, device, categories)
+            for image_id, found in zip(image_ids, detect(model, images, device)):
+                detections[name] += coco_results(found, image_id, categories)
     return detections
 
 
@@ -236,7 +237,7 @@ def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionD
                         unavailable: dict[str, str] | None = None, workers: int = 0, progress: bool = False
                         ) -> dict[str, RobustnessResult]:
     """Each model's AP under each setting, detected in this process."""
-    (batches,) = evaluation_slices(len(dataset), batch_size, 1)
+    (batches,) = detection_slices(len(dataset), batch_size, 1)
     categories = category_ids(ground_truth)
     detections = ((setting, perturbed_detections(models, dataset, setting, batches, device, categories, seed, workers))
                   for setting in chosen)

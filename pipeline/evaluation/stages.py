@@ -2,7 +2,7 @@
 data.prepared), written under the run directory (eval/, robustness/).
 
 With eval.workers = N the detection runs in N Ray tasks, each loading the models once and
-detecting its slice of the split's batches (`evaluation_slices`); this process puts the slices'
+detecting its slice of the split's batches (`detection_slices`); this process puts the slices'
 detections back in order, which makes them one process's, and evaluates them as one process does."""
 import dataclasses
 import tempfile
@@ -20,15 +20,9 @@ from pipeline.data.shards import ShardReader
 from pipeline.data.sources import PASCAL_VOC
 from pipeline.errors import DataError, MissingInput
 from pipeline.evaluation.coco_metrics import category_ids
-from pipeline.evaluation.evaluate import (
-    Evaluation,
-    detect_batches,
-    evaluate_split,
-    evaluation_slices,
-    pack_detections,
-    unpack_detections,
-)
+from pipeline.evaluation.evaluate import Evaluation, evaluate_split
 from pipeline.images import ImageLimits
+from pipeline.inference.detection import detect_batches, detection_slices, pack_detections, unpack_detections
 from pipeline.model import load_model, resolve_device
 from pipeline.storage import Location
 
@@ -74,7 +68,7 @@ def _perturb_slice(weights: dict, split: Location, batches: list[list[int]], use
 
 def _on_ray(config: Config, task: Callable, model_paths: dict[str, Path | Location], split: Location, *args,
             **options) -> list:
-    """`task` on every non-empty slice of the split for eval.workers (`evaluation_slices`), one
+    """`task` on every non-empty slice of the split for eval.workers (`detection_slices`), one
     Ray task each, with every model: their results in slice order. Ray must be initialised
     (`pipeline.orchestration.run.start_ray`)."""
     import ray
@@ -84,7 +78,7 @@ def _on_ray(config: Config, task: Callable, model_paths: dict[str, Path | Locati
                            "call pipeline.orchestration.run.start_ray first")
     # The weights travel through Ray's object store, once: a path here means nothing on another node.
     weights = {name: ray.put(Location(path).read_bytes()) for name, path in model_paths.items()}
-    slices = evaluation_slices(len(ShardReader(split)), config.eval.batch_size, config.eval.workers)
+    slices = detection_slices(len(ShardReader(split)), config.eval.batch_size, config.eval.workers)
     remote = ray.remote(task).options(num_cpus=config.ray.cpus_per_worker, num_gpus=1 if config.ray.use_gpu else 0,
                                       **options)
     threads = max(1, int(config.ray.cpus_per_worker))

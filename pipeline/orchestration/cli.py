@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import Config, load_config
 from pipeline.errors import TrainingFailed, UserError, one_line
-from pipeline.evaluation.drawing import DRAW_SCORE
+from pipeline.inference.drawing import DRAW_SCORE
 from pipeline.model_source import is_registered, model_file
 from pipeline.quiet import VERBOSE_VARIABLE, quiet_third_party
 from pipeline.redaction import redact
@@ -132,14 +132,14 @@ def _model_file(spec: str, config: Config) -> Location:
 
 
 def _export(config: Config, arguments: argparse.Namespace, overrides: list[str]) -> None:
-    from pipeline.evaluation.export import export_detector
+    from pipeline.inference.export import export_detector
 
     model_path = _model_file(arguments.model, config)
     print(f"TorchScript program: {export_detector(model_path, Location(arguments.out), overrides)}")
 
 
 def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], overrides: list[str]) -> None:
-    from pipeline.evaluation.predict import predict_stage
+    from pipeline.inference.predict import predict_stage
 
     # Beside the runs (run.output_dir, which .gitignore covers), not in the working directory.
     out = Location(arguments.out or config.run.outputs().predictions / (
@@ -157,14 +157,14 @@ def _predict(config: Config, arguments: argparse.Namespace, inputs: list[str], o
         raise UserError("predict: --draw is for a single process; leave out --ray to draw the detections")
     model_path = _model_file(arguments.model, config)
     if arguments.split:
-        from pipeline.evaluation.predict import predict_split
+        from pipeline.inference.predict import predict_split
 
         detections = predict_split(config, model_path, arguments.split, overrides, out)
         print(f"{len(detections['annotations'])} detections on {len(detections['images'])} images of the "
               f"{arguments.split} split: {out}")
         return
     if arguments.ray:
-        from pipeline.evaluation.batch_predict import predict_on_ray
+        from pipeline.inference.batch_predict import predict_on_ray
         from pipeline.orchestration.run import start_ray
 
         start_ray(config)

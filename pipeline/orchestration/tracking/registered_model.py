@@ -31,14 +31,16 @@ class RegisteredDetector(PythonModel):
         self.detector.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from pipeline.evaluation.predict import decode, detect
         from pipeline.images import ImageLimits
+        from pipeline.inference.detection import detect
+        from pipeline.inference.inputs import decode
 
         rows, limits = [], ImageLimits.of(self.trained.data)
         for index, encoded in enumerate(model_input["image"]):
             image = decode(bytes(encoded), f"image {index}", limits)
-            (found,) = detect(self.detector, [image], self.classes, torch.device("cpu"))
-            rows.append((found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), found.names))
+            (found,) = detect(self.detector, [image], torch.device("cpu"))
+            rows.append((found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(),
+                         found.names(self.classes)))
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 

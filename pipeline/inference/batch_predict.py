@@ -5,7 +5,7 @@ through the image gate (`pipeline.images`), decodes and detects batches of eval.
 and the detections are written as Parquet shards (in a shared folder or a bucket on a cluster: the
 actors write them), one row per image: file_name, width, height,
 boxes (xyxy pixels), scores, labels (0-based), category_ids (the dataset's) and names. The
-detector, decoding and post-processing are `aploss predict`'s (`pipeline.evaluation.predict`).
+detector, decoding and post-processing are `aploss predict`'s (`pipeline.inference.predict`).
 """
 import tempfile
 from collections.abc import Sequence
@@ -17,8 +17,9 @@ import ray.data
 import torch
 
 from pipeline.config import Config
-from pipeline.evaluation.predict import detect, image_files, read_image, with_postprocessing
 from pipeline.images import ImageLimits
+from pipeline.inference.detection import detect, with_postprocessing
+from pipeline.inference.inputs import image_files, read_image
 from pipeline.model import load_model
 from pipeline.storage import Location
 
@@ -38,13 +39,13 @@ class _Detector:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         images = [read_image(Location(path), self.limits) for path in batch["path"]]
-        found = detect(self.model, images, self.classes, self.device)
+        found = detect(self.model, images, self.device)
         return {"file_name": list(batch["path"]), "height": [image.shape[1] for image in images],
                 "width": [image.shape[2] for image in images],
                 "boxes": [f.boxes.tolist() for f in found], "scores": [f.scores.tolist() for f in found],
                 "labels": [f.labels.tolist() for f in found],
                 "category_ids": [[self.ids[label] for label in f.labels.tolist()] for f in found],
-                "names": [f.names for f in found]}
+                "names": [f.names(self.classes) for f in found]}
 
 
 def predict_on_ray(config: Config, model_path: Location, inputs: Sequence[str], overrides: Sequence[str],

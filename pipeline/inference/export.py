@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from aploss.detector import OneStageDetector
 from pipeline.errors import MissingInput
-from pipeline.evaluation.predict import with_postprocessing
+from pipeline.inference.detection import with_postprocessing
 from pipeline.model import load_model
 from pipeline.storage import Location
 
