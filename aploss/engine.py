@@ -171,7 +171,9 @@ def _step_sums(ranking: Ranking, count: Tensor, offset: Tensor) -> Tensor:
     return steps
 
 
-def _chunk_size(device: torch.device) -> int:
+def chunk_pairs(device: torch.device) -> int:
+    """How many anchor-class pairs the engine places per step on `device`: an input past it is
+    ranked in several chunks (the GPU check makes one that is)."""
     return _CHUNK_PAIRS.get(device.type, _CHUNK_PAIRS["cuda"])
 
 
@@ -189,7 +191,7 @@ def _place_negatives(logits: Tensor, labels: Tensor, ranking: Ranking, keep: boo
     unscored = ranking.unscored_bin
     lowest, highest = _clamp_range(ranking)
     prune_below = ranking.scores[0].item() - ranking.delta
-    size = _chunk_size(logits.device)
+    size = chunk_pairs(logits.device)
     locator = ranking.locator
     if fused(logits.device):
         count, offset, placed, has_nan = torch.ops.aploss.place_negatives(
@@ -416,7 +418,7 @@ def _evaluate_update(update: _Update, flat_logits: Tensor, grad_output: Tensor) 
                                                 update.center, update.lowest, update.highest)
     else:
         grad = torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
-        size = _chunk_size(flat_logits.device)
+        size = chunk_pairs(flat_logits.device)
         for start in range(0, flat_logits.numel(), size):
             bins = update.placed[start:start + size].int()
             scores = flat_logits[start:start + size].to(torch.float64, copy=True)

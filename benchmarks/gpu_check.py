@@ -48,6 +48,7 @@ from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.data.prep import prepare  # noqa: E402
 from pipeline.data.shards import ShardReader  # noqa: E402
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.orchestration.run import start_ray  # noqa: E402
@@ -56,7 +57,6 @@ from pipeline.training.journal import read_journal  # noqa: E402
 from pipeline.training.loop import HookBase, Training, seed_everything  # noqa: E402
 from pipeline.training.preparation import training_data  # noqa: E402
 from pipeline.training.ray_train import train_distributed  # noqa: E402
-from tests.synthetic import write_synthetic_coco  # noqa: E402
 
 NO_GPU = ("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); "
           "run it on a machine with an NVIDIA GPU")
@@ -130,7 +130,7 @@ def reference_inputs(scale: Scale, device: torch.device) -> list[tuple[str, floa
     # On a grid of step delta/2, many pairs sit exactly at the kinks s_i -/+ delta and at s_i.
     tied = 0.5 * torch.randint(-6, 6, (n,), generator=g).double(), random_labels(g, (n,), 0.02, 0.1)
     # More pairs than one of the engine's chunks on this device, so that chunks are stitched.
-    late_logits, late_labels = detection_batch("late", int(1.25 * engine._chunk_size(device)), 50, "cpu")
+    late_logits, late_labels = detection_batch("late", int(1.25 * engine.chunk_pairs(device)), 50, "cpu")
     return [("random", 1.0, *random), ("random", 0.0, *random), ("ties", 1.0, *tied), ("ties", 0.0, *tied),
             ("detection, early", 1.0, *detection_shaped(g, scale.detection_shape)),
             ("detection, late, > 1 chunk", 1.0, late_logits.double(), late_labels)]
@@ -189,8 +189,7 @@ def compare_speed(scale: Scale, device: torch.device) -> list[Check]:
 
 def base_config(scale: Scale, root: Path, device: torch.device, *overrides: str) -> Config:
     return load_config(None, [
-        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", f"model.arch={scale.arch}",
+        *coco_settings(root / 'data'), f"model.arch={scale.arch}",
         f"model.min_size={scale.image_size}", f"model.max_size={scale.image_size}",
         f"train.batch_size={scale.batch_size}", f"train.device={device.type}", "train.amp=true",
         "optim.warmup_steps=1", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",

@@ -7,14 +7,13 @@ import shutil
 import warnings
 import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from pipeline.errors import DataError
 from pipeline.io import write_bytes_atomic, write_json_atomic
-from pipeline.storage import PARTIAL_FILES, InputRefused, Location
+from pipeline.storage import PARTIAL_FILES, InputRefused, Location, Where
 
 # A checkpoint of the largest detector here with its optimizer state is under 1 GB, and the
 # pickle in it (names, config, classes: the tensors' bytes are records of their own) some 40 KB;
@@ -24,14 +23,14 @@ MAX_PICKLE_BYTES = 4 << 20
 READ_TIMEOUT_S = 900
 
 
-def save_atomic(state: dict[str, Any], path: Path | Location) -> None:
+def save_atomic(state: dict[str, Any], path: Where) -> None:
     """A crash while saving never leaves half a checkpoint (pipeline.io writes, then renames)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes_atomic(buffer.getvalue(), path)
 
 
-def load(path: Path | Location, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load(path: Where, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint's tensors and plain data. Nothing in the file runs: unpickling is limited to
     tensors, numbers, strings and containers (weights_only), so a file crafted to run code on
     load, as any pickle can, is refused; and the file is read only if it is a regular file of at
@@ -76,7 +75,7 @@ def _unsupported(error: pickle.UnpicklingError) -> str:
     return named[0].rstrip(".") if named else "an unsupported pickle"
 
 
-def remove_partials(run_folder: Path | Location) -> None:
+def remove_partials(run_folder: Where) -> None:
     """Removes what a crash or a full disk cut short in a local `run_folder` of checkpoints (an
     object store never shows an object before it is whole): files of an atomic write that were
     never renamed, and checkpoint_* folders without a whole checkpoint in them, as Ray Train's
@@ -111,19 +110,19 @@ def sound(scored: Sequence[tuple[float | None, T]]) -> T | None:
     return scored[max(validated)[1]][1] if validated else None
 
 
-def export_model(state: dict[str, Any], category_ids: list[int], path: Path | Location) -> Path | Location:
+def export_model(state: dict[str, Any], category_ids: list[int], path: Where) -> Location:
     """The trained detector as the run's model.pt: weights, the config it was trained with
     (bound to its prepared data), the class names and their dataset's category ids, from a
     checkpoint's state."""
     save_atomic({**{key: state[key] for key in ("model", "config", "classes")}, "category_ids": category_ids}, path)
-    return path
+    return Location(path)
 
 
 class CheckpointStore:
     """step-<N>.pt files in `directory` and an index.json of their validation scores; at most
     `keep` of them: the latest (to resume from) and the best `keep - 1` (as Ray Train keeps them)."""
 
-    def __init__(self, directory: Path | Location, keep: int) -> None:
+    def __init__(self, directory: Where, keep: int) -> None:
         self.directory = Location(directory)
         self.keep = keep
         self.index_path = self.directory / "index.json"

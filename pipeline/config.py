@@ -19,15 +19,15 @@ from typing import Any, Literal
 import yaml
 
 from aploss.anchor_layout import AnchorLayout
-from aploss.catalog import ARCHITECTURES, IMAGENET_TRUNKS
+from aploss.catalog import IMAGENET_TRUNKS, Architecture
 from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
 from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
 from pipeline.redaction import redact_tree
 from pipeline.run_folder import OutputDir, RunFolder
-from pipeline.search_space import parse_domain
-from pipeline.storage import InputRefused, Location, absolute, is_uri
+from pipeline.search_space import DEFAULT_SPACE, parse_domain
+from pipeline.storage import InputRefused, Location, Where, absolute, is_uri
 
 # model.init (or predict --model) naming a model in MLflow's registry or a run's artifacts.
 MLFLOW_URIS = ("models:/", "runs:/")
@@ -128,7 +128,8 @@ class DataConfig:
         return cache / "aploss" / "data" / hashlib.sha256(root.encode()).hexdigest()[:16]
 
 
-AUGMENTATIONS = ("flip", "ssd")  # pipeline.data.augment
+Augmentation = Literal["flip", "ssd"]  # pipeline.data.augment
+AUGMENTATIONS: tuple[str, ...] = typing.get_args(Augmentation)
 
 # SSD models see one input size, fixed by their default boxes.
 FIXED_INPUT_SIZES = {"ssd300_vgg16": 300, "ssd512_vgg16": 512, "ssdlite_mobilenet_v3": 320}
@@ -171,7 +172,7 @@ class AnchorConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal[ARCHITECTURES] = "retinanet_r18"
+    arch: Architecture = "retinanet_r18"
     # Where training starts: none (from scratch), imagenet (torchvision's weights of the trunk),
     # a path or http(s) URL of a trunk's or a whole detector's state dict, run:NAME (that run's
     # model.pt), or an MLflow model URI (models:/aploss-bccd@champion, runs:/...).
@@ -304,7 +305,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision, on CUDA only
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
-    augment: Literal[AUGMENTATIONS] = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.data.augment)
+    augment: Augmentation = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.data.augment)
     input_size: int = 0  # square training input after augmentation; 0: model.min_size/max_size resize
     # Processes decoding and augmenting beside each training process; -1 (auto): one per whole CPU
     # beyond the step's own, of ray.cpus_per_worker on Ray workers, of this machine's (at most 4)
@@ -399,18 +400,6 @@ class RobustnessConfig:
         _require(all(s > 0 for s in self.noise), "robustness.noise", f"sigmas must be > 0, got {self.noise}")
         _require(all(1 <= s <= 5 for s in self.severities), "robustness.severities",
                  f"COCO-C severities are 1-5, got {self.severities}")
-
-
-# The delta-interpolation and learning-rate schedules, the sweep's default subject.
-DEFAULT_SPACE = {
-    "loss.delta.kind": "choice(constant, linear, cosine, step)",
-    "loss.delta.start": "uniform(0.5, 2.0)",
-    "loss.delta.end": "loguniform(0.05, 0.5)",
-    "loss.delta.narrow_from": "uniform(0.0, 0.5)",
-    "optim.lr": "loguniform(0.001, 0.03)",
-    "optim.warmup_steps": "randint(0, 100)",
-    "optim.schedule": "choice(multistep, cosine)",
-}
 
 
 @dataclass
@@ -509,7 +498,7 @@ class Config:
             self, data=dataclasses.replace(self.data, root=self.data.root_location(), prepared=prepared),
             run=dataclasses.replace(self.run, output_dir=absolute(self.run.output_dir)))
 
-    def with_prepared(self, directory: "Path | Location") -> "Config":
+    def with_prepared(self, directory: Where) -> "Config":
         """This config bound to the prepared data in `directory` (recorded with the run's model)."""
         return dataclasses.replace(self, data=dataclasses.replace(self.data, prepared=str(Location(directory))))
 
@@ -537,8 +526,6 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if len(choices) == 1 and isinstance(choices[0], tuple):
-            choices = choices[0]
         _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
         return value
     if origin is list:

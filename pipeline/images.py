@@ -11,7 +11,6 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +20,7 @@ from pipeline.config import DataConfig
 
 if TYPE_CHECKING:
     import torch
-from pipeline.storage import InputRefused, Location
+from pipeline.storage import InputRefused, Location, Where
 
 MEGABYTE = 1 << 20
 # Decoded by torchvision; the others Pillow opens (BMP, TIFF, ...) are decoded by Pillow.
@@ -50,7 +49,7 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits.of(DataConfig())
 
 
-def read_image_file(where: Path | Location, limits: ImageLimits) -> bytes:
+def read_image_file(where: Where, limits: ImageLimits) -> bytes:
     """The encoded file, read within the limits and its header checked; FileNotFoundError or
     OSError when it cannot be read, ImageRefused when it is refused."""
     try:

@@ -34,10 +34,23 @@ class _DropMessages(logging.Filter):
         return not self.pattern.match(record.getMessage())
 
 
-# Ray's note that token authentication is on, as it should be; its warning that it is off stays.
-_TOKEN_AUTH_ON = _DropMessages(r"Token authentication is enabled")
-_WORKER_ERROR = _DropMessages(r"Error in training function")
-_GROUP_SHUTDOWN = _DropMessages(r"Graceful shutdown of backend failed")
+# Ray's loggers are named by its internal modules, which a Ray upgrade may move: they are named
+# here alone, and tests/test_cli.py checks that each module is still in the installed Ray.
+# Each with the messages dropped from it (filters, since Ray Train's logging.config.dictConfig
+# resets the levels of the loggers under its own):
+RAY_INTERNAL_LOGGERS = {
+    # the note that token authentication is on, as it should be (its warning that it is off stays)
+    "ray._private.authentication.authentication_token_setup": r"Token authentication is enabled",
+    # where Ray Train restarts the workers, a worker's error and the worker group's shutdown after
+    # it, each with a traceback: the run says it in one line (`ray_train.run_worker`)
+    "ray.train.v2._internal.util": r"Error in training function",
+    "ray.train.v2._internal.callbacks.backend_setup": r"Graceful shutdown of backend failed",
+}
+# Ray Train prints each ray.train.report() call in full ("Reporting training result N:
+# TrainingReport(...)"); the run's own step and validation lines say it better. That module's
+# logger is named by its file, found without importing Ray (help and `config show` do not).
+RAY_REPORT_MODULE = "ray.train.v2._internal.execution.context"
+_RAY_FILTERS = {name: _DropMessages(messages) for name, messages in RAY_INTERNAL_LOGGERS.items()}
 
 
 def quiet_third_party() -> None:
@@ -50,16 +63,10 @@ def quiet_third_party() -> None:
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example against ..."
     # Ray Train's notes on moving the model, wrapping it in DDP and persisting each checkpoint.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
-    # Where Ray Train restarts the workers, a worker's error and the worker group's shutdown after
-    # it, each with a traceback: the run says it in one line (`ray_train.run_worker`). Filters,
-    # since Ray Train's logging.config.dictConfig resets the levels of the loggers under its own.
-    logging.getLogger("ray.train.v2._internal.util").addFilter(_WORKER_ERROR)
-    logging.getLogger("ray.train.v2._internal.callbacks.backend_setup").addFilter(_GROUP_SHUTDOWN)
-    # Ray Train prints each ray.train.report() call in full ("Reporting training result N:
-    # TrainingReport(...)"); the run's own step and validation lines say it better. That module's
-    # logger is named by its file, found without importing Ray (help and `config show` do not).
+    for name, dropped in _RAY_FILTERS.items():
+        logging.getLogger(name).addFilter(dropped)  # once: a logger keeps one of each filter
     ray = importlib.util.find_spec("ray")
     if ray is not None and ray.origin:
-        context = os.path.join(os.path.dirname(ray.origin), "train", "v2", "_internal", "execution", "context.py")
-        logging.getLogger(context).setLevel(logging.WARNING)
+        parts = RAY_REPORT_MODULE.split(".")[1:]
+        report = os.path.join(os.path.dirname(ray.origin), *parts[:-1], parts[-1] + ".py")
+        logging.getLogger(report).setLevel(logging.WARNING)

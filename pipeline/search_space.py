@@ -13,6 +13,18 @@ from typing import Any
 from pipeline import yaml_values
 from pipeline.errors import ConfigError
 
+# The delta-interpolation and learning-rate schedules, the sweep's default subject.
+DEFAULT_SPACE = {
+    "loss.delta.kind": "choice(constant, linear, cosine, step)",
+    "loss.delta.start": "uniform(0.5, 2.0)",
+    "loss.delta.end": "loguniform(0.05, 0.5)",
+    "loss.delta.narrow_from": "uniform(0.0, 0.5)",
+    "optim.lr": "loguniform(0.001, 0.03)",
+    "optim.warmup_steps": "randint(0, 100)",
+    "optim.schedule": "choice(multistep, cosine)",
+}
+
+
 _SPEC = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\((.*)\)\s*$")
 
 

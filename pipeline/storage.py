@@ -299,3 +299,8 @@ def _write_local(data: bytes, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+# What every function that reads or writes a file of the pipeline takes: a local path or an
+# object-store URI, as `Location` itself takes them (a Location made from a Location is itself).
+Where = str | os.PathLike | Location

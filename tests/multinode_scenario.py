@@ -17,6 +17,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline.config import load_config
 from pipeline.data.prep import prepare
+from pipeline.data.synthetic import coco_settings
 from pipeline.evaluation.stages import evaluate_stage
 from pipeline.storage import Location
 from pipeline.training.journal import read_journal
@@ -26,8 +27,7 @@ from tests import ray_workers
 
 def overrides(raw: str, output: str, name: str) -> list[str]:
     return [
-        "data.dataset=coco", f"data.root={raw}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "data.download=false",
+        *coco_settings(raw), "data.download=false",
         "data.prep_workers=2", "model.min_size=96", "model.max_size=96", "train.batch_size=4", "train.epochs=100",
         "train.max_steps=10", "train.checkpoint_every=2", "train.eval_every=5", "train.log_every=1",
         "optim.warmup_steps=2", "eval.batch_size=2", "eval.workers=2", "eval.sample_images=0", "ray.workers=2",

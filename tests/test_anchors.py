@@ -109,12 +109,11 @@ def test_auto_anchors_reach_the_platelets_the_paper_s_miss(bccd, capsys):
 
 def test_a_run_s_rerun_takes_its_recorded_anchors_and_refits_for_other_data(tmp_path, monkeypatch):
     # A finished run's rerun spent most of its time refitting the anchors its record holds.
+    from pipeline.data.synthetic import coco_settings, write_synthetic_coco
     from pipeline.training import preparation
-    from tests.synthetic import write_synthetic_coco
 
     write_synthetic_coco(tmp_path / "data", {"train": 4, "val": 2})
-    settings = ["data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.test_split=val",
-                "data.annotations={train: train.json, val: val.json}", "data.images={train: train, val: val}",
+    settings = [*coco_settings(tmp_path / 'data'),
                 "model.min_size=96", "model.max_size=96", f"run.output_dir={tmp_path / 'runs'}", "run.name=rerun"]
     config = load_config(None, settings)
     prepare(config, progress=False)

@@ -21,8 +21,8 @@ from pipeline.config import Config, config_from_dict
 from pipeline.data import prep as prep_module
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
+from pipeline.data.synthetic import write_synthetic_coco
 from pipeline.orchestration.cli import main
-from tests.synthetic import write_synthetic_coco
 from tests.test_prep import jpeg, make_config, make_voc, voc_xml
 
 FIRST = 1000  # the id write_synthetic_coco gives a split's first image

@@ -19,6 +19,7 @@ from torchvision.io import read_image, write_png
 
 from pipeline.config import Config, load_config
 from pipeline.data.prep import prepare
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.evaluate import validation_ap
 from pipeline.inference.detection import detection_slices, pack_detections, unpack_detections
@@ -26,7 +27,6 @@ from pipeline.model import load_model
 from pipeline.training.preparation import training_data
 from tests.distributed_worker import spawn_group
 from tests.process_environment import environment
-from tests.synthetic import write_synthetic_coco
 
 CPU = torch.device("cpu")
 
@@ -73,8 +73,7 @@ def _widen_every_other(json_path, image_dir) -> None:
 
 def _config(root, name: str, *overrides: str) -> Config:
     return load_config(None, [
-        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *coco_settings(root / 'data'), "model.min_size=96", "model.max_size=96",
         # An all but untrained model: every candidate counts, so there is something to compare.
         "model.score_thresh=0.0", "model.detections_per_image=20", "train.batch_size=4", "train.epochs=100",
         "train.max_steps=2", "optim.warmup_steps=2", "train.eval_every=1000", "eval.batch_size=2",

@@ -16,11 +16,11 @@ from torchvision.ops import FrozenBatchNorm2d
 from aploss.architectures import IMAGENET_WEIGHTS, classification_outputs
 from pipeline import checkpoints
 from pipeline.config import config_record, load_config
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.errors import DataError, MissingInput
 from pipeline.model import bind_init, build_model, initial_model
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking import connection, pipeline_runs, registry
-from tests.synthetic import write_synthetic_coco
 
 SMALL = ["model.arch=retinanet_r18", "model.min_size=96", "model.max_size=96"]
 
@@ -177,9 +177,7 @@ def test_a_registered_model_is_fetched_and_fine_tuned(tmp_path):
 
 def test_training_from_an_earlier_run_on_the_cli(tmp_path, capsys):
     write_synthetic_coco(tmp_path / "data", {"train": 4, "val": 2})
-    data = [f"data.root={tmp_path / 'data'}", "data.dataset=coco",
-            "data.annotations={train: train.json, val: val.json}", "data.images={train: train, val: val}",
-            "data.test_split=val", "train.batch_size=2", "train.max_steps=1",
+    data = [*coco_settings(tmp_path / "data"), "train.batch_size=2", "train.max_steps=1",
             "train.eval_every=1", *SMALL, f"run.output_dir={tmp_path / 'runs'}"]
     assert main(["prep", *data]) == 0
     assert main(["train", *data, "run.name=first"]) == 0

@@ -23,8 +23,8 @@ from jobs import submit as submit_module
 from jobs.runtime_env import PASSED_ENV, runtime_env
 from jobs.submit import auth_headers, submit
 from pipeline.config import Config, load_config
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration import cli
-from tests.synthetic import write_synthetic_coco
 
 PROJECT = Path(__file__).resolve().parents[1]
 TOKEN = "aploss-test-" + "0" * 20
@@ -235,8 +235,7 @@ def test_submit_pipeline_job(cluster, tmp_path, capsys):
     write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     overrides = [
-        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *coco_settings(tmp_path / 'data'), "model.min_size=96", "model.max_size=96",
         "train.batch_size=4", "train.max_steps=2", "train.epochs=100", "train.eval_every=2", "ray.workers=2",
         f"run.output_dir={tmp_path / 'runs'}", "run.name=job-test", f"tracking.uri={uri}"]
     # The venv's python: a bare `python` resolves on the raylet's PATH.

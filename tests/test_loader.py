@@ -17,9 +17,9 @@ from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, RunBatchSampler
 from pipeline.data.prep import prepare
 from pipeline.data.shards import ShardReader
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.training.local import train_stage
 from pipeline.training.loop import Training, loader_processes, training_batches
-from tests.synthetic import write_synthetic_coco
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,7 @@ def data_root(tmp_path_factory):
 
 def _config(data_root, output, name, *overrides):
     config = load_config(None, [
-        "data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=64", "model.max_size=64",
+        *coco_settings(data_root), "model.min_size=64", "model.max_size=64",
         "train.augment=ssd", "train.input_size=64", "train.batch_size=4", "train.epochs=2", "train.eval_every=1000",
         "train.checkpoint_every=1", "optim.warmup_steps=2", f"run.output_dir={output}", f"run.name={name}",
         *overrides])
@@ -130,8 +129,7 @@ def test_loader_processes_end_with_a_killed_training(data_root, tmp_path, signal
     # They used to outlive `aploss train` (about 1.3 GB each), one pair 88 minutes later.
     kernels.loaded()  # compiled here first, so the killed process is not compiling it
     overrides = [
-        "data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=64", "model.max_size=64",
+        *coco_settings(data_root), "model.min_size=64", "model.max_size=64",
         "train.batch_size=4", "train.max_steps=100000", "train.eval_every=100000", "train.loader_workers=2",
         f"run.output_dir={tmp_path}", "run.name=killed"]
     command = [sys.executable, "-m", "pipeline.orchestration.cli"]

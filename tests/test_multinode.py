@@ -17,10 +17,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from pipeline.data.synthetic import write_synthetic_coco
 from pipeline.storage import Location
 from pipeline.training.journal import read_journal
 from tests.object_store import TEST_BUCKET as BUCKET
-from tests.synthetic import write_synthetic_coco
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ from pipeline.data.bindings import split_dir
 from pipeline.data.prep import locate_prepared, prepare
 from pipeline.data.shards import MANIFEST, ShardReader, read_manifest
 from pipeline.data.sources import PrepError
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.errors import MissingInput
 from pipeline.evaluation.coco_metrics import category_ids, load_ground_truth
 from pipeline.evaluation.stages import evaluate_stage
@@ -26,7 +27,6 @@ from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
 from tests.mlflow_server import Server
 from tests.object_store import TEST_BUCKET as BUCKET
-from tests.synthetic import write_synthetic_coco
 
 
 @pytest.fixture
@@ -97,8 +97,7 @@ def test_a_run_lives_in_s3_through_a_killed_worker_and_evaluation(s3, tmp_path, 
     write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})  # the raw input stays local
     output = Location(f"s3://{BUCKET}/{tmp_path.name}/runs")
     config = load_config(None, [
-        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "data.download=false", "model.min_size=96",
+        *coco_settings(tmp_path / 'data'), "data.download=false", "model.min_size=96",
         "model.max_size=96", "train.batch_size=4", "train.max_steps=6", "train.checkpoint_every=2",
         "optim.warmup_steps=2", "train.eval_every=1000", "train.log_every=1", "ray.workers=2", "ray.max_failures=1",
         f"run.output_dir={output}", "run.name=in-s3"])
@@ -159,8 +158,7 @@ def test_the_pipeline_runs_with_its_outputs_in_s3_and_mlflow_on_a_server(s3, tmp
     write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 2})
     output = Location(f"s3://{BUCKET}/{tmp_path.name}/runs")
     overrides = [
-        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *coco_settings(tmp_path / 'data'), "model.min_size=96", "model.max_size=96",
         "train.batch_size=4", "train.max_steps=2", "train.eval_every=2", "eval.sample_images=1", "ray.workers=2",
         "ray.local_cpus=4", f"run.output_dir={output}", "run.name=s3-pipeline"]
     assert main(["pipeline", "run", *overrides]) == 2  # the default sqlite store cannot live in a bucket

@@ -9,8 +9,8 @@ from pathlib import Path
 from torchvision.io import decode_image, write_jpeg
 
 from pipeline.data.shards import read_manifest
+from pipeline.data.synthetic import write_synthetic_coco
 from pipeline.orchestration.cli import main
-from tests.synthetic import write_synthetic_coco
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

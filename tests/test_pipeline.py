@@ -10,8 +10,8 @@ import mlflow
 import pytest
 import ray
 
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration.cli import main
-from tests.synthetic import write_synthetic_coco
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,7 @@ def pipeline_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     write_synthetic_coco(root / "data", {"train": 8, "val": 2})
     overrides = [
-        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *coco_settings(root / 'data'), "model.min_size=96", "model.max_size=96",
         "train.batch_size=4", "train.max_steps=4", "train.epochs=100", "train.eval_every=1", "train.log_every=1",
         "train.keep_checkpoints=2", "eval.sample_images=1",
         "ray.workers=2", "ray.local_cpus=4", f"run.output_dir={root / 'runs'}", "run.name=pipeline-test"]

@@ -24,6 +24,7 @@ from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.prep import prepare
 from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.errors import DataError
 from pipeline.inference.detection import detect_split
 from pipeline.model import load_model
@@ -31,7 +32,6 @@ from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking.registered_model import RegisteredDetector
 from pipeline.training.local import train_stage
 from tests.conftest import DATA_ROOT
-from tests.synthetic import write_synthetic_coco
 from tests.test_data_trust import png_declaring
 from tests.test_image_gate import gif_growing_to, tiff_declaring
 
@@ -50,8 +50,7 @@ def trained(tmp_path_factory):
 
 
 def _data_settings(data_root) -> list[str]:
-    return ["data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
-            "data.images={train: train, val: val}", "data.test_split=val"]
+    return [*coco_settings(data_root)]
 
 
 def _rounded(box: list[float], score: float) -> tuple:

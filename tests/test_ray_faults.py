@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.synthetic import write_synthetic_coco
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 def _overrides(data_root: Path, output: Path) -> list[str]:
     # Checkpoints every 2 steps, validation every 6: a kill finds unvalidated checkpoints behind
     # it, which Ray once saved with a null score that no resume could compare.
-    return ["data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
-            "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96",
+    return [*coco_settings(data_root), "model.min_size=96",
             "model.max_size=96", "train.batch_size=4", "train.epochs=100", "train.max_steps=12",
             "train.checkpoint_every=2", "train.eval_every=6", "train.log_every=1", "optim.warmup_steps=2",
             "eval.sample_images=0", "ray.workers=2", "ray.local_cpus=4", f"run.output_dir={output}",

@@ -7,12 +7,12 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.prep import prepare
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.errors import TrainingDiverged, TrainingFailed, UserError, WorkerRefused
 from pipeline.orchestration.cli import _met_outside
 from pipeline.training.local import train_stage
 from pipeline.training.ray_train import train_distributed
 from tests import ray_workers
-from tests.synthetic import write_synthetic_coco
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,7 @@ def data_root(tmp_path_factory):
 
 def _config(data_root, output, name, *overrides):
     config = load_config(None, [
-        "data.dataset=coco", f"data.root={data_root}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *coco_settings(data_root), "model.min_size=96", "model.max_size=96",
         "train.batch_size=4", "train.epochs=100", "optim.warmup_steps=2", "train.eval_every=1000",
         f"run.output_dir={output}", f"run.name={name}", *overrides])
     prepare(config, progress=False)

@@ -12,11 +12,11 @@ from aploss import detection_loss
 from pipeline.config import load_config
 from pipeline.data.prep import prepare
 from pipeline.data.sources import PrepError
+from pipeline.data.synthetic import write_synthetic_coco
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.coco_metrics import evaluate_detections
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.tracking import connection, pipeline_runs, records
-from tests.synthetic import write_synthetic_coco
 
 
 def _overrides(data_root, output, name="run", **splits):

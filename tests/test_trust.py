@@ -19,6 +19,7 @@ from jobs import runtime_env as runtime_env_module
 from jobs import submit as submit_module
 from pipeline import checkpoints
 from pipeline.config import config_record, load_config
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.errors import DataError
 from pipeline.model import build_model, load_model
 from pipeline.orchestration.cli import main
@@ -26,7 +27,6 @@ from pipeline.orchestration.tracking import connection, registry
 from pipeline.redaction import credentials, redact
 from tests.conftest import DATA_ROOT
 from tests.mlflow_server import Server, free_port
-from tests.synthetic import write_synthetic_coco
 
 SECRET = "s3cr3t-t0ken-4f9a"
 # A password with the characters a pattern for URIs would stop at, the secret on both sides.
@@ -66,8 +66,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
     write_synthetic_coco(root / "data", {"train": 4, "val": 2})
     overrides = [
-        "data.dataset=coco", f"data.root={root / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.arch=retinanet_r18",
+        *coco_settings(root / 'data'), "model.arch=retinanet_r18",
         "model.min_size=96", "model.max_size=96", "train.batch_size=2", "train.max_steps=2", "train.epochs=100",
         "train.eval_every=2", "ray.workers=1", f"run.output_dir={root / 'runs'}"]
     assert main(["prep", *overrides]) == 0

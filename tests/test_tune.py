@@ -12,11 +12,11 @@ import pytest
 import ray
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.sweep_journal import JOURNAL, SweepJournal, TrialRecord, open_journal, plan_trials
 from pipeline.search_space import parse_domain
 from pipeline.storage import Location
-from tests.synthetic import write_synthetic_coco
 
 
 def test_search_domains_parse_and_reject_bad_specs():
@@ -70,8 +70,7 @@ def test_sweep_stops_the_trailing_trial_and_writes_the_best_config(tmp_path, cap
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # Tune would copy it into each trial's runtime env
     write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 4})
     overrides = [
-        "data.dataset=coco", f"data.root={tmp_path / 'data'}", "data.annotations={train: train.json, val: val.json}",
-        "data.images={train: train, val: val}", "data.test_split=val", "model.min_size=96", "model.max_size=96",
+        *coco_settings(tmp_path / 'data'), "model.min_size=96", "model.max_size=96",
         "train.batch_size=4", "train.max_steps=24", "train.epochs=100", "train.eval_every=6", "ray.workers=1",
         "ray.local_cpus=4", "optim.warmup_steps=2", 'tune.space={optim.lr: "grid(0.02, 0.000001)"}',
         "tune.grace_period=2", f"run.output_dir={tmp_path / 'runs'}", "run.name=sweep-test"]

@@ -3,14 +3,13 @@
 dropped with the reason. The same in data-prep's own process and in its Ray Data tasks."""
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.shards import ImageRecord
 from pipeline.data.sources import PrepError, SourceImage
 from pipeline.images import ImageLimits, ImageRefused, decode_rgb, read_image_file
-from pipeline.storage import Location
+from pipeline.storage import Where
 
 
 @dataclass
@@ -23,7 +22,7 @@ class CheckedImage:
     sha256: str  # of the encoded file: a second read must find the bytes that were checked
 
 
-def read_image(where: Path | Location, limits: ImageLimits) -> tuple[bytes, int, int]:
+def read_image(where: Where, limits: ImageLimits) -> tuple[bytes, int, int]:
     """The encoded file and its decoded (width, height), through the image gate; decoding it all
     catches truncation."""
     try:
@@ -57,7 +56,7 @@ def _clip(box: Box, width: int, height: int, min_size: float) -> tuple[Box | Non
     return clipped, ""
 
 
-def check_image(image: SourceImage, where: Path | Location, min_box_size: float, limits: ImageLimits) -> CheckedImage:
+def check_image(image: SourceImage, where: Where, min_box_size: float, limits: ImageLimits) -> CheckedImage:
     """`image` read from `where`, decoded, checked against its annotation, its boxes clipped or
     dropped."""
     entry = image.entry

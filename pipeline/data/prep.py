@@ -47,7 +47,7 @@ from pipeline.data.shards import (
 from pipeline.data.sources import Entry, PrepError, Source, check_splits, open_source
 from pipeline.errors import MissingInput, naming_full_disk
 from pipeline.images import ImageLimits
-from pipeline.storage import Location, is_uri
+from pipeline.storage import Location, Where, is_uri
 
 
 @dataclass
@@ -277,7 +277,7 @@ def _write(staging: Path, data: DataConfig, source: Source, settings: dict, inpu
     return manifest
 
 
-def _image_source(data: DataConfig) -> Callable[[Entry], Path | Location]:
+def _image_source(data: DataConfig) -> Callable[[Entry], Where]:
     """Where an entry's image is read: the data root's file, except that Ray's tasks read a data
     root in an object store there, not from this machine's copy."""
     root = data.root_location()
@@ -312,7 +312,7 @@ def _checked_images(data: DataConfig, source: Source, split: str, progress: bool
 
 
 def _checked_on_ray(data: DataConfig, source: Source, split: str, entries: list[Entry],
-                    where: Callable[[Entry], Path | Location]) -> Iterator[tuple[Entry, CheckedImage | PrepError]]:
+                    where: Callable[[Entry], Where]) -> Iterator[tuple[Entry, CheckedImage | PrepError]]:
     from pipeline.data import prep_on_ray  # Ray Data only for a prep that runs on it
 
     # Annotations are parsed here (data-prep hashed their files already); the images go to Ray.

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, MissingInput
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 
 # 2: manifest category_ids, ground truth in the dataset's own category ids; 3: box statistics per class
 SCHEMA_VERSION = 3
@@ -66,7 +66,7 @@ class ImageRecord:
     crowd: np.ndarray  # bool [n]
 
 
-def file_sha256(path: Path | Location) -> str:
+def file_sha256(path: Where) -> str:
     digest = hashlib.sha256()
     with Location(path).open_input() as handle:
         while chunk := handle.read(1 << 20):
@@ -98,7 +98,7 @@ def write_shard(path: Path, records: Sequence[ImageRecord]) -> None:
             writer.write_table(_table(records[start:start + ROW_GROUP_IMAGES]), row_group_size=ROW_GROUP_IMAGES)
 
 
-def _check_version(version: Any, where: Path | Location) -> None:
+def _check_version(version: Any, where: Where) -> None:
     if str(version) != str(SCHEMA_VERSION):
         raise DataError(f"{where}: prepared with schema version {version}, this code reads version "
                          f"{SCHEMA_VERSION}; run data-prep again")
@@ -130,7 +130,7 @@ class ShardReader:
     dropped on pickling and files are opened per row-group read, so no handle crosses over.
     """
 
-    def __init__(self, directory: str | Path | Location, cache_row_groups: int = 4):
+    def __init__(self, directory: Where, cache_row_groups: int = 4):
         self.directory = Location(directory)
         if not self.directory.is_dir():
             raise MissingInput(f"{self.directory}: no prepared split here; run data-prep first")
@@ -193,7 +193,7 @@ class ShardReader:
         return state
 
 
-def read_manifest(prepared_dir: str | Path | Location) -> dict:
+def read_manifest(prepared_dir: Where) -> dict:
     """The manifest data-prep wrote for a dataset directory, checked to be of this schema."""
     path = Location(prepared_dir) / MANIFEST
     try:

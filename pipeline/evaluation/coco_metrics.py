@@ -35,7 +35,7 @@ from pycocotools.coco import COCO
 
 from pipeline.errors import DataError, MissingInput
 from pipeline.io import write_bytes_atomic
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -61,7 +61,7 @@ class CocoResult:
     summary: str  # COCOeval.summarize() printout: its 12 lines, one per METRIC_NAMES
 
 
-def evaluate_detections(ground_truth: str | Path | COCO | FasterCOCO,
+def evaluate_detections(ground_truth: Where | COCO | FasterCOCO,
                         detections: list[dict[str, Any]] | str | Path) -> CocoResult:
     """COCO bbox evaluation of `detections` (result dicts with image_id, category_id, bbox
     as xywh, score; or a JSON file of them) against a ground-truth instances file or a COCO
@@ -121,12 +121,12 @@ def _captured_prints() -> Iterator[io.StringIO]:
         builtins.print = real_print
 
 
-def category_ids(ground_truth: str | Path | Location) -> list[int]:
+def category_ids(ground_truth: Where) -> list[int]:
     """The category id of each class of a prepared split's ground truth, in class order."""
     return [category["id"] for category in _read_json(ground_truth)["categories"]]
 
 
-def load_ground_truth(source: str | Path | Location | COCO | FasterCOCO) -> COCO | FasterCOCO:
+def load_ground_truth(source: Where | COCO | FasterCOCO) -> COCO | FasterCOCO:
     """A COCO index (pycocotools') of an instances JSON file; errors name the file. A COCO index
     given is returned as it is."""
     if isinstance(source, (COCO, FasterCOCO)):
@@ -150,7 +150,7 @@ def load_ground_truth(source: str | Path | Location | COCO | FasterCOCO) -> COCO
     return coco
 
 
-def _read_json(path: Path | Location) -> Any:
+def _read_json(path: Where) -> Any:
     try:
         return json.loads(Location(path).read_bytes())
     except FileNotFoundError:
@@ -215,7 +215,7 @@ def _mean_defined(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else math.nan
 
 
-def plot_pr_curves(result: CocoResult, out_dir: Path) -> list[Path]:
+def plot_pr_curves(result: CocoResult, out_dir: Location) -> list[Location]:
     """One PNG per class with ground truth (precision vs recall at each PR_IOU_THRESHOLDS),
     then one of all those classes at IoU 0.5; returns the paths written."""
     out_dir = Location(out_dir)
@@ -250,7 +250,7 @@ def _pr_figure(title: str) -> tuple[Figure, Axes]:
     return figure, axes
 
 
-def _save_figure(figure: Figure, path: Path) -> Path:
+def _save_figure(figure: Figure, path: Location) -> Location:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     write_bytes_atomic(buffer.getvalue(), path)

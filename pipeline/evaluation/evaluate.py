@@ -25,6 +25,7 @@ from pipeline.inference.detection import (
 )
 from pipeline.inference.drawing import DRAW_SCORE, draw_detections
 from pipeline.io import write_json_atomic
+from pipeline.storage import Location
 
 
 def _process_group() -> tuple[int, int]:
@@ -57,15 +58,15 @@ def validation_ap(model: OneStageDetector, config: Config, device: torch.device)
 @dataclass
 class Evaluation:
     result: CocoResult
-    detections_path: Path
-    metrics_path: Path
-    pr_curves: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
+    detections_path: Location
+    metrics_path: Location
+    pr_curves: list[Location] = field(default_factory=list)
+    samples: list[Location] = field(default_factory=list)
     voc: VocResult | None = None  # Pascal VOC AP, when asked for
 
 
 def _draw_samples(model: OneStageDetector, dataset: DetectionDataset, count: int, classes: list[str],
-                  device: torch.device, out_dir: Path) -> list[Path]:
+                  device: torch.device, out_dir: Location) -> list[Location]:
     paths = []
     model.eval()
     with torch.no_grad():
@@ -87,7 +88,7 @@ def _defined(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def evaluate_split(model: OneStageDetector, dataset: DetectionDataset, ground_truth: Path, classes: list[str],
-                   out_dir: Path, batch_size: int, device: torch.device, sample_images: int = 0,
+                   out_dir: Location, batch_size: int, device: torch.device, sample_images: int = 0,
                    voc: bool = False, progress: bool = True, detections: list[dict] | None = None) -> Evaluation:
     """Everything the evaluate stage writes, under `out_dir`; with `voc`, Pascal VOC AP on the
     same detections as well. `detections` made elsewhere (Ray workers) are taken as they are;

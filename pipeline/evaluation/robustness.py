@@ -11,11 +11,9 @@ Perturbations are seeded per (robustness seed, setting, image), not by the model
 sees the same images; several models are evaluated in one pass, each image perturbed once (some
 corruptions, glass blur above all, cost seconds per image).
 """
-import functools
 import io
 import json
 import math
-import types
 import warnings
 import zlib
 from collections.abc import Iterable
@@ -34,6 +32,7 @@ from aploss.detector import OneStageDetector
 from pipeline.config import ConfigError, RobustnessConfig
 from pipeline.data.dataset import DetectionDataset, collate
 from pipeline.evaluation.coco_metrics import category_ids, evaluate_detections
+from pipeline.evaluation.imagecorruptions_compat import adapted_imagecorruptions
 from pipeline.inference.detection import coco_results, detect, detection_slices
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.storage import Location
@@ -45,40 +44,10 @@ COCO_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glas
           "jpeg_compression")
 
 
-class _NumPyWithFloat_(types.ModuleType):
-    """NumPy as imagecorruptions 1.1.2 expects it: with `np.float_`, which NumPy 2 removed."""
-
-    float_ = np.float64
-
-    def __getattr__(self, name: str):
-        return getattr(np, name)
-
-
-def _gaussian_with_multichannel(image, *args, multichannel: bool = False, **kwargs):
-    """skimage.filters.gaussian as imagecorruptions 1.1.2 calls it: scikit-image 0.19 renamed
-    `multichannel=True` to `channel_axis=-1` and later versions dropped the old name."""
-    from skimage.filters import gaussian
-
-    return gaussian(image, *args, channel_axis=-1 if multichannel else None, **kwargs)
-
-
-@functools.cache
-def _imagecorruptions():
-    """The imagecorruptions package, its module adapted to current NumPy and scikit-image (the
-    last release, 1.1.2, predates both). Only that module sees the adaptations."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its pkg_resources and scipy.ndimage.interpolation imports
-        import imagecorruptions
-        from imagecorruptions import corruptions
-    corruptions.np = _NumPyWithFloat_("numpy")
-    corruptions.gaussian = _gaussian_with_multichannel
-    return imagecorruptions
-
-
 def coco_c_corruptions() -> dict[str, str]:
     """Each COCO-C corruption -> why it cannot run here ('' when it can)."""
     try:
-        package = _imagecorruptions()
+        package = adapted_imagecorruptions()
     except ImportError as error:
         return {name: f"imagecorruptions is not installed ({error})" for name in COCO_C}
     probe = np.full((32, 32, 3), 128, dtype=np.uint8)
@@ -110,7 +79,7 @@ def add_noise(image: Tensor, sigma: float, generator: torch.Generator) -> Tensor
 
 def corrupt(image: Tensor, name: str, severity: int, seed: int) -> Tensor:
     """`image` ([3, H, W] in [0, 1]) under COCO-C corruption `name` at `severity`."""
-    package = _imagecorruptions()
+    package = adapted_imagecorruptions()
     pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     state = np.random.get_state()
     np.random.seed(seed)  # the package draws from NumPy's global generator
@@ -244,7 +213,7 @@ def evaluate_robustness(models: dict[str, OneStageDetector], dataset: DetectionD
     return robustness_results(list(models), detections, ground_truth, chosen, unavailable, progress)
 
 
-def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:
+def plot_robustness(results: dict[str, RobustnessResult], path: Location) -> Location:
     """AP against severity, one panel per family, one line per result (e.g. AP-loss vs focal)."""
     first = next(iter(results.values()))
     families = [f for f in FAMILIES if any(s.family == f for s in first.settings)]
@@ -267,14 +236,14 @@ def plot_robustness(results: dict[str, RobustnessResult], path: Path) -> Path:
     return path
 
 
-def read_result(path: Path) -> RobustnessResult:
+def read_result(path: Location) -> RobustnessResult:
     """A RobustnessResult as `write_result` saved it."""
     saved = json.loads(Location(path).read_text())
     return RobustnessResult(saved["ap"], [Setting(**setting) for setting in saved["settings"]], saved["P"],
                             saved["mPC"], saved["rPC"], saved["unavailable"], saved.get("trained_with", {}))
 
 
-def write_result(result: RobustnessResult, out_dir: Path) -> list[Path]:
+def write_result(result: RobustnessResult, out_dir: Location) -> list[Location]:
     json_path = out_dir / "robustness.json"
     write_json_atomic({"ap": result.ap, "P": result.clean_ap, "mPC": result.mpc, "rPC": result.rpc,
                        "settings": [asdict(setting) for setting in result.settings],

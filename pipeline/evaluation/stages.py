@@ -24,7 +24,7 @@ from pipeline.evaluation.evaluate import Evaluation, evaluate_split
 from pipeline.images import ImageLimits
 from pipeline.inference.detection import detect_batches, detection_slices, pack_detections, unpack_detections
 from pipeline.model import load_model, resolve_device
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 
 
 def _worker_models(weights: dict, use_gpu: bool, threads: int) -> tuple[dict[str, OneStageDetector], torch.device]:
@@ -66,7 +66,7 @@ def _perturb_slice(weights: dict, split: Location, batches: list[list[int]], use
         yield {name: pack_detections(detections) for name, detections in found.items()}
 
 
-def _on_ray(config: Config, task: Callable, model_paths: dict[str, Path | Location], split: Location, *args,
+def _on_ray(config: Config, task: Callable, model_paths: dict[str, Where], split: Location, *args,
             **options) -> list:
     """`task` on every non-empty slice of the split for eval.workers (`detection_slices`), one
     Ray task each, with every model: their results in slice order. Ray must be initialised
@@ -93,13 +93,13 @@ def _in_order(parts: list[dict[str, np.ndarray]], names: list[str]) -> dict[str,
     return {name: [found for part in parts for found in unpack_detections(part[name])] for name in names}
 
 
-def _detect_on_ray(config: Config, model_path: Path | Location, split: Location) -> list[dict]:
+def _detect_on_ray(config: Config, model_path: Where, split: Location) -> list[dict]:
     import ray
 
     return _in_order(ray.get(_on_ray(config, _detect_slice, {"model": model_path}, split)), ["model"])["model"]
 
 
-def _perturbed_on_ray(config: Config, model_paths: dict[str, Path | Location], split: Location, chosen: list
+def _perturbed_on_ray(config: Config, model_paths: dict[str, Where], split: Location, chosen: list
                       ) -> Iterator[tuple]:
     """(setting, each model's detections of the split under it) for each setting of `chosen`."""
     import ray
@@ -113,7 +113,7 @@ def _perturbed_on_ray(config: Config, model_paths: dict[str, Path | Location], s
         yield setting, _in_order(ray.get([next(stream) for stream in streams]), list(model_paths))
 
 
-def evaluate_stage(config: Config, model_path: Path | None = None) -> Evaluation:
+def evaluate_stage(config: Config, model_path: Location | None = None) -> Evaluation:
     """COCO evaluation of the run's model on the evaluation split of the data it was trained on
     (or data.prepared), written under the run's eval/; detected in this process, or in
     eval.workers Ray tasks."""

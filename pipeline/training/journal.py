@@ -8,10 +8,9 @@ journal keeps the first record of each step, so every step is recorded once.
 import json
 import os
 import time
-from pathlib import Path
 
 from pipeline.errors import naming_full_disk
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 
 # The per-step curves of a run, as MLflow shows them (with "val_ap" at validations).
 CURVES = ("loss", "cls_loss", "box_loss", "delta", "lr", "images_per_s")
@@ -23,7 +22,7 @@ def _kind(record: dict) -> str:
     return VALIDATION if "val_ap" in record else TRAINING
 
 
-def read_journal(path: Path | Location) -> list[dict]:
+def read_journal(path: Where) -> list[dict]:
     """The complete records of the journal at `path` (a torn last line, left by a killed
     writer, is not one); [] if there is none."""
     try:
@@ -38,7 +37,7 @@ class MetricsJournal:
     validation AP) once. In an object store, which cannot append, each record rewrites the
     journal whole (a few hundred bytes per logged step)."""
 
-    def __init__(self, path: Path | Location) -> None:
+    def __init__(self, path: Where) -> None:
         self.path = Location(path)
         records = read_journal(self.path)
         self._text = "".join(json.dumps(record) + "\n" for record in records) if self.path.remote else ""

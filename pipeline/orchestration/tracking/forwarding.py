@@ -1,7 +1,6 @@
 """A training run's metrics journal sent to its MLflow run by a thread of the driver: training
 never waits on the tracking server, and never fails because of it."""
 import threading
-from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
@@ -10,7 +9,7 @@ from pipeline.errors import one_line
 from pipeline.orchestration.tracking.connection import connect
 from pipeline.orchestration.tracking.records import MAX_METRICS_PER_BATCH
 from pipeline.redaction import redact
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 from pipeline.training.journal import CURVES, read_journal
 
 
@@ -24,7 +23,7 @@ class MetricsForwarder:
     within `flush_seconds` and says what stayed behind in the journal.
     """
 
-    def __init__(self, journal: Path | Location, run_id: str, tracking_uri: str, interval: float = 2.0,
+    def __init__(self, journal: Where, run_id: str, tracking_uri: str, interval: float = 2.0,
                  flush_seconds: float = 15.0, keys: tuple[str, ...] = (*CURVES, "val_ap")) -> None:
         self.journal, self.run_id, self.tracking_uri = Location(journal), run_id, connect(tracking_uri)
         self.interval, self.flush_seconds, self.keys = interval, flush_seconds, keys

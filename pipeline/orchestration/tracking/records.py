@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param
 from pipeline.config import Config, flatten
 from pipeline.errors import ConfigError
 from pipeline.redaction import redact, redact_tree
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 
 if TYPE_CHECKING:  # torch's: a finished run's rerun loads neither
     from pipeline.evaluation.evaluate import Evaluation
@@ -92,7 +92,7 @@ def log_checkpoints(checkpoints: list[tuple[int, float | None, str]]) -> None:
 
 
 @contextlib.contextmanager
-def _local_copy(path: Path | Location) -> Iterator[str]:
+def _local_copy(path: Where) -> Iterator[str]:
     """`path` as a local file, as MLflow logs artifacts from: itself, or a copy of an object
     store's file under the same name."""
     location = Location(path)
@@ -105,7 +105,7 @@ def _local_copy(path: Path | Location) -> Iterator[str]:
         yield str(local)
 
 
-def _log_artifact(path: Path | Location, artifact_path: str | None = None, run_id: str | None = None) -> None:
+def _log_artifact(path: Where, artifact_path: str | None = None, run_id: str | None = None) -> None:
     with _local_copy(path) as local:
         if run_id is None:
             mlflow.log_artifact(local, artifact_path=artifact_path)
@@ -113,7 +113,7 @@ def _log_artifact(path: Path | Location, artifact_path: str | None = None, run_i
             mlflow.MlflowClient().log_artifact(run_id, local, artifact_path)
 
 
-def log_sweep_result(sweep_run_id: str, best_config_path: Path | Location, best_params: dict, metric: str,
+def log_sweep_result(sweep_run_id: str, best_config_path: Where, best_params: dict, metric: str,
                      value: float) -> None:
     client = mlflow.MlflowClient()
     _log_artifact(best_config_path, run_id=sweep_run_id)

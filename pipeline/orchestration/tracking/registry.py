@@ -23,7 +23,7 @@ from pipeline.errors import DataError, MissingInput, one_line
 from pipeline.model_source import is_registered
 from pipeline.orchestration.tracking.connection import connect
 from pipeline.orchestration.tracking.records import _local_copy
-from pipeline.storage import Location
+from pipeline.storage import Location, Where
 
 # The registered model carries this project's code, to load where aploss is not installed.
 _PACKAGE_CODE = [str(Path(package.__file__).resolve().parent) for package in (aploss, pipeline)]
@@ -68,7 +68,7 @@ def registered_name(config: Config) -> str:
     return f"aploss-{config.data.dataset}-{hashlib.sha256(classes.encode()).hexdigest()[:8]}"
 
 
-def log_model(model_path: Path | Location, config: Config) -> None:
+def log_model(model_path: Where, config: Config) -> None:
     """The trained detector (a run's model.pt) registered in the model registry as a pyfunc
     model logged from code: its weights load without unpickling code, and the package's source
     travels with it, so it serves where aploss is not installed. `config` is bound to the
@@ -98,7 +98,7 @@ def _requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "torch", "torchvision", "pyyaml")]
 
 
-def fetch_model(uri: str, tracking_uri: str, target: Path | Location, setting: str) -> None:
+def fetch_model(uri: str, tracking_uri: str, target: Where, setting: str) -> None:
     """The model.pt a registered model of this project holds (models:/NAME@ALIAS, runs:/...),
     downloaded to `target`; errors name the `setting` that gave the URI."""
     mlflow.set_tracking_uri(connect(tracking_uri))
