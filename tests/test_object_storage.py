@@ -90,6 +90,7 @@ def test_damaged_or_unfinished_prepared_data_in_s3_is_never_used(s3, tmp_path):
                                                                             prepared=str(result.directory))))
 
 
+@pytest.mark.slow  # ~1.5 min; the multi-node run keeps data and outputs only in S3 too
 def test_a_run_lives_in_s3_through_a_killed_worker_and_evaluation(s3, tmp_path, monkeypatch):
     """prep -> 2 Ray Train workers, one killed and resumed from the checkpoints Ray keeps in the
     store -> evaluation: every output in s3://, nothing written in the working directory."""

@@ -109,6 +109,7 @@ def test_killing_the_driver_three_times_ends_with_the_uninterrupted_weights(tmp_
     assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "val_ap")) == [6, 12]
 
 
+@pytest.mark.slow  # two pipeline runs, ~1 min on 2 cores (bash .ci/run -m slow)
 def test_ctrl_c_during_ray_train_ends_the_runs_killed_in_one_line_and_resumes(tmp_path):
     # Ray Train's own SIGINT handler used to exit 1 without a word, the runs left FAILED.
     data, output = tmp_path / "data", tmp_path / "runs"
@@ -142,6 +143,7 @@ def _session_processes(session: int, name: str) -> list[int]:
             if int(sid) == session and args.startswith(name)]
 
 
+@pytest.mark.slow  # ~1 min; test_ray_train's killed worker covers the resume itself
 def test_a_worker_killed_during_ray_train_is_one_line_and_the_run_goes_on(tmp_path):
     # Ray printed the failure's tracebacks into the run's output as Train restarted the workers.
     data, output = tmp_path / "data", tmp_path / "runs"
@@ -190,6 +192,7 @@ def test_a_running_ray_cluster_is_joined_only_when_asked(tmp_path):
         _ray("stop", "--force")
 
 
+@pytest.mark.slow  # two pipeline runs on a tmpfs, ~1 min; test_training covers a full disk in one process
 def test_a_full_disk_during_ray_train_fails_in_one_line_leaves_no_partial_and_the_rerun_works(tmp_path, small_disk):
     # Ray's upload used to leave truncated checkpoints, restart the group three times and end with
     # MLflow's store blaming its autoflush, the runs left RUNNING.
