@@ -14,10 +14,6 @@ class RunFolder:
     root: Location
 
     @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
     def model(self) -> Location:
         """The trained detector: the best weights with their config, classes and category ids."""
         return self.root / "model.pt"
