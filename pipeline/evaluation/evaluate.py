@@ -17,13 +17,14 @@ from pipeline.evaluation.coco_metrics import CocoResult, category_ids, evaluate_
 from pipeline.evaluation.voc_metrics import VocResult, voc_map
 from pipeline.images import ImageLimits
 from pipeline.inference.detection import (
+    detect,
     detect_batches,
     detect_split,
     detection_slices,
     pack_detections,
     unpack_detections,
 )
-from pipeline.inference.drawing import DRAW_SCORE, draw_detections
+from pipeline.inference.drawing import DRAW_SCORE, draw_confident
 from pipeline.io import write_json_atomic
 from pipeline.storage import Location
 
@@ -68,17 +69,11 @@ class Evaluation:
 def _draw_samples(model: OneStageDetector, dataset: DetectionDataset, count: int, classes: list[str],
                   device: torch.device, out_dir: Location) -> list[Location]:
     paths = []
-    model.eval()
-    with torch.no_grad():
-        for index in range(min(count, len(dataset))):
-            image, target, image_id = dataset[index]
-            detections = model([image.to(device)])[0]
-            confident = detections["scores"] >= DRAW_SCORE
-            path = out_dir / f"sample-{image_id}.png"
-            draw_detections((image * 255).to(torch.uint8), detections["boxes"][confident].cpu(),
-                            detections["labels"][confident].tolist(), classes,
-                            detections["scores"][confident].cpu(), path, ground_truth=target["boxes"])
-            paths.append(path)
+    for index in range(min(count, len(dataset))):
+        image, target, image_id = dataset[index]
+        (found,) = detect(model, [image], device)
+        paths.append(out_dir / f"sample-{image_id}.png")
+        draw_confident(image, found, classes, DRAW_SCORE, paths[-1], ground_truth=target["boxes"])
     return paths
 
 

@@ -14,6 +14,9 @@ from pipeline.io import write_bytes_atomic
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.inference.detection import ImageDetections
+    from pipeline.storage import Location
+
 GROUND_TRUTH_COLOUR = "lime"
 # Each class in a colour of its own, the same on every image: matplotlib's tab10, in class order.
 CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -43,3 +46,14 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[int],
     buffer = io.BytesIO()
     Image.fromarray(canvas.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="png")
     write_bytes_atomic(buffer.getvalue(), out_path)
+
+
+def draw_confident(image: torch.Tensor, found: ImageDetections, classes: Sequence[str], min_score: float,
+                   out_path: Location, ground_truth: torch.Tensor | None = None) -> None:
+    """`draw_detections` of an image ([3, H, W] in [0, 1]) with its detections scoring at least `min_score`."""
+    import torch  # here: the CLI reads DRAW_SCORE without loading torch
+
+    confident = found.scores >= min_score
+    draw_detections((image * 255).to(torch.uint8), torch.from_numpy(found.boxes[confident]),
+                    found.labels[confident].tolist(), classes, torch.from_numpy(found.scores[confident]), out_path,
+                    ground_truth=ground_truth)

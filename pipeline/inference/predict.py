@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from aploss.detector import OneStageDetector
@@ -21,7 +20,7 @@ from pipeline.data.prep import locate_prepared
 from pipeline.data.shards import ShardReader
 from pipeline.images import ImageLimits
 from pipeline.inference.detection import ImageDetections, coco_results, detect, detect_split, with_postprocessing
-from pipeline.inference.drawing import DRAW_SCORE, draw_detections
+from pipeline.inference.drawing import DRAW_SCORE, draw_confident
 from pipeline.inference.inputs import image_files, read_image
 from pipeline.io import write_json_atomic
 from pipeline.model import load_model, resolve_device
@@ -49,7 +48,8 @@ def predict_files(model: OneStageDetector, classes: Sequence[str], ids: Sequence
                                "width": tensor.shape[2]})
                 annotations += _annotations(found, image_id, ids, first_id=len(annotations) + 1)
                 if draw_dir is not None:
-                    _draw(tensor, found, classes, draw_score, draw_dir / f"{image_id:06d}-{Path(file.name).stem}.png")
+                    drawn = draw_dir / f"{image_id:06d}-{Path(file.name).stem}.png"
+                    draw_confident(tensor, found, classes, draw_score, drawn)
             bar.update(len(batch))
     categories = [{"id": category, "name": name} for category, name in zip(ids, classes)]
     return {"images": images, "categories": categories, "annotations": annotations}
@@ -64,12 +64,6 @@ def _as_annotations(results: list[dict], first_id: int) -> list[dict]:
     return [{"id": first_id + offset, **result, "bbox": list(result["bbox"]),
              "area": result["bbox"][2] * result["bbox"][3], "iscrowd": 0}
             for offset, result in enumerate(results)]
-
-
-def _draw(image: Tensor, found: ImageDetections, classes: Sequence[str], min_score: float, path: Location) -> None:
-    confident = found.scores >= min_score
-    draw_detections((image * 255).to(torch.uint8), torch.from_numpy(found.boxes[confident]),
-                    found.labels[confident].tolist(), classes, torch.from_numpy(found.scores[confident]), path)
 
 
 def predict_split(config: Config, model_path: Location, split: str, overrides: Sequence[str], out: Location,
