@@ -1,7 +1,8 @@
 """The detector's training loss: a classification term over every anchor-class pair of the
 batch, ranked together, plus box regression on the positives.
 
-  * "ap" (AP-loss) and "focal": smooth-L1 on the encoded box deltas.
+  * "ap" (AP-loss) and "focal": smooth-L1 on the encoded box deltas (the released code's), or
+    the GIoU loss 1 - GIoU of the decoded boxes (`box_loss="giou"`), each a mean per positive.
   * "alrp": each positive's GIoU localisation error l = (1 - GIoU) / 2 enters the ranking, and the
     box term is aLRP's localisation loss times its self-balancing weight (`SelfBalance`).
   * "rs" (Rank & Sort): each positive's target is the IoU of its predicted box (detached) with its
@@ -32,6 +33,8 @@ from aploss.torchvision_private import BoxCoder
 
 Classification = Literal["ap", "focal", "alrp", "rs"]
 CLASSIFICATIONS = ("ap", "focal", "alrp", "rs")
+BoxLoss = Literal["smooth_l1", "giou"]
+BOX_LOSSES = ("smooth_l1", "giou")
 # Encoded-delta scales 1 / (0.1, 0.1, 0.2, 0.2), the released code's (and SSD's) box encoding.
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -61,10 +64,13 @@ class DetectionLoss(nn.Module):
                  delta: float = 1.0, interpolate: bool = True, fg_iou: float = 0.5, bg_iou: float = 0.4,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_beta: float = 1.0,
                  box_weight: float = 1.0, batch: LocalBatch | None = None, self_balance_initial: float = 50.0,
-                 self_balance_period: int = 1) -> None:
+                 self_balance_period: int = 1, box_loss: BoxLoss = "smooth_l1") -> None:
         super().__init__()
         if classification not in CLASSIFICATIONS:
             raise ValueError(f"classification loss must be one of {', '.join(CLASSIFICATIONS)}, got {classification!r}")
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
+        self.box_loss = box_loss
         self.num_classes = num_classes
         self.box_coder = box_coder or BoxCoder(BOX_WEIGHTS)
         self.classification = classification
@@ -106,8 +112,7 @@ class DetectionLoss(nn.Module):
                                                       best_score, scale)
         else:
             classification = self._classification(cls_logits, labels, positives_total, scale)
-            box = self._box_regression(deltas, self.box_coder.encode_single(gt_boxes, anchor_boxes),
-                                       positives_total, scale)
+            box = self._box_regression(deltas, anchor_boxes, gt_boxes, positives_total, scale)
         return DetectionLosses(classification, box, positives_total)
 
     def set_delta(self, delta: float) -> None:
@@ -162,13 +167,20 @@ class DetectionLoss(nn.Module):
                                     self.focal_gamma, reduction="sum")
         return summed * scale / positives_total.clamp(min=1).to(summed.dtype)
 
-    def _box_regression(self, predicted: Tensor, target: Tensor, positives_total: Tensor, scale: int) -> Tensor:
+    def _box_regression(self, deltas: Tensor, anchor_boxes: Tensor, gt_boxes: Tensor, positives_total: Tensor,
+                        scale: int) -> Tensor:
+        if self.box_loss == "giou":
+            predicted = self.box_coder.decode_single(deltas.float(), anchor_boxes)
+            summed = generalized_box_iou_loss(predicted, gt_boxes.float(), reduction="sum")
+            return self.box_weight * summed * scale / positives_total.clamp(min=1).float()
         # Mean over the positives' four coordinates: the gradient the released code applies.
-        summed = F.smooth_l1_loss(predicted.float(), target.float(), beta=self.box_beta, reduction="sum")
+        target = self.box_coder.encode_single(gt_boxes, anchor_boxes)
+        summed = F.smooth_l1_loss(deltas.float(), target.float(), beta=self.box_beta, reduction="sum")
         return self.box_weight * summed * scale / (4 * positives_total.clamp(min=1).float())
 
     def extra_repr(self) -> str:
-        return f"classification={self.classification}, delta={self.delta}, interpolate={self.interpolate}"
+        return (f"classification={self.classification}, delta={self.delta}, interpolate={self.interpolate}, "
+                f"box_loss={self.box_loss}")
 
 
 def _paired_iou(boxes: Tensor, others: Tensor) -> Tensor:

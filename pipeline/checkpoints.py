@@ -113,8 +113,10 @@ def sound(scored: Sequence[tuple[float | None, T]]) -> T | None:
 def export_model(state: dict[str, Any], category_ids: list[int], path: Where) -> Location:
     """The trained detector as the run's model.pt: weights, the config it was trained with
     (bound to its prepared data), the class names and their dataset's category ids, from a
-    checkpoint's state."""
-    save_atomic({**{key: state[key] for key in ("model", "config", "classes")}, "category_ids": category_ids}, path)
+    checkpoint's state: the weights validated, which with `train.ema_decay` are the average."""
+    weights = {**state["model"], **state["average"]["weights"]} if "average" in state else state["model"]
+    save_atomic({"model": weights, "config": state["config"], "classes": state["classes"],
+                 "category_ids": category_ids}, path)
     return Location(path)
 
 

@@ -254,7 +254,9 @@ class LossConfig:
     interpolate: bool = True  # ap only
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    box_beta: float = 1.0  # smooth-L1 transition on encoded deltas (1 in the released code); ap and focal
+    # ap and focal: smooth-L1 on the encoded deltas (the released code's) or GIoU on the decoded boxes
+    box_loss: Literal["smooth_l1", "giou"] = "smooth_l1"
+    box_beta: float = 1.0  # smooth-L1 transition on encoded deltas (1 in the released code)
     box_weight: float = 1.0  # ap and focal; alrp and rs balance their GIoU terms themselves
     self_balance_initial: float = 50.0  # alrp: the localisation loss's weight until the first update
     self_balance_period: int = 0  # alrp: steps between updates of that weight; 0 means once per epoch
@@ -268,6 +270,8 @@ class LossConfig:
         _require(0 <= self.focal_alpha <= 1, "loss.focal_alpha", f"must be in [0, 1], got {self.focal_alpha}")
         _require(self.focal_gamma >= 0, "loss.focal_gamma", f"must be >= 0, got {self.focal_gamma}")
         _require(self.box_beta >= 0, "loss.box_beta", f"must be >= 0, got {self.box_beta}")
+        _require(self.box_loss == "smooth_l1" or self.classification in ("ap", "focal"), "loss.box_loss",
+                 f"is for ap and focal: {self.classification} has its own GIoU term")
         _require(self.box_weight >= 0, "loss.box_weight", f"must be >= 0, got {self.box_weight}")
 
 
@@ -305,6 +309,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision, on CUDA only
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
+    # Validation and the model.pt use an exponential moving average of the weights with this
+    # decay (pipeline.training.averaging); 0: the last step's weights.
+    ema_decay: float = 0.0
     augment: Augmentation = "flip"  # flip | ssd: distortion, zoom-out, crop, flip (pipeline.data.augment)
     input_size: int = 0  # square training input after augmentation; 0: model.min_size/max_size resize
     # Processes decoding and augmenting beside each training process; -1 (auto): one per whole CPU
@@ -321,6 +328,7 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
         _require(0 <= self.hflip <= 1, "train.hflip", f"must be in [0, 1], got {self.hflip}")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         _require(self.input_size == 0 or self.input_size >= 32, "train.input_size",
                  f"must be 0 (the model's sizes) or >= 32, got {self.input_size}")
         _require(self.loader_workers >= -1, "train.loader_workers",

@@ -49,7 +49,7 @@ def build_model(config: Config, num_classes: int, batch: LocalBatch | None = Non
                               fg_iou=model.fg_iou, bg_iou=model.bg_iou, focal_alpha=loss.focal_alpha,
                               focal_gamma=loss.focal_gamma, box_beta=loss.box_beta, box_weight=loss.box_weight,
                               batch=batch, self_balance_initial=loss.self_balance_initial,
-                              delta=loss.delta.build()(0.0))
+                              delta=loss.delta.build()(0.0), box_loss=loss.box_loss)
     return build_detector(
         model.arch, num_classes, norm=_norm(config), min_size=model.min_size, max_size=model.max_size,
         anchors=model.anchors.layout() if model.arch.startswith("retinanet") else None,

@@ -79,3 +79,17 @@ def test_a_config_extends_another_and_changes_its_keys(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: twin.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(tmp_path / "twin.yaml")
+
+
+def test_box_loss_and_weight_average_are_checked_and_agree_with_the_library():
+    import typing
+
+    from aploss.detection_loss import BOX_LOSSES
+    from pipeline.config import LossConfig
+
+    assert typing.get_args(typing.get_type_hints(LossConfig)["box_loss"]) == BOX_LOSSES
+    assert load_config(None, ["loss.box_loss=giou", "train.ema_decay=0.99"]).loss.box_loss == "giou"
+    with pytest.raises(ConfigError, match="loss.box_loss: is for ap and focal: alrp has its own GIoU term"):
+        load_config(None, ["loss.classification=alrp", "loss.box_loss=giou"])
+    with pytest.raises(ConfigError, match=r"train.ema_decay: must be in \[0, 1\) \(0: off\), got 1.0"):
+        load_config(None, ["train.ema_decay=1.0"])

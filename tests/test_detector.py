@@ -110,6 +110,31 @@ def test_focal_and_box_terms_match_their_definitions():
     assert losses.box_regression.item() == pytest.approx(smooth.item(), rel=1e-6)
 
 
+def test_giou_box_term_is_the_mean_giou_loss_of_the_decoded_positives():
+    logits, deltas, anchors, targets = _batch(seed=3)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    losses = DetectionLoss(4, coder, "ap", box_loss="giou", box_weight=2.0)(logits, deltas, anchors, targets)
+    predicted, matched = _predicted_and_matched(deltas.detach(), anchors, targets, coder)
+    expected = 2.0 * (1 - torch.diag(generalized_box_iou(predicted, matched))).mean()
+    assert losses.box_regression.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_giou_box_term_of_a_known_pair():
+    # Anchor (0, 0, 10, 10) predicted as it is, ground truth (5, 5, 15, 15): IoU 25/175 and an
+    # enclosing box of 225 with 50 outside the union, so 1 - GIoU = 1 - 1/7 + 50/225.
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]])]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 15.0, 15.0]]), "labels": torch.tensor([0])}]
+    losses = DetectionLoss(2, classification="focal", box_loss="giou")(torch.zeros(1, 2, 2), torch.zeros(1, 2, 4),
+                                                                       anchors, targets)
+    assert losses.positives.item() == 1
+    assert losses.box_regression.item() == pytest.approx(1 - 1 / 7 + 50 / 225, rel=1e-6)
+
+
+def test_unknown_box_loss_is_rejected():
+    with pytest.raises(ValueError, match="box loss must be one of smooth_l1, giou"):
+        DetectionLoss(2, box_loss="l1")
+
+
 def test_batch_without_positives_has_zero_losses():
     logits, deltas, anchors, targets = _batch(seed=2)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in targets]

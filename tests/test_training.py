@@ -1,3 +1,4 @@
+import copy
 import math
 import re
 import warnings
@@ -7,7 +8,7 @@ import torch
 
 from pipeline.checkpoints import CheckpointStore, save_atomic
 from pipeline.data.dataset import GlobalBatchSampler, RunBatchSampler, epoch_order
-from pipeline.errors import NoSpace
+from pipeline.errors import DataError, NoSpace
 from pipeline.training.loop import LearningRateFactor
 
 GROUPS = [range(0, 4), range(4, 8), range(8, 11)]
@@ -197,3 +198,54 @@ def test_log_lines_carry_the_step_time_and_eta(tmp_path, capsys):
     (line,) = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step 2/4 loss=\S+ cls_loss=\S+ box_loss=\S+ .*images_per_s=\S+ \| "
                         r"\d+\.\d\d s/step, ETA 00:\d\d", line), line
+
+
+def test_weight_average_follows_its_recurrence_and_is_applied_and_removed():
+    from pipeline.training.averaging import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.9)
+    expected = 1.0
+    for n, value in enumerate([3.0, -2.0, 5.0, 0.5, 7.0, 4.0, -1.0, 2.0, 6.0, 3.0, 1.0, 8.0, 9.0, 2.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update(model)
+        keep = min(0.9, (1 + n) / (10 + n))  # the ramp reaches 0.9 at the 80th update, so never here
+        expected = keep * expected + (1 - keep) * value
+    assert average.weights["weight"].item() == pytest.approx(expected, rel=1e-6)
+    assert average.decay_at(80) == pytest.approx(0.9) and average.decay_at(1000) == 0.9
+    with average.applied(model):
+        assert model.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert model.weight.item() == 2.0
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_the_average_resumes_as_if_never_stopped_and_is_what_is_validated_and_exported(tmp_path):
+    from pipeline.checkpoints import export_model, load
+
+    training = _tiny_training("train.ema_decay=0.5")
+    training.train_step(*_batch(True))
+    state = copy.deepcopy(training.state_dict())  # as saved: the live state shares the momentum buffers
+    resumed = _tiny_training("train.ema_decay=0.5")
+    resumed.load_state_dict(state)
+    batch = _batch(True)
+    for run in (training, resumed):
+        run.train_step(*batch)
+    own = {k: v.clone() for k, v in training.detector.state_dict().items()}
+    averaged = training.average.weights
+    for name, value in resumed.average.weights.items():
+        torch.testing.assert_close(value, averaged[name], rtol=1e-6, atol=1e-7)
+    moved = [k for k in averaged if not torch.equal(averaged[k], own[k])]
+    assert moved  # two steps in, the average trails the weights
+    with training.evaluated_weights():
+        assert all(torch.equal(training.detector.state_dict()[k], averaged[k]) for k in moved)
+    assert all(torch.equal(training.detector.state_dict()[k], own[k]) for k in own)
+    exported = load(export_model({**training.state_dict(), "config": {}, "classes": ["a", "b"]}, [1, 2],
+                                 tmp_path / "model.pt"))
+    assert all(torch.equal(exported["model"][k], averaged[k]) for k in averaged)
+    assert "average" not in exported and set(exported["model"]) == set(own)
+    with pytest.raises(DataError, match="no weight average: it was saved with train.ema_decay=0"):
+        _tiny_training("train.ema_decay=0.5").load_state_dict(_tiny_training().state_dict())

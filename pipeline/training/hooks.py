@@ -127,12 +127,13 @@ class Checkpointing(HookBase):
         """Every rank detects its slice of the validation split (one process: all of it); rank 0
         scores the whole, journals it and returns it, the others None."""
         started = time.perf_counter()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # Each rank's BatchNorm statistics moved with its own slice of the last step, and DDP
-            # hands out rank 0's only at the next forward: validate with rank 0's, the checkpoint's.
-            for buffer in training.detector.buffers():
-                dist.broadcast(buffer, src=0)
-        val_ap = validation_ap(training.detector, self.config, training.device)
+        with training.evaluated_weights():
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                # Each rank's BatchNorm statistics moved with its own slice of the last step, and DDP
+                # hands out rank 0's only at the next forward: validate with rank 0's, the checkpoint's.
+                for buffer in training.detector.buffers():
+                    dist.broadcast(buffer, src=0)
+            val_ap = validation_ap(training.detector, self.config, training.device)
         if self.rank != 0:
             return None
         self.journal.write(step, {"val_ap": val_ap})

@@ -15,7 +15,8 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from aploss.detector import OneStageDetector
 from pipeline.config import Config, TrainConfig
 from pipeline.data.dataset import DetectionDataset, RunBatchSampler, collate
 from pipeline.errors import DataError, TrainingDiverged
+from pipeline.training.averaging import WeightAverage
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class Training:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.amp = config.train.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        decay = config.train.ema_decay
+        self.average = WeightAverage(self.detector, decay) if decay else None
         self.step = 0
         self.skipped = 0
 
@@ -140,6 +144,8 @@ class Training:
                 raise TrainingDiverged(self.step + 1, "gradient norm", norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.average is not None:
+                self.average.update(self.detector)
         with warnings.catch_warnings():
             # The schedule follows steps, skipped ones included: PyTorch's warning about a
             # scheduler stepping before its optimizer tells the user nothing to act on.
@@ -156,13 +162,27 @@ class Training:
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise TrainingDiverged(self.step, f"weight {name}", float("nan"))
 
+    @contextmanager
+    def evaluated_weights(self) -> Iterator[None]:
+        """The detector holds the weights that are validated and exported inside the block: the
+        average with `train.ema_decay`, else its own."""
+        with self.average.applied(self.detector) if self.average is not None else nullcontext():
+            yield
+
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "skipped": self.skipped, "rng": _rng_state()}
+        state = {"model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "step": self.step, "skipped": self.skipped, "rng": _rng_state()}
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state["model"])
+        if self.average is not None:
+            if "average" not in state:
+                raise DataError("the checkpoint holds no weight average: it was saved with train.ema_decay=0")
+            self.average.load_state_dict(state["average"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
