@@ -9,7 +9,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+import torch
 
+from pipeline import checkpoints
+from pipeline.checkpoints import CheckpointStore
 from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration.cli import main
 
@@ -160,10 +163,16 @@ def test_pipeline_trains_in_this_process_when_not_distributed(pipeline_config):
         for category, name in zip(annotations["categories"], ("red cell", "white cell")):
             category["name"] = name
         (other / f"{split}.json").write_text(json.dumps(annotations))
-    second = load_config(None, [*overrides, "run.name=other", f"data.root={other}",
+    second = load_config(None, [*overrides, "run.name=other", f"data.root={other}", "train.ema_decay=0.9",
                                 f"run.output_dir={root / 'runs-local'}"])
     name = "aploss-coco-" + hashlib.sha256(b"red cell\nwhite cell").hexdigest()[:8]
     assert run_pipeline(second, distributed=False).registered_model == name
+    # With an EMA of the weights, the model.pt is the best checkpoint's average, not its own weights.
+    best = checkpoints.load(CheckpointStore(second.run.folder().checkpoints, 2).best())
+    exported = checkpoints.load(second.run.folder().model)["model"]
+    assert best["average"]["updates"] > 0
+    assert all(torch.equal(exported[key], value) for key, value in best["average"]["weights"].items())
+    assert any(not torch.equal(exported[key], best["model"][key]) for key in best["average"]["weights"])
     assert {model.name for model in client.search_registered_models()} == {REGISTERED, name}
     for registered, run_name in ((REGISTERED, "in-process"), (name, "other")):
         champion = client.get_model_version_by_alias(registered, "champion")
