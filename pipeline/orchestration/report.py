@@ -25,7 +25,8 @@ class RunSummary:
     params: dict[str, str]
     metrics: dict[str, float]  # evaluate: AP, AP50, AP_<class>; robustness: P, mPC, rPC
     robustness: RobustnessResult | None = None
-    per_class: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, float] = field(default_factory=dict)  # class -> AP
+    per_class_ap50: dict[str, float] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -48,7 +49,8 @@ def collect(config: Config, names: list[str]) -> list[RunSummary]:
         robustness = _robustness(record) if robust and robust.info.status == "FINISHED" else None
         params = _params(stages, robustness)
         per_class = {key[3:]: value for key, value in metrics.items() if key.startswith("AP_")}
-        summaries.append(RunSummary(record.name, params, metrics, robustness, per_class))
+        per_class_ap50 = {key[5:]: value for key, value in metrics.items() if key.startswith("AP50_")}
+        summaries.append(RunSummary(record.name, params, metrics, robustness, per_class, per_class_ap50))
     return summaries
 
 
@@ -76,21 +78,26 @@ def _spread(values: list[float]) -> str:
 
 def markdown(summaries: list[RunSummary]) -> str:
     classes = sorted({name for s in summaries for name in s.per_class})
-    header = ["run", "loss", "δ schedule", "seed", "AP", "AP50", *[f"AP {c}" for c in classes], "P", "mPC", "rPC"]
+    header = ["run", "loss", "δ schedule", "seed", "AP", "AP50", *[f"AP {c}" for c in classes],
+              *[f"AP50 {c}" for c in classes], "P", "mPC", "rPC"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [s.name, s.params.get("loss.classification", "?"), s.params.get("loss.delta.kind", "?"),
                  s.params.get("train.seed", "?"), _cell(s.metrics.get("AP")), _cell(s.metrics.get("AP50")),
-                 *[_cell(s.per_class.get(c)) for c in classes], _cell(s.metrics.get("P")),
+                 *[_cell(s.per_class.get(c)) for c in classes], *[_cell(s.per_class_ap50.get(c)) for c in classes],
+                 _cell(s.metrics.get("P")),
                  _cell(s.metrics.get("mPC")), _cell(s.metrics.get("rPC"))]
         lines.append("| " + " | ".join(cells) + " |")
     groups = sorted({s.group for s in summaries})
     lines += ["", "Mean ± standard deviation over the runs of each group (" + " / ".join(GROUP_PARAMS) + "):", "",
-              "| group | runs | AP | AP50 | mPC | rPC |", "|---|---|---|---|---|---|"]
+              "| group | runs | AP | AP50 | lowest class AP50 (any run) | mPC | rPC |", "|---|---|---|---|---|---|---|"]
     for group in groups:
         members = [s for s in summaries if s.group == group]
         values = {key: [s.metrics[key] for s in members if key in s.metrics] for key in ("AP", "AP50", "mPC", "rPC")}
-        lines.append(f"| {group} | {len(members)} | " + " | ".join(_spread(values[k]) for k in values) + " |")
+        lowest = min((v for s in members for v in s.per_class_ap50.values()), default=None)
+        cells = [_spread(values["AP"]), _spread(values["AP50"]), _cell(lowest), _spread(values["mPC"]),
+                 _spread(values["rPC"])]
+        lines.append(f"| {group} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines + _robustness_lines(summaries, groups))
 
 
