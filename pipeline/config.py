@@ -309,6 +309,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision, on CUDA only
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
+    vflip: float = 0.0  # vertical-flip probability, for images without an up (cells, aerial views)
     # Validation and the model.pt use an exponential moving average of the weights with this
     # decay (pipeline.training.averaging); 0: the last step's weights.
     ema_decay: float = 0.0
@@ -328,6 +329,7 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
         _require(0 <= self.hflip <= 1, "train.hflip", f"must be in [0, 1], got {self.hflip}")
+        _require(0 <= self.vflip <= 1, "train.vflip", f"must be in [0, 1], got {self.vflip}")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         _require(self.input_size == 0 or self.input_size >= 32, "train.input_size",
                  f"must be 0 (the model's sizes) or >= 32, got {self.input_size}")

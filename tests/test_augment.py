@@ -15,6 +15,7 @@ from pipeline.data.augment import (
     photometric_distort,
     random_crop,
     resize,
+    vertical_flip,
 )
 from pipeline.data.dataset import DetectionDataset, _generator
 from pipeline.data.shards import ImageRecord
@@ -63,6 +64,28 @@ def test_flip_mirrors_x():
     generator = _key(0)
     assert horizontal_flip(_image(), BOXES, LABELS, generator, p=0.0)[1] is BOXES
     assert torch.equal(generator.get_state(), _key(0).get_state())  # p = 0 draws nothing
+
+
+def test_vertical_flip_mirrors_y_and_the_pixels_stay_under_their_boxes():
+    image, boxes, labels = vertical_flip(_image(), BOXES, LABELS, _key(0), p=1.0)
+    assert torch.equal(image, _image().flip(-2)) and torch.equal(labels, LABELS)
+    assert torch.equal(boxes, torch.tensor([[5.0, 20.0, 30.0, 54.0], [40.0, 10.0, 75.0, 50.0],
+                                            [20.0, 2.0, 36.0, 30.0]]))
+    # Channel 1 holds each pixel's y: the flipped box's top row (20) is the original box's bottom row (39).
+    assert image[1, 20, 5].item() == pytest.approx(39 / 1000)
+    generator = _key(0)
+    assert vertical_flip(_image(), BOXES, LABELS, generator, p=0.0)[1] is BOXES
+    assert torch.equal(generator.get_state(), _key(0).get_state())  # p = 0 draws nothing
+
+
+def test_flips_in_both_directions_are_drawn_in_turn():
+    image = _image()
+    for index in range(8):
+        generator = _generator(3, 0, index)
+        left_right, top_bottom = (torch.rand((), generator=generator) < 0.5 for _ in range(2))
+        out, _, _ = augment_sample(image, BOXES, LABELS, _generator(3, 0, index), "flip", 0.5, 0, vflip=0.5)
+        expected = image.flip(-1) if left_right else image
+        assert torch.equal(out, expected.flip(-2) if top_bottom else expected)
 
 
 def test_photometric_distortion_changes_pixels_not_boxes():

@@ -119,6 +119,17 @@ def horizontal_flip(image: Tensor, boxes: Tensor, labels: Tensor, generator: tor
     return image.flip(-1), torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1), labels
 
 
+def vertical_flip(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator,
+                  p: float = 0.5) -> Sample:
+    """Mirror top-bottom with probability `p` (no draw when `p` is 0): for images with no up and
+    down, such as microscopy or aerial views."""
+    if not p or not _chance(generator, p):
+        return image, boxes, labels
+    height = image.shape[-2]
+    flipped = torch.stack([boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]], 1)
+    return image.flip(-2), flipped, labels
+
+
 def resize(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator, size: int,
            random_interpolation: bool = True) -> Sample:
     """To `size` x `size`, with an interpolation drawn from INTERPOLATIONS, else bilinear."""
@@ -130,16 +141,17 @@ def resize(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Genera
 
 
 def augment_sample(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator, kind: str,
-                   hflip: float, input_size: int) -> Sample:
-    """Training pipeline `kind`: "flip" (the flip alone) or "ssd" (distortion, zoom-out and
-    crop, then the flip), each flipping with probability `hflip`; then, if `input_size`, a resize
-    to `input_size` x `input_size` (with a random interpolation for "ssd", as SSD does)."""
+                   hflip: float, input_size: int, vflip: float = 0.0) -> Sample:
+    """Training pipeline `kind`: "flip" (the flips alone) or "ssd" (distortion, zoom-out and
+    crop, then the flips), flipping left-right with probability `hflip` and top-bottom with
+    `vflip`; then, if `input_size`, a resize to `input_size` x `input_size` (with a random
+    interpolation for "ssd", as SSD does)."""
     if kind not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {list(AUGMENTATIONS)}, got {kind!r}")
     sample = image, boxes, labels
     if kind == "ssd":
         sample = random_crop(*expand(*photometric_distort(*sample, generator), generator), generator)
-    sample = horizontal_flip(*sample, generator, hflip)
+    sample = vertical_flip(*horizontal_flip(*sample, generator, hflip), generator, vflip)
     if input_size:
         sample = resize(*sample, generator, input_size, random_interpolation=kind == "ssd")
     return sample

@@ -46,16 +46,16 @@ class DetectionDataset(Dataset):
     The target holds "boxes" [G, 4] (x1, y1, x2, y2 pixels) and "labels" [G]; crowd (or VOC
     difficult) boxes are left out, as they are neither to be found nor to be penalised.
     Training datasets augment (`pipeline.data.augment.augment_sample`: `augment` "flip" or "ssd",
-    flip probability `hflip`, resize to `input_size` squared if > 0); the defaults leave images as
+    flip probabilities `hflip` and `vflip`, resize to `input_size` squared if > 0); the defaults leave images as
     they are, for evaluation.
     """
 
     def __init__(self, reader: ShardReader, hflip: float = 0.0, seed: int = 0, augment: str = "flip",
-                 input_size: int = 0, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+                 input_size: int = 0, limits: ImageLimits = DEFAULT_LIMITS, vflip: float = 0.0) -> None:
         self.reader = reader
         # The shards are files on shared storage: each image passes the gate again when decoded.
         self.limits = limits
-        self.hflip = hflip
+        self.hflip, self.vflip = hflip, vflip
         self.seed = seed
         self.augment = augment
         self.input_size = input_size
@@ -73,7 +73,7 @@ class DetectionDataset(Dataset):
             image = _decoded(record.image, record.image_id, self.limits)
             image, boxes, labels = augment_sample(image.float().div_(255), boxes, labels,
                                                   _generator(self.seed, epoch, index), self.augment, self.hflip,
-                                                  self.input_size)
+                                                  self.input_size, self.vflip)
         return image, {"boxes": boxes, "labels": labels}, record.image_id
 
 

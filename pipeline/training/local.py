@@ -42,7 +42,8 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     device = resolve_device(config.train.device)
     dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
                                seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size, limits=ImageLimits.of(config.data))
+                               input_size=config.train.input_size, limits=ImageLimits.of(config.data),
+                               vflip=config.train.vflip)
     schedule = StepSchedule.of(config.train, len(dataset))
     store = CheckpointStore(config.run.folder().checkpoints, config.train.keep_checkpoints)
     store.remove_partials()

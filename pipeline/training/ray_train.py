@@ -118,7 +118,8 @@ def _work(payload: dict) -> None:
     model = ray.train.torch.prepare_model(start(config, len(payload["classes"]), batch))
     dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
                                seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size, limits=ImageLimits.of(config.data))
+                               input_size=config.train.input_size, limits=ImageLimits.of(config.data),
+                               vflip=config.train.vflip)
     schedule = StepSchedule.of(config.train, len(dataset))
     training = Training(config, model, device, schedule.total_steps, schedule.steps_per_epoch)
     if checkpoint is not None:
