@@ -3,8 +3,8 @@ Ultralytics YOLOv8n trained from scratch on the same BCCD splits, given the CPU-
 
 1. Data-prep (the project's own) prepares BCCD; its train, val and test splits are exported to a
    YOLO dataset folder (images as files named by their image id, one labels .txt per image, data.yaml).
-2. Our recipe trains in this process at the main job's defaults (1x) and with the overrides of a
-   longer run (`--longer`, default `train.epochs=19`: issue 32's 2.4x run), each timed in CPU-seconds
+2. Our recipes train in this process: the main job's defaults (1x) and the longer recipe
+   (`--longer-config`, default configs/bccd_long.yaml: issue 32's 2.4x), each timed in CPU-seconds
    (user + system of this process and all its descendants, the loader processes included) over
    `train_stage` alone (after an untimed one-step warm-up), and is evaluated on the test split by the
    evaluate stage.
@@ -48,6 +48,7 @@ install among them, are read too.) Then:
     APLOSS_DATA_ROOT=../shared/datasets .venv-peer/bin/python benchmarks/peer_yolo.py
     APLOSS_DATA_ROOT=../shared/datasets .venv-peer/bin/python benchmarks/peer_yolo.py train.max_steps=4 \\
         --longer train.max_steps=8 --output runs/peer-yolo-smoke              # a smoke test of minutes
+    ... peer_yolo.py --no-longer                                              # the 1x budget alone
 """
 import argparse
 import contextlib
@@ -192,10 +193,11 @@ class Stopwatch:
 
 # --- our recipe -------------------------------------------------------------------------------
 
-def aploss_config(args: argparse.Namespace, name: str, extra: Sequence[str] = ()) -> Config:
+def aploss_config(args: argparse.Namespace, name: str, extra: Sequence[str] = (), recipe: str | None = None
+                  ) -> Config:
     # On the CPU whatever the machine has: the budgets are CPU-seconds.
-    return load_config(args.config, ["train.device=cpu", f"run.output_dir={args.output}", f"run.name={name}",
-                                     *args.overrides, *extra])
+    return load_config(recipe or args.config, ["train.device=cpu", f"run.output_dir={args.output}",
+                                               f"run.name={name}", *args.overrides, *extra])
 
 
 def train_aploss(config: Config, label: str) -> dict:
@@ -407,8 +409,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides for each of our runs, key=value")
     parser.add_argument("--config", help="base YAML config of our runs (default: the built-in defaults)")
-    parser.add_argument("--longer", nargs="*", default=["train.epochs=19"],
-                        help="overrides of our longer run (default: issue 32's 2.4x); none: the 1x run only")
+    parser.add_argument("--longer-config", default="configs/bccd_long.yaml",
+                        help="the YAML recipe of our longer run (default: issue 32's 2.4x, configs/bccd_long.yaml)")
+    parser.add_argument("--longer", nargs="*", default=[],
+                        help="overrides of our longer run; --no-longer: the 1x run only")
+    parser.add_argument("--no-longer", action="store_true", help="the 1x run only")
     parser.add_argument("--output", default="runs/peer-yolo")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
@@ -421,8 +426,9 @@ def main() -> None:
                  f"{SETUP}")
     output = Path(args.output)
     configs = {"aploss 1x": aploss_config(args, "aploss-1x")}
-    if args.longer:
-        configs[f"aploss {' '.join(args.longer)}"] = aploss_config(args, "aploss-longer", args.longer)
+    if not args.no_longer:
+        label = " ".join([f"aploss {Path(args.longer_config).name}", *args.longer])
+        configs[label] = aploss_config(args, "aploss-longer", args.longer, args.longer_config)
 
     announce("data-prep and the YOLO dataset")
     first = next(iter(configs.values()))
@@ -444,7 +450,8 @@ def main() -> None:
     print(table(rows, rows[0]["cpu_s"]))
     if about_yolo["network_refused"]:
         print("network calls refused while Ultralytics ran:\n  " + "\n  ".join(about_yolo["network_refused"]))
-    write_json_atomic({"rows": rows, "yolo": about_yolo, "aploss_overrides": args.overrides, "longer": args.longer},
+    longer = None if args.no_longer else {"config": args.longer_config, "overrides": args.longer}
+    write_json_atomic({"rows": rows, "yolo": about_yolo, "aploss_overrides": args.overrides, "longer": longer},
                       output / "peer_yolo.json")
     print(f"results: {output / 'peer_yolo.json'}")
 
