@@ -56,4 +56,5 @@ def test_the_longer_bccd_recipe_is_the_main_job_s_but_for_its_levers():
     main_job = flatten(load_config(None, []))
     longer = flatten(load_config(RECIPES[0].parent / "bccd_long.yaml", []))
     changed = {key: longer[key] for key in main_job if longer[key] != main_job[key]}
-    assert changed == {"model.fpn_channels": 64, "train.epochs": 26, "train.vflip": 0.5, "run.name": "bccd-long"}
+    assert changed == {"model.fpn_channels": 64, "optim.lr": 0.02, "train.epochs": 26, "train.vflip": 0.5,
+                       "run.name": "bccd-long"}
