@@ -40,10 +40,6 @@ class WeightAverage:
         for name, average in self.weights.items():
             average.lerp_(current[name].detach().to(average.dtype), 1 - keep)
 
-    def averaged(self, model: nn.Module) -> dict[str, Tensor]:
-        """`model`'s state dict with the averaged weights in place of its own."""
-        return {**model.state_dict(), **self.weights}
-
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
         """`model` holds the averaged weights inside the block and its own again after it."""
