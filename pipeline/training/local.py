@@ -11,14 +11,11 @@ from pathlib import Path
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import Config, config_record
-from pipeline.data.bindings import prepared_category_ids, split_dir
-from pipeline.data.dataset import DetectionDataset
-from pipeline.data.shards import ShardReader
+from pipeline.data.bindings import prepared_category_ids
 from pipeline.errors import TrainingDiverged
-from pipeline.images import ImageLimits
 from pipeline.model import build_model, initial_model, resolve_device
 from pipeline.training.hooks import LocalSink, training_hooks
-from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything
+from pipeline.training.loop import StepSchedule, Training, fit, loader_processes, seed_everything, training_dataset
 from pipeline.training.preparation import prepare_training
 
 # A local run is given no share of the machine, as a Ray worker is: on a large one, a few loader
@@ -40,10 +37,7 @@ def train_stage(config: Config, progress: bool = True) -> TrainSummary:
     config, classes = prepare_training(config)
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
-    dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
-                               seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size, limits=ImageLimits.of(config.data),
-                               vflip=config.train.vflip)
+    dataset = training_dataset(config)
     schedule = StepSchedule.of(config.train, len(dataset))
     store = CheckpointStore(config.run.folder().checkpoints, config.train.keep_checkpoints)
     store.remove_partials()

@@ -28,8 +28,11 @@ from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
 from pipeline.config import Config, TrainConfig
+from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, RunBatchSampler, collate
+from pipeline.data.shards import ShardReader
 from pipeline.errors import DataError, TrainingDiverged
+from pipeline.images import ImageLimits
 from pipeline.training.averaging import WeightAverage
 
 
@@ -90,6 +93,14 @@ class StepSchedule:
     @property
     def validations(self) -> int:
         return math.ceil(self.total_steps / self.eval_every)
+
+
+def training_dataset(config: Config) -> DetectionDataset:
+    """The training split as `config.train` augments it, the same in one process and on every Ray worker."""
+    train = config.train
+    return DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=train.hflip,
+                            seed=train.seed, augment=train.augment, input_size=train.input_size,
+                            limits=ImageLimits.of(config.data), vflip=train.vflip)
 
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device):

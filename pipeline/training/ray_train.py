@@ -29,17 +29,22 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from aploss.distributed import ProcessGroupBatch
 from pipeline import checkpoints
 from pipeline.config import Config, config_from_dict, config_record
-from pipeline.data.bindings import prepared_category_ids, split_dir
-from pipeline.data.dataset import DetectionDataset
-from pipeline.data.shards import ShardReader
+from pipeline.data.bindings import prepared_category_ids
 from pipeline.errors import NoSpace, TrainingDiverged, TrainingFailed, UserError, WorkerRefused, one_line
-from pipeline.images import ImageLimits
 from pipeline.io import write_json_atomic
 from pipeline.model import build_model, initial_model
 from pipeline.quiet import quiet_third_party, ray_log_level
 from pipeline.storage import Location
 from pipeline.training.hooks import say, training_hooks
-from pipeline.training.loop import HookBase, StepSchedule, Training, fit, loader_processes, seed_everything
+from pipeline.training.loop import (
+    HookBase,
+    StepSchedule,
+    Training,
+    fit,
+    loader_processes,
+    seed_everything,
+    training_dataset,
+)
 from pipeline.training.preparation import prepare_training
 
 STATE_FILE = "state.pt"
@@ -116,10 +121,7 @@ def _work(payload: dict) -> None:
     # DDP hands every rank rank 0's weights when it wraps the model: only rank 0 reads model.init.
     start = initial_model if checkpoint is None and rank == 0 else build_model
     model = ray.train.torch.prepare_model(start(config, len(payload["classes"]), batch))
-    dataset = DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=config.train.hflip,
-                               seed=config.train.seed, augment=config.train.augment,
-                               input_size=config.train.input_size, limits=ImageLimits.of(config.data),
-                               vflip=config.train.vflip)
+    dataset = training_dataset(config)
     schedule = StepSchedule.of(config.train, len(dataset))
     training = Training(config, model, device, schedule.total_steps, schedule.steps_per_epoch)
     if checkpoint is not None:
