@@ -310,6 +310,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, on CUDA only
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
     vflip: float = 0.0  # vertical-flip probability, for images without an up (cells, aerial views)
+    mosaic: float = 0.0  # probability of a 4-image mosaic (pipeline.data.augment.mosaic) before the rest
     # Validation and the model.pt use an exponential moving average of the weights with this
     # decay (pipeline.training.averaging); 0: the last step's weights.
     ema_decay: float = 0.0
@@ -330,6 +331,7 @@ class TrainConfig:
         _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
         _require(0 <= self.hflip <= 1, "train.hflip", f"must be in [0, 1], got {self.hflip}")
         _require(0 <= self.vflip <= 1, "train.vflip", f"must be in [0, 1], got {self.vflip}")
+        _require(0 <= self.mosaic <= 1, "train.mosaic", f"must be in [0, 1], got {self.mosaic}")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         _require(self.input_size == 0 or self.input_size >= 32, "train.input_size",
                  f"must be 0 (the model's sizes) or >= 32, got {self.input_size}")

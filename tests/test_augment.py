@@ -12,6 +12,7 @@ from pipeline.data.augment import (
     augment_sample,
     expand,
     horizontal_flip,
+    mosaic,
     photometric_distort,
     random_crop,
     resize,
@@ -169,6 +170,12 @@ class _Reader:
     def __len__(self) -> int:
         return 1
 
+    def row_groups(self) -> list[range]:
+        return [range(1)]
+
+    def row_group_of(self, index: int) -> int:
+        return 0
+
     def read(self, index: int) -> ImageRecord:
         pixels = (_image() * 255).to(torch.uint8)
         return ImageRecord(7, "a.png", WIDTH, HEIGHT, encode_png(pixels).numpy().tobytes(), BOXES.numpy(),
@@ -189,11 +196,86 @@ def test_dataset_augments_training_only():
         DetectionDataset(_Reader(), augment="mosaic")[0]
 
 
+def _tile(identity: int, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
+    # Channels 0 and 1 hold each pixel's x and y (/ 1000), channel 2 the image's identity (/ 10).
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([xs / 1000, ys / 1000, torch.full((height, width), identity / 10)])
+
+
+def _expected_mosaic_boxes(image: torch.Tensor, samples: list) -> list[tuple[int, list[float]]]:
+    """From the pixels alone: where each source shows in the mosaic, and so which of its boxes
+    (label, clipped box) are at least a quarter visible."""
+    expected = []
+    for identity, (_, boxes, labels) in enumerate(samples):
+        ys, xs = torch.nonzero(image[2] == identity / 10, as_tuple=True)
+        if not len(xs):
+            continue
+        y0, x0 = int(ys.min()), int(xs.min())
+        dx = x0 - round(image[0, y0, x0].item() * 1000)
+        dy = y0 - round(image[1, y0, x0].item() * 1000)
+        x1, y1 = int(xs.max()) + 1, int(ys.max()) + 1
+        for box, label in zip(boxes.tolist(), labels.tolist()):
+            shifted = [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
+            clipped = [min(max(shifted[0], x0), x1), min(max(shifted[1], y0), y1),
+                       min(max(shifted[2], x0), x1), min(max(shifted[3], y0), y1)]
+            width, height = clipped[2] - clipped[0], clipped[3] - clipped[1]
+            area = (shifted[2] - shifted[0]) * (shifted[3] - shifted[1])
+            if width >= 1 and height >= 1 and width * height >= 0.25 * area:
+                expected.append((label, clipped))
+    return sorted(expected)
+
+
+def test_mosaic_keeps_the_boxes_a_quarter_visible_over_their_own_pixels():
+    samples = [(_tile(identity), BOXES, LABELS + 10 * identity) for identity in range(4)]
+    shares = set()
+    for seed in range(30):
+        image, boxes, labels = mosaic(samples, _key(seed))
+        assert image.shape == (3, HEIGHT, WIDTH)
+        assert sorted(zip(labels.tolist(), boxes.tolist())) == _expected_mosaic_boxes(image, samples)
+        # Each image is at its own scale: one pixel per pixel, offsets whole.
+        for identity in range(4):
+            ys, xs = torch.nonzero(image[2] == identity / 10, as_tuple=True)
+            if len(xs):
+                offsets = (image[0, ys, xs] * 1000).round() - xs
+                assert (offsets == offsets[0]).all()
+        shares.add(round((image[2] == 0).float().mean().item(), 1))
+    assert len(shares) >= 4  # the first image's share of the window moves with the centre
+
+
+def test_mosaic_of_smaller_images_fills_the_rest_and_keeps_an_image_without_boxes():
+    none = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    samples = [(_tile(0), BOXES, LABELS)] + [(_tile(identity, 20, 30), *none) for identity in (1, 2, 3)]
+    filled = 0
+    for seed in range(10):
+        image, boxes, labels = mosaic(samples, _key(seed))
+        assert image.shape == (3, HEIGHT, WIDTH)
+        assert sorted(zip(labels.tolist(), boxes.tolist())) == _expected_mosaic_boxes(image, samples)
+        filled += bool((image[2] == MEAN_PIXEL[2]).any())
+    assert filled == 10
+    image, boxes, labels = mosaic([(_tile(identity), *none) for identity in range(4)], _key(0))
+    assert boxes.shape == (0, 4) and labels.shape == (0,)
+
+
+def test_dataset_mosaic_is_drawn_first_and_not_at_all_at_zero():
+    plain = DetectionDataset(_Reader(), hflip=0.5, seed=1, mosaic=0.0)
+    decoded = DetectionDataset(_Reader())[0][0]
+    for epoch in range(4):
+        image, target, _ = plain[(0, epoch)]
+        reference = augment_sample(decoded, BOXES, LABELS, _generator(1, epoch, 0), "flip", 0.5, 0)
+        assert torch.equal(image, reference[0]) and torch.equal(target["boxes"], reference[1])
+    mixed = DetectionDataset(_Reader(), hflip=0.5, seed=1, mosaic=1.0)
+    image, target, _ = mixed[(0, 3)]
+    assert image.shape == (3, HEIGHT, WIDTH) and len(target["boxes"]) == len(target["labels"])
+    assert torch.equal(DetectionDataset(_Reader(), hflip=0.5, seed=1, mosaic=1.0)[(0, 3)][0], image)
+    assert not torch.equal(image, plain[(0, 3)][0])
+
+
 def test_config_validates_augment_and_input_size():
     train = load_config(None, ["train.augment=ssd", "train.input_size=512"]).train
     assert (train.augment, train.input_size) == ("ssd", 512)
     assert (load_config().train.augment, load_config().train.input_size) == ("flip", 0)
     for override, key in [("train.augment=mosaic", "train.augment"), ("train.input_size=16", "train.input_size"),
+                          ("train.mosaic=1.5", "train.mosaic"), ("train.mosaic=-0.1", "train.mosaic"),
                           ("train.input_size=-1", "train.input_size")]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, [override])

@@ -110,6 +110,51 @@ def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.G
     return image, boxes, labels
 
 
+def mosaic(samples: list[Sample], generator: torch.Generator, min_visible: float = 0.25,
+           fill: tuple[float, float, float] = MEAN_PIXEL) -> Sample:
+    """Four images around a random centre, cropped to the first one's size (YOLO's mosaic at
+    scale 1): every image is seen beside others and cut at new places, at its own scale.
+
+    On a canvas twice the first image's size, the centre is drawn uniformly within half a side
+    of the canvas' middle; the first image is the top-left quadrant, ending at the centre, the
+    others top-right, bottom-left and bottom-right, each touching the centre with its corner
+    nearest it. The output is the canvas' middle window, of the first image's size, so the
+    four shares of it vary with the centre. A box is kept,
+    clipped, when at least `min_visible` of its area is in the window; areas the images do not
+    cover are filled with `fill`.
+    """
+    image = samples[0][0]
+    height, width = image.shape[-2:]
+    centre_x = int(_uniform(generator, width / 2, 3 * width / 2))
+    centre_y = int(_uniform(generator, height / 2, 3 * height / 2))
+    left, top = width // 2, height // 2
+    canvas = image.new_tensor(fill)[:, None, None].expand(-1, height, width).clone()
+    kept_boxes, kept_labels = [], []
+    for quadrant, (part, boxes, labels) in enumerate(samples):
+        part_height, part_width = part.shape[-2:]
+        # Where the part's top-left corner lands on the canvas, then on the window.
+        x = centre_x - part_width if quadrant in (0, 2) else centre_x
+        y = centre_y - part_height if quadrant in (0, 1) else centre_y
+        x, y = x - left, y - top
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + part_width, width), min(y + part_height, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        canvas[:, y0:y1, x0:x1] = part[:, y0 - y:y1 - y, x0 - x:x1 - x]
+        shifted = boxes + boxes.new_tensor([x, y, x, y])
+        clipped = torch.stack([shifted[:, 0].clamp(x0, x1), shifted[:, 1].clamp(y0, y1),
+                               shifted[:, 2].clamp(x0, x1), shifted[:, 3].clamp(y0, y1)], 1)
+        visible = _area(clipped) >= min_visible * _area(shifted).clamp(min=1e-6)
+        visible &= (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+        kept_boxes.append(clipped[visible])
+        kept_labels.append(labels[visible])
+    return canvas, torch.cat(kept_boxes).reshape(-1, 4), torch.cat(kept_labels)
+
+
+def _area(boxes: Tensor) -> Tensor:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
 def horizontal_flip(image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator,
                     p: float = 0.5) -> Sample:
     """Mirror left-right with probability `p` (no draw when `p` is 0)."""

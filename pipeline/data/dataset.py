@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.data.augment import augment_sample
+from pipeline.data.augment import augment_sample, mosaic
 from pipeline.data.shards import ShardReader
 from pipeline.errors import DataError
 from pipeline.images import DEFAULT_LIMITS, ImageLimits, ImageRefused, decode_rgb
@@ -45,17 +45,19 @@ class DetectionDataset(Dataset):
 
     The target holds "boxes" [G, 4] (x1, y1, x2, y2 pixels) and "labels" [G]; crowd (or VOC
     difficult) boxes are left out, as they are neither to be found nor to be penalised.
-    Training datasets augment (`pipeline.data.augment.augment_sample`: `augment` "flip" or "ssd",
-    flip probabilities `hflip` and `vflip`, resize to `input_size` squared if > 0); the defaults leave images as
-    they are, for evaluation.
+    Training datasets augment: with probability `mosaic`, the image with three others of its row
+    group (`pipeline.data.augment.mosaic`), then `pipeline.data.augment.augment_sample` (`augment`
+    "flip" or "ssd", flip probabilities `hflip` and `vflip`, resize to `input_size` squared if
+    > 0); the defaults leave images as they are, for evaluation.
     """
 
     def __init__(self, reader: ShardReader, hflip: float = 0.0, seed: int = 0, augment: str = "flip",
-                 input_size: int = 0, limits: ImageLimits = DEFAULT_LIMITS, vflip: float = 0.0) -> None:
+                 input_size: int = 0, limits: ImageLimits = DEFAULT_LIMITS, vflip: float = 0.0,
+                 mosaic: float = 0.0) -> None:
         self.reader = reader
         # The shards are files on shared storage: each image passes the gate again when decoded.
         self.limits = limits
-        self.hflip, self.vflip = hflip, vflip
+        self.hflip, self.vflip, self.mosaic = hflip, vflip, mosaic
         self.seed = seed
         self.augment = augment
         self.input_size = input_size
@@ -65,16 +67,26 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Target, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        generator = _generator(self.seed, epoch, index)
+        with _one_thread():
+            image, boxes, labels, image_id = self._sample(index)
+            sample = image, boxes, labels
+            if self.mosaic and torch.rand((), generator=generator).item() < self.mosaic:
+                # Partners from the image's own row group, which the reader holds: no extra read.
+                rows = self.reader.row_groups()[self.reader.row_group_of(index)]
+                partners = torch.randint(len(rows), (3,), generator=generator).tolist()
+                sample = mosaic([sample] + [self._sample(rows[i])[:3] for i in partners], generator)
+            image, boxes, labels = augment_sample(*sample, generator, self.augment, self.hflip,
+                                                  self.input_size, self.vflip)
+        return image, {"boxes": boxes, "labels": labels}, image_id
+
+    def _sample(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
         record = self.reader.read(index)
         keep = ~record.crowd
         boxes = torch.from_numpy(record.boxes[keep]).reshape(-1, 4)
         labels = torch.from_numpy(record.class_ids[keep]).to(torch.int64)
-        with _one_thread():
-            image = _decoded(record.image, record.image_id, self.limits)
-            image, boxes, labels = augment_sample(image.float().div_(255), boxes, labels,
-                                                  _generator(self.seed, epoch, index), self.augment, self.hflip,
-                                                  self.input_size, self.vflip)
-        return image, {"boxes": boxes, "labels": labels}, record.image_id
+        image = _decoded(record.image, record.image_id, self.limits).float().div_(255)
+        return image, boxes, labels, record.image_id
 
 
 def _decoded(encoded: bytes, image_id: int, limits: ImageLimits) -> Tensor:

@@ -100,7 +100,7 @@ def training_dataset(config: Config) -> DetectionDataset:
     train = config.train
     return DetectionDataset(ShardReader(split_dir(config, config.data.train_split)), hflip=train.hflip,
                             seed=train.seed, augment=train.augment, input_size=train.input_size,
-                            limits=ImageLimits.of(config.data), vflip=train.vflip)
+                            limits=ImageLimits.of(config.data), vflip=train.vflip, mosaic=train.mosaic)
 
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device):
