@@ -1,5 +1,6 @@
 """SSD-style training augmentation, the AP-loss recipe: photometric distortion, zoom-out, random
-crop, horizontal flip, then a resize to a fixed square input with a random interpolation.
+crop, horizontal flip, then a resize to a fixed square input with a random interpolation; and
+YOLO's four-image mosaic, which the dataset applies before them.
 
 Every step maps (image [3, H, W] float in [0, 1], boxes [N, 4] xyxy pixels, labels [N]) and a
 `torch.Generator` to the same triple, so a pipeline is a pure function of the generator's seed:
