@@ -71,6 +71,25 @@ def test_prep_train_eval_learns_the_training_images(workspace, capsys):
     assert len(list((run_dir / "eval" / "samples").glob("*.png"))) == 2
 
 
+def test_eval_takes_the_postprocessing_overrides_as_predict_does(workspace):
+    root, config = workspace
+    run_dir = root / "runs" / "synthetic"
+
+    def detections(*overrides: str) -> list[dict]:
+        assert main(["eval", "--config", str(config), *overrides]) == 0
+        return json.loads((run_dir / "eval" / "detections.json").read_text())
+
+    trained = detections()
+    best = {}
+    for found in trained:
+        if found["score"] >= 0.3 and found["score"] > best.get(found["image_id"], {"score": 0})["score"]:
+            best[found["image_id"]] = found
+    assert len(best) >= 2 and len(trained) > len(best)
+    assert sorted(detections("model.detections_per_image=1", "model.score_thresh=0.3"),
+                  key=lambda found: found["image_id"]) == sorted(best.values(), key=lambda found: found["image_id"])
+    assert detections() == trained  # without overrides, the model's own again
+
+
 @pytest.mark.parametrize("overrides", [
     pytest.param(["loss.classification=alrp"], id="alrp"),
     pytest.param(["loss.classification=rs", "loss.delta.start=0.5"], id="rs", marks=pytest.mark.slow)])

@@ -221,9 +221,9 @@ def test_the_evaluate_stage_on_ray_equals_one_process(trained, one_thread, ray_c
 
     monkeypatch.setattr(stages, "_detect_on_ray", spy)
 
-    def evaluated(workers: int) -> tuple[str, str]:
+    def evaluated(workers: int, postprocessing: tuple[str, ...] = ()) -> tuple[str, str]:
         evaluation = stages.evaluate_stage(_with(config.for_run(f"eval-{workers}"), eval={"workers": workers}),
-                                           model_path)
+                                           model_path, postprocessing)
         return evaluation.metrics_path.read_text(), evaluation.detections_path.read_text()
 
     expected = evaluated(0)
@@ -232,6 +232,9 @@ def test_the_evaluate_stage_on_ray_equals_one_process(trained, one_thread, ray_c
     for workers in (1, 2, 3):
         assert evaluated(workers) == expected, f"eval.workers={workers}"
     assert len(on_ray) == 3
+    # The workers' models take the same postprocessing overrides as this process's.
+    fewer = ("model.detections_per_image=2",)
+    assert evaluated(2, fewer) == evaluated(0, fewer) != expected
 
 
 def test_robustness_on_ray_equals_one_process(trained, one_thread, ray_cluster):

@@ -6,7 +6,7 @@ detecting its slice of the split's batches (`detection_slices`); this process pu
 detections back in order, which makes them one process's, and evaluates them as one process does."""
 import dataclasses
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,21 @@ from pipeline.errors import DataError, MissingInput
 from pipeline.evaluation.coco_metrics import category_ids
 from pipeline.evaluation.evaluate import Evaluation, evaluate_split
 from pipeline.images import ImageLimits
-from pipeline.inference.detection import detect_batches, detection_slices, pack_detections, unpack_detections
+from pipeline.inference.detection import (
+    detect_batches,
+    detection_slices,
+    pack_detections,
+    unpack_detections,
+    with_postprocessing,
+)
 from pipeline.model import load_model, resolve_device
 from pipeline.storage import Location, Where
 
 
-def _worker_models(weights: dict, use_gpu: bool, threads: int) -> tuple[dict[str, OneStageDetector], torch.device]:
-    """A Ray worker's models, from the weights in Ray's object store."""
+def _worker_models(weights: dict, use_gpu: bool, threads: int, postprocessing: Sequence[str] = ()
+                   ) -> tuple[dict[str, OneStageDetector], torch.device]:
+    """A Ray worker's models, from the weights in Ray's object store, with `postprocessing`
+    overrides (`with_postprocessing`)."""
     import ray
 
     # As many threads as the worker has CPUs, whatever torch read at import; CPU results differ
@@ -40,14 +48,15 @@ def _worker_models(weights: dict, use_gpu: bool, threads: int) -> tuple[dict[str
         for name, weights_ref in weights.items():
             path = Path(scratch) / f"{len(models)}.pt"
             path.write_bytes(ray.get(weights_ref))
-            models[name] = load_model(path, device)[0]
+            model, _, trained, _ = load_model(path, device)
+            models[name] = with_postprocessing(model, trained, postprocessing)
     return models, device
 
 
 def _detect_slice(weights: dict, split: Location, batches: list[list[int]], use_gpu: bool, threads: int,
-                  limits: ImageLimits) -> dict[str, np.ndarray]:
+                  limits: ImageLimits, postprocessing: Sequence[str]) -> dict[str, np.ndarray]:
     """A Ray task: each model's detections of the slice `batches` of `split`, packed."""
-    models, device = _worker_models(weights, use_gpu, threads)
+    models, device = _worker_models(weights, use_gpu, threads, postprocessing)
     dataset, categories = DetectionDataset(ShardReader(split), limits=limits), category_ids(split / "ground_truth.json")
     return {name: pack_detections(detect_batches(model, dataset, batches, device, categories))
             for name, model in models.items()}
@@ -93,10 +102,11 @@ def _in_order(parts: list[dict[str, np.ndarray]], names: list[str]) -> dict[str,
     return {name: [found for part in parts for found in unpack_detections(part[name])] for name in names}
 
 
-def _detect_on_ray(config: Config, model_path: Where, split: Location) -> list[dict]:
+def _detect_on_ray(config: Config, model_path: Where, split: Location, postprocessing: Sequence[str]) -> list[dict]:
     import ray
 
-    return _in_order(ray.get(_on_ray(config, _detect_slice, {"model": model_path}, split)), ["model"])["model"]
+    parts = ray.get(_on_ray(config, _detect_slice, {"model": model_path}, split, list(postprocessing)))
+    return _in_order(parts, ["model"])["model"]
 
 
 def _perturbed_on_ray(config: Config, model_paths: dict[str, Where], split: Location, chosen: list
@@ -113,21 +123,24 @@ def _perturbed_on_ray(config: Config, model_paths: dict[str, Where], split: Loca
         yield setting, _in_order(ray.get([next(stream) for stream in streams]), list(model_paths))
 
 
-def evaluate_stage(config: Config, model_path: Location | None = None) -> Evaluation:
+def evaluate_stage(config: Config, model_path: Location | None = None, postprocessing: Sequence[str] = ()
+                   ) -> Evaluation:
     """COCO evaluation of the run's model on the evaluation split of the data it was trained on
     (or data.prepared), written under the run's eval/; detected in this process, or in
-    eval.workers Ray tasks."""
+    eval.workers Ray tasks. The model keeps the score threshold, NMS IoU and detections per image
+    it was trained with unless the `postprocessing` overrides (`model.nms_thresh=0.6`) say others."""
     device = resolve_device(config.train.device)
     model_path = model_path or config.run.folder().model
     if not model_path.exists():
         raise MissingInput(f"{model_path}: no trained model; run the train stage first")
     model, classes, trained, _ = load_model(model_path, device)
+    model = with_postprocessing(model, trained, postprocessing)
     config = evaluation_config(config, trained)
     check_split(config, config.eval_split(), "eval.split", classes, f"{model_path}: run '{config.run.name}'")
     split = split_dir(config, config.eval_split())
     # Ray workers start in directories of their own.
-    detections = (_detect_on_ray(config, model_path, split_dir(config.with_absolute_paths(), config.eval_split()))
-                  if config.eval.workers else None)
+    detections = (_detect_on_ray(config, model_path, split_dir(config.with_absolute_paths(), config.eval_split()),
+                                 postprocessing) if config.eval.workers else None)
     # VOC runs also get the VOC07 11-point and area mAP beside the COCO metrics.
     voc = config.data.dataset in PASCAL_VOC
     dataset = DetectionDataset(ShardReader(split), limits=ImageLimits.of(config.data))

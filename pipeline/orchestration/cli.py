@@ -59,14 +59,14 @@ def _train(config: Config) -> None:
           f"model: {summary.model_path}")
 
 
-def _eval(config: Config) -> None:
+def _eval(config: Config, overrides: list[str]) -> None:
     from pipeline.evaluation.metrics_table import metrics_table
     from pipeline.evaluation.stages import evaluate_stage
     from pipeline.orchestration.run import start_ray
 
     if config.eval.workers:
         start_ray(config)
-    evaluation = evaluate_stage(config)
+    evaluation = evaluate_stage(config, postprocessing=overrides)
     print(metrics_table(evaluation.result.metrics, evaluation.result.per_class_ap,
                         evaluation.result.per_class_ap50))
     print(f"detections: {evaluation.detections_path}\nmetrics: {evaluation.metrics_path}")
@@ -206,8 +206,9 @@ HELP = {
     "eval": ("COCO evaluation of a run's model",
              "Evaluates run.name's model.pt on eval.split (the test split by default): COCO metrics per class, PR "
              "curves, drawn samples and a detections json under the run's eval/ folder. eval.workers=N detects in N "
-             "Ray workers, the same metrics.",
-             ["aploss eval run.name=quick", "aploss eval run.name=quick eval.split=val",
+             "Ray workers, the same metrics. model.score_thresh, model.nms_thresh and model.detections_per_image "
+             "are the model's own unless overridden.",
+             ["aploss eval run.name=quick", "aploss eval run.name=quick eval.split=val model.nms_thresh=0.6",
               "aploss eval run.name=quick eval.workers=4 ray.use_gpu=true ray.address=auto"]),
     "pipeline run": ("the main job: prep -> Ray Train DDP -> evaluate, tracked in MLflow",
                      "Runs data-prep, distributed training on Ray Train (ray.workers processes, one AP-loss ranking "
@@ -388,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             _predict(config, arguments, inputs, overrides)
         elif command == "export":
             _export(config, arguments, overrides)
+        elif command == "eval":
+            _eval(config, overrides)
         else:
             COMMANDS[command](config)
     except UserError as error:
