@@ -58,6 +58,7 @@ class DetectionDataset(Dataset):
         # The shards are files on shared storage: each image passes the gate again when decoded.
         self.limits = limits
         self.hflip, self.vflip, self.mosaic = hflip, vflip, mosaic
+        self.row_groups = reader.row_groups() if mosaic else []
         self.seed = seed
         self.augment = augment
         self.input_size = input_size
@@ -73,7 +74,7 @@ class DetectionDataset(Dataset):
             sample = image, boxes, labels
             if self.mosaic and torch.rand((), generator=generator).item() < self.mosaic:
                 # Partners from the image's own row group, which the reader holds: no extra read.
-                rows = self.reader.row_groups()[self.reader.row_group_of(index)]
+                rows = self.row_groups[self.reader.row_group_of(index)]
                 partners = torch.randint(len(rows), (3,), generator=generator).tolist()
                 sample = mosaic([sample] + [self._sample(rows[i])[:3] for i in partners], generator)
             image, boxes, labels = augment_sample(*sample, generator, self.augment, self.hflip,
