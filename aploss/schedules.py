@@ -124,6 +124,46 @@ _KINDS: dict[str, type] = {"constant": ConstantDelta, "linear": LinearDelta,
                            "cosine": CosineDelta, "step": StepDelta}
 
 
+def changed_value(progress: float, value: float, changes: tuple[tuple[float, float], ...]) -> float:
+    """`value`, or from each change's training fraction on, that change's value: the values
+    Population Based Training set as a run went (`changes` ordered by fraction)."""
+    for fraction, changed in changes:
+        if progress < fraction:
+            break
+        value = changed
+    return value
+
+
+def check_changes(changes: tuple[tuple[float, float], ...]) -> None:
+    """ValueError unless `changes` are [training fraction, finite value >= 0] pairs in increasing fractions."""
+    fractions = []
+    for change in changes:
+        number = all(isinstance(part, (int, float)) and not isinstance(part, bool) for part in change)
+        if len(change) != 2 or not number or not 0 <= change[0] <= 1 or not 0 <= change[1] < math.inf:
+            raise ValueError(f"each change is [training fraction in [0, 1], finite value >= 0], got {list(change)}")
+        fractions.append(change[0])
+    if fractions != sorted(set(fractions)):
+        raise ValueError(f"the changes' fractions must increase, got {fractions}")
+
+
+@dataclass(frozen=True)
+class ChangedDelta:
+    """A schedule until its first change, then each change's delta from its training fraction on."""
+
+    schedule: "DeltaSchedule"
+    changes: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "changes", tuple(tuple(change) for change in self.changes))
+        check_changes(self.changes)
+
+    def __call__(self, progress: float) -> float:
+        return float(changed_value(progress, self.schedule(progress), self.changes))
+
+    def __str__(self) -> str:  # constant(1), then 0.8 from 0.25 of training
+        return f"{self.schedule}" + "".join(f", then {value:g} from {fraction:g}" for fraction, value in self.changes)
+
+
 def schedule_to_dict(schedule: DeltaSchedule) -> dict:
     kind = next(name for name, cls in _KINDS.items() if type(schedule) is cls)
     values = asdict(schedule)

@@ -20,7 +20,7 @@ import yaml
 
 from aploss.anchor_layout import AnchorLayout
 from aploss.catalog import IMAGENET_TRUNKS, Architecture
-from aploss.schedules import DeltaSchedule, schedule_fields, schedule_from_dict
+from aploss.schedules import ChangedDelta, DeltaSchedule, check_changes, schedule_fields, schedule_from_dict
 from pipeline import yaml_values
 from pipeline.errors import ConfigError
 from pipeline.io import write_bytes_atomic
@@ -225,19 +225,27 @@ class DeltaConfig:
     narrow_from: float = 0.0
     narrow_until: float = 1.0
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    # [[training fraction, delta], ...]: from each fraction on, delta is that value (what a PBT
+    # sweep set as the trial went; its written config replays them)
+    changes: list[list[float]] = field(default_factory=list)
 
-    def build(self) -> DeltaSchedule:
+    def build(self) -> DeltaSchedule | ChangedDelta:
         """The schedule, through the library's one dict format (`start` is a constant's value)."""
         values = {"value": self.start, "start": self.start, "end": self.end, "narrow_from": self.narrow_from,
                   "narrow_until": self.narrow_until, "milestones": tuple(self.milestones)}
         try:
             taken = schedule_fields(self.kind)
-            return schedule_from_dict({"kind": self.kind, **{key: values[key] for key in taken}})
+            schedule = schedule_from_dict({"kind": self.kind, **{key: values[key] for key in taken}})
+            return ChangedDelta(schedule, tuple(map(tuple, self.changes))) if self.changes else schedule
         except ValueError as error:
             raise ConfigError(f"loss.delta: {error}") from None
 
     def validate(self) -> None:
         self.build()
+
+
+# What a PBT trial may change during its run, each from a step on (`DeltaConfig.changes`, `OptimConfig.lr_changes`).
+PERTURBABLE = ("optim.lr", "loss.delta.start")
 
 
 # What each classification loss's release sets beyond the shared defaults, as overrides: RS's H is
@@ -286,6 +294,9 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # training fractions
     gamma: float = 0.1
     grad_clip: float = 10.0  # max gradient norm; 0 disables clipping
+    # [[training fraction, lr], ...]: from each fraction on, the base lr (before warm-up and decay)
+    # is that value (what a PBT sweep set as the trial went; its written config replays them)
+    lr_changes: list[list[float]] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -298,6 +309,11 @@ class OptimConfig:
                  "optim.milestones", f"must be increasing training fractions in (0, 1), got {self.milestones}")
         _require(0 < self.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
         _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        try:
+            check_changes(tuple(map(tuple, self.lr_changes)))
+        except ValueError as error:
+            raise ConfigError(f"optim.lr_changes: {error}") from None
+        _require(all(lr > 0 for _, lr in self.lr_changes), "optim.lr_changes", "every lr must be > 0")
 
 
 @dataclass
@@ -422,17 +438,43 @@ class TuneConfig:
     grace_period: int = 1  # validations before ASHA may stop a trial
     reduction_factor: int = 2
     space: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SPACE))  # dotted key -> domain
+    # asha: stops the trials that trail (grace_period, reduction_factor); pbt: Population Based
+    # Training, whose trials take a better trial's state and perturb its lr and delta as they go
+    scheduler: Literal["asha", "pbt"] = "asha"
+    perturbation_interval: int = 0  # pbt: steps between perturbations, a multiple of train.eval_every; 0: eval_every
+    quantile_fraction: float = 0.25  # pbt: the share of trials that take a donor's state, and that donate
+    resample_probability: float = 0.25  # pbt: chance that a value is drawn afresh from its domain
+    perturbation_factors: list[float] = field(default_factory=lambda: [1.2, 0.8])  # pbt: else multiplied by one
 
     def validate(self) -> None:
         _require(self.samples >= 1, "tune.samples", f"must be >= 1, got {self.samples}")
         _require(self.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1")
         _require(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
         _require(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+        _require(self.perturbation_interval >= 0, "tune.perturbation_interval", "must be >= 0")
+        _require(0 < self.quantile_fraction <= 0.5, "tune.quantile_fraction",
+                 f"must be in (0, 0.5], got {self.quantile_fraction}")
+        _require(0 <= self.resample_probability <= 1, "tune.resample_probability",
+                 f"must be in [0, 1], got {self.resample_probability}")
+        _require(bool(self.perturbation_factors) and all(f > 0 for f in self.perturbation_factors),
+                 "tune.perturbation_factors", f"must be numbers > 0, got {self.perturbation_factors}")
         for key, spec in self.space.items():
             try:
-                parse_domain(spec)
+                domain = parse_domain(spec)
             except ValueError as error:
                 raise ConfigError(f"tune.space.{key}: {error}") from None
+            if self.scheduler == "pbt":
+                _require(key in PERTURBABLE, f"tune.space.{key}",
+                         f"PBT changes values during a run, which it can for {sorted(PERTURBABLE)} only, e.g. "
+                         "tune.space='{optim.lr: \"loguniform(0.003, 0.03)\", "
+                         "loss.delta.start: \"uniform(0.25, 2)\"}'; search the others with tune.scheduler=asha")
+                _require(domain.kind != "randint" and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in domain.values),
+                    f"tune.space.{key}",
+                    f"PBT perturbs numbers: uniform, loguniform, choice or grid of them, got {spec}")
+        if self.scheduler == "pbt":
+            _require(self.search == "random", "tune.search",
+                     "PBT starts its population from the planned values (random); optuna does not apply")
 
 
 @dataclass
@@ -481,6 +523,10 @@ class Config:
         fixed = FIXED_INPUT_SIZES.get(self.model.arch)
         _require(fixed is None or self.train.input_size in (0, fixed), "train.input_size",
                  f"{self.model.arch} takes {fixed}x{fixed} inputs: set 0 or {fixed}, got {self.train.input_size}")
+        _require(self.tune.scheduler != "pbt" or "loss.delta.start" not in self.tune.space
+                 or self.loss.delta.kind == "constant", "loss.delta.kind",
+                 "PBT sets delta as a constant it changes during the run: set 'constant', "
+                 f"got {self.loss.delta.kind!r}")
         if search_space:
             self._validate_search_space()
 

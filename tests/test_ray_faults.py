@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import coco_settings, write_synthetic_coco
+from tests.process_environment import kill_session
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -36,20 +37,6 @@ def _pipeline(overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.orchestration.cli", "pipeline", "run", *overrides],
                             cwd=PROJECT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def _kill_session(process: subprocess.Popen) -> None:
-    """kill -9 of the driver and of everything it started (Ray's own processes included)."""
-    session = process.pid
-    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        pid, sid = (int(value) for value in line.split())
-        if sid == session:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    process.wait()
 
 
 def _journal_steps(output: Path) -> list[int]:
@@ -87,7 +74,7 @@ def test_killing_the_driver_three_times_ends_with_the_uninterrupted_weights(tmp_
             assert process.poll() is None, f"seed {seed}: finished before step {target}: {process.stdout.read()}"
             assert time.monotonic() < deadline, f"seed {seed}: step {target} not reached"
             time.sleep(0.05)
-        _kill_session(process)
+        kill_session(process)
         killed_at.append(max(_journal_steps(output)))
     out = _finish(_pipeline(_overrides(data, output)))
     assert "resumed at step" in out

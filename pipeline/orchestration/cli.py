@@ -117,6 +117,11 @@ def _tune(config: Config) -> None:
         result = run_sweep(config)
     finally:
         ray.shutdown()
+    if result.scheduler == "pbt":
+        print(f"{result.trials} trials of population based training; best last val AP {result.best_val_ap:.3f}\n"
+              f"its schedule: {result.best_config_path}\n"
+              f"replay it: aploss pipeline run --config {result.best_config_path}")
+        return
     print(f"{result.trials} trials, {result.stopped_early} stopped early by ASHA; best val AP "
           f"{result.best_val_ap:.3f}\nbest config: {result.best_config_path}\n"
           f"train it: aploss pipeline run --config {result.best_config_path}")

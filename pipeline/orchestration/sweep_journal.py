@@ -57,6 +57,7 @@ class TrialRecord:
     status: str = "RUNNING"  # RUNNING, then FINISHED, STOPPED (by ASHA) or FAILED
     val_ap: list[float] = field(default_factory=list)
     ended: float | None = None  # seconds since the epoch
+    pbt: dict | None = None  # PBT: where the trial's last segment ended (`population.SegmentEnd.record`)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from aploss.detector import OneStageDetector
-from pipeline.config import Config, TrainConfig
+from aploss.schedules import changed_value
+from pipeline.config import Config, OptimConfig, TrainConfig
 from pipeline.data.bindings import split_dir
 from pipeline.data.dataset import DetectionDataset, RunBatchSampler, collate
 from pipeline.data.shards import ShardReader
@@ -38,7 +39,8 @@ from pipeline.training.averaging import WeightAverage
 
 @dataclass(frozen=True)
 class LearningRateFactor:
-    """Multiplier of the base lr at a step: linear warm-up, then multistep or cosine decay."""
+    """Multiplier of the base lr at a step: linear warm-up, then multistep or cosine decay, times
+    the base lr's changes (`optim.lr_changes`, as multiples of `optim.lr`)."""
 
     total_steps: int
     warmup_steps: int
@@ -46,15 +48,22 @@ class LearningRateFactor:
     schedule: str
     milestones: tuple[float, ...]
     gamma: float
+    changes: tuple[tuple[float, float], ...] = ()
+
+    @classmethod
+    def of(cls, optim: OptimConfig, total_steps: int) -> "LearningRateFactor":
+        return cls(total_steps, optim.warmup_steps, optim.warmup_factor, optim.schedule, tuple(optim.milestones),
+                   optim.gamma, tuple((fraction, lr / optim.lr) for fraction, lr in optim.lr_changes))
 
     def __call__(self, step: int) -> float:
         warmup = 1.0
         if step < self.warmup_steps:
             warmup = self.warmup_factor + (1 - self.warmup_factor) * step / self.warmup_steps
         progress = min(step / max(self.total_steps, 1), 1.0)
+        base = changed_value(progress, 1.0, self.changes)
         if self.schedule == "cosine":
-            return warmup * 0.5 * (1 + math.cos(math.pi * progress))
-        return warmup * self.gamma ** sum(progress >= m for m in self.milestones)
+            return base * warmup * 0.5 * (1 + math.cos(math.pi * progress))
+        return base * warmup * self.gamma ** sum(progress >= m for m in self.milestones)
 
 
 @dataclass(frozen=True)
@@ -120,9 +129,7 @@ class Training:
         optim = config.optim
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
-        factor = LearningRateFactor(steps, optim.warmup_steps, optim.warmup_factor, optim.schedule,
-                                    tuple(optim.milestones), optim.gamma)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LearningRateFactor.of(optim, steps))
         self.amp = config.train.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         decay = config.train.ema_decay
@@ -195,7 +202,11 @@ class Training:
                 raise DataError("the checkpoint holds no weight average: it was saved with train.ema_decay=0")
             self.average.load_state_dict(state["average"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is this config's, not the checkpoint's (LambdaLR saves its factor's fields):
+        # a PBT trial goes on from its donor's state with a changed lr, from this step on.
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped = state["step"], state["skipped"]
         _set_rng_state(state["rng"])
@@ -325,14 +336,16 @@ def _running(pid: int) -> bool:
 
 
 def fit(training: Training, dataset: DetectionDataset, schedule: StepSchedule, hooks: Sequence[HookBase],
-        rank: int = 0, world_size: int = 1, loaders: int = 0) -> dict[str, float]:
-    """Train from `training.step` to its last step, and return that step's metrics; the data
-    position follows from the step. One loader serves every remaining epoch, so its processes
+        rank: int = 0, world_size: int = 1, loaders: int = 0, until: int | None = None) -> dict[str, float]:
+    """Train from `training.step` to its last step (or to step `until`, one segment of a PBT
+    trial, the schedules unchanged), and return that step's metrics; the data position follows
+    from the step. One loader serves every remaining epoch, so its processes
     start once. A step's metrics time the step itself (`step_seconds`) and, beside it, the wait
     for its batch (`batch_seconds`); the hooks' own time is in neither."""
     config = training.config.train
-    sampler = RunBatchSampler(dataset.reader.row_groups(), config.batch_size, config.seed, training.step,
-                              schedule.total_steps, rank, world_size)
+    stop = schedule.total_steps if until is None else min(until, schedule.total_steps)
+    sampler = RunBatchSampler(dataset.reader.row_groups(), config.batch_size, config.seed, training.step, stop,
+                              rank, world_size)
     metrics: dict[str, float] = {}
     for hook in hooks:
         hook.before_train(training)

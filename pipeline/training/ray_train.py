@@ -69,7 +69,7 @@ class RaySink:
         report = {"step": step, SCORE: -1.0 if val_ap is None else val_ap}
         if val_ap is not None:
             report["val_ap"] = val_ap
-        name = f"checkpoint_{step:07d}"
+        name = checkpoint_name(step)
         checkpoint, full = None, None
         if state is not None:
             try:
@@ -83,6 +83,16 @@ class RaySink:
             raise StoppedTogether({"no_space": full})
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of a run's checkpoint of `step` in Ray Train's storage."""
+    return f"checkpoint_{step:07d}"
+
+
+def state_at(config: Config, run_name: str, step: int) -> Location:
+    """The training state that run `run_name` checkpointed at `step`."""
+    return storage_path(config) / run_name / checkpoint_name(step) / STATE_FILE
 
 
 class StoppedTogether(Exception):
@@ -117,9 +127,9 @@ def _work(payload: dict) -> None:
     seed_everything(config.train.seed)
     device = ray.train.torch.get_device()
     batch = ProcessGroupBatch() if world_size > 1 else None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, seed = ray.train.get_checkpoint(), payload["seed"]
     # DDP hands every rank rank 0's weights when it wraps the model: only rank 0 reads model.init.
-    start = initial_model if checkpoint is None and rank == 0 else build_model
+    start = initial_model if checkpoint is None and seed is None and rank == 0 else build_model
     model = ray.train.torch.prepare_model(start(config, len(payload["classes"]), batch))
     dataset = training_dataset(config)
     schedule = StepSchedule.of(config.train, len(dataset))
@@ -129,13 +139,17 @@ def _work(payload: dict) -> None:
             training.load_state_dict(checkpoints.load(Path(directory) / STATE_FILE, device))
         if rank == 0:
             say(f"resumed at step {training.step}")
+    elif seed is not None:
+        training.load_state_dict(checkpoints.load(seed, device))
+        if rank == 0:
+            say(f"started from {seed} at step {training.step}")
     hooks = [make(config, rank) for make in payload["extra_hooks"]] + training_hooks(
         config, schedule, RaySink(storage_path(config) / config.run.name),
         {"config": payload["config"], "classes": payload["classes"]}, rank=rank)
     try:
         try:
             fit(training, dataset, schedule, hooks, rank, world_size,
-                loader_processes(config.train, config.ray.cpus_per_worker))
+                loader_processes(config.train, config.ray.cpus_per_worker), payload["until"])
         except TrainingDiverged as error:
             # Every rank sees the same global values, so all stop at this step.
             raise StoppedTogether({"step": error.step, "term": error.term, "value": error.value}) from None
@@ -170,12 +184,15 @@ def _quiet_controller() -> QuietController:
 
 
 def build_trainer(config: Config, classes: list[str], extra_hooks: Sequence[ExtraHook] = (),
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, seed: Location | None = None,
+                  until: int | None = None) -> TorchTrainer:
     """The Ray Train run of `config`, which must be prepared for training (`prepare_training`);
-    `extra_hooks` (each made on a worker from the config and the rank) run before the run's own."""
+    `extra_hooks` (each made on a worker from the config and the rank) run before the run's own.
+    A run that has no checkpoint of its own starts from the training state `seed` if given (a
+    PBT segment's), and one given `until` stops after that step."""
     # Workers need no credentials (the driver talks to MLflow), and Ray keeps what it is handed.
     payload = {"config": config_record(config.with_absolute_paths()), "classes": classes,
-               "extra_hooks": list(extra_hooks)}
+               "extra_hooks": list(extra_hooks), "seed": None if seed is None else str(seed), "until": until}
     ray_config = config.ray
     return TorchTrainer(
         run_worker, train_loop_config=payload,

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Param, Run
 
-from pipeline.config import Config
+from pipeline.config import Config, config_record
 from pipeline.errors import UserError
 from pipeline.orchestration.tracking.connection import connect
 from pipeline.orchestration.tracking.forwarding import MetricsForwarder
@@ -105,6 +105,12 @@ def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: 
                                tags={"mlflow.parentRunId": sweep_run_id, STAGE_TAG: "trial"}).info.run_id
     client.log_batch(run_id, params=[Param(key, value) for key, value in param_safe(config).items()])
     return run_id
+
+
+def log_trial_schedule(tracking_uri: str, run_id: str, config: Config) -> None:
+    """A PBT trial's config as it now trains, the schedule it followed included, as the trial
+    run's schedule.yaml: `aploss pipeline run --config schedule.yaml` replays the trial."""
+    mlflow.MlflowClient(connect(tracking_uri)).log_dict(run_id, config_record(config), "schedule.yaml")
 
 
 def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]],
