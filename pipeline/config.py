@@ -184,8 +184,8 @@ class ModelConfig:
     max_size: int = 342
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     # RetinaNet's pyramid and head width (the paper's 256); the head's convolutions cost its
-    # square, and 128 halves a CPU step of the default recipe.
-    fpn_channels: int = 128
+    # square: 64 makes a CPU step of the default recipe 27 % cheaper than 128, and 46 % of 256's.
+    fpn_channels: int = 64
     fg_iou: float = 0.5
     bg_iou: float = 0.4
     score_thresh: float = 0.05
@@ -285,7 +285,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01  # for the global batch
+    lr: float = 0.02  # for the global batch (the main job's recipe: 8 images from scratch)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 50
@@ -319,7 +319,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 8  # global: all workers together
-    epochs: int = 8
+    epochs: int = 11
     max_steps: int = 0  # stop after this many steps if > 0 (a budget shorter than the epochs)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

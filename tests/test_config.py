@@ -32,7 +32,7 @@ def test_exponent_numbers_are_numbers(tmp_path):
 
 def test_flatten_uses_dotted_keys():
     flat = flatten(Config())
-    assert flat["optim.lr"] == 0.01 and flat["loss.delta.kind"] == "constant" and flat["data.annotations"] == {}
+    assert flat["optim.lr"] == 0.02 and flat["loss.delta.kind"] == "constant" and flat["data.annotations"] == {}
 
 
 @pytest.mark.parametrize("overrides, message", [

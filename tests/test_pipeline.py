@@ -68,7 +68,7 @@ def test_pipeline_run_tree_and_rerun(pipeline_config, capsys, monkeypatch):
     assert printed.count("anchor recall (IoU >= 0.5, P3-P7, auto): square ") == 1  # computed once, in train
 
     train = children["train"]
-    assert train.data.params["optim.lr"] == "0.01" and train.data.params["ray.workers"] == "2"
+    assert train.data.params["optim.lr"] == "0.02" and train.data.params["ray.workers"] == "2"
     assert {"anchor_recall_square", "anchor_recall_disc"} <= set(train.data.metrics)
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]

@@ -56,5 +56,13 @@ def test_the_longer_bccd_recipe_is_the_main_job_s_but_for_its_levers():
     main_job = flatten(load_config(None, []))
     longer = flatten(load_config(RECIPES[0].parent / "bccd_long.yaml", []))
     changed = {key: longer[key] for key in main_job if longer[key] != main_job[key]}
-    assert changed == {"model.fpn_channels": 64, "optim.lr": 0.02, "train.epochs": 26, "train.vflip": 0.5,
+    assert changed == {"train.epochs": 26, "train.vflip": 0.5,
                        "run.name": "bccd-long"}
+
+
+def test_the_bccd_pbt_sweep_is_the_main_job_s_recipe_with_a_population():
+    main_job = flatten(load_config(None, []))
+    pbt = load_config(RECIPES[0].parent / "bccd_pbt.yaml", [])
+    changed = {key for key, value in flatten(pbt).items() if value != main_job[key]}
+    assert {key for key in changed if not key.startswith("tune.")} == {"train.eval_every", "run.name"}
+    assert pbt.tune.scheduler == "pbt" and pbt.tune.perturbation_interval % pbt.train.eval_every == 0
