@@ -74,9 +74,11 @@ def _widen_every_other(json_path, image_dir) -> None:
 def _config(root, name: str, *overrides: str) -> Config:
     return load_config(None, [
         *coco_settings(root / 'data'), "model.min_size=96", "model.max_size=96",
-        # An all but untrained model: every candidate counts, so there is something to compare.
+        # An all but untrained model: every candidate counts, so there is something to compare; at
+        # the pyramid width and lr its two steps were sized with, which leave some boxes found (AP > 0).
         "model.score_thresh=0.0", "model.detections_per_image=20", "train.batch_size=4", "train.epochs=100",
-        "train.max_steps=2", "optim.warmup_steps=2", "train.eval_every=1000", "eval.batch_size=2",
+        "train.max_steps=2", "optim.warmup_steps=2", "model.fpn_channels=128", "optim.lr=0.01",
+        "train.eval_every=1000", "eval.batch_size=2",
         "eval.sample_images=1", "ray.workers=2", f"run.output_dir={root / 'runs'}", f"run.name={name}", *overrides])
 
 

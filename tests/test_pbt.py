@@ -18,7 +18,10 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.population import continued, segment_end
+from pipeline.storage import Location
+from pipeline.training.journal import read_journal
 from pipeline.training.loop import LearningRateFactor
+from tests.object_store import TEST_BUCKET
 from tests.process_environment import kill_session
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -189,3 +192,27 @@ def _journal_or_none(output: Path) -> dict:
         return _journal(output)["trials"]
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+@pytest.mark.slow  # the population above with its outputs in an object store: about 3 minutes on 2 cores
+def test_a_population_in_an_object_store_exchanges_states_through_it(s3_server, tmp_path, monkeypatch):
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    write_synthetic_coco(tmp_path / "data", {"train": 8, "val": 4})
+    output = Location(f"s3://{TEST_BUCKET}/{tmp_path.name}/runs")
+    try:
+        assert main(["tune", *_overrides(tmp_path / "data", tmp_path / "unused"), f"run.output_dir={output}",
+                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    finally:
+        ray.shutdown()
+    journal = json.loads((output / "ray" / "tune" / "pbt-sweep" / "aploss-sweep.json").read_text())
+    assert [trial["status"] for trial in journal["trials"].values()] == ["FINISHED"] * 2
+    (recipient,) = [trial for trial in journal["trials"].values() if "-from-" in trial["pbt"]["run"]]
+    donor = f"pbt-{recipient['pbt']['run'].rsplit('-', 1)[1]}"
+    # The recipient started from the donor's state in the store: the same first loss.
+    recipient_losses = read_journal(output / recipient["pbt"]["run"] / "train" / "metrics.jsonl")
+    donor_losses = read_journal(output / f"{donor}-at6" / "train" / "metrics.jsonl")
+    first = [[record["loss"] for record in losses if record["step"] == 7]
+             for losses in (recipient_losses, donor_losses)]
+    assert first[0] == first[1] and len(first[0]) == 1
+    assert not (tmp_path / "unused").exists()

@@ -14,6 +14,8 @@ from pipeline.errors import TrackingUnavailable
 from pipeline.redaction import credentials, redact
 
 _URI_VARIABLE = "MLFLOW_TRACKING_URI"
+# A local store's URI: SQLAlchemy's, whose path follows (absolute with a fourth slash).
+SQLITE = "sqlite:///"
 
 
 def connect(uri: str) -> str:
@@ -60,11 +62,13 @@ def configure(config: Config) -> str:
     experiment = _experiment(config)
     if experiment is not None:
         return experiment.experiment_id
-    # With the local default store, keep artifacts beside it rather than in the working directory;
-    # a tracking server keeps them in its own artifact store.
+    # With a local store, keep artifacts beside it rather than in the working directory (the
+    # default store is run.output_dir's, a store of one's own may sit beside outputs in an object
+    # store); a tracking server keeps them in its own artifact store.
     location = None
-    if config.tracking_uri().startswith("sqlite:"):
-        location = Path(config.run.outputs().mlflow_artifacts).as_uri()
+    if config.tracking_uri().startswith(SQLITE):
+        store = Path(config.tracking_uri().removeprefix(SQLITE)).resolve()
+        location = (store.parent / config.run.outputs().mlflow_artifacts.name).as_uri()
     return mlflow.create_experiment(config.tracking.experiment, artifact_location=location)
 
 
