@@ -117,7 +117,7 @@ def _tune(config: Config) -> None:
         result = run_sweep(config)
     finally:
         ray.shutdown()
-    if result.scheduler == "pbt":
+    if result.best_config.tune.scheduler == "pbt":
         print(f"{result.trials} trials of population based training; best last val AP {result.best_val_ap:.3f}\n"
               f"its schedule: {result.best_config_path}\n"
               f"replay it: aploss pipeline run --config {result.best_config_path}")

@@ -131,15 +131,15 @@ def _report(val_ap: float, end: SegmentEnd) -> None:
 def run_pbt_trial(params: dict, sweep: dict) -> None:
     """One member of the population, segment after segment, from where Tune restarts it: its own
     or a donor's pointer (Tune's checkpoint), or where an earlier attempt of the sweep left it."""
-    base = config_from_dict(sweep["base"])
-    name = trial_name(base.run.name, params, tune.get_context().get_trial_id())
+    base_name = sweep["base"]["run"]["name"]
+    name = trial_name(base_name, params, tune.get_context().get_trial_id())
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            start = read_pointer(Path(directory), base.run.name)
+            start = read_pointer(Path(directory), base_name)
     else:
         saved = sweep["resume"].get(name)
-        start = None if saved is None else segment_end(saved, base.run.name)
+        start = None if saved is None else segment_end(saved, base_name)
     config, step, total = trial_config(sweep["base"], params), 0, sweep["total_steps"]
     if start is not None:
         config, step = continued(with_schedule(config, start.schedule), params, start.step, total), start.step

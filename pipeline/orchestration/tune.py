@@ -147,7 +147,6 @@ class SweepResult:
     best_config_path: Path
     trials: int
     stopped_early: int  # by ASHA
-    scheduler: str
 
 
 def run_sweep(config: Config) -> SweepResult:
@@ -204,7 +203,7 @@ def _sweep(config: Config, experiment: str, sweep_run: str) -> SweepResult:
     save_config(best_config, best_path)
     records.log_sweep_result(sweep_run, best_path, best.params, METRIC, best_ap)
     stopped = sum(1 for trial in journal.trials.values() if trial.status == "STOPPED")
-    return SweepResult(best_config, best_ap, best_path, len(journal.trials), stopped, config.tune.scheduler)
+    return SweepResult(best_config, best_ap, best_path, len(journal.trials), stopped)
 
 
 def _end_finished_segments(journal: SweepJournal, base_name: str, total_steps: int) -> None:
