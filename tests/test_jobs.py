@@ -102,7 +102,7 @@ def test_entrypoint_passes_config_and_overrides(clean_env, tmp_path, monkeypatch
 def test_comparison_entrypoints_pass_their_runs(clean_env, monkeypatch):
     seen: list[tuple[Config, list[str]]] = []
     for command in ("robustness", "report"):
-        monkeypatch.setitem(cli.COMMANDS, command, lambda config, runs: seen.append((config, runs)))
+        monkeypatch.setitem(cli.COMMANDS, command, lambda config, runs, sweep=None: seen.append((config, runs)))
     assert robustness.main(["--run", "a", "--run", "b", "robustness.severities=[3]"]) == 0
     assert report.main(["--run", "a"]) == 0
     assert [runs for _, runs in seen] == [["a", "b"], ["a"]]

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.population import continued, segment_end
+from pipeline.orchestration.report import sweep_curves
 from pipeline.storage import Location
 from pipeline.training.journal import read_journal
 from pipeline.training.loop import LearningRateFactor
@@ -139,6 +140,20 @@ def test_a_population_exploits_its_leader_and_the_trial_replays_from_its_schedul
         donor_lr * 0.5, rel=1e-12)
     schedule = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="schedule.yaml",
                                                         dst_path=str(tmp_path / "schedule"), tracking_uri=uri))
+
+    # `aploss report --sweep` draws the schedule the trial followed: its donor's up to the exploit
+    # (the donor's logged lr at every step before it), its own from there, at the logged values.
+    capsys.readouterr()
+    assert main(["report", "--sweep", "pbt", f"run.output_dir={output}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {recipient} |" in printed and f"lr {donor_lr * 0.5:.3g} at 6" in printed
+    (curves,) = [trial for trial in sweep_curves(load_config(None, [f"run.output_dir={output}"]), "pbt")
+                 if trial.name == recipient]
+    donor_curve, recipient_curve = _curve(output, f"{donor}-at0", "lr"), _curve(output, recipient_run, "lr")
+    assert curves.steps == list(range(1, 13))
+    assert curves.lr[:6] == pytest.approx([donor_curve[step] for step in range(1, 7)], rel=1e-12)
+    assert curves.lr[6:] == pytest.approx([recipient_curve[step] for step in range(7, 13)], rel=1e-12)
+    assert (output / "report" / "pbt-schedules.png").stat().st_size > 0
 
     # The README's main job run on that schedule trains from step 0 to the trial's weights.
     try:

@@ -88,9 +88,15 @@ def _robustness(config: Config, runs: list[str]) -> None:
         print(f"written: {', '.join(str(p) for p in paths)}")
 
 
-def _report(config: Config, runs: list[str]) -> None:
-    from pipeline.orchestration.report import collect, markdown, write_report
+def _report(config: Config, runs: list[str], sweep: str | None = None) -> None:
+    from pipeline.orchestration.report import collect, markdown, sweep_curves, sweep_markdown, write_report, \
+        write_sweep_report
 
+    if sweep is not None:
+        curves = sweep_curves(config, sweep)
+        print(sweep_markdown(curves))
+        print(f"report: {write_sweep_report(curves, config.run.outputs().report, sweep)}")
+        return
     summaries = collect(config, runs)
     print(markdown(summaries))
     print(f"report: {write_report(summaries, config.run.outputs().report)}")
@@ -239,8 +245,10 @@ HELP = {
                    ["aploss robustness --run bccd-ap --run bccd-focal 'robustness.severities=[3]'"]),
     "report": ("one table and plots from the MLflow runs of a comparison",
                "Gathers the pipeline runs' test AP and robustness from MLflow into one markdown table (per run, and "
-               "mean +- std per loss) with plots under run.output_dir/report.",
-               ["aploss report", "aploss report --run bccd-ap-seed0 --run bccd-focal-seed0"]),
+               "mean +- std per loss) with plots under run.output_dir/report; with --sweep, a sweep's trials with "
+               "the lr and δ schedules they followed (a PBT trial's discovered one) drawn against the step.",
+               ["aploss report", "aploss report --run bccd-ap-seed0 --run bccd-focal-seed0",
+                "aploss report --sweep bccd-pbt"]),
     "predict": ("apply a trained detector to images: COCO-format detections json",
                 "Runs the model (a run's name, a model.pt or checkpoint, or an MLflow model URI such as "
                 "models:/aploss-bccd@champion) on image files, folders, globs or an object-store URI, and writes "
@@ -341,6 +349,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     parsers["export"].add_argument("--out", required=True, help="the program file (local or object-store URI)")
     _add_runs_argument(parsers["report"], "a pipeline run to compare, repeated (default: every pipeline run of the "
                                           "experiment)")
+    parsers["report"].add_argument("--sweep", metavar="NAME",
+                                   help="instead: the trials of the sweep NAME (the run.name of `aploss tune`), "
+                                        "with the lr and δ schedules they followed, drawn")
     return root, parsers
 
 
@@ -388,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.orchestration.tracking.registry import fetch_source
 
             fetch_source(config.model.init, config, "model.init")
-        if command in ("report", "robustness"):
+        if command == "report":
+            COMMANDS[command](config, arguments.runs, arguments.sweep)
+        elif command == "robustness":
             COMMANDS[command](config, arguments.runs)
         elif command == "predict":
             _predict(config, arguments, inputs, overrides)

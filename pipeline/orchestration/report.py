@@ -1,5 +1,6 @@
 """`aploss report`: the pipeline runs of a comparison (AP-loss vs focal, delta-schedule ablation,
-robustness) gathered from MLflow into one markdown table, a table of means over seeds, and plots.
+robustness) gathered from MLflow into one markdown table, a table of means over seeds, and plots;
+or a sweep's trials with the lr and δ schedules they followed (`--sweep`).
 """
 import io
 import math
@@ -8,13 +9,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
 
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, config_from_dict, load_config
+from pipeline.errors import UserError
 from pipeline.evaluation.robustness import RobustnessResult, Setting, plot_robustness, read_result
 from pipeline.io import write_bytes_atomic
 from pipeline.orchestration.tracking import connection, pipeline_runs, records
+from pipeline.training.loop import LearningRateFactor
 
 GROUP_PARAMS = ("loss.classification", "loss.delta.kind", "model.arch")
 
@@ -172,5 +177,111 @@ def write_report(summaries: list[RunSummary], out_dir: Path) -> Path:
         plots.append(plot_robustness(robust, out_dir / "robustness.png"))
     text = "# aploss report\n\n" + markdown(summaries) + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     path = out_dir / "report.md"
+    write_bytes_atomic(text.encode(), path)
+    return path
+
+
+@dataclass
+class TrialCurves:
+    """A sweep trial's learning rate and δ at each step, as its schedule sets them (a PBT
+    trial's: the schedule of its lineage, the donors' segments included), and the validation APs
+    its own run reported."""
+
+    name: str
+    steps: list[int]
+    lr: list[float]
+    delta: list[float]
+    val_ap: dict[int, float]
+    changes: str  # a PBT trial's perturbations, as the table shows them; "" for a fixed schedule
+
+
+def _schedule_curves(config: Config, total_steps: int) -> tuple[list[int], list[float], list[float]]:
+    """The lr and δ that steps 1..total train with, as the run logs them: step s runs at the lr
+    factor and δ progress of the s - 1 steps before it."""
+    factor, delta = LearningRateFactor.of(config.optim, total_steps), config.loss.delta.build()
+    before = range(total_steps)
+    return ([done + 1 for done in before], [config.optim.lr * factor(done) for done in before],
+            [delta(done / total_steps) for done in before])
+
+
+def _changes(config: Config, total_steps: int) -> str:
+    moves = [f"lr {lr:.3g} at {round(fraction * total_steps)}" for fraction, lr in config.optim.lr_changes]
+    moves += [f"δ {value:.3g} at {round(fraction * total_steps)}" for fraction, value in config.loss.delta.changes]
+    return ", ".join(moves)
+
+
+def sweep_curves(config: Config, sweep: str) -> list[TrialCurves]:
+    """The trials of the sweep named `sweep` (its `run.name`) from MLflow: the schedule a PBT
+    trial followed is its schedule.yaml; a trial of a fixed schedule shows what it logged."""
+    experiment = connection.configure(config)
+    client = mlflow.MlflowClient()
+    sweep_run = pipeline_runs.sweep_run(experiment, sweep)
+    curves = []
+    for run in pipeline_runs.trial_runs(experiment, sweep_run):
+        history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                   for key in ("lr", "delta", "val_ap")}
+        if not history["lr"]:
+            continue  # a trial that never trained a logged step
+        total = max(history["lr"])
+        with tempfile.TemporaryDirectory() as directory:
+            try:
+                path = client.download_artifacts(run.info.run_id, pipeline_runs.SCHEDULE, directory)
+            except MlflowException:
+                path = None
+            schedule = load_config(path) if path else None
+        if schedule is None:
+            steps = sorted(history["lr"])
+            lr, changes = [history["lr"][s] for s in steps], ""
+            delta = [history["delta"].get(s, math.nan) for s in steps]
+        else:
+            (steps, lr, delta), changes = _schedule_curves(schedule, total), _changes(schedule, total)
+        curves.append(TrialCurves(run.info.run_name, steps, lr, delta, history["val_ap"], changes))
+    if not curves:
+        raise UserError(f"sweep {sweep}: no trial has logged a training step yet")
+    return sorted(curves, key=lambda trial: trial.name)
+
+
+def _last_val_ap(trial: TrialCurves) -> float | None:
+    return trial.val_ap[max(trial.val_ap)] if trial.val_ap else None
+
+
+def sweep_markdown(curves: list[TrialCurves]) -> str:
+    lines = ["| trial | last val AP | starting lr | starting δ | perturbations (value from step) |",
+             "|---|---|---|---|---|"]
+    for trial in curves:
+        lines.append(f"| {trial.name} | {_cell(_last_val_ap(trial))} | {trial.lr[0]:.3g} | "
+                     f"{_cell(trial.delta[0])} | {trial.changes or '–'} |")
+    return "\n".join(lines)
+
+
+def schedule_figure(curves: list[TrialCurves]) -> Figure:
+    """Each trial's lr, δ and validation AP against the step, a colour per trial; the trial with
+    the best last validation AP drawn thick."""
+    figure = Figure(figsize=(12, 3.6), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    lr_axes, delta_axes, ap_axes = figure.subplots(1, 3)
+    best = max(curves, key=lambda trial: _last_val_ap(trial) or -1.0).name
+    for trial in curves:
+        width = 2.5 if trial.name == best else 1.0
+        lr_line, = lr_axes.plot(trial.steps, trial.lr, linewidth=width, label=trial.name)
+        delta_axes.plot(trial.steps, trial.delta, linewidth=width, color=lr_line.get_color())
+        validated = sorted(trial.val_ap)
+        ap_axes.plot(validated, [trial.val_ap[s] for s in validated], marker="o", linewidth=width,
+                     color=lr_line.get_color())
+    lr_axes.set(xlabel="step", ylabel="learning rate", yscale="log")
+    delta_axes.set(xlabel="step", ylabel="δ")
+    ap_axes.set(xlabel="step", ylabel="validation AP (own run)")
+    lr_axes.legend(fontsize="small")
+    return figure
+
+
+def write_sweep_report(curves: list[TrialCurves], out_dir: Path, sweep: str) -> Path:
+    """<sweep>-schedules.md with the trials' table, and the curves as <sweep>-schedules.png."""
+    buffer = io.BytesIO()
+    schedule_figure(curves).savefig(buffer, format="png", dpi=100)
+    plot = out_dir / f"{sweep}-schedules.png"
+    write_bytes_atomic(buffer.getvalue(), plot)
+    text = f"# sweep {sweep}: the schedules its trials followed\n\n{sweep_markdown(curves)}\n\n![schedules]({plot.name})\n"
+    path = out_dir / f"{sweep}-schedules.md"
     write_bytes_atomic(text.encode(), path)
     return path

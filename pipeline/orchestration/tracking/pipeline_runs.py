@@ -24,6 +24,8 @@ RUN_NAME_TAG = "aploss.run_name"
 
 
 STAGE_TAG = "aploss.stage"
+# A PBT trial run's artifact: its config with the schedule it followed, for --config to replay.
+SCHEDULE = "schedule.yaml"
 
 
 def _find(experiment_id: str, filter_string: str) -> Run | None:
@@ -107,10 +109,26 @@ def trial_run(tracking_uri: str, experiment_id: str, sweep_run_id: str, config: 
     return run_id
 
 
+def sweep_run(experiment_id: str, name: str) -> str:
+    """The id of the sweep run named `name` (its `run.name`); UserError if there is none."""
+    # Matched here, not in the filter string, which a name with a quote would break.
+    sweeps = {run.data.tags[RUN_NAME_TAG]: run.info.run_id
+              for run in mlflow.MlflowClient().search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'sweep'")}
+    if name not in sweeps:
+        raise UserError(f"no sweep named {name!r} in the experiment (the run.name `aploss tune` ran with); "
+                        f"found: {sorted(sweeps)}")
+    return sweeps[name]
+
+
+def trial_runs(experiment_id: str, sweep_run_id: str) -> list[Run]:
+    return mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{sweep_run_id}' and tags.`{STAGE_TAG}` = 'trial'")
+
+
 def log_trial_schedule(tracking_uri: str, run_id: str, config: Config) -> None:
     """A PBT trial's config as it now trains, the schedule it followed included, as the trial
     run's schedule.yaml: `aploss pipeline run --config schedule.yaml` replays the trial."""
-    mlflow.MlflowClient(connect(tracking_uri)).log_dict(run_id, config_record(config), "schedule.yaml")
+    mlflow.MlflowClient(connect(tracking_uri)).log_dict(run_id, config_record(config), SCHEDULE)
 
 
 def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]],
@@ -119,9 +137,7 @@ def end_trials(sweep_run_id: str, outcomes: dict[str, tuple[str, float | None]],
     sending what its metrics journal (`metrics_of(name)`) holds beyond MLflow: a trial Tune
     stopped was ended with its forwarder, which may not have sent its last validations."""
     client = mlflow.MlflowClient()
-    experiment = client.get_run(sweep_run_id).info.experiment_id
-    for run in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}' "
-                                                f"and tags.`{STAGE_TAG}` = 'trial'"):
+    for run in trial_runs(client.get_run(sweep_run_id).info.experiment_id, sweep_run_id):
         if run.info.run_name in outcomes:
             journal = metrics_of(run.info.run_name)
             if journal.exists():
