@@ -434,7 +434,7 @@ class RobustnessConfig:
 class TuneConfig:
     samples: int = 8  # trials (times each grid combination)
     search: Literal["random", "optuna"] = "random"
-    max_concurrent: int = 1  # trials at once (asha; a pbt population starts whole, as resources allow)
+    max_concurrent: int = 1  # trials training at once (a pbt population starts whole, and takes turns)
     grace_period: int = 1  # validations before ASHA may stop a trial
     reduction_factor: int = 2
     space: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SPACE))  # dotted key -> domain

@@ -17,13 +17,13 @@ from aploss.schedules import ChangedDelta, ConstantDelta
 from pipeline.config import ConfigError, load_config
 from pipeline.data.synthetic import coco_settings, write_synthetic_coco
 from pipeline.orchestration.cli import main
-from pipeline.orchestration.population import continued, segment_end
+from pipeline.orchestration.population import TrainingSlots, continued, segment_end, training_slot
 from pipeline.orchestration.report import sweep_curves
 from pipeline.storage import Location
 from pipeline.training.journal import read_journal
 from pipeline.training.loop import LearningRateFactor
 from tests.object_store import TEST_BUCKET
-from tests.process_environment import kill_session
+from tests.process_environment import environment, kill_session
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -83,13 +83,31 @@ def test_a_pointer_from_the_shared_run_folder_is_checked(change, problem):
         segment_end({**pointer, **change}, "pbt")
 
 
+def test_a_population_trains_as_many_trials_at_once_as_it_has_slots():
+    with environment({}):
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            slots = TrainingSlots.remote(1)
+            with training_slot(slots, "trial0"):
+                waiting = slots.acquire.remote("trial1")
+                assert ray.wait([waiting], timeout=1.0)[0] == []
+                # Tune restarting trial0 under its name: it takes back its own slot
+                ray.get(slots.acquire.remote("trial0"), timeout=10)
+                assert ray.wait([waiting], timeout=0.5)[0] == []
+            ray.get(waiting, timeout=10)
+            assert ray.wait([slots.acquire.remote("trial2")], timeout=1.0)[0] == []
+        finally:
+            ray.shutdown()
+
+
 def _overrides(data: Path, output: Path) -> list[str]:
     # Two trials, their learning rates drawn from the plan; at step 6, the end of the first of two
     # segments, the trailing one takes the leader's state and its lr times 0.5 (the one factor,
-    # never a fresh draw).
+    # never a fresh draw). Two CPUs hold both drivers and one trial's worker at a time: the
+    # trials take turns.
     return [*coco_settings(data), "model.min_size=96", "model.max_size=96", "train.batch_size=4",
             "train.max_steps=12", "train.epochs=100", "train.eval_every=6", "train.log_every=1", "ray.workers=1",
-            "ray.local_cpus=4", "optim.warmup_steps=2", "eval.sample_images=0", "tune.scheduler=pbt",
+            "ray.local_cpus=2", "optim.warmup_steps=2", "eval.sample_images=0", "tune.scheduler=pbt",
             'tune.space={optim.lr: "loguniform(0.001, 0.03)"}', "tune.samples=2", "tune.perturbation_factors=[0.5]",
             "tune.resample_probability=0", "tune.quantile_fraction=0.5", f"run.output_dir={output}", "run.name=pbt"]
 

@@ -16,13 +16,17 @@ trial carries is the one its weights followed, and a plain run of the config it 
 the trial. PBT runs synchronously (every trial perturbs at the same steps), so that a trial's
 curves in MLflow go on step after step.
 """
+import asyncio
+import contextlib
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
@@ -43,6 +47,40 @@ MAX_POINTER_BYTES = 1 << 20
 CHANGES = {"optim.lr": "optim.lr_changes", "loss.delta.start": "loss.delta.changes"}
 SCHEDULE_KEYS = (*CHANGES, *CHANGES.values())
 STEP = "step"  # reported beside the metric: PBT's time
+# A trial's Tune resources are its driver's, which starts its segments' Ray Train runs and waits
+# on them; the workers ask the cluster for their own. Its share of a CPU is what it uses.
+DRIVER_RESOURCES = {"CPU": 0.05}
+
+
+@ray.remote(num_cpus=0)
+class TrainingSlots:
+    """How many of a population's trials train at once (`tune.max_concurrent`). Tune starts the
+    whole population, since PBT ranks it whole; left to the cluster, every trial's worker group
+    would start and wait for CPUs the others hold, until Ray Train gives up on it. A trial Tune
+    restarts under its name takes back the slot it held."""
+
+    def __init__(self, count: int) -> None:
+        self._count, self._holders = count, set()
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, holder: str) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: holder in self._holders or len(self._holders) < self._count)
+            self._holders.add(holder)
+
+    async def release(self, holder: str) -> None:
+        async with self._changed:
+            self._holders.discard(holder)
+            self._changed.notify_all()
+
+
+@contextlib.contextmanager
+def training_slot(slots, holder: str) -> Iterator[None]:
+    ray.get(slots.acquire.remote(holder))
+    try:
+        yield
+    finally:
+        ray.get(slots.release.remote(holder))
 
 
 @dataclass(frozen=True)
@@ -150,9 +188,10 @@ def run_pbt_trial(params: dict, sweep: dict) -> None:
     while step < total:  # Tune restarts a trial paused after its last report: it has ended
         until = min((step // interval + 1) * interval, total)
         segment, _ = prepare_training(config.for_run(run_name))
-        trainer = build_trainer(segment, sweep["classes"], seed=seed, until=until)
-        with forwarding.MetricsForwarder(segment.run.folder().journal, run_id, sweep["tracking_uri"]):
-            result = fit_run(segment, trainer)
+        with training_slot(sweep["slots"], name):
+            trainer = build_trainer(segment, sweep["classes"], seed=seed, until=until)
+            with forwarding.MetricsForwarder(segment.run.folder().journal, run_id, sweep["tracking_uri"]):
+                result = fit_run(segment, trainer)
         pipeline_runs.log_trial_schedule(sweep["tracking_uri"], run_id, config)
         _report(result.metrics[METRIC], SegmentEnd(name, run_name, until, schedule_of(config)))
         seed, step, run_name = state_at(segment, run_name, until), until, segment_name(name, until, None)

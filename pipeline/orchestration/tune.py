@@ -115,8 +115,8 @@ def _search_algorithm(config: Config, journal: SweepJournal):
         # A PBT trial goes on with the values it had last.
         points = [{**(journal.trials[name].params if name in journal.trials else point), TRIAL: index}
                   for index, (name, point) in enumerate(zip(names, journal.plan)) if name not in ended]
-        # PBT ranks a population: all of it exists from the start, and the cluster's resources
-        # decide how many train at once (a paused member waits for a turn).
+        # PBT ranks a population: all of it exists from the start, and takes turns to train
+        # (`population.TrainingSlots`).
         concurrent = 0 if config.tune.scheduler == "pbt" else config.tune.max_concurrent
         search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent)
         return search, len(points)
@@ -233,10 +233,14 @@ def _run_trials(config: Config, experiment: str, sweep_run: str, journal: SweepJ
     journal.save()
     # What every trial shares travels through Ray's object store, not the search space, which Tune
     # prints in its tables and keeps in its experiment state: the tracking URI may carry a token.
+    pbt = config.tune.scheduler == "pbt"
     sweep = {"base": config_record(config.with_absolute_paths()), "classes": classes,
              "tracking_uri": config.tracking_uri(), "experiment_id": experiment, "sweep_run_id": sweep_run,
              "resume": {name: trial.pbt for name, trial in journal.trials.items() if trial.pbt}, **steps}
-    function = tune.with_resources(tune.with_parameters(trainable.function, sweep=sweep), {"CPU": 1})
+    if pbt:
+        sweep["slots"] = population.TrainingSlots.remote(config.tune.max_concurrent)
+    function = tune.with_resources(tune.with_parameters(trainable.function, sweep=sweep),
+                                   population.DRIVER_RESOURCES if pbt else {"CPU": 1})
     space = {key: parse_domain(spec).to_tune() for key, spec in config.tune.space.items()}
     if config.tune.search == "random":  # the planned values come as presets; a column names the trial
         space[TRIAL] = tune.randint(0, journal.total)
@@ -247,5 +251,5 @@ def _run_trials(config: Config, experiment: str, sweep_run: str, journal: SweepJ
                                     max_concurrent_trials=config.tune.max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=str(journal.location.parent.parent),
                                   callbacks=[_Journaling(journal, config.run.name, reports,
-                                                         restarts_go_on=config.tune.scheduler == "pbt")]))
+                                                         restarts_go_on=pbt)]))
     tuner.fit()
