@@ -192,7 +192,10 @@ class TrialCurves:
     lr: list[float]
     delta: list[float]
     val_ap: dict[int, float]
+    base_lr: float  # optim.lr its schedule starts from (a PBT trial's lineage's first)
+    base_delta: float  # loss.delta.start, likewise
     changes: str  # a PBT trial's perturbations, as the table shows them; "" for a fixed schedule
+    drawn: tuple[float, float]  # the lr and δ the trial was drawn with (its run's params)
 
 
 def _schedule_curves(config: Config, total_steps: int) -> tuple[list[int], list[float], list[float]]:
@@ -223,6 +226,7 @@ def sweep_curves(config: Config, sweep: str) -> list[TrialCurves]:
         if not history["lr"]:
             continue  # a trial that never trained a logged step
         total = max(history["lr"])
+        drawn = float(run.data.params["optim.lr"]), float(run.data.params["loss.delta.start"])
         with tempfile.TemporaryDirectory() as directory:
             try:
                 path = client.download_artifacts(run.info.run_id, pipeline_runs.SCHEDULE, directory)
@@ -232,10 +236,13 @@ def sweep_curves(config: Config, sweep: str) -> list[TrialCurves]:
         if schedule is None:
             steps = sorted(history["lr"])
             lr, changes = [history["lr"][s] for s in steps], ""
+            base_lr, base_delta = drawn
             delta = [history["delta"].get(s, math.nan) for s in steps]
         else:
             (steps, lr, delta), changes = _schedule_curves(schedule, total), _changes(schedule, total)
-        curves.append(TrialCurves(run.info.run_name, steps, lr, delta, history["val_ap"], changes))
+            base_lr, base_delta = schedule.optim.lr, schedule.loss.delta.start
+        curves.append(TrialCurves(run.info.run_name, steps, lr, delta, history["val_ap"], base_lr, base_delta,
+                                  changes, drawn))
     if not curves:
         raise UserError(f"sweep {sweep}: no trial has logged a training step yet")
     return sorted(curves, key=lambda trial: trial.name)
@@ -246,11 +253,11 @@ def _last_val_ap(trial: TrialCurves) -> float | None:
 
 
 def sweep_markdown(curves: list[TrialCurves]) -> str:
-    lines = ["| trial | last val AP | starting lr | starting δ | perturbations (value from step) |",
-             "|---|---|---|---|---|"]
+    lines = ["| trial | drawn lr, δ | last val AP | trained from lr (optim.lr), δ (loss.delta.start) | "
+             "then (value from step) |", "|---|---|---|---|---|"]
     for trial in curves:
-        lines.append(f"| {trial.name} | {_cell(_last_val_ap(trial))} | {trial.lr[0]:.3g} | "
-                     f"{_cell(trial.delta[0])} | {trial.changes or '–'} |")
+        lines.append(f"| {trial.name} | {trial.drawn[0]:.3g}, {trial.drawn[1]:.3g} | {_cell(_last_val_ap(trial))} | "
+                     f"{trial.base_lr:.3g}, {trial.base_delta:.3g} | {trial.changes or '–'} |")
     return "\n".join(lines)
 
 
