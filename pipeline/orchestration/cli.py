@@ -89,8 +89,14 @@ def _robustness(config: Config, runs: list[str]) -> None:
 
 
 def _report(config: Config, runs: list[str], sweep: str | None = None) -> None:
-    from pipeline.orchestration.report import collect, markdown, sweep_curves, sweep_markdown, write_report, \
-        write_sweep_report
+    from pipeline.orchestration.report import (
+        collect,
+        markdown,
+        sweep_curves,
+        sweep_markdown,
+        write_report,
+        write_sweep_report,
+    )
 
     if sweep is not None:
         curves = sweep_curves(config, sweep)

@@ -288,7 +288,8 @@ def write_sweep_report(curves: list[TrialCurves], out_dir: Path, sweep: str) -> 
     schedule_figure(curves).savefig(buffer, format="png", dpi=100)
     plot = out_dir / f"{sweep}-schedules.png"
     write_bytes_atomic(buffer.getvalue(), plot)
-    text = f"# sweep {sweep}: the schedules its trials followed\n\n{sweep_markdown(curves)}\n\n![schedules]({plot.name})\n"
+    text = (f"# sweep {sweep}: the schedules its trials followed\n\n{sweep_markdown(curves)}\n\n"
+            f"![schedules]({plot.name})\n")
     path = out_dir / f"{sweep}-schedules.md"
     write_bytes_atomic(text.encode(), path)
     return path
