@@ -10,6 +10,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
@@ -69,10 +70,29 @@ class OneStageDetector(nn.Module):
         if targets is None:
             raise ValueError("OneStageDetector: training needs targets (boxes and labels per image)")
         batch, targets = self.train_transform(images, targets)
-        features = list(self.backbone(batch.tensors).values())
-        outputs = self.head(features)
+        features, outputs = self._features_and_outputs(batch.tensors)
         anchors = self.anchor_generator(batch, features)
         return self.criterion(outputs["cls_logits"], outputs["bbox_regression"], anchors, targets)
+
+    @torch.jit.unused
+    def _features_and_outputs(self, images: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
+        device = images.device.type
+        if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16):
+            features = list(self.backbone(images).values())
+            return features, self.head(features)
+        # bfloat16 keeps 8 significant bits: logits rounded to them tie by the hundreds, and the
+        # ranking losses would rank the ties rather than the scores. Under bfloat16 autocast only
+        # the trunk, where the FLOPs are, runs in it; the pyramid (whose P6/P7 convolutions on 1x1
+        # maps get non-finite bfloat16 weight gradients from oneDNN) and the head run in float32.
+        if isinstance(self.backbone, BackboneWithFPN):
+            trunk = self.backbone.body(images)
+            with torch.autocast(device, enabled=False):
+                features = list(self.backbone.fpn({name: f.float() for name, f in trunk.items()}).values())
+        else:
+            features = list(self.backbone(images).values())
+        with torch.autocast(device, enabled=False):
+            features = [feature.float() for feature in features]
+            return features, self.head(features)
 
     @torch.jit.export
     def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:

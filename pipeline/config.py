@@ -323,7 +323,10 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps if > 0 (a budget shorter than the epochs)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # mixed precision, on CUDA only
+    amp: bool = True  # mixed precision (float16) on CUDA
+    # bfloat16 autocast of the trunk on CPU (aploss.detector: the pyramid and head stay float32):
+    # 1.5x faster steps on a CPU with AVX512-BF16 or AMX, with rounding that moves the third digit.
+    cpu_amp: bool = False
     hflip: float = 0.5  # horizontal-flip probability (in either augmentation)
     vflip: float = 0.0  # vertical-flip probability, for images without an up (cells, aerial views)
     mosaic: float = 0.0  # probability of a 4-image mosaic (pipeline.data.augment.mosaic) before the rest

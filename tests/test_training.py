@@ -166,6 +166,28 @@ def test_ranking_family_trains(classification):
     assert any("classification_head" in k for k in moved) and any("regression_head" in k for k in moved)
 
 
+def test_cpu_amp_runs_the_trunk_in_bfloat16_and_ranks_float32_logits():
+    torch.manual_seed(1)
+    images, targets = _batch(True)
+    seen, losses = {}, {}
+    for cpu_amp in (False, True):
+        training = _tiny_training(f"train.cpu_amp={str(cpu_amp).lower()}")
+        detector = training.detector
+        detector.backbone.body.register_forward_hook(
+            lambda module, inputs, output, amp=cpu_amp: seen.__setitem__(("trunk", amp), output["0"].dtype))
+        detector.backbone.fpn.register_forward_hook(
+            lambda module, inputs, output, amp=cpu_amp: seen.__setitem__(("pyramid", amp), output["0"].dtype))
+        detector.criterion.register_forward_pre_hook(
+            lambda module, inputs, amp=cpu_amp: seen.__setitem__(("logits", amp), inputs[0].dtype))
+        losses[cpu_amp] = training.train_step(images, targets)
+    assert seen == {("trunk", False): torch.float32, ("pyramid", False): torch.float32,
+                    ("logits", False): torch.float32, ("trunk", True): torch.bfloat16,
+                    ("pyramid", True): torch.float32, ("logits", True): torch.float32}
+    # The same objective from the same weights and batch, to bfloat16's rounding of the features.
+    assert losses[True]["cls_loss"] == pytest.approx(losses[False]["cls_loss"], rel=0.02)
+    assert losses[True]["box_loss"] == pytest.approx(losses[False]["box_loss"], rel=0.05)
+
+
 def test_training_state_round_trips():
     training = _tiny_training()
     training.train_step(*_batch(True))

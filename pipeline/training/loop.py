@@ -131,7 +131,8 @@ class Training:
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LearningRateFactor.of(optim, steps))
         self.amp = config.train.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.cpu_amp = config.train.cpu_amp and device.type == "cpu"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)  # bfloat16 has float32's range: no scaling
         decay = config.train.ema_decay
         self.average = WeightAverage(self.detector, decay) if decay else None
         self.step = 0
@@ -142,7 +143,8 @@ class Training:
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
         images, targets = _to_device(images, targets, self.device)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.cpu_amp else None,
+                            enabled=self.amp or self.cpu_amp):
             losses = self.model(images, targets)
         terms = _global_mean(torch.stack([losses.classification.detach(), losses.box_regression.detach()]))
         for name, value in zip(("classification loss", "box regression loss"), terms.tolist()):
