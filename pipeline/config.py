@@ -10,6 +10,7 @@ is stored or shipped (MLflow params, checkpoints, Ray payloads), without credent
 import dataclasses
 import hashlib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,14 @@ MAXIMUMS = {"model.min_size": 4096, "model.max_size": 4096, "model.fpn_channels"
 MAX_ANCHORS_PER_LEVEL = 16
 # Classes a detector may have (LVIS has 1,203): they come from a manifest or a model.pt.
 MAX_CLASSES = 4096
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def check_run_name(name: str, key: str) -> None:
+    # A run's name is a folder under output_dir and a value in MLflow's search filters: '..' would
+    # put the run's files above it, a quote would end the filter's string.
+    _require(RUN_NAME.fullmatch(name) is not None, key,
+             f"must be 1 to 200 letters, digits, '.', '_' or '-', not starting with '.', got {name!r}")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -488,8 +497,7 @@ class RunConfig:
     name: str = "default"
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "run.name",
-                 f"must be a non-empty name without '/', got {self.name!r}")
+        check_run_name(self.name, "run.name")
 
     def folder(self) -> RunFolder:
         """This run's outputs: checkpoints, journal, model, evaluation."""

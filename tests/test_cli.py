@@ -132,6 +132,17 @@ def test_bad_config_is_reported_without_a_traceback(workspace, capsys):
     assert "unknown key(s) ['optim.learning_rate']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arguments, key", [(["train", "run.name=.."], "run.name"),
+                                            (["robustness", "--run", "../elsewhere"], "--run"),
+                                            (["report", "--sweep", "it's"], "--sweep")])
+def test_a_run_name_that_leaves_the_output_dir_or_breaks_a_search_is_refused(workspace, capsys, arguments, key):
+    root, config = workspace
+    before = sorted(path.name for path in root.parent.iterdir())
+    assert main([*arguments[:1], "--config", str(config), *arguments[1:]]) == 2
+    assert f"{key}: must be 1 to 200 letters, digits, '.', '_' or '-'" in capsys.readouterr().err
+    assert sorted(path.name for path in root.parent.iterdir()) == before
+
+
 def _variant(root, name: str, change) -> None:
     """Another run whose model.pt is the trained one's, changed by `change`."""
     saved = torch.load(root / "runs" / "synthetic" / "model.pt", weights_only=False)

@@ -51,6 +51,11 @@ def test_flatten_uses_dotted_keys():
     (["data.dataset=coco"],
      "data.annotations: dataset 'coco' \\(your own COCO instances json\\) needs one json per split"),
     (["optim.lr"], "must look like section.key=value"),
+    (["run.name=.."], r"run.name: must be 1 to 200 letters, digits, '.', '_' or '-', not starting with '.', got '..'"),
+    (["run.name=it's"], "run.name: must be 1 to 200 letters"),
+    (["run.name=a/b"], "run.name: must be 1 to 200 letters"),
+    (["run.name="], "run.name: must be 1 to 200 letters"),
+    ([f"run.name={'r' * 201}"], "run.name: must be 1 to 200 letters"),
     (["model.arch=ssd300_vgg16", "train.input_size=512"], "train.input_size: ssd300_vgg16 takes 300x300 inputs"),
 ])
 def test_bad_values_name_the_key(overrides, message):

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, check_run_name, load_config
 from pipeline.errors import TrainingFailed, UserError, one_line
 from pipeline.inference.drawing import DRAW_SCORE
 from pipeline.model_source import is_registered, model_file
@@ -405,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.orchestration.tracking.registry import fetch_source
 
             fetch_source(config.model.init, config, "model.init")
+        for name in getattr(arguments, "runs", []):
+            check_run_name(name, "--run")
+        if getattr(arguments, "sweep", None) is not None:
+            check_run_name(arguments.sweep, "--sweep")
         if command == "report":
             COMMANDS[command](config, arguments.runs, arguments.sweep)
         elif command == "robustness":
