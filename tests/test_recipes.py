@@ -56,7 +56,10 @@ def test_the_longer_bccd_recipe_is_the_main_job_s_but_for_its_levers():
     main_job = flatten(load_config(None, []))
     longer = flatten(load_config(RECIPES[0].parent / "bccd_long.yaml", []))
     changed = {key: longer[key] for key in main_job if longer[key] != main_job[key]}
-    assert changed == {"train.epochs": 26, "train.vflip": 0.5,
+    fitted_at_half = [[22.64, 32.02], [45.28, 64.04], [90.56, 128.07], [181.12, 256.14], [362.24, 512.28]]
+    assert changed == {"train.epochs": 39, "train.vflip": 0.5, "train.mosaic": 0.5, "train.cpu_amp": True,
+                       "model.fg_iou": 0.6, "model.bg_iou": 0.5, "model.anchors.mode": "explicit",
+                       "model.anchors.sizes": fitted_at_half, "model.anchors.ratios": [[0.5, 1.0, 2.0]] * 5,
                        "run.name": "bccd-long"}
 
 
