@@ -85,13 +85,12 @@ class OneStageDetector(nn.Module):
         # the trunk, where the FLOPs are, runs in it; the pyramid (whose P6/P7 convolutions on 1x1
         # maps get non-finite bfloat16 weight gradients from oneDNN) and the head run in float32.
         if isinstance(self.backbone, BackboneWithFPN):
-            trunk = self.backbone.body(images)
+            trunk = {name: feature.float() for name, feature in self.backbone.body(images).items()}
             with torch.autocast(device, enabled=False):
-                features = list(self.backbone.fpn({name: f.float() for name, f in trunk.items()}).values())
-        else:
-            features = list(self.backbone(images).values())
+                features = list(self.backbone.fpn(trunk).values())
+                return features, self.head(features)
+        features = [feature.float() for feature in self.backbone(images).values()]
         with torch.autocast(device, enabled=False):
-            features = [feature.float() for feature in features]
             return features, self.head(features)
 
     @torch.jit.export
