@@ -188,6 +188,30 @@ def test_cpu_amp_runs_the_trunk_in_bfloat16_and_ranks_float32_logits():
     assert losses[True]["box_loss"] == pytest.approx(losses[False]["box_loss"], rel=0.05)
 
 
+def test_cpu_amp_runs_an_ssd_trunk_and_its_extras_in_bfloat16_and_its_head_in_float32():
+    torch.manual_seed(1)
+    images = [torch.rand(3, 320, 320) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[40.0, 40.0, 200.0, 200.0]]), "labels": torch.tensor([1])} for _ in images]
+    seen, losses = {}, {}
+    for cpu_amp in (False, True):
+        training = _tiny_training("model.arch=ssdlite_mobilenet_v3", "model.min_size=320", "model.max_size=320",
+                                  "train.input_size=320", f"train.cpu_amp={str(cpu_amp).lower()}")
+        detector = training.detector
+        detector.backbone.register_forward_hook(lambda module, inputs, output, amp=cpu_amp: seen.__setitem__(
+            ("trunk", amp), {feature.dtype for feature in output.values()}))
+        detector.head.register_forward_pre_hook(lambda module, inputs, amp=cpu_amp: seen.__setitem__(
+            ("head", amp), {feature.dtype for feature in inputs[0]}))
+        detector.criterion.register_forward_pre_hook(
+            lambda module, inputs, amp=cpu_amp: seen.__setitem__(("logits", amp), inputs[0].dtype))
+        losses[cpu_amp] = training.train_step(images, targets)
+        assert all(torch.isfinite(p.grad).all() for p in detector.parameters() if p.grad is not None)
+    assert seen == {("trunk", False): {torch.float32}, ("head", False): {torch.float32},
+                    ("logits", False): torch.float32, ("trunk", True): {torch.bfloat16},
+                    ("head", True): {torch.float32}, ("logits", True): torch.float32}
+    assert losses[True]["cls_loss"] == pytest.approx(losses[False]["cls_loss"], rel=0.02)
+    assert losses[True]["box_loss"] == pytest.approx(losses[False]["box_loss"], rel=0.05)
+
+
 def test_training_state_round_trips():
     training = _tiny_training()
     training.train_step(*_batch(True))
