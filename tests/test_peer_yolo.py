@@ -83,3 +83,14 @@ def test_an_exif_rotated_image_is_written_unrotated_and_crowd_boxes_are_left_out
         assert peer_yolo.EXIF_ORIENTATION not in written.getexif()
     # cx = (8 + 16 / 2) / 64, cy = (4 + 12 / 2) / 48, w = 16 / 64, h = 12 / 48; the crowd box is left out.
     assert (destination / "labels" / "train" / "7.txt").read_text() == "0 0.250000 0.208333 0.250000 0.250000\n"
+
+
+def test_the_epoch_count_fitted_to_a_budget_takes_the_calibrations_last_epoch_as_the_steady_cost():
+    # The 2026-12-08 run's numbers: a first epoch of 32.5 CPU-s, then 23.0, and 4.5 of setup and
+    # final validation. At 720 CPU-s that is 31 epochs (32.5 + 30 x 23 + 4.5 = 727); a one-epoch
+    # calibration read as 32.5 per epoch planned 22, which spent 530.
+    calibration = peer_yolo.YoloRun(model=None, spent=peer_yolo.Spent(cpu_s=60.0, cpu_s_getrusage=60.0, wall_s=60.0),
+                                    epochs=2, epoch_cpu_s=[32.5, 23.0])
+    assert peer_yolo.epochs_within(720.0, calibration) == 31
+    assert peer_yolo.epochs_within(1831.0, calibration) == 79
+    assert peer_yolo.epochs_within(10.0, calibration) == 1
