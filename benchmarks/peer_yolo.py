@@ -50,6 +50,7 @@ install among them, are read too.) Then:
     APLOSS_DATA_ROOT=../shared/datasets .venv-peer/bin/python benchmarks/peer_yolo.py train.max_steps=4 \\
         --longer train.max_steps=8 --output runs/peer-yolo-smoke              # a smoke test of minutes
     ... peer_yolo.py --no-longer                                              # the 1x budget alone
+    ... peer_yolo.py --ours-from runs/peer-yolo/peer_yolo.json --output runs/peer-yolo2   # YOLO alone, again
 """
 import argparse
 import contextlib
@@ -57,6 +58,7 @@ import errno
 import importlib.util
 import io
 import ipaddress
+import json
 import math
 import os
 import resource
@@ -220,6 +222,18 @@ def warm_up(args: argparse.Namespace) -> None:
     config = aploss_config(args, "aploss-warm-up", ["train.max_steps=1"])
     shutil.rmtree(config.run.folder().root.local(), ignore_errors=True)
     train_stage(config, progress=False)
+
+
+def earlier_rows(path: Path) -> list[dict]:
+    """Our rows of an earlier run's peer_yolo.json, to give YOLO the budgets they measured."""
+    try:
+        rows = [r for r in json.loads(path.read_text())["rows"] if "steps" in r]  # YOLO's rows have epochs
+        if not rows or not all(isinstance(r["cpu_s"], float) and r["cpu_s"] > 0 and r["per_class_ap50"]
+                               for r in rows):
+            raise ValueError("no rows of ours with their CPU-seconds and scores")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"peer_yolo: --ours-from {path}: not a peer_yolo.json of ours ({error})")
+    return rows
 
 
 def row(label: str, spent: Spent, images_seen: int, result: CocoResult, **extra: Any) -> dict:
@@ -421,6 +435,9 @@ def main() -> None:
     parser.add_argument("--longer", nargs="*", default=[],
                         help="overrides of our longer run; --no-longer: the 1x run only")
     parser.add_argument("--no-longer", action="store_true", help="the 1x run only")
+    parser.add_argument("--ours-from", type=Path,
+                        help="our rows (budgets and scores) from an earlier run's peer_yolo.json, not trained again: "
+                             "YOLO alone, at their budgets (CPU-seconds compare only on the host that measured them)")
     parser.add_argument("--output", default="runs/peer-yolo")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
@@ -443,12 +460,15 @@ def main() -> None:
     data = bound.data
     data_yaml = export_yolo_dataset(data.prepared, {"train": data.train_split, "val": data.val_split,
                                                     "test": data.test_split}, output / "yolo-data")
-    announce("warm-up: one untimed training step")
-    warm_up(args)
-    ours = []
-    for label, config in configs.items():
-        announce(f"train and evaluate {label}")
-        ours.append(train_aploss(config, label))
+    if args.ours_from:
+        ours = earlier_rows(args.ours_from)
+    else:
+        announce("warm-up: one untimed training step")
+        warm_up(args)
+        ours = []
+        for label, config in configs.items():
+            announce(f"train and evaluate {label}")
+            ours.append(train_aploss(config, label))
     # Ultralytics is imported only now: its import changes process-wide settings (OpenCV's
     # threads, OMP_NUM_THREADS for processes started later) that our runs must not see.
     yolo_rows, about_yolo = yolo_at_budgets(args, bound, data_yaml, ours)
@@ -458,7 +478,8 @@ def main() -> None:
     if about_yolo["network_refused"]:
         print("network calls refused while Ultralytics ran:\n  " + "\n  ".join(about_yolo["network_refused"]))
     longer = None if args.no_longer else {"config": args.longer_config, "overrides": args.longer}
-    write_json_atomic({"rows": rows, "yolo": about_yolo, "aploss_overrides": args.overrides, "longer": longer},
+    write_json_atomic({"rows": rows, "yolo": about_yolo, "aploss_overrides": args.overrides, "longer": longer,
+                       "ours_from": args.ours_from and str(args.ours_from)},
                       output / "peer_yolo.json")
     print(f"results: {output / 'peer_yolo.json'}")
 

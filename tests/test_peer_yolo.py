@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -94,3 +95,16 @@ def test_the_epoch_count_fitted_to_a_budget_takes_the_calibrations_last_epoch_as
     assert peer_yolo.epochs_within(720.0, calibration) == 31
     assert peer_yolo.epochs_within(1831.0, calibration) == 79
     assert peer_yolo.epochs_within(10.0, calibration) == 1
+
+
+def test_our_rows_come_back_from_an_earlier_run_and_a_file_without_them_is_refused(tmp_path):
+    ours = {"run": "aploss 1x", "cpu_s": 720.4, "steps": 275, "AP": 0.47, "per_class_ap50": {"RBC": 0.8}}
+    theirs = {"run": "yolov8n at aploss 1x's budget", "cpu_s": 529.8, "epochs": 22, "AP": 0.36,
+              "per_class_ap50": {"RBC": 0.7}}
+    earlier = tmp_path / "peer_yolo.json"
+    earlier.write_text(json.dumps({"rows": [ours, theirs]}))
+    assert peer_yolo.earlier_rows(earlier) == [ours]
+    for text in ["{", json.dumps({"rows": [theirs]}), json.dumps({"rows": [{**ours, "cpu_s": "720"}]})]:
+        earlier.write_text(text)
+        with pytest.raises(SystemExit, match=f"--ours-from {earlier}: not a peer_yolo.json of ours"):
+            peer_yolo.earlier_rows(earlier)
