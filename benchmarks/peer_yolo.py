@@ -353,9 +353,9 @@ CALIBRATION_EPOCHS = 2
 def epochs_within(budget_s: float, calibration: YoloRun) -> int:
     """The epoch count whose run comes nearest `budget_s`, from a short run: its last epoch's
     CPU-seconds as every epoch's, and the rest as a fixed cost. A run's first epoch can cost
-    a third more than the next ones (2026-12-08: 32.5 CPU-s in the calibration, 31.6 and 22.8 in
-    the two runs, 21-26 after), so a one-epoch calibration that took it for the steady cost gave
-    YOLO 0.74x and 0.70x of the budgets it was fitted to."""
+    a third more than the next ones (2026-12-08: 32.5 CPU-s in a one-epoch calibration, 31.6 and
+    22.8 in the two runs fitted from it, 21-26 after), and taken for the steady cost it gave YOLO
+    0.74x and 0.70x of the budgets."""
     epoch_s = calibration.epoch_cpu_s[-1]
     fixed_s = calibration.spent.cpu_s - epoch_s * len(calibration.epoch_cpu_s)
     return max(1, round((budget_s - fixed_s) / epoch_s))

@@ -204,7 +204,8 @@ def test_cpu_amp_runs_an_ssd_trunk_and_its_extras_in_bfloat16_and_its_head_in_fl
         detector.criterion.register_forward_pre_hook(
             lambda module, inputs, amp=cpu_amp: seen.__setitem__(("logits", amp), inputs[0].dtype))
         losses[cpu_amp] = training.train_step(images, targets)
-        assert all(torch.isfinite(p.grad).all() for p in detector.parameters() if p.grad is not None)
+        gradients = [p.grad for p in detector.parameters() if p.grad is not None]
+        assert gradients and all(torch.isfinite(gradient).all() for gradient in gradients)
     assert seen == {("trunk", False): {torch.float32}, ("head", False): {torch.float32},
                     ("logits", False): torch.float32, ("trunk", True): {torch.bfloat16},
                     ("head", True): {torch.float32}, ("logits", True): torch.float32}
